@@ -1,0 +1,158 @@
+"""Model checkpoints on disk: safetensors weights + the resolved YAML config, written atomically.
+
+A checkpoint directory holds:
+    config.yaml           the full resolved `Config` (model section rebuilds the architecture)
+    model.safetensors     weights (tied LM head stored once, under embed.weight)
+    tokenizer/            copy of the tokenizer directory, when one is known
+    COMPLETE              written last: a directory without it is an interrupted write
+A run directory holds `checkpoints/step_XXXXXXX/` checkpoints; `resolve_checkpoint` picks one.
+
+Writes go to a temporary sibling directory, every file is fsynced, then the directory is renamed
+into place, so a reader never sees a half-written checkpoint under its final name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from moelab.config import Config, from_dict
+from moelab.errors import UserError
+
+COMPLETE = "COMPLETE"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:
+    """Call write(tmp_dir), fsync everything in it, mark it complete, rename it to `final`."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        write(tmp)
+        (tmp / COMPLETE).write_text("ok\n")
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                with open(Path(root) / name, "rb") as fh:
+                    os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """State dict with tied tensors stored once (safetensors refuses shared storage)."""
+    state, seen = {}, {}
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.shape, t.stride()) if t.numel() else None
+        if key is not None and key in seen:
+            continue
+        seen[key] = name
+        state[name] = t.detach().contiguous()
+    return state
+
+
+def write_model(path: Path, model: torch.nn.Module, cfg: Config, tokenizer_dir: str | Path | None = None,
+                extra: dict | None = None) -> None:
+    """Write weights, config and tokenizer into an existing directory (no atomicity here)."""
+    path = Path(path)
+    save_file(model_state(model), str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), encoding="utf-8")
+    if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+        shutil.copytree(tokenizer_dir, path / "tokenizer", dirs_exist_ok=True)
+    if extra:
+        (path / "info.yaml").write_text(yaml.safe_dump(extra, sort_keys=False), encoding="utf-8")
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: Config,
+                    tokenizer_dir: str | Path | None = None, extra: dict | None = None) -> Path:
+    """Atomically write a model checkpoint directory."""
+    return atomic_dir(Path(path), lambda tmp: write_model(tmp, model, cfg, tokenizer_dir, extra))
+
+
+def is_complete(path: Path) -> bool:
+    return (path / COMPLETE).is_file() and (path / "model.safetensors").is_file() and (path / "config.yaml").is_file()
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first (by step number in the name)."""
+    ck = Path(run_dir) / "checkpoints"
+    if not ck.is_dir():
+        return []
+    found = [p for p in ck.iterdir() if p.is_dir() and not p.name.startswith(".") and is_complete(p)]
+    return sorted(found, key=lambda p: (int("".join(c for c in p.name if c.isdigit()) or 0), p.name))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir as given, or the newest complete checkpoint of a run dir (`best` if linked)."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such run or checkpoint directory")
+    if is_complete(path):
+        return path
+    if (path / "model.safetensors").is_file() and (path / "config.yaml").is_file():
+        return path  # hand-made or imported checkpoint without the COMPLETE marker
+    found = list_checkpoints(path)
+    if not found:
+        raise UserError(f"{path}: no complete checkpoint found (expected model.safetensors + config.yaml, "
+                        "or a run directory with checkpoints/)")
+    return found[-1]
+
+
+def read_config(ckpt: Path) -> Config:
+    from moelab.config import read_yaml
+
+    return from_dict(Config, read_yaml(ckpt / "config.yaml"), source=str(ckpt / "config.yaml"))
+
+
+def load_state(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{file}: cannot read safetensors ({str(e).splitlines()[0]})") from None
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, Config, checkpoint dir) from a checkpoint or run directory."""
+    from moelab.model import Transformer
+
+    ckpt = resolve_checkpoint(path)
+    cfg = read_config(ckpt)
+    model = Transformer(cfg.model)
+    state = load_state(ckpt / "model.safetensors")
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatch
+        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
+        raise UserError(f"{ckpt / 'model.safetensors'}: weights do not match config.yaml ({detail})") from None
+    missing = [k for k in missing if not (cfg.model.tie_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise UserError(f"{ckpt / 'model.safetensors'}: weights do not match config.yaml "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.to(device).eval(), cfg, ckpt

@@ -1,0 +1,59 @@
+"""`moelab <command>`: one argparse CLI; each command lives in `moelab/commands/<name>.py`.
+
+A command module defines `NAME`, `HELP`, `add_arguments(parser)` and `run(args) -> int | None`.
+Modules are discovered, so adding a command never touches this file. User errors (`UserError`)
+print one line and exit 2; nothing else is caught, so real bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+
+from moelab import __version__
+from moelab.errors import UserError
+
+
+def _command_modules():
+    import moelab.commands as pkg
+
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            yield importlib.import_module(f"moelab.commands.{info.name}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moelab",
+        description="Mixture-of-Experts language models: tokenizer, data, model, training, analysis, serving.",
+    )
+    parser.add_argument("--version", action="version", version=f"moelab {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod in _command_modules():
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=getattr(mod, "DESCRIPTION", mod.HELP))
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except UserError as e:
+        for line in str(e).splitlines() or [type(e).__name__]:
+            print(f"moelab {args.command}: error: {line}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moelab {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

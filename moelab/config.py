@@ -1,0 +1,384 @@
+"""Typed configuration: dataclasses nested by concern, loaded from YAML with dotted overrides.
+
+Precedence: dataclass defaults < YAML file < `--set a.b=c` overrides. Every problem (unknown key with
+the nearest valid name, wrong type, inconsistent values) is collected and reported one line each as a
+`ConfigError`, so the user fixes them all in one go.
+
+Overrides may omit the `model.` prefix for the model's own sub-sections: `--set moe.top_k=2` is
+`model.moe.top_k=2`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+from moelab.errors import ConfigError, UserError
+
+ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid", "noisy_topk", "gumbel", "expert_choice")
+EXPERT_IMPLS = ("grouped", "reference")
+
+
+@dataclass
+class MoEConfig:
+    """The MoE feed-forward: router, experts, capacity and balancing losses."""
+
+    num_experts: int = 8
+    top_k: int = 2
+    expert_dim: int = 512  # width F of each routed expert (fine-grained experts: many narrow ones)
+    # Which layers are MoE: "all", "every:N" (layers N-1, 2N-1, ...), "first_dense:K" (layer >= K is
+    # MoE), "none", or an explicit list of layer indices.
+    layers: Any = "all"
+    router: str = "softmax_topk"
+    normalize: bool = True  # renormalise top-k weights to sum to 1 (Mixtral yes, Qwen default no)
+    routed_scaling_factor: float = 1.0  # multiplies the routed weights (DeepSeek-V3 uses 2.5)
+    router_bias: bool = False  # sigmoid router: per-expert selection bias for aux-loss-free balancing
+    bias_update_rate: float = 0.0  # gamma of the aux-loss-free bias update (DeepSeek-V3: 1e-3)
+    noise_std: float = 1.0  # noisy_topk: scale of the learned-softplus noise
+    gumbel_tau: float = 1.0  # gumbel: initial temperature (the trainer may anneal it)
+    num_shared_experts: int = 0
+    shared_expert_dim: int | None = None  # default: expert_dim
+    shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(x . w) scales the shared expert output
+    capacity_factor: float | None = None  # None = dropless
+    eval_capacity_factor: float | None = None  # None = same as capacity_factor
+    expert_impl: str = "grouped"  # "reference" = the slow mask-and-loop oracle
+    # Auxiliary loss coefficients (0 disables a term). Each loss is computed per layer, then averaged.
+    load_balance_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    cv_coef: float = 0.0
+    variance_coef: float = 0.0
+
+    def validate(self, prefix: str = "moe") -> list[str]:
+        p: list[str] = []
+        if self.num_experts < 1:
+            p.append(f"{prefix}.num_experts: expected >= 1, got {self.num_experts}")
+        if self.top_k < 1:
+            p.append(f"{prefix}.top_k: expected >= 1, got {self.top_k}")
+        elif self.top_k > self.num_experts:
+            p.append(f"{prefix}.top_k: {self.top_k} is larger than moe.num_experts={self.num_experts}")
+        if self.expert_dim < 1:
+            p.append(f"{prefix}.expert_dim: expected >= 1, got {self.expert_dim}")
+        if self.router not in ROUTERS:
+            p.append(f"{prefix}.router: unknown router {self.router!r}{_suggest(self.router, ROUTERS)}; "
+                     f"expected one of {', '.join(ROUTERS)}")
+        if self.expert_impl not in EXPERT_IMPLS:
+            p.append(f"{prefix}.expert_impl: expected one of {', '.join(EXPERT_IMPLS)}, got {self.expert_impl!r}")
+        for name in ("capacity_factor", "eval_capacity_factor"):
+            v = getattr(self, name)
+            if v is not None and v <= 0:
+                p.append(f"{prefix}.{name}: expected > 0 or null (dropless), got {v}")
+        if self.num_shared_experts < 0:
+            p.append(f"{prefix}.num_shared_experts: expected >= 0, got {self.num_shared_experts}")
+        if self.gumbel_tau <= 0:
+            p.append(f"{prefix}.gumbel_tau: expected > 0, got {self.gumbel_tau}")
+        if self.router_bias and self.router != "sigmoid":
+            p.append(f"{prefix}.router_bias: only the sigmoid router has a selection bias, router is {self.router!r}")
+        if self.router == "expert_choice" and self.capacity_factor is None:
+            p.append(f"{prefix}.capacity_factor: expert_choice routing needs a capacity factor (tokens per "
+                     "expert = cf * T / E), got null")
+        for name in ("load_balance_coef", "z_loss_coef", "cv_coef", "variance_coef", "bias_update_rate"):
+            if getattr(self, name) < 0:
+                p.append(f"{prefix}.{name}: expected >= 0, got {getattr(self, name)}")
+        return p
+
+
+@dataclass
+class ModelConfig:
+    """The decoder-only transformer. `moe` describes its MoE layers (see `MoEConfig.layers`)."""
+
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_layers: int = 4
+    n_heads: int = 8
+    n_kv_heads: int | None = None  # None = n_heads (multi-head attention)
+    head_dim: int | None = None  # None = d_model // n_heads
+    ffn_dim: int = 1024  # width of dense SwiGLU layers
+    max_seq_len: int = 256
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    qkv_bias: bool = False
+    init_std: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hdim(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    def moe_layer_ids(self) -> list[int]:
+        """Indices of the layers whose feed-forward is an MoE layer."""
+        spec, n = self.moe.layers, self.n_layers
+        if isinstance(spec, list):
+            return sorted(int(i) for i in spec)
+        if spec == "all":
+            return list(range(n))
+        if spec == "none":
+            return []
+        kind, _, num = str(spec).partition(":")
+        if kind == "every":
+            return [i for i in range(n) if (i + 1) % int(num) == 0]
+        if kind == "first_dense":
+            return list(range(int(num), n))
+        raise ValueError(spec)
+
+    def validate(self, prefix: str = "model") -> list[str]:
+        p: list[str] = []
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
+            if getattr(self, name) < 1:
+                p.append(f"{prefix}.{name}: expected >= 1, got {getattr(self, name)}")
+        if p:
+            return p + self.moe.validate(f"{prefix}.moe")
+        if self.head_dim is None and self.d_model % self.n_heads:
+            p.append(f"{prefix}.d_model: {self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.kv_heads:
+            p.append(f"{prefix}.n_heads: {self.n_heads} is not divisible by n_kv_heads={self.kv_heads}")
+        if self.hdim % 2:
+            p.append(f"{prefix}.head_dim: RoPE needs an even head dimension, got {self.hdim}")
+        p += _validate_layers(self.moe.layers, self.n_layers, f"{prefix}.moe.layers")
+        return p + self.moe.validate(f"{prefix}.moe")
+
+
+def _validate_layers(spec: Any, n_layers: int, where: str) -> list[str]:
+    if isinstance(spec, list):
+        bad = [i for i in spec if not isinstance(i, int) or not 0 <= i < n_layers]
+        if bad:
+            return [f"{where}: layer indices must be in [0, {n_layers}), got {bad}"]
+        return []
+    if spec in ("all", "none"):
+        return []
+    kind, _, num = str(spec).partition(":")
+    if kind in ("every", "first_dense") and num.isdigit() and (kind == "first_dense" or int(num) > 0):
+        return []
+    return [f"{where}: expected 'all', 'none', 'every:N', 'first_dense:K' or a list of layer indices, got {spec!r}"]
+
+
+@dataclass
+class DataConfig:
+    """Where training tokens come from and how windows are cut."""
+
+    path: str | None = None  # a directory written by `moelab prepare`
+    seq_len: int = 256
+    stride: int | None = None  # None = random windows; an int = deterministic sliding-window epochs
+
+    def validate(self, prefix: str = "data") -> list[str]:
+        p = []
+        if self.seq_len < 1:
+            p.append(f"{prefix}.seq_len: expected >= 1, got {self.seq_len}")
+        if self.stride is not None and self.stride < 1:
+            p.append(f"{prefix}.stride: expected >= 1 or null, got {self.stride}")
+        return p
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and the training loop."""
+
+    steps: int = 1000
+    batch_size: int = 8  # sequences per micro-batch
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | linear | constant
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    dtype: str = "float32"  # float32 | bfloat16 | float16 (float16 needs CUDA)
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def validate(self, prefix: str = "train") -> list[str]:
+        p = []
+        for name in ("steps", "batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                p.append(f"{prefix}.{name}: expected >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            p.append(f"{prefix}.lr: expected > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            p.append(f"{prefix}.warmup_steps: expected >= 0, got {self.warmup_steps}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            p.append(f"{prefix}.schedule: expected cosine, linear or constant, got {self.schedule!r}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            p.append(f"{prefix}.dtype: expected float32, bfloat16 or float16, got {self.dtype!r}")
+        return p
+
+
+@dataclass
+class Config:
+    """A whole run: one section per concern."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> list[str]:
+        p = self.model.validate() + self.data.validate() + self.train.validate()
+        if not p and self.data.seq_len > self.model.max_seq_len:
+            p.append(f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        return p
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with every problem collected.
+
+
+def _suggest(name: str, options: typing.Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    """Check `value` against the annotation `tp`; nested dataclasses are built recursively."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        if len(non_none) == 1:
+            return _coerce(value, non_none[0], where, problems)
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        problems.append(f"{where}: expected one of {list(get_args(tp))}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping (section), got {type(value).__name__} {value!r}")
+            return tp()
+        return _build(tp, value, where, problems)
+    if origin is list:
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+            return value
+        (item,) = get_args(tp) or (Any,)
+        return [_coerce(v, item, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    problems.append(f"{where}: expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict, where: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            problems.append(f"{path}: unknown key{_suggest(str(key), names)}; valid keys: {', '.join(names)}")
+            continue
+        kwargs[key] = _coerce(value, hints[key], path, problems)
+    try:
+        return cls(**kwargs)
+    except TypeError:  # a coercion problem already recorded; fall back to defaults
+        return cls()
+
+
+def from_dict(cls: type, data: dict, source: str | None = None) -> Any:
+    """Build dataclass `cls` from nested dicts; raise ConfigError listing every problem."""
+    problems: list[str] = []
+    obj = _build(cls, data or {}, "", problems)
+    if hasattr(obj, "validate"):
+        try:
+            problems += [p for p in obj.validate() if p not in problems]
+        except (TypeError, ValueError):  # a value of the wrong type, already reported
+            pass
+    if problems:
+        raise ConfigError(problems, source)
+    return obj
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (['a', 'b'], c), the value parsed as YAML (so 2, 0.1, true, null, [1,2] work)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError([f"--set {text!r}: expected key=value, e.g. moe.top_k=2"])
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_overrides(data: dict, overrides: typing.Sequence[str], cls: type = Config) -> dict:
+    """Apply dotted overrides to a nested dict (in place) and return it."""
+    top = {f.name for f in dataclasses.fields(cls)}
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    for text in overrides:
+        path, value = parse_override(text)
+        if cls is Config and path[0] not in top and path[0] in model_fields:
+            path = ["model", *path]  # `moe.top_k` is shorthand for `model.moe.top_k`
+        node = data
+        for part in path[:-1]:
+            nxt = node.setdefault(part, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError([f"--set {text}: {part!r} is a value, not a section"])
+            node = nxt
+        node[path[-1]] = value
+    return data
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: not valid YAML ({first})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (), cls: type = Config):
+    """Load a `Config` from YAML (or defaults when path is None) with `--set` style overrides."""
+    data = read_yaml(path) if path is not None else {}
+    apply_overrides(data, overrides, cls)
+    return from_dict(cls, data, source=str(path) if path is not None else None)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), encoding="utf-8")

@@ -1,0 +1,7 @@
+"""The MoE transformer: layers, routers, dispatch, experts, losses."""
+
+from moelab.model.moe import MoELayer, RoutingStats
+from moelab.model.router import Routing, build_router
+from moelab.model.transformer import ModelOutput, Transformer
+
+__all__ = ["MoELayer", "ModelOutput", "Routing", "RoutingStats", "Transformer", "build_router"]

@@ -1,0 +1,135 @@
+"""Routed experts: E SwiGLU FFNs held as stacked 3-D weights, and the kernels that run them.
+
+Legend: T tokens, D model width, E experts, K experts per token, F expert width, N = rows sent to
+experts (kept token copies, sorted by expert).
+
+Weights use the HF Mixtral layout so interop is a rename: `gate_up` [E, 2F, D] holds gate (rows
+0..F-1) then up (rows F..2F-1), `down` [E, D, F]; y = down_e(silu(gate_e x) * up_e x).
+
+Two backends with one signature `(x_sorted [N, D], counts [E] list) -> [N, D]`:
+- `grouped_swiglu`: one autograd Function running contiguous per-expert matmuls forward and
+  backward. Weight gradients are written straight into one [E, ...] buffer: indexing `w[e]` under
+  autograd instead allocates a full-size zero gradient per slice, so cost would grow with E. Under
+  autocast the weight slices are cast per expert inside the Function, so only experts that receive
+  tokens are ever cast.
+- `reference_moe`: the obviously correct mask-and-loop over experts, the test oracle.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    """out = a @ b, writing in place when dtypes agree (fp32) and casting once when not (bf16)."""
+    if a.dtype == out.dtype:
+        torch.mm(a, b, out=out)
+    else:
+        out.copy_(torch.mm(a, b))
+
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, gate_up, down, counts: list[int], dtype: torch.dtype):
+        with torch.autocast(x.device.type, enabled=False):
+            return _GroupedSwiGLU._forward(ctx, x, gate_up, down, counts, dtype)
+
+    @staticmethod
+    def _forward(ctx, x, gate_up, down, counts, dtype):
+        n, f = x.shape[0], down.shape[-1]
+        h = x.new_empty(n, 2 * f)  # [N, 2F] gate|up pre-activations
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                torch.mm(x[start:start + c], gate_up[e].to(dtype).t(), out=h[start:start + c])
+            start += c
+        g, u = h[:, :f], h[:, f:]
+        a = F.silu(g) * u  # [N, F]
+        y = x.new_empty(n, down.shape[1])
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                torch.mm(a[start:start + c], down[e].to(dtype).t(), out=y[start:start + c])
+            start += c
+        ctx.save_for_backward(x, h, gate_up, down)
+        ctx.counts, ctx.dtype = counts, dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        with torch.autocast(dy.device.type, enabled=False):
+            return _GroupedSwiGLU._backward(ctx, dy)
+
+    @staticmethod
+    def _backward(ctx, dy):
+        x, h, gate_up, down = ctx.saved_tensors
+        counts, dtype = ctx.counts, ctx.dtype
+        dy = dy.to(dtype).contiguous()
+        f = down.shape[-1]
+        g, u = h[:, :f], h[:, f:]
+        sg = torch.sigmoid(g)
+        silu_g = g * sg
+        a = silu_g * u
+        d_gate_up = torch.zeros_like(gate_up)
+        d_down = torch.zeros_like(down)
+        da = torch.empty_like(a)
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                sl = slice(start, start + c)
+                w = down[e].to(dtype)
+                torch.mm(dy[sl], w, out=da[sl])
+                _mm_into(dy[sl].t(), a[sl], d_down[e])
+            start += c
+        dh = torch.cat([da * u * (sg * (1 + g * (1 - sg))), da * silu_g], dim=1)  # [N, 2F]
+        dx = torch.empty_like(x)
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                sl = slice(start, start + c)
+                torch.mm(dh[sl], gate_up[e].to(dtype), out=dx[sl])
+                _mm_into(dh[sl].t(), x[sl], d_gate_up[e])
+            start += c
+        return dx, d_gate_up, d_down, None, None
+
+
+def grouped_swiglu(x_sorted: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
+                   counts: list[int]) -> torch.Tensor:
+    """Run each expert on its contiguous block of rows; rows must be sorted by expert."""
+    return _GroupedSwiGLU.apply(x_sorted, gate_up, down, counts, x_sorted.dtype)
+
+
+def reference_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
+                  weights: torch.Tensor) -> torch.Tensor:
+    """Slow oracle: for each expert, find its tokens with a mask, run the FFN, add weight * output.
+    x [T, D], topk_ids/weights [T, K] (dropped assignments carry weight 0). Returns [T, D] fp32."""
+    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+    f = down.shape[-1]
+    for e in range(gate_up.shape[0]):
+        hit = topk_ids == e  # [T, K]
+        tok = hit.any(dim=-1).nonzero().squeeze(-1)
+        if tok.numel() == 0:
+            continue
+        w_e = (weights * hit).sum(dim=-1)[tok]  # [n]
+        h = x[tok] @ gate_up[e].to(x.dtype).t()
+        y = (F.silu(h[:, :f]) * h[:, f:]) @ down[e].to(x.dtype).t()
+        out = out.index_add(0, tok, y.float() * w_e[:, None])
+    return out
+
+
+class ExpertFFN(nn.Module):
+    """E routed SwiGLU experts as stacked parameters."""
+
+    def __init__(self, num_experts: int, d_model: int, expert_dim: int):
+        super().__init__()
+        self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * expert_dim, d_model))
+        self.down = nn.Parameter(torch.empty(num_experts, d_model, expert_dim))
+
+    @property
+    def num_experts(self) -> int:
+        return self.gate_up.shape[0]
+
+    def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        return grouped_swiglu(x_sorted, self.gate_up, self.down, counts)

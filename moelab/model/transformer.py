@@ -1,0 +1,136 @@
+"""The decoder-only MoE language model, readable top to bottom.
+
+embedding -> N x [x += Attn(RMSNorm(x)); x += FFN(RMSNorm(x))] -> RMSNorm -> LM head, where each
+block's FFN is a dense SwiGLU or an MoE layer as `ModelConfig.moe.layers` says.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelab.config import Config, ModelConfig
+from moelab.model.layers import Attention, RMSNorm, SwiGLU, rope_cache
+from moelab.model.losses import AUX_LOSSES
+from moelab.model.moe import MoELayer, RoutingStats
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [B, S, V]
+    loss: torch.Tensor | None = None  # ce_loss + sum_name coef_name * aux_losses[name]
+    ce_loss: torch.Tensor | None = None  # token-mean cross-entropy over targets != -100
+    aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # mean over MoE layers, unweighted
+    routing: dict[int, RoutingStats] = field(default_factory=dict)  # layer index -> what its router did
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, is_moe: bool):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.hdim, cfg.qkv_bias, layer_idx)
+        self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.ffn = MoELayer(cfg.d_model, cfg.moe) if is_moe else SwiGLU(cfg.d_model, cfg.ffn_dim)
+
+    def forward(self, x, cos, sin, mask=None, cache=None, attn_mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, attn_mask)
+        h = self.ffn_norm(x)
+        if isinstance(self.ffn, MoELayer):
+            y, stats = self.ffn(h, mask)
+            return x + y, stats
+        return x + self.ffn(h), None
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig | Config):
+        super().__init__()
+        cfg = cfg.model if isinstance(cfg, Config) else cfg
+        self.cfg = cfg
+        moe_ids = set(cfg.moe_layer_ids())
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, i, i in moe_ids) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_cache(cfg.max_seq_len, cfg.hdim, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @property
+    def moe_layers(self) -> dict[int, MoELayer]:
+        return {i: b.ffn for i, b in enumerate(self.layers) if isinstance(b.ffn, MoELayer)}
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The one place every tensor's initial value is decided:
+        - embeddings, attention q/k/v, dense and shared-expert gate/up, routed expert gate_up, router
+          gates: N(0, init_std);
+        - projections that write into the residual stream (attention o_proj, every down projection):
+          N(0, init_std / sqrt(2 * n_layers)), so the residual variance does not grow with depth
+          (GPT-2);
+        - the noisy router's noise gate and the shared-expert gate: zeros (noise scale softplus(0),
+          gate 0.5 at start); linear biases and the sigmoid router's selection bias: zeros;
+        - RMSNorm weights: ones; LM head: N(0, init_std) unless tied to the embedding."""
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith((".bias", "noise_weight", "shared_gate.weight")):
+                nn.init.zeros_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight", "experts.down")):
+                nn.init.normal_(p, 0.0, out_std)
+            else:
+                nn.init.normal_(p, 0.0, std)
+        for layer in self.moe_layers.values():
+            if hasattr(layer.router, "update_bias"):
+                layer.router.bias.zero_()
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
+                mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                cache=None, attn_mask: torch.Tensor | None = None) -> ModelOutput:
+        """idx [B, S] token ids; targets [B, S] (-100 = ignore); mask [B, S] (1 = real token, used to
+        keep padding out of routing and its losses); positions [B, S] for RoPE (default 0..S-1);
+        cache / attn_mask for incremental decoding (see `Attention`)."""
+        b, s = idx.shape
+        if positions is None:
+            cos, sin = self.rope_cos[:s][None, None], self.rope_sin[:s][None, None]
+        else:
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+        x = self.embed(idx)
+        routing: dict[int, RoutingStats] = {}
+        for i, block in enumerate(self.layers):
+            x, stats = block(x, cos, sin, mask, cache, attn_mask)
+            if stats is not None:
+                routing[i] = stats
+        logits = self.lm_head(self.norm(x))
+        out = ModelOutput(logits=logits, routing=routing)
+        if routing:
+            out.aux_losses = {name: torch.stack([r.aux_losses[name] for r in routing.values()]).mean()
+                              for name in AUX_LOSSES}
+        if targets is not None:
+            out.ce_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
+                                          ignore_index=-100)
+            out.loss = out.ce_loss + self.aux_loss(out.aux_losses)
+        return out
+
+    def aux_loss(self, aux_losses: dict[str, torch.Tensor], coefs: dict[str, float] | None = None):
+        """sum_name coef * loss, coefficients from the MoE config unless given (trainer schedules)."""
+        total = 0.0
+        for name, value in aux_losses.items():
+            coef = coefs[name] if coefs is not None else getattr(self.cfg.moe, AUX_LOSSES[name][1])
+            if coef:
+                total = total + coef * value
+        return total
+
+    def set_router_attr(self, name: str, value) -> None:
+        """Change a run-time router setting (e.g. `tau` for Gumbel, `top_k`) on every MoE layer."""
+        for layer in self.moe_layers.values():
+            if hasattr(layer.router, name):
+                setattr(layer.router, name, value)
