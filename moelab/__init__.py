@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from moelab.config import Config, DataConfig, ModelConfig, MoEConfig, TrainConfig, load_config  # noqa: E402
 from moelab.errors import ConfigError, UserError  # noqa: E402
-from moelab.model import MoELayer, ModelOutput, RoutingStats, Transformer  # noqa: E402
+from moelab.model import ModelOutput, MoELayer, RoutingStats, Transformer  # noqa: E402
 
 __all__ = [
     "Config", "ConfigError", "DataConfig", "ModelConfig", "MoEConfig", "ModelOutput", "MoELayer",

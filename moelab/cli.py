@@ -14,6 +14,7 @@ import sys
 
 from moelab import __version__
 from moelab.errors import UserError
+from moelab.runtime import tune_cpu_allocator
 
 
 def _command_modules():
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2
+    tune_cpu_allocator()
     try:
         return int(args._run(args) or 0)
     except UserError as e:

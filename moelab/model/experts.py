@@ -67,23 +67,31 @@ class _GroupedSwiGLU(torch.autograd.Function):
         x, h, gate_up, down = ctx.saved_tensors
         counts, dtype = ctx.counts, ctx.dtype
         dy = dy.to(dtype).contiguous()
-        f = down.shape[-1]
+        n, f = h.shape[0], down.shape[-1]
         g, u = h[:, :f], h[:, f:]
         sg = torch.sigmoid(g)
         silu_g = g * sg
         a = silu_g * u
-        d_gate_up = torch.zeros_like(gate_up)
-        d_down = torch.zeros_like(down)
+        # Weight gradients are fully written by the matmuls below; only idle experts need zeros.
+        d_gate_up = torch.empty_like(gate_up)
+        d_down = torch.empty_like(down)
         da = torch.empty_like(a)
         start = 0
         for e, c in enumerate(counts):
             if c:
                 sl = slice(start, start + c)
-                w = down[e].to(dtype)
-                torch.mm(dy[sl], w, out=da[sl])
+                torch.mm(dy[sl], down[e].to(dtype), out=da[sl])
                 _mm_into(dy[sl].t(), a[sl], d_down[e])
+            else:
+                d_gate_up[e].zero_()
+                d_down[e].zero_()
             start += c
-        dh = torch.cat([da * u * (sg * (1 + g * (1 - sg))), da * silu_g], dim=1)  # [N, 2F]
+        # dh = [da * u * silu'(g), da * silu(g)] with silu'(g) = sg * (1 + g - silu(g)), written in place
+        dh = h.new_empty(n, 2 * f)
+        torch.mul(da, silu_g, out=dh[:, f:])
+        dg = dh[:, :f]
+        torch.sub(g, silu_g, out=dg)
+        dg.add_(1.0).mul_(sg).mul_(u).mul_(da)
         dx = torch.empty_like(x)
         start = 0
         for e, c in enumerate(counts):

@@ -1,0 +1,27 @@
+"""`moelab bench <name>`: benchmarks that write JSON and print a summary (see BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import importlib
+
+NAME = "bench"
+HELP = "run a benchmark (layer, data, train, generate, ...) and write its JSON results"
+DESCRIPTION = "Benchmarks measured side by side in one run; medians of interleaved repeats. Results go to JSON."
+
+# name -> (module implementing add_arguments/run, one-line help). Bench modules import only argparse-level
+# things at the top: every `moelab` invocation builds these parsers.
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "layer": ("moelab.bench.layer", "one MoE layer vs a dense SwiGLU of equal active FLOPs (and transformers' block)"),
+}
+
+
+def add_arguments(p):
+    sub = p.add_subparsers(dest="bench", metavar="BENCHMARK", required=True)
+    for name, (module, help_) in BENCHMARKS.items():
+        q = sub.add_parser(name, help=help_, description=help_)
+        q.set_defaults(_bench_module=module)
+        importlib.import_module(module).add_arguments(q)
+
+
+def run(args) -> int:
+    return int(importlib.import_module(args._bench_module).run(args) or 0)

@@ -1,0 +1,17 @@
+import json
+
+from moelab.cli import main
+
+
+def test_bench_layer_writes_json_with_ratios(tmp_path, capsys):
+    out = tmp_path / "layer.json"
+    rc = main(["bench", "layer", "--tokens", "64", "--d-model", "16", "--expert-dim", "8", "--experts", "2", "4",
+               "--dtypes", "float32", "--repeats", "2", "--hf", "grouped_mm", "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    med = res["median_s"]["float32"]
+    assert set(med) == {"dense", "moelab_E2", "moelab_E4", "hf_grouped_mm_E2", "hf_grouped_mm_E4"}
+    assert all(v > 0 for v in med.values())
+    assert res["ratio_to_dense"]["float32"]["dense"] == 1.0
+    assert "moe/dense at E=2 <= 1.2" in res["targets"]["float32"]
+    assert "hf_grouped_mm" in capsys.readouterr().out
