@@ -39,11 +39,15 @@ class _GroupedSwiGLU(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, x, gate_up, down, counts, dtype):
         n, f = x.shape[0], down.shape[-1]
+        # Cast each active expert's weights once; backward reuses the casts (autocast's cast cache
+        # does the same for nn.Linear). Idle experts are never cast.
+        w_gu = [gate_up[e].to(dtype) if c else None for e, c in enumerate(counts)]
+        w_dn = [down[e].to(dtype) if c else None for e, c in enumerate(counts)]
         h = x.new_empty(n, 2 * f)  # [N, 2F] gate|up pre-activations
         start = 0
         for e, c in enumerate(counts):
             if c:
-                torch.mm(x[start:start + c], gate_up[e].to(dtype).t(), out=h[start:start + c])
+                torch.mm(x[start:start + c], w_gu[e].t(), out=h[start:start + c])
             start += c
         g, u = h[:, :f], h[:, f:]
         a = F.silu(g) * u  # [N, F]
@@ -51,10 +55,10 @@ class _GroupedSwiGLU(torch.autograd.Function):
         start = 0
         for e, c in enumerate(counts):
             if c:
-                torch.mm(a[start:start + c], down[e].to(dtype).t(), out=y[start:start + c])
+                torch.mm(a[start:start + c], w_dn[e].t(), out=y[start:start + c])
             start += c
         ctx.save_for_backward(x, h, gate_up, down)
-        ctx.counts, ctx.dtype = counts, dtype
+        ctx.counts, ctx.dtype, ctx.w_gu, ctx.w_dn = counts, dtype, w_gu, w_dn
         return y
 
     @staticmethod
@@ -65,7 +69,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, dy):
         x, h, gate_up, down = ctx.saved_tensors
-        counts, dtype = ctx.counts, ctx.dtype
+        counts, dtype, w_gu, w_dn = ctx.counts, ctx.dtype, ctx.w_gu, ctx.w_dn
         dy = dy.to(dtype).contiguous()
         n, f = h.shape[0], down.shape[-1]
         g, u = h[:, :f], h[:, f:]
@@ -80,7 +84,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
         for e, c in enumerate(counts):
             if c:
                 sl = slice(start, start + c)
-                torch.mm(dy[sl], down[e].to(dtype), out=da[sl])
+                torch.mm(dy[sl], w_dn[e], out=da[sl])
                 _mm_into(dy[sl].t(), a[sl], d_down[e])
             else:
                 d_gate_up[e].zero_()
@@ -97,9 +101,10 @@ class _GroupedSwiGLU(torch.autograd.Function):
         for e, c in enumerate(counts):
             if c:
                 sl = slice(start, start + c)
-                torch.mm(dh[sl], gate_up[e].to(dtype), out=dx[sl])
+                torch.mm(dh[sl], w_gu[e], out=dx[sl])
                 _mm_into(dh[sl].t(), x[sl], d_gate_up[e])
             start += c
+        ctx.w_gu = ctx.w_dn = None
         return dx, d_gate_up, d_down, None, None
 
 
