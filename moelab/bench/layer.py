@@ -41,7 +41,10 @@ def _time_fwd_bwd(module, x, grad, dtype) -> float:
         y = module(xx)
         y = y[0] if isinstance(y, tuple) else y
     y.backward(grad)
-    return time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
+    for p in module.parameters():  # free now, as an optimizer's zero_grad would before the next step
+        p.grad = None
+    return elapsed
 
 
 def _hf_block(e, d, f, k, impl):
