@@ -1,12 +1,41 @@
-"""moelab: Mixture-of-Experts language models from raw text to a trained, analysed and served model."""
+"""moelab: Mixture-of-Experts language models from raw text to a trained, analysed and served model.
+
+The stable public API. `train`, `load`, `generate` and `stream_generate` are imported on first use,
+so `import moelab` stays light for scripts that only build models or read configs.
+"""
 
 __version__ = "0.1.0"
 
 from moelab.config import Config, DataConfig, ModelConfig, MoEConfig, TrainConfig, load_config  # noqa: E402
 from moelab.errors import ConfigError, UserError  # noqa: E402
 from moelab.model import ModelOutput, MoELayer, RoutingStats, Transformer  # noqa: E402
+from moelab.tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer  # noqa: E402
+
+_LAZY = {
+    "train": ("moelab.training", "train"),
+    "load": ("moelab.infer", "load"),
+    "generate": ("moelab.infer", "generate"),
+    "stream_generate": ("moelab.infer", "stream_generate"),
+    "Engine": ("moelab.infer", "Engine"),
+    "SamplingParams": ("moelab.infer", "SamplingParams"),
+    "export_hf": ("moelab.interop.hf", "export_hf"),
+    "import_hf": ("moelab.interop.hf", "import_hf"),
+    "export_gguf": ("moelab.interop.gguf", "export_gguf"),
+    "upcycle": ("moelab.interop.upcycle", "upcycle"),
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'moelab' has no attribute {name!r}")
+
 
 __all__ = [
-    "Config", "ConfigError", "DataConfig", "ModelConfig", "MoEConfig", "ModelOutput", "MoELayer",
-    "RoutingStats", "TrainConfig", "Transformer", "UserError", "load_config",
+    "ByteTokenizer", "Config", "Engine", "SamplingParams", "ConfigError", "DataConfig", "ModelConfig", "MoEConfig", "ModelOutput", "MoELayer",
+    "RoutingStats", "SentencePieceTokenizer", "Tokenizer", "TrainConfig", "Transformer", "UserError",
+    "export_gguf", "export_hf", "generate", "import_hf", "load", "load_config", "stream_generate", "train", "upcycle",
 ]

@@ -79,10 +79,12 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def write_model(path: Path, model: torch.nn.Module, cfg: Config, tokenizer_dir: str | Path | None = None,
-                extra: dict | None = None) -> None:
-    """Write weights, config and tokenizer into an existing directory (no atomicity here)."""
+                extra: dict | None = None, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Write weights, config and tokenizer into an existing directory (no atomicity here). `weights`
+    replaces `model`'s own state (e.g. full tensors gathered from a sharded model)."""
     path = Path(path)
-    save_file(model_state(model), str(path / "model.safetensors"), metadata={"format": "pt"})
+    state = weights if weights is not None else model_state(model)
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
     (path / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), encoding="utf-8")
     if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
         shutil.copytree(tokenizer_dir, path / "tokenizer", dirs_exist_ok=True)
@@ -105,7 +107,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     ck = Path(run_dir) / "checkpoints"
     if not ck.is_dir():
         return []
-    found = [p for p in ck.iterdir() if p.is_dir() and not p.name.startswith(".") and is_complete(p)]
+    # symlinks (RUN/checkpoints/best) name a checkpoint already listed under its own name
+    found = [p for p in ck.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
+             and is_complete(p)]
     return sorted(found, key=lambda p: (int("".join(c for c in p.name if c.isdigit()) or 0), p.name))
 
 

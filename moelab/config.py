@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from moelab.errors import ConfigError, UserError
 
 ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid", "noisy_topk", "gumbel", "expert_choice")
 EXPERT_IMPLS = ("grouped", "reference")
+QK_NORMS = ("none", "head", "full")
 
 
 @dataclass
@@ -105,6 +107,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     qkv_bias: bool = False
+    # RMSNorm on queries and keys before RoPE: "none", "head" (one weight [head_dim] applied to every
+    # head, Qwen3) or "full" (over the whole projection, [n_heads*head_dim] and [kv_heads*head_dim], OLMoE).
+    qk_norm: str = "none"
     init_std: float = 0.02
     moe: MoEConfig = field(default_factory=MoEConfig)
 
@@ -145,6 +150,8 @@ class ModelConfig:
             p.append(f"{prefix}.n_heads: {self.n_heads} is not divisible by n_kv_heads={self.kv_heads}")
         if self.hdim % 2:
             p.append(f"{prefix}.head_dim: RoPE needs an even head dimension, got {self.hdim}")
+        if self.qk_norm not in QK_NORMS:
+            p.append(f"{prefix}.qk_norm: expected one of {', '.join(QK_NORMS)}, got {self.qk_norm!r}")
         p += _validate_layers(self.moe.layers, self.n_layers, f"{prefix}.moe.layers")
         return p + self.moe.validate(f"{prefix}.moe")
 
@@ -199,20 +206,158 @@ class TrainConfig:
     dtype: str = "float32"  # float32 | bfloat16 | float16 (float16 needs CUDA)
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
+    compile: bool = False  # torch.compile attention and dense FFNs (MoE layers stay eager); slow first steps
+    peak_flops: float | None = None  # device matmul FLOP/s for MFU; None = measured once at start
+    max_bad_steps: int = 5  # abort after this many non-finite steps in a row (each one is skipped)
+    max_seconds: float | None = None  # stop (and checkpoint) once training has run this long; None = no limit
 
     def validate(self, prefix: str = "train") -> list[str]:
         p = []
-        for name in ("steps", "batch_size", "grad_accum"):
+        for name in ("steps", "batch_size", "grad_accum", "max_bad_steps"):
             if getattr(self, name) < 1:
                 p.append(f"{prefix}.{name}: expected >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             p.append(f"{prefix}.lr: expected > 0, got {self.lr}")
+        if not 0 <= self.min_lr <= self.lr:
+            p.append(f"{prefix}.min_lr: expected 0 <= min_lr <= lr={self.lr}, got {self.min_lr}")
+        if self.grad_clip < 0:
+            p.append(f"{prefix}.grad_clip: expected >= 0 (0 = no clipping), got {self.grad_clip}")
+        if self.weight_decay < 0:
+            p.append(f"{prefix}.weight_decay: expected >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                p.append(f"{prefix}.{name}: expected 0 <= {name} < 1, got {getattr(self, name)}")
+        for name in ("peak_flops", "max_seconds"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                p.append(f"{prefix}.{name}: expected > 0 or null, got {getattr(self, name)}")
         if self.warmup_steps < 0:
             p.append(f"{prefix}.warmup_steps: expected >= 0, got {self.warmup_steps}")
         if self.schedule not in ("cosine", "linear", "constant"):
             p.append(f"{prefix}.schedule: expected cosine, linear or constant, got {self.schedule!r}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             p.append(f"{prefix}.dtype: expected float32, bfloat16 or float16, got {self.dtype!r}")
+        return p
+
+
+TAU_SHAPES = ("exponential", "linear", "cosine")
+
+
+@dataclass
+class ScheduleConfig:
+    """Routing knobs that change with the optimizer step (see docs/training.md). Each anneals from a
+    start value to the model config's value; the defaults keep everything constant."""
+
+    gumbel_tau_end: float | None = None  # gumbel router: anneal moe.gumbel_tau -> this; None = constant
+    gumbel_tau_steps: int | None = None  # over this many steps; None = the whole run
+    gumbel_tau_shape: str = "exponential"  # exponential | linear | cosine
+    aux_coef_start: float = 1.0  # multiplier on every moe.*_coef at step 0, linearly reaching 1.0 ...
+    aux_coef_steps: int = 0  # ... after this many steps (0 = always 1.0)
+    top_k_start: int | None = None  # dense-to-sparse: experts per token at step 0; None = moe.top_k
+    top_k_steps: int | None = None  # reaches moe.top_k (linearly, rounded) at this step; None = half the run
+
+    def validate(self, prefix: str = "schedule") -> list[str]:
+        p = []
+        if self.gumbel_tau_end is not None and self.gumbel_tau_end <= 0:
+            p.append(f"{prefix}.gumbel_tau_end: expected > 0 or null, got {self.gumbel_tau_end}")
+        if self.gumbel_tau_shape not in TAU_SHAPES:
+            p.append(f"{prefix}.gumbel_tau_shape: expected one of {', '.join(TAU_SHAPES)}, "
+                     f"got {self.gumbel_tau_shape!r}")
+        if self.aux_coef_start < 0:
+            p.append(f"{prefix}.aux_coef_start: expected >= 0, got {self.aux_coef_start}")
+        for name in ("gumbel_tau_steps", "aux_coef_steps", "top_k_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                p.append(f"{prefix}.{name}: expected >= 0, got {getattr(self, name)}")
+        return p
+
+    def check_model(self, model: ModelConfig, prefix: str = "schedule") -> list[str]:
+        p = []
+        moe = model.moe
+        if self.gumbel_tau_end is not None and moe.router != "gumbel":
+            p.append(f"{prefix}.gumbel_tau_end: temperature annealing needs model.moe.router=gumbel, "
+                     f"router is {moe.router!r}")
+        if self.top_k_start is not None:
+            if moe.router == "expert_choice":
+                p.append(f"{prefix}.top_k_start: expert_choice routing has no per-token top-k to anneal")
+            elif not moe.top_k <= self.top_k_start <= moe.num_experts:
+                p.append(f"{prefix}.top_k_start: expected between model.moe.top_k={moe.top_k} and "
+                         f"model.moe.num_experts={moe.num_experts}, got {self.top_k_start}")
+        return p
+
+
+@dataclass
+class EvalConfig:
+    """Validation loss and bits-per-byte on the dataset's val split."""
+
+    every: int = 100  # optimizer steps between evaluations (also at the end); 0 = only at the end
+    batches: int = 20  # val batches per evaluation (the same ones every time)
+    batch_size: int | None = None  # None = train.batch_size
+
+    def validate(self, prefix: str = "eval") -> list[str]:
+        p = []
+        if self.every < 0:
+            p.append(f"{prefix}.every: expected >= 0, got {self.every}")
+        if self.batches < 1:
+            p.append(f"{prefix}.batches: expected >= 1, got {self.batches}")
+        if self.batch_size is not None and self.batch_size < 1:
+            p.append(f"{prefix}.batch_size: expected >= 1 or null, got {self.batch_size}")
+        return p
+
+
+@dataclass
+class CheckpointConfig:
+    """Training checkpoints under RUN/checkpoints/: the last `keep_last` plus the best by val loss."""
+
+    every: int = 500  # optimizer steps between checkpoints (one is always written at the end); 0 = end only
+    keep_last: int = 2
+    keep_best: bool = True  # also keep the checkpoint with the lowest val loss (RUN/checkpoints/best)
+
+    def validate(self, prefix: str = "checkpoint") -> list[str]:
+        p = []
+        if self.every < 0:
+            p.append(f"{prefix}.every: expected >= 0, got {self.every}")
+        if self.keep_last < 1:
+            p.append(f"{prefix}.keep_last: expected >= 1, got {self.keep_last}")
+        return p
+
+
+@dataclass
+class LogConfig:
+    """Telemetry: RUN/metrics.jsonl always, TensorBoard when installed, a progress bar on a terminal."""
+
+    every: int = 10  # optimizer steps per metrics record (values are means over those steps)
+    tensorboard: bool = True  # write RUN/tb/ when the tensorboard package is installed
+    progress: bool = True  # live progress bar (tqdm: ETA, loss, tokens/s) on a terminal; else a line per record
+
+    def validate(self, prefix: str = "log") -> list[str]:
+        if self.every < 1:
+            return [f"{prefix}.every: expected >= 1, got {self.every}"]
+        return []
+
+
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+@dataclass
+class ParallelConfig:
+    """Multi-process training under torchrun (see docs/scale-out.md). World size = dp * ep; every rank
+    takes its own slice of each global batch."""
+
+    dp: int | None = None  # data-parallel degree; None = WORLD_SIZE // ep
+    ep: int = 1  # expert-parallel degree: each MoE layer's experts are split on dim 0 over ep ranks
+    fsdp: bool = True  # FSDP2: shard parameters, gradients and optimizer state; false = replicate them
+    reshard_after_forward: bool = True  # true: ZeRO-3-like; false: keep gathered params for backward (ZeRO-2-like)
+    cpu_offload: bool = False  # keep sharded params, grads and optimizer state in host memory (FSDP2)
+    backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
+
+    def validate(self, prefix: str = "parallel") -> list[str]:
+        p = []
+        if self.dp is not None and self.dp < 1:
+            p.append(f"{prefix}.dp: expected >= 1 or null (WORLD_SIZE // ep), got {self.dp}")
+        if self.ep < 1:
+            p.append(f"{prefix}.ep: expected >= 1, got {self.ep}")
+        if self.backend not in BACKENDS:
+            p.append(f"{prefix}.backend: expected one of {', '.join(BACKENDS)}, got {self.backend!r}")
         return p
 
 
@@ -223,11 +368,22 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def validate(self) -> list[str]:
-        p = self.model.validate() + self.data.validate() + self.train.validate()
+        p = self.model.validate() + self.data.validate() + self.train.validate() + self.parallel.validate()
+        p += self.schedule.validate() + self.eval.validate() + self.checkpoint.validate() + self.log.validate()
+        if not p:
+            p += self.schedule.check_model(self.model)
         if not p and self.data.seq_len > self.model.max_seq_len:
             p.append(f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
+        if not p and self.model.moe_layer_ids() and self.model.moe.num_experts % self.parallel.ep:
+            p.append(f"parallel.ep: {self.parallel.ep} does not divide model.moe.num_experts="
+                     f"{self.model.moe.num_experts} (each expert-parallel rank holds num_experts / ep experts)")
         return p
 
     def to_dict(self) -> dict:
@@ -247,6 +403,9 @@ def _type_name(tp: Any) -> str:
     if isinstance(tp, type):
         return tp.__name__
     return str(tp).replace("typing.", "")
+
+
+_FLOAT_RE = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
@@ -280,6 +439,8 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads `3e-4` (no dot) as a string
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -12,6 +12,14 @@ DESCRIPTION = "Benchmarks measured side by side in one run; medians of interleav
 # things at the top: every `moelab` invocation builds these parsers.
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "layer": ("moelab.bench.layer", "one MoE layer vs a dense SwiGLU of equal active FLOPs (and transformers' block)"),
+    "data": ("moelab.bench.data", "tokenizer training time, prepare MB/s and peak RSS on a synthetic corpus"),
+    "generate": ("moelab.bench.generate", "prefill and decode tokens/s, per-token latency (and transformers')"),
+    "serve": ("moelab.bench.serve", "the HTTP server under 1, 8, 32 concurrent clients: req/s, tok/s, TTFT, p50/p99"),
+    "train": ("moelab.bench.train", "training tokens/s, MFU and peak RSS, fp32 and bf16 (and transformers' Mixtral)"),
+    "quality": ("moelab.bench.quality", "val bits/byte of dense vs MoE vs transformers' Mixtral for equal wall-clock"),
+    "distributed": ("moelab.bench.distributed", "training tokens/s on 1 vs 2 processes (dp=2, ep=2) under torchrun"),
+    "offload": ("moelab.bench.offload", "resident memory generating with memory-mapped experts vs weight bytes"),
+    "plan": ("moelab.bench.plan", "the memory planner's estimate vs measured peak memory of a training step"),
 }
 
 

@@ -46,6 +46,10 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     shared = (3 * d * shared_w + (d if m.shared_expert_gate and shared_w else 0)) * n_moe
     router = d * m.num_experts * (2 if m.router == "noisy_topk" else 1) * n_moe
     norms = d * (2 * cfg.n_layers + 1)
+    if cfg.qk_norm == "head":
+        norms += 2 * hd * cfg.n_layers
+    elif cfg.qk_norm == "full":
+        norms += hd * (cfg.n_heads + cfg.kv_heads) * cfg.n_layers
     embedding = cfg.vocab_size * d
     lm_head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
     total = embedding + attention + dense_ffn + routed + shared + router + norms + lm_head

@@ -56,11 +56,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d_model, n_kv_heads * head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(n_heads * head_dim, d_model, bias=False)
 
-    def forward(self, x, cos, sin, cache=None, attn_mask=None):
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, S, D] -> q [B, H, S, Dh], k and v [B, G, S, Dh], before RoPE."""
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+    def forward(self, x, cos, sin, cache=None, attn_mask=None):
+        b, s, _ = x.shape
+        q, k, v = self.project(x)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
@@ -70,6 +76,52 @@ class Attention(nn.Module):
         else:
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+
+
+class HeadQKNormAttention(Attention):
+    """Qwen3-style qk-norm: RMSNorm over each head's query and key (one [Dh] weight shared by all
+    heads), before RoPE. Bounds attention logits, which keeps large-lr training stable."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, qkv_bias: bool = False,
+                 layer_idx: int = 0, eps: float = 1e-5):
+        super().__init__(d_model, n_heads, n_kv_heads, head_dim, qkv_bias, layer_idx)
+        self.q_norm = RMSNorm(head_dim, eps)
+        self.k_norm = RMSNorm(head_dim, eps)
+
+    def project(self, x):
+        b, s, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, s, self.n_heads, self.head_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(b, s, self.n_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+
+class FullQKNormAttention(Attention):
+    """OLMoE-style qk-norm: RMSNorm over the whole query projection [H*Dh] and key projection [G*Dh],
+    before the split into heads and before RoPE."""
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, qkv_bias: bool = False,
+                 layer_idx: int = 0, eps: float = 1e-5):
+        super().__init__(d_model, n_heads, n_kv_heads, head_dim, qkv_bias, layer_idx)
+        self.q_norm = RMSNorm(n_heads * head_dim, eps)
+        self.k_norm = RMSNorm(n_kv_heads * head_dim, eps)
+
+    def project(self, x):
+        b, s, _ = x.shape
+        q = self.q_norm(self.q_proj(x)).view(b, s, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x)).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        return q, k, v
+
+
+def build_attention(cfg, layer_idx: int) -> Attention:
+    """The attention class named by `cfg.qk_norm` (a `ModelConfig`)."""
+    args = (cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.hdim, cfg.qkv_bias, layer_idx)
+    if cfg.qk_norm == "head":
+        return HeadQKNormAttention(*args, eps=cfg.norm_eps)
+    if cfg.qk_norm == "full":
+        return FullQKNormAttention(*args, eps=cfg.norm_eps)
+    return Attention(*args)
 
 
 class SwiGLU(nn.Module):

@@ -43,9 +43,12 @@ def mean_probs(probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.T
     return (probs.float() * w[:, None]).sum(0) / w.sum().clamp_min(1.0)
 
 
-def switch_load_balance(probs, topk_ids, keep=None, mask=None) -> torch.Tensor:
+def switch_load_balance(probs, topk_ids, keep=None, mask=None, counts=None) -> torch.Tensor:
+    """`counts` [E]: assignments per expert when already known, e.g. summed over data-parallel ranks so
+    that f_i is the global batch's (global-batch balance, arXiv 2501.11873); P_i stays this rank's."""
     e = probs.shape[-1]
-    counts = expert_counts(topk_ids, e, keep, mask)
+    if counts is None:
+        counts = expert_counts(topk_ids, e, keep, mask)
     f = counts / counts.sum().clamp_min(1.0)
     return e * (f * mean_probs(probs, mask)).sum()
 
@@ -73,10 +76,12 @@ def router_entropy(probs: torch.Tensor, mask: torch.Tensor | None = None) -> tor
     return (ent * w).sum() / w.sum().clamp_min(1.0)
 
 
-# name -> (function of (routing, mask), MoEConfig coefficient attribute)
+# name -> (function of (routing, mask, counts=None), MoEConfig coefficient attribute); `counts` [E] are the
+# batch's routed assignments per expert (see `switch_load_balance`), ignored by the other losses.
 AUX_LOSSES = {
-    "load_balance": (lambda r, m: switch_load_balance(r.probs, r.topk_ids, r.keep, m), "load_balance_coef"),
-    "z_loss": (lambda r, m: router_z_loss(r.logits, m), "z_loss_coef"),
-    "cv": (lambda r, m: load_cv(r.probs, m), "cv_coef"),
-    "variance": (lambda r, m: usage_variance(r.probs, m), "variance_coef"),
+    "load_balance": (lambda r, m, counts=None: switch_load_balance(r.probs, r.topk_ids, r.keep, m, counts),
+                     "load_balance_coef"),
+    "z_loss": (lambda r, m, counts=None: router_z_loss(r.logits, m), "z_loss_coef"),
+    "cv": (lambda r, m, counts=None: load_cv(r.probs, m), "cv_coef"),
+    "variance": (lambda r, m, counts=None: usage_variance(r.probs, m), "variance_coef"),
 }

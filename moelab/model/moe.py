@@ -7,6 +7,11 @@ Dispatch sorts the T*K assignments by expert (a stable argsort), gathers the tok
 [N, D] block with each expert's rows contiguous, runs the experts (`experts.py`), and combines by
 scaling each row with its routing weight in fp32 and scatter-adding it back to its token. Cost is
 O(T*K*D) for the permutation plus the active expert FLOPs, independent of E.
+
+Two seams let scale-out code change a built layer without touching this file (`moelab.parallel`,
+`moelab.offload`): `experts` may be any module honouring `ExpertFFN`'s contract
+`(x_sorted [N, D], counts [E]) -> [N, D]` (expert parallelism and offloaded experts swap it), and
+`batch` decides which tokens the balance statistics describe (data parallelism sums over ranks).
 """
 
 from __future__ import annotations
@@ -18,10 +23,14 @@ import torch
 from torch import nn
 
 from moelab.config import MoEConfig
-from moelab.model.experts import ExpertFFN, reference_moe
+from moelab.model.experts import ExpertFFN, few_tokens_moe, reference_moe
 from moelab.model.layers import SwiGLU
 from moelab.model.losses import AUX_LOSSES, expert_counts, router_entropy
 from moelab.model.router import Routing, build_router
+
+# Up to this many tokens without autograd (decoding), experts run straight from their stacked weights:
+# the sort dispatch's fixed cost is most of a decode step's MoE time there.
+FEW_TOKENS = 8
 
 
 @dataclass
@@ -65,12 +74,24 @@ def capacity_keep(topk_ids: torch.Tensor, priority: torch.Tensor, num_experts: i
     return out.view_as(topk_ids)
 
 
+class LocalBatch:
+    """Balance statistics describe this process's tokens. Data-parallel training swaps in one that sums
+    the expert counts over every rank, so f_i and the logged loads are the global batch's."""
+
+    def sum_counts(self, counts: torch.Tensor) -> torch.Tensor:
+        return counts
+
+
 class MoELayer(nn.Module):
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__()
         self.cfg = cfg
         self.router = build_router(d_model, cfg)
         self.experts = ExpertFFN(cfg.num_experts, d_model, cfg.expert_dim)
+        self.batch = LocalBatch()
+        # Generation turns this off: a decode step never reads RoutingStats or aux losses, which cost
+        # dozens of small ops per layer; forward then returns None in their place.
+        self.record_stats = True
         self.shared = None
         self.shared_gate = None
         if cfg.num_shared_experts:
@@ -87,8 +108,9 @@ class MoELayer(nn.Module):
             return None
         return expert_capacity(cf, num_tokens, self.router.top_k, self.cfg.num_experts)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RoutingStats]:
-        """x [B, S, D], mask [B, S] (1 = real token) -> (y [B, S, D], RoutingStats)."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RoutingStats | None]:
+        """x [B, S, D], mask [B, S] (1 = real token) -> (y [B, S, D], RoutingStats or None when
+        `record_stats` is off)."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, D]
         tmask = mask.reshape(-1) if mask is not None else None
@@ -104,6 +126,9 @@ class MoELayer(nn.Module):
 
         if self.cfg.expert_impl == "reference":
             y = reference_moe(x, self.experts.gate_up, self.experts.down, r.topk_ids, weights)
+        elif x.shape[0] <= FEW_TOKENS and not torch.is_grad_enabled() and type(self.experts) is ExpertFFN:
+            # (a swapped-in expert module -- expert parallel, offload -- keeps the sort dispatch contract)
+            y = few_tokens_moe(x, self.experts.gate_up, self.experts.down, r.topk_ids, weights, keep)
         else:
             y = self._dispatch_combine(x, r.topk_ids, weights, keep)
         if self.shared is not None:
@@ -111,7 +136,8 @@ class MoELayer(nn.Module):
             if self.shared_gate is not None:
                 s = torch.sigmoid(self.shared_gate(x).float()) * s
             y = y + s
-        return y.to(x.dtype).view(shape), self._stats(r, keep, tmask)
+        stats = self._stats(r, keep, tmask) if self.record_stats else None
+        return y.to(x.dtype).view(shape), stats
 
     def _dispatch_combine(self, x, topk_ids, weights, keep) -> torch.Tensor:
         t, k = topk_ids.shape
@@ -129,10 +155,12 @@ class MoELayer(nn.Module):
         return torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device).index_add_(0, token, y)
 
     def _stats(self, r: Routing, keep, tmask) -> RoutingStats:
-        aux = {name: fn(r, tmask) for name, (fn, _) in AUX_LOSSES.items()}
         with torch.no_grad():
             routed = expert_counts(r.topk_ids, self.cfg.num_experts, r.keep, tmask)
             kept = expert_counts(r.topk_ids, self.cfg.num_experts, keep, tmask) if keep is not None else routed
+            routed, kept = self.batch.sum_counts(torch.stack([routed, kept]))  # [2, E]: one reduction
+        aux = {name: fn(r, tmask, routed) for name, (fn, _) in AUX_LOSSES.items()}
+        with torch.no_grad():
             return RoutingStats(
                 tokens_per_expert=kept,
                 dropped=routed.sum() - kept.sum(),

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.config import Config, ModelConfig
-from moelab.model.layers import Attention, RMSNorm, SwiGLU, rope_cache
+from moelab.model.layers import RMSNorm, SwiGLU, build_attention, rope_cache
 from moelab.model.losses import AUX_LOSSES
 from moelab.model.moe import MoELayer, RoutingStats
 
@@ -32,7 +32,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int, is_moe: bool):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.kv_heads, cfg.hdim, cfg.qkv_bias, layer_idx)
+        self.attn = build_attention(cfg, layer_idx)
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = MoELayer(cfg.d_model, cfg.moe) if is_moe else SwiGLU(cfg.d_model, cfg.ffn_dim)
 
@@ -94,10 +94,12 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                cache=None, attn_mask: torch.Tensor | None = None) -> ModelOutput:
+                cache=None, attn_mask: torch.Tensor | None = None, last_only: bool = False) -> ModelOutput:
         """idx [B, S] token ids; targets [B, S] (-100 = ignore); mask [B, S] (1 = real token, used to
         keep padding out of routing and its losses); positions [B, S] for RoPE (default 0..S-1);
-        cache / attn_mask for incremental decoding (see `Attention`)."""
+        cache / attn_mask for incremental decoding (see `Attention`); last_only: logits [B, 1, V] of
+        the last position only (a generation prefill needs no more, and the LM head over every
+        prompt position is a sizeable share of its FLOPs)."""
         b, s = idx.shape
         if positions is None:
             cos, sin = self.rope_cos[:s][None, None], self.rope_sin[:s][None, None]
@@ -109,6 +111,10 @@ class Transformer(nn.Module):
             x, stats = block(x, cos, sin, mask, cache, attn_mask)
             if stats is not None:
                 routing[i] = stats
+        if last_only:
+            if targets is not None:
+                raise ValueError("last_only=True gives no logits to compute a loss over every target with")
+            x = x[:, -1:]
         logits = self.lm_head(self.norm(x))
         out = ModelOutput(logits=logits, routing=routing)
         if routing:

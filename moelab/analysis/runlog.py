@@ -1,0 +1,90 @@
+"""Reading a run's training log (RUN/metrics.jsonl) into series the plots and tables use."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from moelab.errors import UserError
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The records of RUN/metrics.jsonl, in file order. A torn last line (a run killed mid-write) is
+    skipped; any other line that is not a JSON object is an error naming the line."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise UserError(f"{path}: no training log (is {run_dir} a run directory written by `moelab train`?)")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            if n == len(lines):
+                continue
+            raise UserError(f"{path}:{n}: not a JSON object ({e.msg})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+            raise UserError(f"{path}:{n}: expected a JSON object with an integer 'step', got {line[:60]!r}")
+        records.append(rec)
+    if not records:
+        raise UserError(f"{path}: no training records yet (the file is empty); train for at least one "
+                        "log step (log.every) first")
+    return records
+
+
+def _number(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def series(records: list[dict], key: str, x: str = "step") -> tuple[list[float], list[float]]:
+    """(x values, values) of the records holding a finite `key` and `x`."""
+    xs, ys = [], []
+    for r in records:
+        xv, yv = _number(r.get(x)), _number(r.get(key))
+        if xv is not None and yv is not None:
+            xs.append(xv)
+            ys.append(yv)
+    return xs, ys
+
+
+def keys_with_prefix(records: list[dict], prefix: str) -> list[str]:
+    """Keys starting with `prefix` in any record, in first-seen order."""
+    seen: dict[str, None] = {}
+    for r in records:
+        for k in r:
+            if k.startswith(prefix):
+                seen.setdefault(k)
+    return list(seen)
+
+
+def moe_layers(records: list[dict]) -> list[int]:
+    """MoE layer indices that have a `moe/<i>/load` entry."""
+    return sorted({int(k.split("/")[1]) for k in keys_with_prefix(records, "moe/") if k.endswith("/load")
+                   and k.split("/")[1].isdigit()})
+
+
+def load_over_time(records: list[dict], layer: int) -> tuple[list[int], list[list[float]]]:
+    """(steps, per-record expert load fractions) of one MoE layer."""
+    steps, loads = [], []
+    for r in records:
+        load = r.get(f"moe/{layer}/load")
+        if isinstance(load, list) and load and all(_number(v) is not None for v in load):
+            steps.append(r["step"])
+            loads.append([float(v) for v in load])
+    return steps, loads
+
+
+def last_value(records: list[dict], key: str) -> float | None:
+    for r in reversed(records):
+        v = _number(r.get(key))
+        if v is not None:
+            return v
+    return None
+
+
+def best_value(records: list[dict], key: str) -> float | None:
+    vals = [v for v in (_number(r.get(key)) for r in records) if v is not None]
+    return min(vals) if vals else None

@@ -1,0 +1,122 @@
+"""`moelab bench train`: training throughput (tokens/s), MFU and peak RSS, moelab vs transformers.
+
+Every measurement runs in its own process (`train_worker.py`): the trainer's real optimizer step on
+Zipf-distributed synthetic tokens in memory, a few warm-up steps, then the median of the timed steps.
+Variants (implementation x dtype) are interleaved round by round, so machine noise hits all of them
+alike; the reported value is the median over rounds, and ratios compare medians of the same run.
+MFU = tokens/s x training FLOPs per token (`moelab info`) / a 2048^3 matmul's FLOP/s in the same
+dtype, measured here in this process at start.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+TARGETS = {"tiny": 1.3, "tiny-fine": 2.0}  # moelab / transformers tokens/s targets from the issue
+
+
+def add_arguments(p):
+    p.add_argument("--config", nargs="+", default=["tiny"],
+                   help="preset names in configs/ or YAML paths (default tiny; e.g. tiny tiny-fine)")
+    p.add_argument("--compare", choices=["hf"], default=None, help="also train transformers' Mixtral of the same shape")
+    p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    p.add_argument("--steps", type=int, default=6, help="timed steps per round (default 6)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (median reported; default 3)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every variant, e.g. --set train.batch_size=4")
+    p.add_argument("--json", dest="json_out", default="benchmarks/train.json", help="where to write results")
+
+
+def config_path(name: str) -> Path:
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") or p.exists():
+        return p
+    return Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"
+
+
+def run_worker(spec: dict) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "moelab.bench.train_worker", json.dumps(spec)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"benchmark worker failed ({spec.get('impl')}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run(args) -> int:
+    import dataclasses
+
+    from moelab.config import load_config
+    from moelab.errors import UserError
+    from moelab.model.counting import flops_per_token
+    from moelab.train.telemetry import measure_matmul_peak
+
+    impls = ["moelab"] + (["hf"] if args.compare == "hf" else [])
+    if args.compare == "hf":
+        try:
+            import transformers  # noqa: F401
+        except ImportError:
+            raise UserError("--compare hf needs transformers (pip install -e '.[interop]')") from None
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    peaks = {dt: measure_matmul_peak(dt, "cpu", 2.0) for dt in args.dtypes}
+    results: dict = {"peak_matmul_flops": peaks, "configs": {}, "method": __doc__.strip().splitlines()[0]}
+    for name in args.config:
+        cfg = load_config(config_path(name), [*args.overrides, "data.path=null", "log.progress=false",
+                                              "train.peak_flops=1.0", "checkpoint.every=0"])
+        fpt = flops_per_token(cfg.model, cfg.data.seq_len)["train"]
+        runs: dict[str, list[dict]] = {}
+        for rep in range(args.repeats):
+            for dtype in args.dtypes:
+                for impl in impls:
+                    variant = dataclasses.asdict(cfg)
+                    variant["train"]["dtype"] = dtype
+                    spec = {"impl": impl, "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
+                            "config": variant}
+                    r = run_worker(spec)
+                    runs.setdefault(f"{impl}/{dtype}", []).append(r)
+                    print(f"[{name} round {rep + 1}/{args.repeats}] {impl:6s} {dtype:8s} "
+                          f"{r['tokens_per_s']:8.0f} tok/s  rss {r['peak_rss_bytes'] / 2**20:6.0f} MiB", flush=True)
+        summary = {}
+        for key, rs in runs.items():
+            dtype = key.split("/")[1]
+            tps = statistics.median(r["tokens_per_s"] for r in rs)
+            summary[key] = {"impl": rs[0]["impl"], "tokens_per_s": tps, "mfu": tps * fpt / peaks[dtype],
+                            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs),
+                            "rounds_tokens_per_s": [r["tokens_per_s"] for r in rs], "threads": rs[0]["threads"]}
+        ratios = {}
+        if "hf" in impls:
+            for dtype in args.dtypes:
+                ours, theirs = summary[f"moelab/{dtype}"], summary[f"hf/{dtype}"]
+                ratios[dtype] = {"speed_moelab_over_hf": ours["tokens_per_s"] / theirs["tokens_per_s"],
+                                 "rss_moelab_over_hf": ours["peak_rss_bytes"] / theirs["peak_rss_bytes"]}
+        results["configs"][name] = {"flops_per_token_train": fpt, "tokens_per_step": cfg.train.batch_size *
+                                    cfg.data.seq_len * cfg.train.grad_accum, "variants": summary, "ratios": ratios,
+                                    "target_speed_ratio": TARGETS.get(Path(name).stem)}
+        _print_table(name, summary, ratios, TARGETS.get(Path(name).stem))
+    out = Path(args.json_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=2))
+    tmp.replace(out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _print_table(name: str, summary: dict, ratios: dict, target: float | None) -> None:
+    print(f"\n{name}: median over rounds")
+    print(f"  {'variant':18s} {'tokens/s':>10s} {'MFU':>6s} {'peak RSS':>10s}  implementation")
+    for key, s in summary.items():
+        print(f"  {key:18s} {s['tokens_per_s']:10.0f} {100 * s['mfu']:5.1f}% {s['peak_rss_bytes'] / 2**20:7.0f} MiB  "
+              f"{s['impl']}")
+    for dtype, r in ratios.items():
+        goal = f" (target >= {target}x)" if target else ""
+        print(f"  {dtype}: moelab / transformers speed {r['speed_moelab_over_hf']:.2f}x{goal}, "
+              f"peak RSS {r['rss_moelab_over_hf']:.2f}x (target <= 0.8x)")

@@ -1,0 +1,60 @@
+"""`moelab serve RUN`: an OpenAI-compatible completions server with continuous batching."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from moelab.commands.generate import add_sampling_arguments, set_threads
+from moelab.errors import UserError
+
+NAME = "serve"
+HELP = "serve a model over an OpenAI-compatible HTTP API (/v1/completions)"
+DESCRIPTION = ("POST /v1/completions (JSON or server-sent events), GET /v1/models, /health, /metrics (Prometheus). "
+               "Requests join the running batch at the next decode step. Binds 127.0.0.1 unless told otherwise.")
+
+
+def add_arguments(p):
+    p.add_argument("run", help="run directory (newest checkpoint) or checkpoint directory")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429 (default 256)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $MOELAB_API_KEY, else none)")
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the run directory name)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    add_sampling_arguments(p)  # (--threads defaults to the number of cores minus one here)
+
+
+def run(args) -> int:
+    from moelab.infer.generate import load
+    from moelab.infer.scheduler import Engine
+    from moelab.infer.server import bind_socket, create_app, make_server
+
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port: expected 0..65535, got {args.port}")
+    if args.max_queue < 1:
+        raise UserError(f"--max-queue: expected >= 1, got {args.max_queue}")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("MOELAB_API_KEY") or None
+    # The engine thread gets every core but one: the HTTP event loop needs one too, and an OpenMP team
+    # whose thread lost its core to the event loop spins in barriers (many-fold slower decode steps).
+    set_threads(args.threads if args.threads is not None else max(1, (os.cpu_count() or 1) - 1))
+    model, tok = load(args.run, args.device, args.dtype)
+    engine = Engine(model, tok, max_batch=args.max_batch, num_experts_per_tok=args.num_experts_per_tok)
+    if args.warmup:
+        from moelab.infer.warmup import warmup
+
+        info = warmup(model, tok, max_batch=args.max_batch)
+        print(f"warm-up: {info['experts']} experts in {info['seconds']:.2f}s", file=sys.stderr)
+    name = args.model_name or Path(args.run).resolve().name
+    sock = bind_socket(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"moelab serve: warning: listening on {args.host} without an API key", file=sys.stderr)
+    app = create_app(engine, name, api_key=api_key, max_queue=args.max_queue)
+    print(f"moelab serve: model {name!r} on http://{host}:{port}/v1 (max batch {args.max_batch})", file=sys.stderr,
+          flush=True)
+    make_server(app, sock, args.log_level).run(sockets=[sock])
+    return 0

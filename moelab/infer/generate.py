@@ -1,0 +1,138 @@
+"""The generation API: load a trained model, then complete a batch of prompts or stream one.
+
+    model, tok = moelab.load("runs/tiny")
+    generate(model, tok, ["Once upon", "To be"], max_new_tokens=50, temperature=0.8, top_k=40, seed=0)
+    for piece in stream_generate(model, tok, "ROMEO:", max_new_tokens=100):
+        print(piece, end="", flush=True)
+
+Both run the continuous-batching engine (`scheduler.py`) in the caller's thread: the prompts are
+prefilled together (left-padded), then decoded one token per step with a preallocated KV cache;
+rows that finish leave the batch.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from moelab.errors import UserError
+from moelab.infer.prepare import decode_layout
+from moelab.infer.sampling import SamplingParams
+from moelab.infer.scheduler import Engine, Event
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
+         warmup: bool = False):
+    """(model in eval mode, tokenizer) from a run directory (its newest checkpoint) or a checkpoint
+    directory. Weights are laid out for decoding (see `prepare.decode_layout`); `warmup` runs every
+    expert and a short generation once so the first request does not pay for it."""
+    from moelab.checkpoint import load_model, resolve_checkpoint
+    from moelab.tokenizer import Tokenizer
+
+    ckpt = resolve_checkpoint(path)
+    tok_dir = ckpt / "tokenizer"
+    if not tok_dir.is_dir():
+        raise UserError(f"{ckpt}: no tokenizer/ directory next to the weights; cannot turn text into tokens")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise UserError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    model, cfg, _ = load_model(ckpt, device)
+    if dtype is not None:
+        model.to(dtype)
+    tokenizer = Tokenizer.load(tok_dir)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise UserError(f"{tok_dir}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                        f"{cfg.model.vocab_size}")
+    decode_layout(model)
+    if warmup:
+        from moelab.infer.warmup import warmup as run_warmup
+
+        run_warmup(model, tokenizer)
+    return model, tokenizer
+
+
+def _prompt_ids(tokenizer, prompt) -> list[int]:
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
+        ids = list(prompt)
+    else:
+        raise UserError(f"prompt: expected a string or a list of token ids, got {type(prompt).__name__}")
+    if not ids:  # an empty prompt starts a new document, as the model saw after each separator in training
+        eod = getattr(tokenizer, "eod_id", None)
+        if eod is None:
+            raise UserError("prompt: empty, and the tokenizer has no end-of-document token to start from")
+        ids = [eod]
+    return ids
+
+
+def _requests(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop,
+              num_experts_per_tok, max_batch, on_event=None) -> tuple[Engine, list]:
+    params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, list(stop or [])).validate()
+    ids = [_prompt_ids(tokenizer, p) for p in prompts]
+    if not ids:
+        raise UserError("prompts: expected at least one prompt, got none")
+    longest = max(len(i) for i in ids) + max_new_tokens
+    # The cache is sized to what these prompts need; when that exceeds the context, it is the context
+    # and the engine's checks name it.
+    engine = Engine(model, tokenizer, max_batch=max_batch or len(ids),
+                    max_len=min(longest, model.cfg.max_seq_len), num_experts_per_tok=num_experts_per_tok)
+    try:
+        reqs = [engine.submit(p, params, on_event, sample_index=i) for i, p in enumerate(ids)]
+    except BaseException:
+        engine.close()
+        raise
+    return engine, reqs
+
+
+def generate(model, tokenizer, prompts: str | Sequence[str], max_new_tokens: int = 64, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             stop: Sequence[str] | str | None = None, num_experts_per_tok: int | None = None,
+             max_batch: int | None = None) -> str | list[str]:
+    """Complete each prompt (a string -> a string, a list -> a list). temperature 0 is greedy; prompt i
+    draws from a generator seeded with seed + i; the output ends before the first `stop` string or
+    the end-of-document token. `num_experts_per_tok` overrides the routed experts per token."""
+    single = isinstance(prompts, str)
+    batch = [prompts] if single else list(prompts)
+    engine, reqs = _requests(model, tokenizer, batch, max_new_tokens, temperature, top_k, top_p, seed,
+                             [stop] if isinstance(stop, str) else stop, num_experts_per_tok, max_batch)
+    try:
+        while engine.step():
+            pass
+    finally:
+        engine.close()
+    texts = [r.text for r in reqs]
+    return texts[0] if single else texts
+
+
+def stream_generate(model, tokenizer, prompts: str | Sequence[str], max_new_tokens: int = 64,
+                    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                    seed: int | None = None, stop: Sequence[str] | str | None = None,
+                    num_experts_per_tok: int | None = None, max_batch: int | None = None
+                    ) -> Iterator[str] | Iterator[tuple[int, str]]:
+    """Like `generate`, yielding text as soon as it is final: pieces (str) for one prompt, or
+    (prompt index, piece) for a list. Concatenated pieces equal `generate`'s output."""
+    single = isinstance(prompts, str)
+    batch = [prompts] if single else list(prompts)
+    events: deque[Event] = deque()
+    engine, reqs = _requests(model, tokenizer, batch, max_new_tokens, temperature, top_k, top_p, seed,
+                             [stop] if isinstance(stop, str) else stop, num_experts_per_tok, max_batch,
+                             on_event=events.append)
+    index = {id(r): i for i, r in enumerate(reqs)}
+    try:
+        while True:
+            more = engine.step()
+            while events:
+                ev = events.popleft()
+                if ev.text:
+                    yield ev.text if single else (index[id(ev.request)], ev.text)
+            if not more:
+                break
+    finally:
+        engine.close()

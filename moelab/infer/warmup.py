@@ -1,0 +1,45 @@
+"""Expert warm-up: touch every routed expert once and run a short generation before serving.
+
+A request that lands on an expert nobody has used yet pays for it: weights paged in from a
+memory-mapped file or moved to the device lazily, allocator pools grown, matmul kernels chosen for new
+shapes. Routing decides which experts a request needs, so without warm-up that cost surfaces as
+random latency spikes in the first requests. Warm-up runs each expert of every MoE layer on one token
+(directly, not through the router, so none is missed) and one short batched generation.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.inference_mode()
+def touch_experts(model) -> int:
+    """Run every routed expert of every MoE layer on one token. Returns how many experts ran."""
+    n = 0
+    for layer in model.moe_layers.values():
+        if not hasattr(layer.experts, "gate_up"):
+            continue  # a swapped-in expert module (offload, expert parallel) warms itself
+        gate_up, down = layer.experts.gate_up, layer.experts.down
+        x = torch.zeros(1, gate_up.shape[-1], dtype=gate_up.dtype, device=gate_up.device)
+        f = down.shape[-1]
+        for e in range(gate_up.shape[0]):
+            h = F.linear(x, gate_up[e])
+            F.linear(F.silu(h[:, :f]) * h[:, f:], down[e])
+            n += 1
+    return n
+
+
+def warmup(model, tokenizer, max_batch: int = 1, new_tokens: int = 4) -> dict[str, float]:
+    """Touch every expert, then generate `new_tokens` greedily for batches of 1 and `max_batch`
+    prompts. Returns {"experts": count, "seconds": wall time}."""
+    from moelab.infer.generate import generate
+
+    t0 = time.perf_counter()
+    experts = touch_experts(model)
+    prompt = [getattr(tokenizer, "eod_id", None) or 0] * 8
+    for b in sorted({1, max_batch}):
+        generate(model, tokenizer, [prompt] * b, max_new_tokens=new_tokens, temperature=0)
+    return {"experts": experts, "seconds": time.perf_counter() - t0}

@@ -1,0 +1,100 @@
+"""A model whose routed experts stay on disk until a token needs them.
+
+`load_offloaded(checkpoint, "lru:64")` builds the `Transformer` on the meta device (no memory),
+swaps each MoE layer's `ExpertFFN` for `OffloadedExperts` (same call contract, no parameters),
+materialises and loads everything else, and serves expert weights through a `Placement` policy.
+Generation code (`moelab.infer.generate`) runs on it unchanged. Inference only: there are no expert
+gradients to compute.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moelab.errors import UserError
+from moelab.offload.placement import Placement, build_placement
+from moelab.offload.store import MmapExpertStore
+
+
+class OffloadedExperts(nn.Module):
+    """`ExpertFFN`'s contract `(x_sorted [N, D], counts [E]) -> [N, D]`, weights from a Placement."""
+
+    def __init__(self, layer_idx: int, num_experts: int, placement: Placement):
+        super().__init__()
+        self.layer_idx, self.num_experts, self.placement = layer_idx, num_experts, placement
+
+    def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        if torch.is_grad_enabled() and x_sorted.requires_grad:
+            raise RuntimeError("offloaded experts are for inference: run under torch.no_grad()")
+        y = x_sorted.new_empty(x_sorted.shape)
+        start = 0
+        for e, c in enumerate(counts):
+            if c:
+                gu, dn = self.placement.get(self.layer_idx, e)
+                rows = x_sorted[start:start + c]
+                h = F.linear(rows, gu.to(rows.dtype))  # [c, 2F]
+                f = dn.shape[-1]
+                y[start:start + c] = F.linear(F.silu(h[:, :f]) * h[:, f:], dn.to(rows.dtype))
+            start += c
+        return y
+
+
+def _restore_buffers(model: nn.Module) -> None:
+    """Non-persistent buffers are not in checkpoints; after `to_empty` they hold garbage."""
+    from moelab.model.layers import rope_cache
+    from moelab.model.router import Router
+
+    cfg = model.cfg
+    model.rope_cos, model.rope_sin = rope_cache(cfg.max_seq_len, cfg.hdim, cfg.rope_theta)
+    known = {"rope_cos", "rope_sin"}
+    for name, module in model.named_modules():
+        if isinstance(module, Router) and "bias" in module._buffers and "bias" in module._non_persistent_buffers_set:
+            module.bias.zero_()
+            known.add(f"{name}.bias")
+    for name, module in model.named_modules():
+        for b in module._non_persistent_buffers_set:
+            full = f"{name}.{b}" if name else b
+            if full not in known:
+                raise RuntimeError(f"offload loader does not know how to rebuild non-persistent buffer {full!r}")
+
+
+def load_offloaded(path: str | Path, placement: str = "lru:64", device: str | torch.device = "cpu",
+                   dtype: torch.dtype | None = None, remap_bytes: int = 64 << 20):
+    """(model in eval mode, Config, placement) for a checkpoint or run directory."""
+    from moelab.checkpoint import read_config, resolve_checkpoint
+    from moelab.model import Transformer
+
+    ckpt = resolve_checkpoint(path)
+    cfg = read_config(ckpt)
+    if cfg.model.moe.expert_impl == "reference":
+        raise UserError(f"{ckpt}: model.moe.expert_impl 'reference' reads the stacked expert weights; "
+                        "offloading needs 'grouped'")
+    store = MmapExpertStore(ckpt / "model.safetensors", remap_bytes)
+    ids = cfg.model.moe_layer_ids()
+    missing = [i for i in ids if not store.has_layer(i)]
+    if missing:
+        raise UserError(f"{ckpt / 'model.safetensors'}: no expert weights for MoE layers {missing}")
+    policy = build_placement(placement, store, ids, device, dtype)
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    for i, layer in model.moe_layers.items():
+        layer.experts = OffloadedExperts(i, cfg.model.moe.num_experts, policy)
+    model.to_empty(device=device)
+    _restore_buffers(model)
+    state = store.read_rest()
+    if cfg.model.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    missing_keys, unexpected = model.load_state_dict(state, strict=False)
+    missing_keys = [k for k in missing_keys if not (cfg.model.tie_embeddings and k == "lm_head.weight")]
+    if missing_keys or unexpected:
+        raise UserError(f"{ckpt / 'model.safetensors'}: weights do not match config.yaml "
+                        f"(missing {missing_keys[:3]}, unexpected {unexpected[:3]})")
+    if cfg.model.tie_embeddings:
+        model.lm_head.weight = model.embed.weight  # to_empty made two tensors of the tied one
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval(), cfg, policy

@@ -1,0 +1,106 @@
+"""Expert parallelism: each MoE layer's experts split on dim 0 over the ep ranks, tokens moved by
+all-to-all.
+
+`ExpertParallelFFN` replaces a built layer's `ExpertFFN` and keeps its contract
+`(x_sorted [N, D], counts [E]) -> [N, D]`, so `MoELayer` routes, sorts and combines exactly as on one
+device; only the expert call travels. Steps (moe_spec.md section 5, torchtitan's all-to-all dispatcher):
+1. rows arrive sorted by global expert; experts are contiguous blocks of L = E / ep per rank, so the
+   rows for ep rank j are one contiguous run;
+2. one all-to-all of the per-expert counts tells each rank what it will receive (one host sync);
+3. `all_to_all_single` with uneven splits sends the rows; they arrive source-major and are permuted
+   to expert-major for the grouped kernel;
+4. outputs are permuted back and returned by the reverse all-to-all, so the routing weights are
+   applied and summed on the sender (in `MoELayer`).
+Gradients take the same path backwards (`_AllToAll.backward` swaps the splits).
+
+Legend: E global experts, L local experts, P ep ranks, N rows sent, M rows received, D width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+from moelab.model.experts import ExpertFFN, grouped_swiglu
+
+
+class _AllToAll(torch.autograd.Function):
+    """`dist.all_to_all_single` with uneven splits; the gradient goes back with the splits swapped."""
+
+    @staticmethod
+    def forward(ctx, x, out_splits: list[int], in_splits: list[int], group):
+        ctx.splits, ctx.group = (out_splits, in_splits), group
+        return _exchange(x, out_splits, in_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        out_splits, in_splits = ctx.splits
+        return _exchange(grad, in_splits, out_splits, ctx.group), None, None, None
+
+
+def _exchange(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    out = x.new_empty(sum(out_splits), *x.shape[1:])
+    dist.all_to_all_single(out, x.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+def all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> torch.Tensor:
+    """Differentiable uneven all-to-all of rows: send in_splits[j] rows to rank j, receive out_splits[j]."""
+    return _AllToAll.apply(x, out_splits, in_splits, group)
+
+
+def source_to_expert_order(recv_counts: torch.Tensor) -> torch.Tensor:
+    """Permutation taking rows laid out source-major ([P, L] blocks of sizes recv_counts) to
+    expert-major (all rows of local expert 0 from every source, then expert 1, ...)."""
+    p, l = recv_counts.shape
+    block = torch.repeat_interleave(torch.arange(p * l, device=recv_counts.device), recv_counts.reshape(-1))
+    key = (block % l) * p + block // l  # expert-major rank of each row's (source, expert) block
+    return torch.argsort(key, stable=True)
+
+
+class ExpertParallelFFN(nn.Module):
+    """This rank's E / ep experts (DTensor `Shard(0)` parameters on the ep mesh) behind the
+    `ExpertFFN` call contract. Parameter names are unchanged, so checkpoints are unchanged."""
+
+    def __init__(self, experts: ExpertFFN, ep_mesh):
+        super().__init__()
+        self.num_experts = experts.num_experts
+        self.ep = ep_mesh.size()
+        if self.num_experts % self.ep:
+            raise ValueError(f"ep={self.ep} does not divide num_experts={self.num_experts}")
+        self.group = ep_mesh.get_group()
+        # Every rank built the same full experts from the same seed; each keeps its block of E / ep.
+        self.gate_up = nn.Parameter(distribute_tensor(experts.gate_up.detach(), ep_mesh, [Shard(0)]))
+        self.down = nn.Parameter(distribute_tensor(experts.down.detach(), ep_mesh, [Shard(0)]))
+
+    @staticmethod
+    def _local(p: torch.Tensor) -> torch.Tensor:
+        return p.to_local() if isinstance(p, DTensor) else p
+
+    def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        p, l = self.ep, self.num_experts // self.ep
+        send = torch.tensor(counts, dtype=torch.int64, device=x_sorted.device).view(p, l)  # [P, L]
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)  # recv[s, l]: rows source s sends to my expert l
+        in_splits, out_splits = send.sum(1).tolist(), recv.sum(1).tolist()  # the one host sync
+        x_recv = all_to_all(x_sorted, out_splits, in_splits, self.group)  # [M, D] source-major
+        order = source_to_expert_order(recv)
+        y = grouped_swiglu(x_recv[order], self._local(self.gate_up), self._local(self.down),
+                           recv.sum(0).tolist())  # [M, D] expert-major
+        back = torch.empty_like(order)
+        back[order] = torch.arange(order.numel(), device=order.device)
+        return all_to_all(y[back], in_splits, out_splits, self.group)  # [N, D] in the sender's order
+
+
+def shard_experts(model: nn.Module, ep_mesh) -> int:
+    """Swap every MoE layer's experts for their expert-parallel shard. Returns the number swapped."""
+    from moelab.model.moe import MoELayer
+
+    n = 0
+    for module in model.modules():
+        if isinstance(module, MoELayer) and isinstance(module.experts, ExpertFFN):
+            module.experts = ExpertParallelFFN(module.experts, ep_mesh)
+            n += 1
+    return n

@@ -1,0 +1,129 @@
+"""Where the trainer's batches come from: a prepared dataset (`moelab prepare`) or tokens in memory.
+
+Both give the trainer the same small surface: `train_batch(device)`, `val_batches(batch_size, n,
+device)`, `state_dict()` / `load_state_dict()` (the sampler position, for exact resume), `vocab_size`,
+`fingerprint` (of the tokenizer), `bytes_per_token` (for bits per byte) and `copy_tokenizer(dst)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+from pathlib import Path
+
+import torch
+
+from moelab.config import Config
+from moelab.errors import UserError
+
+
+class InMemorySource:
+    """Random windows of a token tensor (benchmarks, synthetic data). The window sampler is a seeded
+    torch.Generator, so its state is one tensor."""
+
+    def __init__(self, train_tokens: torch.Tensor, val_tokens: torch.Tensor, seq_len: int, batch_size: int,
+                 vocab_size: int, seed: int = 0, bytes_per_token: float = 1.0):
+        if train_tokens.numel() <= seq_len + 1 or val_tokens.numel() <= seq_len + 1:
+            raise UserError(f"in-memory data: need more than seq_len + 1 = {seq_len + 1} tokens per split")
+        self.train, self.val = train_tokens.long(), val_tokens.long()
+        self.seq_len, self.batch_size = seq_len, batch_size
+        self.vocab_size, self.bytes_per_token = vocab_size, bytes_per_token
+        self.gen = torch.Generator().manual_seed(seed)
+        h = hashlib.sha256(f"in-memory:{vocab_size}".encode()).hexdigest()[:16]
+        self.fingerprint = h
+
+    def _windows(self, tokens: torch.Tensor, starts: torch.Tensor):
+        idx = starts[:, None] + torch.arange(self.seq_len + 1)[None]
+        w = tokens[idx]
+        return w[:, :-1], w[:, 1:]
+
+    def train_batch(self, device: torch.device):
+        starts = torch.randint(0, self.train.numel() - self.seq_len - 1, (self.batch_size,), generator=self.gen)
+        x, y = self._windows(self.train, starts)
+        return x.to(device), y.to(device)
+
+    def val_batches(self, batch_size: int, n: int, device: torch.device):
+        stride = self.seq_len
+        count = (self.val.numel() - 1) // stride
+        for b in range(min(n, max(1, count // batch_size))):
+            starts = torch.arange(b * batch_size, (b + 1) * batch_size) % count * stride
+            x, y = self._windows(self.val, starts)
+            yield x.to(device), y.to(device)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.gen.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gen.set_state(state["generator"])
+
+    def copy_tokenizer(self, dst: Path) -> None:
+        pass  # no tokenizer: token ids only
+
+    def check_tokenizer_dir(self, tokenizer_dir: Path, what: str) -> None:
+        pass
+
+
+class DatasetSource:
+    """A prepared dataset: random (or strided) training windows from the train split, the first
+    `eval.batches` non-overlapping windows of the val split for validation."""
+
+    def __init__(self, cfg: Config):
+        from moelab.data import TokenDataset
+
+        self.train = TokenDataset.from_config(cfg.data, "train", seed=cfg.train.seed)
+        self.batch_size = cfg.train.batch_size
+        self.tokenizer_dir = self.train.tokenizer_dir
+        self.train.load_tokenizer()  # the dataset's own tokenizer must be the one that made its tokens
+        val_info = self.train.meta["splits"]["val"]
+        self.val = None
+        if val_info["tokens"] > cfg.data.seq_len + 1:
+            self.val = TokenDataset(cfg.data.path, "val", cfg.data.seq_len)
+        self.bytes_per_token = val_info.get("bytes_per_token") or self.train.meta["splits"]["train"]["bytes_per_token"]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.train.vocab_size
+
+    @property
+    def fingerprint(self) -> str:
+        return self.train.fingerprint
+
+    def check_tokenizer_dir(self, tokenizer_dir: Path, what: str) -> None:
+        """Refuse a run or checkpoint whose tokenizer is not the one that made this dataset."""
+        from moelab.tokenizer import Tokenizer
+
+        if not (Path(tokenizer_dir) / "tokenizer.json").is_file():
+            return
+        tok = Tokenizer.load(tokenizer_dir)
+        if tok.fingerprint != self.fingerprint:
+            raise UserError(f"{what} uses tokenizer {tok.fingerprint[:12]} ({tok.kind}, vocab {tok.vocab_size}), "
+                            f"but the dataset {self.train.dir} was made with {self.fingerprint[:12]} "
+                            f"({self.train.meta['tokenizer'].get('kind')}, vocab {self.vocab_size}); "
+                            "use a dataset prepared with the same tokenizer")
+
+    def train_batch(self, device: torch.device):
+        x, y = self.train.get_batch(self.batch_size)
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+    def val_batches(self, batch_size: int, n: int, device: torch.device):
+        if self.val is None:
+            return
+        for x, y in self.val.iter_val(batch_size, n):
+            yield x.to(device), y.to(device)
+
+    def state_dict(self) -> dict:
+        return self.train.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.train.load_state_dict(state)
+
+    def copy_tokenizer(self, dst: Path) -> None:
+        shutil.copytree(self.tokenizer_dir, dst, dirs_exist_ok=True)
+
+
+def open_source(cfg: Config):
+    """The data source a config names (`data.path`, a prepared dataset directory)."""
+    if not cfg.data.path:
+        raise UserError("data.path: no dataset given; prepare one with `moelab prepare` and set data.path "
+                        "(e.g. --set data.path=data/stdlib)")
+    return DatasetSource(cfg)

@@ -1,0 +1,433 @@
+"""The training loop: `train(config, run_dir=None, resume=False, init_from=None)`.
+
+One optimizer step:
+    schedules (lr, gumbel tau, top-k, aux coefficients) for this step
+    grad_accum x [batch -> forward under autocast -> loss = ce + sum coef * aux -> backward(loss / accum)]
+    unscale (fp16) -> grad norm + clip -> non-finite? skip : optimizer step -> aux-free bias update
+then, on their own cadences: a metrics record, validation, a checkpoint. Everything a step depends on
+(weights, AdamW moments, RNG states, the data sampler position, the open metrics window, counters) is in
+the checkpoint, and the schedules are functions of the step, so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moelab.errors import UserError
+from moelab.model import Transformer
+from moelab.model.counting import flops_per_token
+from moelab.parallel import (
+    clip_grad_norm_,
+    gather_train_state,
+    grad_norm,
+    init_parallel,
+    load_full_model_state,
+    load_full_optimizer_state,
+    parallelize,
+)
+from moelab.train import rundir, schedules, state
+from moelab.train.data_source import open_source
+from moelab.train.optim import build_optimizer, lr_at, set_lr
+from moelab.train.telemetry import (
+    MetricsLog,
+    Progress,
+    TensorBoard,
+    Window,
+    measure_matmul_peak,
+    merge_micro,
+    peak_memory_bytes,
+    step_values,
+)
+
+
+class TrainingDiverged(UserError):
+    """Too many non-finite steps in a row."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    checkpoint: Path | None  # the last checkpoint written
+    best_checkpoint: Path | None
+    last_record: dict
+    skipped_steps: int
+
+
+def train(config, run_dir: str | Path | None = None, resume: bool = False, init_from: str | Path | None = None,
+          overrides=(), progress: bool | None = None, data=None) -> TrainResult:
+    """Train a model from `config` (a Config, a dict or a YAML path, plus `--set`-style overrides) into
+    `run_dir` (default runs/<config name>). `resume` continues the newest usable checkpoint of run_dir;
+    `init_from` starts a new run from a checkpoint's weights. `data` replaces the dataset at data.path
+    with another source (see data_source.py), e.g. tokens in memory. Returns where things were written."""
+    return Trainer(config, run_dir, resume=resume, init_from=init_from, overrides=overrides,
+                   progress=progress, data=data).run()
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"train.device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"train.device={name!r}, but CUDA is not available (use auto or cpu)")
+    return dev
+
+
+def enable_activation_checkpointing(model: Transformer) -> None:
+    """Recompute each block's activations during backward instead of keeping them (less memory, about
+    one more forward of compute). Wraps the block's forward in place, so parameter names do not change.
+    Non-reentrant checkpointing restores the RNG state, so Gumbel/noisy routers recompute the same draw."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.layers:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def compile_static_parts(model: Transformer) -> None:
+    """torch.compile every attention and dense feed-forward module in place (names unchanged). The MoE
+    layers stay eager: their dispatch has data-dependent shapes (tokens per expert change every step),
+    which makes a whole-model graph recompile or break at every layer."""
+    from moelab.model.moe import MoELayer
+
+    for block in model.layers:
+        block.attn.compile(dynamic=False)
+        if not isinstance(block.ffn, MoELayer):
+            block.ffn.compile(dynamic=False)
+
+
+class Trainer:
+    def __init__(self, config, run_dir=None, *, resume=False, init_from=None, overrides=(), progress=None,
+                 data=None):
+        cfg, name = rundir.resolve_config(config, overrides)
+        if resume and run_dir is None and name is None:
+            raise UserError("--resume needs --run-dir (or a config file whose name gives runs/<name>)")
+        self.run_dir = Path(run_dir) if run_dir is not None else rundir.default_run_dir(name)
+        cfg = rundir.absolute_data_path(cfg)
+        self.cfg = cfg = rundir.prepare_run_dir(cfg, self.run_dir, resume)
+        self.resume, self.init_from = resume, init_from
+        self.show_progress = cfg.log.progress if progress is None else progress
+
+        # torchrun's environment (one process without it); mesh sizes are checked before any work
+        self.par = init_parallel(cfg.parallel, cfg.model, cfg.train.device)
+        self.device = self.par.device if self.par.distributed else resolve_device(cfg.train.device)
+        self.rows = self.par.local_batch(cfg.train.batch_size)  # this rank's slice of each global batch
+        self.is_main = self.par.is_main  # only rank 0 writes the run directory
+        self.show_progress = self.show_progress and self.is_main
+        self.dtype = getattr(torch, cfg.train.dtype)
+        if self.dtype == torch.float16 and self.device.type != "cuda":
+            raise UserError("train.dtype: float16 training needs CUDA (it relies on a GradScaler); "
+                            "on CPU use bfloat16 or float32")
+        self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
+
+        self.data = data if data is not None else open_source(cfg)
+        if cfg.model.vocab_size < self.data.vocab_size:
+            raise UserError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the dataset's tokenizer "
+                            f"vocabulary ({self.data.vocab_size}); set model.vocab_size >= {self.data.vocab_size}")
+
+        torch.manual_seed(cfg.train.seed)
+        self.model = Transformer(cfg.model).to(self.device)
+        if init_from is not None:
+            self._init_from(Path(init_from))
+        if cfg.train.activation_checkpointing:
+            enable_activation_checkpointing(self.model)
+        self.model = parallelize(self.model, self.par)  # FSDP2 + expert parallel under torchrun, else a no-op
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if cfg.train.compile:
+            compile_static_parts(self.model)
+
+        self.tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
+        self.step = 0
+        self.tokens = 0
+        self.flops = 0.0
+        self.elapsed = 0.0  # seconds spent in training steps (eval and checkpoint writes excluded)
+        self.skipped = 0
+        self.bad_in_row = 0
+        self.best_val: float | None = None
+        self.window = Window()
+        self.last_ckpt: Path | None = None
+        self._fpt: dict[int, int] = {}
+
+    # ------------------------------------------------------------------------------------------------
+    # Setup
+
+    def _init_from(self, path: Path) -> None:
+        from moelab.checkpoint import load_state, resolve_checkpoint
+
+        ckpt = resolve_checkpoint(path)
+        self.data.check_tokenizer_dir(ckpt / "tokenizer", f"--init-from {ckpt}")
+        weights = load_state(ckpt / "model.safetensors")
+        problems = self._weight_problems(weights)
+        if problems:
+            raise UserError(f"--init-from {ckpt}: weights do not fit this config's model ({problems})")
+        self._load_weights(weights)
+
+    def _weight_problems(self, weights: dict[str, torch.Tensor]) -> str | None:
+        own = self.model.state_dict()
+        if self.cfg.model.tie_embeddings:
+            own.pop("lm_head.weight", None)
+        missing = sorted(set(own) - set(weights))
+        unexpected = sorted(set(weights) - set(own))
+        shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+                  if k in weights and weights[k].shape != v.shape]
+        if missing or unexpected or shapes:
+            return f"missing {missing[:3]}, unexpected {unexpected[:3]}, shape mismatches {shapes[:3]}"
+        return None
+
+    def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        load_full_model_state(self.model, weights)  # ties the LM head; scatters shards when sharded
+
+    def _start_new(self) -> None:
+        if not self.is_main:
+            return
+        rundir.write_config(self.cfg, self.run_dir)
+        self.data.copy_tokenizer(self.run_dir / "tokenizer")
+        rundir.write_run_info(self.run_dir, {"init_from": str(self.init_from) if self.init_from else None,
+                                             "resumed_from": None})
+
+    def _resume(self) -> None:
+        if self.is_main:
+            state.remove_partial(self.run_dir)
+            rundir.write_config(self.cfg, self.run_dir)  # resume may extend train.steps or change logging
+        self.par.barrier()
+        self.data.check_tokenizer_dir(self.run_dir / "tokenizer", f"run {self.run_dir}")
+        for ckpt in state.training_checkpoints(self.run_dir):
+            try:
+                self._load_checkpoint(ckpt)
+            except state.BadCheckpoint as e:
+                state.warn(f"skipping checkpoint {ckpt}: {e}")
+                continue
+            if self.is_main:
+                rundir.write_run_info(self.run_dir, {"init_from": None, "resumed_from": str(ckpt)})
+            self.last_ckpt = ckpt
+            return
+        state.warn(f"{self.run_dir}: no usable checkpoint to resume from; starting from step 0")
+        if self.is_main:
+            rundir.write_run_info(self.run_dir, {"init_from": None, "resumed_from": None})
+
+    def _load_checkpoint(self, ckpt: Path) -> None:
+        weights, st, optim = state.read_train_state(ckpt)
+        problems = self._weight_problems(weights)
+        if problems:
+            raise state.BadCheckpoint(f"weights do not fit the run's model ({problems})")
+        fp = self.data.fingerprint
+        if st.get("tokenizer_fingerprint") not in (None, fp):
+            raise state.BadCheckpoint("it was trained with a different tokenizer than the dataset's")
+        if self.par.distributed:  # name-keyed full state -> this rank's shards
+            load_full_optimizer_state(self.model, self.optimizer, optim)
+        else:
+            state.load_optimizer_state(self.optimizer, optim)  # raises before changing anything on a mismatch
+        self._load_weights(weights)
+        self.step, self.tokens, self.flops = int(st["step"]), int(st["tokens"]), float(st["flops"])
+        self.elapsed, self.skipped, self.bad_in_row = float(st["elapsed_s"]), int(st["skipped"]), int(st["bad_in_row"])
+        self.best_val = st["best_val_loss"]
+        self.window.load_state_dict(st["window"], self.device)
+        self.data.load_state_dict(st["data"])
+        if self.scaler is not None and st.get("scaler"):
+            self.scaler.load_state_dict(st["scaler"])
+        state.set_rng_state(st["rng"], self.device)
+
+    # ------------------------------------------------------------------------------------------------
+    # The loop
+
+    def run(self) -> TrainResult:
+        cfg = self.cfg
+        if self.resume:
+            self._resume()
+        else:
+            self._start_new()
+        self.peak = cfg.train.peak_flops or measure_matmul_peak(cfg.train.dtype, str(self.device))
+        metrics = MetricsLog(self.run_dir / "metrics.jsonl")
+        if self.is_main:
+            metrics.truncate_after(self.step)
+        tb = TensorBoard(self.run_dir / "tb", cfg.log.tensorboard and self.is_main,
+                         purge_step=self.step + 1 if self.resume else None)
+        bar = Progress(cfg.train.steps, self.step, self.show_progress)
+        last: dict = {}
+        stop = None
+        try:
+            while self.step < cfg.train.steps and stop is None:
+                self._train_step()
+                bar.update()
+                if cfg.train.max_seconds is not None and self.elapsed >= cfg.train.max_seconds:
+                    stop = "max_seconds"
+                end = self.step >= cfg.train.steps or stop is not None
+                do_ckpt = end or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0)
+                do_eval = end or (cfg.eval.every and self.step % cfg.eval.every == 0) or \
+                    (do_ckpt and cfg.checkpoint.keep_best)
+                val = self._evaluate() if do_eval else {}
+                if do_eval or self.step % cfg.log.every == 0:
+                    last = self._record(val, stop)
+                    if self.is_main:
+                        metrics.write(last)
+                        tb.write(last)
+                        bar.record(last)
+                if do_ckpt:
+                    self._save(val.get("val/loss"))
+        finally:
+            bar.close()
+            metrics.close()
+            tb.close()
+            self.par.close()
+        best = state.best_target(self.run_dir)
+        return TrainResult(self.run_dir, self.step, self.last_ckpt, best, last, self.skipped)
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def _train_step(self) -> None:
+        cfg, model, opt = self.cfg, self.model, self.optimizer
+        t0 = time.perf_counter()
+        sched = schedules.at_step(self.step, cfg)
+        schedules.apply(model, sched, cfg)
+        lr = lr_at(self.step, cfg.train)
+        set_lr(opt, lr)
+        accum = cfg.train.grad_accum
+        acc: dict[str, torch.Tensor] = {}
+        for _ in range(accum):
+            x, y = self.data.train_batch(self.device)
+            x, y = x[self.rows], y[self.rows]
+            with self._autocast():
+                out = model(x, y)
+            loss = out.ce_loss + model.aux_loss(out.aux_losses, sched.coefs)
+            scaled = loss / accum
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            merge_micro(acc, step_values(out.ce_loss, out.aux_losses, loss, out.routing), 1.0 / accum)
+        acc = self.par.mean_tensors(acc)  # per-rank slices -> the global batch's values
+        if self.scaler is not None:
+            self.scaler.unscale_(opt)
+        if cfg.train.grad_clip > 0:
+            gnorm = clip_grad_norm_(self.params, cfg.train.grad_clip)
+        else:
+            gnorm = grad_norm(self.params)
+        loss_ok = bool(torch.isfinite(acc["train/loss"]))
+        ok = loss_ok and bool(torch.isfinite(gnorm))
+        if ok:
+            (self.scaler.step(opt) if self.scaler is not None else opt.step())
+            if schedules.uses_bias_update(cfg):
+                counts = {int(k.split("/")[1]): v for k, v in acc.items() if k.endswith("/counts")}
+                schedules.update_router_bias(model, counts, cfg.model.moe.bias_update_rate)
+            self.bad_in_row = 0
+        else:
+            if self.scaler is not None:
+                self.scaler.step(opt)  # sees the inf gradients and skips; update() lowers the scale
+            self.skipped += 1
+            self.window.skipped += 1
+            # fp16 overflows are the GradScaler's business; a non-finite loss is the model's
+            self.bad_in_row += 1 if (self.scaler is None or not loss_ok) else 0
+        if self.scaler is not None:
+            self.scaler.update()
+        opt.zero_grad(set_to_none=True)
+        if ok:
+            acc["grad_norm"] = gnorm.detach()
+            self.window.add({k: v for k, v in acc.items()})
+        flops = self.tokens_per_step * self._flops_per_token(sched.top_k)
+        self.step += 1
+        self.tokens += self.tokens_per_step
+        self.flops += flops
+        self.lr = lr
+        self.sched = sched
+        dt = time.perf_counter() - t0
+        self.elapsed += dt
+        self.window.seconds += dt
+        self.window.tokens += self.tokens_per_step
+        self.window.flops += flops
+        if not ok:
+            what = "loss" if not loss_ok else "gradient norm"
+            state.warn(f"step {self.step}: non-finite {what}; step skipped ({self.skipped} skipped so far)")
+            if self.bad_in_row >= cfg.train.max_bad_steps:
+                hint = f"resume from {self.last_ckpt} with a lower train.lr" if self.last_ckpt else "lower train.lr"
+                raise TrainingDiverged(
+                    f"training diverged: {self.bad_in_row} non-finite steps in a row (train.max_bad_steps="
+                    f"{cfg.train.max_bad_steps}) at step {self.step}; {hint}, keep train.grad_clip > 0, "
+                    "or train in float32")
+
+    def _flops_per_token(self, k: int) -> int:
+        """Training FLOPs per token with k experts active (the top-k schedule changes k)."""
+        if k not in self._fpt:
+            m = self.cfg.model
+            m = dataclasses.replace(m, moe=dataclasses.replace(m.moe, top_k=k))
+            self._fpt[k] = flops_per_token(m, self.cfg.data.seq_len)["train"]
+        return self._fpt[k]
+
+    @torch.no_grad()
+    def _evaluate(self) -> dict:
+        """Mean cross-entropy over the same `eval.batches` val batches every time, and bits per byte:
+        nats/token / ln 2 / bytes per token, comparable across tokenizers."""
+        self.model.eval()
+        nats, count = 0.0, 0
+        bs = self.cfg.eval.batch_size or self.cfg.train.batch_size
+        for x, y in self.data.val_batches(bs, self.cfg.eval.batches, self.device):
+            with self._autocast():
+                out = self.model(x, y)
+            n = int((y != -100).sum())
+            nats += float(out.ce_loss) * n
+            count += n
+        self.model.train()
+        if count == 0:
+            return {}
+        val = nats / count
+        return {"val/loss": val, "val/bpb": val / math.log(2) / self.data.bytes_per_token}
+
+    def _record(self, val: dict, stop: str | None) -> dict:
+        w = self.window
+        rec = {"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed, "flops": self.flops}
+        rec.update(w.summary())
+        if w.steps == 0:  # every step of the window was skipped: say so rather than drop the keys
+            rec.update({"train/loss": None, "train/ce_loss": None, "grad_norm": None})
+        rec["lr"] = self.lr
+        rec["tokens_per_s"] = w.tokens / w.seconds if w.seconds > 0 else None
+        rec["mfu"] = w.flops / w.seconds / self.peak if w.seconds > 0 else None
+        rec["peak_mem_bytes"] = peak_memory_bytes(self.device)
+        rec["skipped_steps"] = self.skipped
+        if self.cfg.schedule.top_k_start is not None:
+            rec["top_k"] = self.sched.top_k
+        if self.cfg.schedule.gumbel_tau_end is not None:
+            rec["gumbel_tau"] = self.sched.tau
+        if self.cfg.schedule.aux_coef_steps:
+            rec["aux_coef_scale"] = schedules.aux_coef_scale(self.step - 1, self.cfg)
+        rec.update(val)
+        if stop:
+            rec["stopped"] = stop
+        self.window = Window()
+        return rec
+
+    def _save(self, val_loss: float | None) -> None:
+        cfg = self.cfg
+        st = {
+            "step": self.step, "tokens": self.tokens, "flops": self.flops, "elapsed_s": self.elapsed,
+            "skipped": self.skipped, "bad_in_row": self.bad_in_row,
+            "best_val_loss": self.best_val, "val_loss": val_loss,
+            "tokenizer_fingerprint": self.data.fingerprint,
+            "window": self.window.state_dict(), "data": self.data.state_dict(),
+            "rng": state.rng_state(self.device),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+        }
+        is_best = val_loss is not None and (self.best_val is None or val_loss < self.best_val)
+        if is_best:
+            st["best_val_loss"] = val_loss
+        path = state.step_dir(self.run_dir, self.step)
+        weights, optim = gather_train_state(self.model, self.optimizer)  # full tensors; collective if sharded
+        if self.is_main:
+            state.save_train_checkpoint(path, self.model, cfg, self.run_dir / "tokenizer", self.optimizer, st,
+                                        weights=weights, optim_state=optim)
+            if is_best and cfg.checkpoint.keep_best:
+                state.set_best(self.run_dir, path)
+            state.rotate(self.run_dir, cfg.checkpoint.keep_last)
+        self.par.barrier()  # no rank runs ahead of a checkpoint it may need to resume from
+        if is_best:
+            self.best_val = val_loss
+        self.last_ckpt = path

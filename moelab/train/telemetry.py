@@ -1,0 +1,264 @@
+"""What a run reports: metrics.jsonl records, TensorBoard scalars, a progress bar, MFU and memory.
+
+A record (one JSON line per log step; keys listed in docs/training.md) holds means over the optimizer
+steps since the previous record (`Window`), so curves are smooth at any `log.every` and a record with
+`log.every: 1` is exactly that step's values. Per MoE layer the window's expert loads are the summed
+kept assignments, so `load` fractions, `dead` experts and `cv` describe every token of the window.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from functools import cache
+from pathlib import Path
+
+import torch
+
+# ----------------------------------------------------------------------------------------------------
+# Hardware numbers
+
+
+@cache
+def measure_matmul_peak(dtype: str = "float32", device: str = "cpu", seconds: float = 1.0, n: int = 2048) -> float:
+    """Achieved FLOP/s of an n^3 matmul in `dtype` on `device`, timed for about `seconds`: the ceiling
+    MFU is measured against (a datasheet peak is meaningless on a shared, throttled CPU). Cached."""
+    dt = getattr(torch, dtype)
+    dev = torch.device(device)
+    a = torch.randn(n, n, device=dev).to(dt)
+    b = torch.randn(n, n, device=dev).to(dt)
+    _sync(dev)
+    a @ b  # warm-up: thread pool, kernel selection
+    _sync(dev)
+    reps, t0 = 0, time.perf_counter()
+    while True:
+        a @ b
+        reps += 1
+        _sync(dev)
+        elapsed = time.perf_counter() - t0
+        if elapsed >= seconds and reps >= 3:
+            return 2.0 * n**3 * reps / elapsed
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated bytes on a CUDA device; peak resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB, macOS bytes
+
+
+# ----------------------------------------------------------------------------------------------------
+# Accumulating one window of optimizer steps
+
+
+class Window:
+    """Sums over the optimizer steps since the last record. Values stay on the device (no host sync per
+    micro-batch); `summary()` turns them into the record's means. `state_dict()` makes a resumed run
+    log the same numbers as an uninterrupted one even when a checkpoint falls inside a window."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.steps = 0
+        self.skipped = 0
+        self.tokens = 0
+        self.flops = 0.0
+        self.seconds = 0.0
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        """Add one good optimizer step's values (scalars or [E] count vectors)."""
+        for key, v in values.items():
+            v = v.detach().float()
+            self.sums[key] = self.sums[key] + v if key in self.sums else v.clone()
+        self.steps += 1
+
+    def summary(self) -> dict:
+        rec: dict = {}
+        n = max(1, self.steps)
+        layers = sorted({k.split("/")[1] for k in self.sums if k.startswith("moe/")}, key=int)
+        for key, v in self.sums.items():
+            if not key.startswith("moe/"):
+                rec[key] = float(v) / n
+        for i in layers:
+            counts = self.sums[f"moe/{i}/counts"].double()
+            total = float(counts.sum())
+            load = (counts / total if total > 0 else counts).tolist()
+            mean = total / counts.numel()
+            rec[f"moe/{i}/load"] = load
+            rec[f"moe/{i}/cv"] = float(counts.std(unbiased=False)) / mean if mean > 0 else 0.0
+            rec[f"moe/{i}/max_load"] = max(load)
+            rec[f"moe/{i}/min_load"] = min(load)
+            rec[f"moe/{i}/dead"] = int((counts == 0).sum())
+            routed = float(self.sums[f"moe/{i}/assignments"])
+            rec[f"moe/{i}/dropped_frac"] = float(self.sums[f"moe/{i}/dropped"]) / routed if routed > 0 else 0.0
+            rec[f"moe/{i}/entropy"] = float(self.sums[f"moe/{i}/entropy"]) / n
+            for key, v in self.sums.items():
+                if key.startswith(f"moe/{i}/aux/"):
+                    rec[key] = float(v) / n
+        return rec
+
+    def state_dict(self) -> dict:
+        return {"sums": {k: v.tolist() for k, v in self.sums.items()}, "steps": self.steps,
+                "skipped": self.skipped, "tokens": self.tokens, "flops": self.flops, "seconds": self.seconds}
+
+    def load_state_dict(self, state: dict, device: torch.device) -> None:
+        self.sums = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in state["sums"].items()}
+        self.steps, self.skipped = int(state["steps"]), int(state["skipped"])
+        self.tokens, self.flops, self.seconds = int(state["tokens"]), float(state["flops"]), float(state["seconds"])
+
+
+def step_values(ce_loss: torch.Tensor, aux: dict[str, torch.Tensor], loss: torch.Tensor, routing: dict) -> dict:
+    """One micro-batch's loggable values (detached), keyed as in metrics.jsonl."""
+    out = {"train/loss": loss.detach(), "train/ce_loss": ce_loss.detach()}
+    for name, v in aux.items():
+        out[f"train/aux/{name}"] = v.detach()
+    for i, st in routing.items():
+        out[f"moe/{i}/counts"] = st.tokens_per_expert
+        out[f"moe/{i}/dropped"] = st.dropped
+        out[f"moe/{i}/assignments"] = st.assignments
+        out[f"moe/{i}/entropy"] = st.entropy
+        for name, v in st.aux_losses.items():
+            out[f"moe/{i}/aux/{name}"] = v.detach()
+    return out
+
+
+def merge_micro(acc: dict[str, torch.Tensor], values: dict[str, torch.Tensor], scale: float) -> None:
+    """acc += values, with losses and per-micro-batch means scaled by `scale` (1 / grad_accum) and
+    counts summed as they are."""
+    for key, v in values.items():
+        is_count = key.endswith(("/counts", "/dropped", "/assignments"))
+        v = v.float() if is_count else v.float() * scale
+        acc[key] = acc[key] + v if key in acc else v
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sinks
+
+
+def _finite(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None  # JSON has no NaN/inf; a null says "not a number" without breaking strict parsers
+    return x
+
+
+class MetricsLog:
+    """RUN/metrics.jsonl: one JSON object per record, appended and flushed line by line."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.fh = None
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past `step` (written by a run that died after its last checkpoint) and any
+        torn last line, atomically, so a resumed run's file reads like an uninterrupted one."""
+        if not self.path.exists():
+            return
+        keep = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and rec.get("step", 0) <= step:
+                keep.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+    def write(self, record: dict) -> None:
+        if self.fh is None:
+            self.fh = open(self.path, "a", encoding="utf-8")
+        clean = {k: ([_finite(x) for x in v] if isinstance(v, list) else _finite(v)) for k, v in record.items()}
+        self.fh.write(json.dumps(clean) + "\n")
+        self.fh.flush()
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+
+
+class TensorBoard:
+    """RUN/tb/ event files when the `tensorboard` package is installed; otherwise does nothing."""
+
+    def __init__(self, log_dir: Path, enabled: bool, purge_step: int | None = None):
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard not installed: JSONL alone
+            return
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+
+    @property
+    def active(self) -> bool:
+        return self.writer is not None
+
+    def write(self, record: dict) -> None:
+        if self.writer is None:
+            return
+        step = record["step"]
+        for key, v in record.items():
+            if key == "step" or v is None:
+                continue
+            if isinstance(v, list):  # per-expert load: a histogram over experts
+                if v:
+                    self.writer.add_histogram(key, torch.tensor(v), step)
+            elif isinstance(v, (int, float)) and math.isfinite(v):
+                self.writer.add_scalar(key, v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class Progress:
+    """A tqdm bar (ETA, loss, tokens/s) when `bar` is set and stderr is a terminal; otherwise one plain
+    line per record on stdout, so logs of unattended runs stay readable."""
+
+    def __init__(self, total: int, initial: int, bar: bool, desc: str = "train"):
+        self.bar = None
+        if bar and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True)
+        self.total = total
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def record(self, rec: dict) -> None:
+        loss, tps = rec.get("train/loss"), rec.get("tokens_per_s")
+        parts = [f"loss {loss:.4f}" if loss is not None else "loss nan"]
+        if rec.get("val/loss") is not None:
+            parts.append(f"val {rec['val/loss']:.4f} ({rec['val/bpb']:.3f} bpb)")
+        if tps:
+            parts.append(f"{tps:,.0f} tok/s")
+        if rec.get("mfu") is not None:
+            parts.append(f"mfu {100 * rec['mfu']:.0f}%")
+        if self.bar is not None:
+            self.bar.set_postfix_str(", ".join(parts), refresh=True)
+        else:
+            print(f"step {rec['step']:>6}/{self.total}  " + "  ".join(parts), flush=True)
+
+    def write(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

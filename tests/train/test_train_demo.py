@@ -1,0 +1,28 @@
+"""`moelab demo` end to end on a toy corpus and a shrunken model (the real demo takes ~3 minutes)."""
+
+from conftest import toy_corpus
+
+from moelab.cli import main
+
+SMALL = ["model.vocab_size=300", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+         "model.ffn_dim=64", "model.moe.expert_dim=32", "model.moe.num_experts=4", "data.seq_len=32",
+         "train.batch_size=4", "train.steps=6", "train.warmup_steps=2", "eval.every=3", "eval.batches=2",
+         "train.peak_flops=1e11"]
+
+
+def test_demo_runs_end_to_end_and_never_overwrites(tmp_path, monkeypatch, capsys):
+    corpus = toy_corpus(tmp_path / "corpus", docs=30)
+    monkeypatch.chdir(tmp_path)
+    args = ["demo", "--input", str(corpus), "--minutes", "0", *[a for s in SMALL for a in ("--set", s)]]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    for text in ("samples before training", "samples after training", "[4/4] done", "metrics:", "report:"):
+        assert text in out
+    run = tmp_path / "runs" / "demo"
+    assert (run / "metrics.jsonl").is_file() and (run / "checkpoints" / "step_0000006").is_dir()
+    assert (run / "data" / "meta.json").is_file() and (run / "tokenizer" / "tokenizer.json").is_file()
+    assert main([*args, "--no-samples", "--minutes", "0.001"]) == 0  # a second demo goes next to the first
+    assert "training 6 steps" in capsys.readouterr().out  # fitted to the budget, at least 20, at most train.steps
+    assert (tmp_path / "runs" / "demo-2" / "metrics.jsonl").is_file()
+    assert main(args + ["--run-dir", str(run)]) == 2  # an explicit existing run directory is refused
+    assert "already holds a run" in capsys.readouterr().err
