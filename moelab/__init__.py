@@ -1,7 +1,7 @@
 """moelab: Mixture-of-Experts language models from raw text to a trained, analysed and served model.
 
-The stable public API. `train`, `load`, `generate` and `stream_generate` are imported on first use,
-so `import moelab` stays light for scripts that only build models or read configs.
+The stable public API. `load`, `generate`, `stream_generate` and the interop entry points are imported on
+first use, so `import moelab` does not pull in the server or converters.
 """
 
 __version__ = "0.1.0"
@@ -11,8 +11,11 @@ from moelab.errors import ConfigError, UserError  # noqa: E402
 from moelab.model import ModelOutput, MoELayer, RoutingStats, Transformer  # noqa: E402
 from moelab.tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer  # noqa: E402
 
+# `moelab.train(config)` is the training function; binding it here, after the subpackage import, keeps the
+# name pointing at the function (later `import moelab.train.x` does not rebind an imported package).
+from moelab.train import train  # noqa: E402
+
 _LAZY = {
-    "train": ("moelab.training", "train"),
     "load": ("moelab.infer", "load"),
     "generate": ("moelab.infer", "generate"),
     "stream_generate": ("moelab.infer", "stream_generate"),
@@ -35,7 +38,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "ByteTokenizer", "Config", "Engine", "SamplingParams", "ConfigError", "DataConfig", "ModelConfig", "MoEConfig", "ModelOutput", "MoELayer",
-    "RoutingStats", "SentencePieceTokenizer", "Tokenizer", "TrainConfig", "Transformer", "UserError",
-    "export_gguf", "export_hf", "generate", "import_hf", "load", "load_config", "stream_generate", "train", "upcycle",
+    "ByteTokenizer", "Config", "ConfigError", "DataConfig", "Engine", "ModelConfig", "ModelOutput", "MoEConfig",
+    "MoELayer", "RoutingStats", "SamplingParams", "SentencePieceTokenizer", "Tokenizer", "TrainConfig",
+    "Transformer", "UserError", "export_gguf", "export_hf", "generate", "import_hf", "load", "load_config",
+    "stream_generate", "train", "upcycle",
 ]

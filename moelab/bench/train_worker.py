@@ -180,6 +180,9 @@ def quality_hf(spec: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
+    from moelab.runtime import tune_cpu_allocator
+
+    tune_cpu_allocator()  # as `moelab train` runs; applied to both variants alike
     spec = json.loads(argv[0])
     result = quality_hf(spec) if spec.get("task") == "quality_hf" else throughput(spec)
     print(json.dumps(result))

@@ -35,7 +35,8 @@ def test_bench_quality_curves_and_plot(tmp_path):
     shrink = ["model.d_model=32", "model.n_heads=4", "model.n_kv_heads=2", "model.n_layers=1", "model.ffn_dim=64",
               "model.moe.expert_dim=32", "model.max_seq_len=32", "data.seq_len=32", "train.batch_size=2",
               "eval.batches=2", "train.warmup_steps=2"]
-    rc = main(["bench", "quality", "--data", str(text), "--minutes", "0.05", "--evals", "2", "--models", "moe", "hf", "--threads", "1",
+    rc = main(["bench", "quality", "--data", str(text), "--minutes", "0.05", "--evals", "2", "--models", "moe", "hf",
+               "--threads", "1",
                "--work-dir", str(tmp_path / "work"), "--json", str(out), "--plot", str(plot),
                *[a for s in shrink for a in ("--set", s)]])
     assert rc == 0
