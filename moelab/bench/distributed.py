@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from moelab.bench import write_results
+
 # name -> (processes, parallel section, threads per process)
 VARIANTS = {"1proc-1t": (1, {}, 1), "1proc-2t": (1, {}, 2), "dp2": (2, {"dp": 2}, 1), "ep2": (2, {"ep": 2}, 1)}
 
@@ -108,10 +110,5 @@ def run(args) -> int:
         sp = result["speedup_vs_1proc_1t"].get(name)
         ratio = "-" if sp is None else f"{sp:.2f}x"
         print(f"{name:8s} {med[name]:8.3f} {result['tokens_per_s'][name]:10.0f} {ratio:>12}")
-    out = Path(args.json_out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(result, indent=2))
-    tmp_out.replace(out)
-    print(f"wrote {out}")
+    write_results(args.json_out, result)
     return 0

@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from moelab.bench import write_results
+
 
 def add_arguments(p):
     p.add_argument("--configs", nargs="*", default=["configs/tiny.yaml", "configs/small.yaml"],
@@ -214,12 +216,7 @@ def run(args) -> int:
         results["models"][name] = out
         _print(name, out)
         del model, variants
-    path = Path(args.json_out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_suffix(".tmp")
-    tmp_path.write_text(json.dumps(results, indent=2))
-    tmp_path.replace(path)
-    print(f"wrote {path}")
+    write_results(args.json_out, results)
     return 0
 
 

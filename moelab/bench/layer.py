@@ -8,10 +8,10 @@ repeat so machine noise hits all of them alike; medians are reported.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
-from pathlib import Path
+
+from moelab.bench import write_results
 
 
 def add_arguments(p):
@@ -115,12 +115,7 @@ def run(args) -> int:
                 results["median_s"][dtype][f"moelab_E{e_hi}"] / results["median_s"][dtype][f"moelab_E{e_lo}"],
         } for dtype in args.dtypes
     }
-    out = Path(args.json_out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out)
-    print(f"wrote {out}")
+    write_results(args.json_out, results)
     return 0
 
 

@@ -16,6 +16,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from moelab.bench import write_results
+
 MODEL = {"vocab_size": 512, "d_model": 512, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "ffn_dim": 1024,
          "max_seq_len": 256, "moe": {"num_experts": 64, "top_k": 2, "expert_dim": 1024}}
 POLICIES = ["resident", "keep-all", "lru:32", "lru:8", "host-layers:2+lru:8"]
@@ -103,10 +105,5 @@ def run(args) -> int:
                      f"stalled {m['stall_seconds']:.2f}s" if m else ""), flush=True)
     result = {"model": MODEL, "params_total": pc.total, "routed_expert_params": pc.routed_experts,
               "weight_file_bytes": file_bytes, "new_tokens": args.new_tokens, "prompts": args.prompts, "rows": rows}
-    out = Path(args.json_out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(result, indent=2))
-    tmp_out.replace(out)
-    print(f"wrote {out}")
+    write_results(args.json_out, result)
     return 0

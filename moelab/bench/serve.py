@@ -21,6 +21,8 @@ import threading
 import time
 from pathlib import Path
 
+from moelab.bench import write_results
+
 
 def add_arguments(p):
     p.add_argument("--run", default=None, help="run/checkpoint to serve (default: --config with random weights)")
@@ -144,10 +146,5 @@ def run(args) -> int:
                 proc.kill()
     results = {"config": {k: getattr(args, k) for k in ("run", "config", "duration", "max_tokens", "prompt_len",
                                                         "max_batch", "threads")}, "levels": levels}
-    out = Path(args.json_out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_out = out.with_suffix(".tmp")
-    tmp_out.write_text(json.dumps(results, indent=2))
-    tmp_out.replace(out)
-    print(f"wrote {out}")
+    write_results(args.json_out, results)
     return 1 if any(level["errors"] for level in levels) else 0

@@ -16,6 +16,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from moelab.bench import write_results
+
 TARGETS = {"tiny": 1.3, "tiny-fine": 2.0}  # moelab / transformers tokens/s targets from the issue
 
 
@@ -101,12 +103,7 @@ def run(args) -> int:
                                     cfg.data.seq_len * cfg.train.grad_accum, "variants": summary, "ratios": ratios,
                                     "target_speed_ratio": TARGETS.get(Path(name).stem)}
         _print_table(name, summary, ratios, TARGETS.get(Path(name).stem))
-    out = Path(args.json_out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out)
-    print(f"wrote {out}")
+    write_results(args.json_out, results)
     return 0
 
 

@@ -95,7 +95,7 @@ class HFStep:
             if getattr(out, "aux_loss", None) is not None:
                 loss = loss + self.model.config.router_aux_loss_coef * out.aux_loss
             (loss / t.grad_accum).backward()
-            total += float(loss) / t.grad_accum
+            total += float(loss.detach()) / t.grad_accum
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
