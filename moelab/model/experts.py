@@ -1,17 +1,23 @@
 """Routed experts: E SwiGLU FFNs held as stacked 3-D weights, and the kernels that run them.
 
-Legend: T tokens, D model width, E experts, K experts per token, F expert width, N = rows sent to
-experts (kept token copies, sorted by expert).
+Legend: T tokens, D model width, E experts, K experts per token, F expert width, N rows sent to
+the experts (sorted by expert; see `dispatch.py`), C rows per expert inside one bucket.
 
 Weights use the HF Mixtral layout so interop is a rename: `gate_up` [E, 2F, D] holds gate (rows
 0..F-1) then up (rows F..2F-1), `down` [E, D, F]; y = down_e(silu(gate_e x) * up_e x).
 
-Two backends with one signature `(x_sorted [N, D], counts [E] list) -> [N, D]`:
-- `grouped_swiglu`: one autograd Function running contiguous per-expert matmuls forward and
-  backward. Weight gradients are written straight into one [E, ...] buffer: indexing `w[e]` under
-  autograd instead allocates a full-size zero gradient per slice, so cost would grow with E. Under
-  autocast the weight slices are cast per expert inside the Function, so only experts that receive
-  tokens are ever cast.
+Backends with one signature `(x_sorted [N, D], counts [E] list) -> [N, D]`:
+- `grouped_swiglu`: one autograd Function, forward and backward written out. Active experts are
+  grouped into buckets of similar load (`plan_buckets`); each bucket runs as one `bmm` over
+  [E_b, C, D], its experts' rows padded to the bucket's largest. A matmul call has a fixed cost
+  (~50 us for a CPU bf16 call here, before its first FLOP), so one call per expert and matmul was
+  most of a fine-grained layer's time (E = 64, 128 rows each: a loop of mm 7.2 ms, one bmm 1.7 ms);
+  padding costs FLOPs instead, and the bucketing trades the two. A bucket that already sits in
+  x_sorted as equal contiguous blocks (one expert, or a uniform run) is used in place; others are
+  gathered. Weight gradients are written into one [E, ...] buffer (indexing `w[e]` under autograd
+  would allocate a full-size zero gradient per slice, so cost would grow with E), in the compute
+  dtype, then cast to the weights' dtype once. Under autocast only active experts' weights are
+  cast, once per forward, and backward reuses the casts.
 - `reference_moe`: the obviously correct mask-and-loop over experts, the test oracle.
 `few_tokens_moe` is the decoding path (a handful of tokens, no autograd): it reads the chosen expert
 ids once on the host and runs each chosen expert straight from the stacked weights, skipping the
@@ -20,17 +26,135 @@ sort, the counts and the grouped Function, whose fixed cost dominates when T is 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moelab.model.dispatch import row_grid
 
-def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-    """out = a @ b, writing in place when dtypes agree (fp32) and casting once when not (bf16)."""
-    if a.dtype == out.dtype:
-        torch.mm(a, b, out=out)
+
+def call_cost_flops(dtype: torch.dtype, device: torch.device) -> float:
+    """The fixed cost of one matmul call, in FLOPs of work at full speed (measured here on CPU: ~50 us
+    at ~700 GFLOP/s in bf16, ~20 us at ~150 GFLOP/s in fp32; a GPU launch costs far more FLOPs)."""
+    if device.type != "cpu":
+        return 1e9
+    return 36e6 if dtype in (torch.bfloat16, torch.float16) else 3e6
+
+
+@dataclass
+class Bucket:
+    experts: list[int]  # ascending expert ids run by one bmm
+    rows: int  # C: rows per expert in the bmm
+    first_row: int | None  # where the bucket starts in x_sorted when it is one contiguous [E_b, C] run
+    index: torch.Tensor | None  # [E_b * C] rows of x_sorted to gather (N = a zero row); None if contiguous
+
+
+def plan_buckets(counts: list[int], call_rows: float, device=None, binary: bool = False) -> list[Bucket]:
+    """Group active experts into buckets, minimising padded rows + `call_rows` per matmul call (its
+    fixed cost, in rows of work). Sorted by load, the best split into runs is a small dynamic
+    programme: best[j] = min_i best[i] + calls(j - i) * call_rows + (j - i) * c_i - (S_j - S_i).
+    `binary`: a bucket of n experts runs as bmm calls over power-of-two batches (popcount(n) calls),
+    so that batch sizes come from a small set too (see `dispatch.row_grid`)."""
+    starts, s = [], 0
+    for c in counts:
+        starts.append(s)
+        s += c
+    active = sorted((e for e, c in enumerate(counts) if c), key=lambda e: -counts[e])
+    c = np.array([counts[e] for e in active], dtype=np.float64)  # descending loads
+    m = len(active)
+    prefix = np.concatenate([[0.0], np.cumsum(c)])
+    sizes = np.arange(m + 1)
+    calls = np.array([bin(k).count("1") for k in sizes]) if binary else np.ones(m + 1)
+    best, cut = np.zeros(m + 1), np.zeros(m + 1, dtype=np.int64)
+    for j in range(1, m + 1):
+        n = j - sizes[:j]
+        cost = best[:j] + calls[n] * call_rows + n * c[:j] - (prefix[j] - prefix[:j])
+        cut[j] = int(cost.argmin())
+        best[j] = cost[cut[j]]
+    groups: list[tuple[list[int], int]] = []
+    j = m
+    while j > 0:
+        i = int(cut[j])
+        groups.append((active[i:j], counts[active[i]]))
+        j = i
+    buckets = []
+    for experts, rows in groups:
+        experts.sort()
+        contiguous = all(counts[e] == rows for e in experts) and experts == list(range(experts[0], experts[-1] + 1))
+        if contiguous:
+            buckets.append(Bucket(experts, rows, starts[experts[0]], None))
+            continue
+        r = np.arange(rows)
+        first = np.array([starts[e] for e in experts])[:, None]
+        idx = np.where(r < np.array([counts[e] for e in experts])[:, None], first + r, s)  # s = N: the zero row
+        buckets.append(Bucket(experts, rows, None, torch.from_numpy(idx.reshape(-1)).to(device)))
+    return buckets
+
+
+def _with_zero_row(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, x.new_zeros(1, x.shape[1])])
+
+
+def _rows(x: torch.Tensor, x_pad: torch.Tensor | None, b: Bucket) -> torch.Tensor:
+    """This bucket's rows of x [N, D] as [E_b, C, D]."""
+    n = len(b.experts)
+    if b.index is None:
+        return x[b.first_row:b.first_row + n * b.rows].view(n, b.rows, -1)
+    return x_pad.index_select(0, b.index).view(n, b.rows, -1)
+
+
+def _bmm_rows(out: torch.Tensor, b: Bucket, a: torch.Tensor, w: torch.Tensor, binary: bool) -> None:
+    """out [N + 1, D] (row N a dump for padding) <- a @ w ([E_b, C, D]) at this bucket's rows."""
+    n = a.shape[0]
+    if b.index is None:  # straight into place
+        _bmm(a, w, binary, out[b.first_row:b.first_row + n * b.rows].view(n, b.rows, -1))
     else:
-        out.copy_(torch.mm(a, b))
+        out.index_copy_(0, b.index, _bmm(a, w, binary).view(n * b.rows, -1))
+
+
+def _weights(w: torch.Tensor, b: Bucket, dtype: torch.dtype) -> torch.Tensor:
+    """[E_b, ...] weights of the bucket's experts in the compute dtype."""
+    e0, e1 = b.experts[0], b.experts[-1] + 1
+    if e1 - e0 == len(b.experts):
+        return w[e0:e1].to(dtype)
+    return w.index_select(0, torch.tensor(b.experts, device=w.device)).to(dtype)
+
+
+def _put_weights(buf: torch.Tensor, b: Bucket, value: torch.Tensor) -> None:
+    e0, e1 = b.experts[0], b.experts[-1] + 1
+    if e1 - e0 == len(b.experts):
+        buf[e0:e1] = value
+    else:
+        buf.index_copy_(0, torch.tensor(b.experts, device=buf.device), value)
+
+
+def _bmm(a: torch.Tensor, b: torch.Tensor, binary: bool, out: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.bmm, over power-of-two batch chunks when `binary` (see `plan_buckets`)."""
+    n = a.shape[0]
+    if not binary or n & (n - 1) == 0:
+        return torch.bmm(a, b, out=out)
+    if out is None:
+        out = a.new_empty(n, a.shape[1], b.shape[2])
+    start = 0
+    for bit in reversed(range(n.bit_length())):
+        if n >> bit & 1:
+            torch.bmm(a[start:start + (1 << bit)], b[start:start + (1 << bit)], out=out[start:start + (1 << bit)])
+            start += 1 << bit
+    return out
+
+
+def _swiglu_grads(da: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """d h [..., 2F] from d a, for a = silu(g) * u with h = [g | u]: d g = silu'(g) * da * u (aten's
+    fused silu_backward), d u = da * silu(g)."""
+    f = h.shape[-1] // 2
+    g, u = h[..., :f], h[..., f:]
+    dh = torch.empty_like(h)
+    torch.mul(da, F.silu(g), out=dh[..., f:])
+    dh[..., :f] = torch.ops.aten.silu_backward(da * u, g)
+    return dh
 
 
 class _GroupedSwiGLU(torch.autograd.Function):
@@ -42,72 +166,52 @@ class _GroupedSwiGLU(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, x, gate_up, down, counts, dtype):
         n, f = x.shape[0], down.shape[-1]
-        # Cast each active expert's weights once; backward reuses the casts (autocast's cast cache
-        # does the same for nn.Linear). Idle experts are never cast.
-        w_gu = [gate_up[e].to(dtype) if c else None for e, c in enumerate(counts)]
-        w_dn = [down[e].to(dtype) if c else None for e, c in enumerate(counts)]
-        h = x.new_empty(n, 2 * f)  # [N, 2F] gate|up pre-activations
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                torch.mm(x[start:start + c], w_gu[e].t(), out=h[start:start + c])
-            start += c
-        g, u = h[:, :f], h[:, f:]
-        a = F.silu(g) * u  # [N, F]
-        y = x.new_empty(n, down.shape[1])
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                torch.mm(a[start:start + c], w_dn[e].t(), out=y[start:start + c])
-            start += c
-        ctx.save_for_backward(x, h, gate_up, down)
-        ctx.counts, ctx.dtype, ctx.w_gu, ctx.w_dn = counts, dtype, w_gu, w_dn
-        return y
+        call_rows = call_cost_flops(dtype, x.device) / (3 * down.shape[1] * f)  # FLOPs per row per matmul
+        binary = row_grid(dtype, x.device) is not None  # shapes from a small set (oneDNN kernel cache)
+        buckets = plan_buckets(counts, call_rows, x.device, binary)
+        x_pad = _with_zero_row(x) if any(b.index is not None for b in buckets) else None
+        y = x.new_empty(n + 1, down.shape[1])
+        saved = []
+        for b in buckets:
+            xb = _rows(x, x_pad, b)  # [E_b, C, D]
+            w_gu, w_dn = _weights(gate_up, b, dtype), _weights(down, b, dtype)
+            h = _bmm(xb, w_gu.transpose(1, 2), binary)  # [E_b, C, 2F] gate|up pre-activations
+            a = F.silu(h[..., :f]) * h[..., f:]  # [E_b, C, F]
+            _bmm_rows(y, b, a, w_dn.transpose(1, 2), binary)
+            saved.append((xb, h, w_gu, w_dn))
+        ctx.buckets, ctx.saved, ctx.dtype, ctx.binary = buckets, saved, dtype, binary
+        ctx.shapes = (gate_up.shape, down.shape, gate_up.dtype, down.dtype)
+        return y[:n]
 
     @staticmethod
     def backward(ctx, dy):
         with torch.autocast(dy.device.type, enabled=False):
-            return _GroupedSwiGLU._backward(ctx, dy)
+            return _GroupedSwiGLU._backward(ctx, dy.to(ctx.dtype).contiguous())
 
     @staticmethod
     def _backward(ctx, dy):
-        x, h, gate_up, down = ctx.saved_tensors
-        counts, dtype, w_gu, w_dn = ctx.counts, ctx.dtype, ctx.w_gu, ctx.w_dn
-        dy = dy.to(dtype).contiguous()
-        f = down.shape[-1]
-        g, u = h[:, :f], h[:, f:]
-        silu_g = F.silu(g)
-        a = silu_g * u
-        # Weight gradients are fully written by the matmuls below; only idle experts need zeros.
-        d_gate_up = torch.empty_like(gate_up)
-        d_down = torch.empty_like(down)
-        da = torch.empty_like(a)
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                sl = slice(start, start + c)
-                torch.mm(dy[sl], w_dn[e], out=da[sl])
-                _mm_into(dy[sl].t(), a[sl], d_down[e])
-            else:
+        gu_shape, dn_shape, gu_dtype, dn_dtype = ctx.shapes
+        n, f = dy.shape[0], dn_shape[-1]
+        buckets = ctx.buckets
+        dy_pad = _with_zero_row(dy) if any(b.index is not None for b in buckets) else None
+        dx = dy.new_empty(n + 1, gu_shape[-1])
+        d_gate_up, d_down = dy.new_empty(gu_shape), dy.new_empty(dn_shape)
+        busy = {e for b in buckets for e in b.experts}
+        for e in range(gu_shape[0]):
+            if e not in busy:  # idle experts get zero gradients
                 d_gate_up[e].zero_()
                 d_down[e].zero_()
-            start += c
-        # d up = da * silu(g); d gate = silu'(g) * da * u (aten's fused silu_backward). Kept as two
-        # contiguous blocks: writing into column halves of one [N, 2F] buffer is slow.
-        du = torch.mul(da, silu_g)
-        dg = torch.ops.aten.silu_backward(da.mul_(u), g)
-        dx = torch.empty_like(x)
-        start = 0
-        for e, c in enumerate(counts):
-            if c:
-                sl = slice(start, start + c)
-                torch.mm(dg[sl], w_gu[e][:f], out=dx[sl])
-                dx[sl].addmm_(du[sl], w_gu[e][f:])
-                _mm_into(dg[sl].t(), x[sl], d_gate_up[e, :f])
-                _mm_into(du[sl].t(), x[sl], d_gate_up[e, f:])
-            start += c
-        ctx.w_gu = ctx.w_dn = None
-        return dx, d_gate_up, d_down, None, None
+        binary = ctx.binary
+        for b, (xb, h, w_gu, w_dn) in zip(buckets, ctx.saved):
+            dyb = _rows(dy, dy_pad, b)  # [E_b, C, D]
+            a = F.silu(h[..., :f]) * h[..., f:]  # recomputed: cheaper than keeping [N, F]
+            da = _bmm(dyb, w_dn, binary)  # [E_b, C, F]
+            _put_weights(d_down, b, _bmm(dyb.transpose(1, 2), a, binary))  # [E_b, D, F]
+            dh = _swiglu_grads(da, h)
+            _bmm_rows(dx, b, dh, w_gu, binary)  # [E_b, C, D]
+            _put_weights(d_gate_up, b, _bmm(dh.transpose(1, 2), xb, binary))  # [E_b, 2F, D]
+        ctx.saved = None
+        return dx[:n], d_gate_up.to(gu_dtype), d_down.to(dn_dtype), None, None
 
 
 def grouped_swiglu(x_sorted: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,

@@ -1,12 +1,12 @@
 """The MoE feed-forward: router -> dispatch -> experts -> combine, plus shared experts.
 
 Legend: B batch, S sequence, T = B*S tokens, D model width, E experts, K experts per token,
-N kept (token, expert) assignments.
+N rows sent to the experts (kept (token, expert) assignments, plus padding; see dispatch.py).
 
-Dispatch sorts the T*K assignments by expert (a stable argsort), gathers the token rows into one
-[N, D] block with each expert's rows contiguous, runs the experts (`experts.py`), and combines by
-scaling each row with its routing weight in fp32 and scatter-adding it back to its token. Cost is
-O(T*K*D) for the permutation plus the active expert FLOPs, independent of E.
+Dispatch (`dispatch.py`) sorts the T*K assignments by expert (a stable argsort), gathers the token
+rows into one [N, D] block with each expert's rows contiguous, runs the experts (`experts.py`), and
+combines by weighting each token's K expert outputs in fp32 and summing them. Cost is O(T*K*D) for
+the permutation plus the active expert FLOPs, independent of E.
 
 Two seams let scale-out code change a built layer without touching this file (`moelab.parallel`,
 `moelab.offload`): `experts` may be any module honouring `ExpertFFN`'s contract
@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from moelab.config import MoEConfig
+from moelab.model.dispatch import combine, dispatch, plan_dispatch, row_grid
 from moelab.model.experts import ExpertFFN, few_tokens_moe, reference_moe
-from moelab.model.layers import SwiGLU
+from moelab.model.layers import SwiGLU, compute_dtype
 from moelab.model.losses import AUX_LOSSES, expert_counts, router_entropy
 from moelab.model.router import Routing, build_router
 
@@ -140,19 +141,10 @@ class MoELayer(nn.Module):
         return y.to(x.dtype).view(shape), stats
 
     def _dispatch_combine(self, x, topk_ids, weights, keep) -> torch.Tensor:
-        t, k = topk_ids.shape
-        e = self.cfg.num_experts
-        flat_e = topk_ids.reshape(-1)
-        if keep is not None:
-            flat_e = torch.where(keep.reshape(-1), flat_e, e)  # sentinel: dropped sort to the end
-        order = torch.argsort(flat_e, stable=True)  # [T*K] expert-major
-        counts = torch.bincount(flat_e, minlength=e + 1)[:e].tolist()  # one host sync
-        order = order[: sum(counts)]  # [N]
-        token = order // k  # [N] source token of each row
-        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        y = self.experts(x[token].to(dtype), counts)  # [N, D]
-        y = y.float() * weights.reshape(-1)[order][:, None]  # combine weights in fp32
-        return torch.zeros(t, x.shape[-1], dtype=torch.float32, device=x.device).index_add_(0, token, y)
+        dtype = compute_dtype(x)
+        plan = plan_dispatch(topk_ids, keep, self.cfg.num_experts, row_grid(dtype, x.device))
+        y = self.experts(dispatch(x.to(dtype), plan), plan.counts)  # [N, D]
+        return combine(y, weights, plan)  # [T, D] fp32
 
     def _stats(self, r: Routing, keep, tmask) -> RoutingStats:
         with torch.no_grad():

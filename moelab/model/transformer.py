@@ -15,13 +15,14 @@ from torch import nn
 
 from moelab.config import Config, ModelConfig
 from moelab.model.layers import RMSNorm, SwiGLU, build_attention, rope_cache
+from moelab.model.lm_loss import IGNORE_INDEX, linear_cross_entropy
 from moelab.model.losses import AUX_LOSSES
 from moelab.model.moe import MoELayer, RoutingStats
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # [B, S, V]
+    logits: torch.Tensor | None  # [B, S, V]; None when forward(..., return_logits=False)
     loss: torch.Tensor | None = None  # ce_loss + sum_name coef_name * aux_losses[name]
     ce_loss: torch.Tensor | None = None  # token-mean cross-entropy over targets != -100
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # mean over MoE layers, unweighted
@@ -94,12 +95,14 @@ class Transformer(nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                cache=None, attn_mask: torch.Tensor | None = None, last_only: bool = False) -> ModelOutput:
+                cache=None, attn_mask: torch.Tensor | None = None, last_only: bool = False,
+                return_logits: bool = True) -> ModelOutput:
         """idx [B, S] token ids; targets [B, S] (-100 = ignore); mask [B, S] (1 = real token, used to
         keep padding out of routing and its losses); positions [B, S] for RoPE (default 0..S-1);
         cache / attn_mask for incremental decoding (see `Attention`); last_only: logits [B, 1, V] of
         the last position only (a generation prefill needs no more, and the LM head over every
-        prompt position is a sizeable share of its FLOPs)."""
+        prompt position is a sizeable share of its FLOPs); return_logits=False with targets: only the
+        losses, from the fused LM head + cross-entropy (`lm_loss.py`), and `logits` is None."""
         b, s = idx.shape
         if positions is None:
             cos, sin = self.rope_cos[:s][None, None], self.rope_sin[:s][None, None]
@@ -115,14 +118,19 @@ class Transformer(nn.Module):
             if targets is not None:
                 raise ValueError("last_only=True gives no logits to compute a loss over every target with")
             x = x[:, -1:]
-        logits = self.lm_head(self.norm(x))
-        out = ModelOutput(logits=logits, routing=routing)
+        h = self.norm(x)
+        out = ModelOutput(logits=None, routing=routing)
         if routing:
             out.aux_losses = {name: torch.stack([r.aux_losses[name] for r in routing.values()]).mean()
                               for name in AUX_LOSSES}
+        if targets is None or return_logits:
+            out.logits = self.lm_head(h)
         if targets is not None:
-            out.ce_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1),
-                                          ignore_index=-100)
+            if out.logits is not None:
+                out.ce_loss = F.cross_entropy(out.logits.float().view(-1, out.logits.shape[-1]),
+                                              targets.reshape(-1), ignore_index=IGNORE_INDEX)
+            else:
+                out.ce_loss = linear_cross_entropy(h.reshape(b * s, -1), self.lm_head.weight, targets.reshape(-1))
             out.loss = out.ce_loss + self.aux_loss(out.aux_losses)
         return out
 

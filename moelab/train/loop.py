@@ -301,7 +301,7 @@ class Trainer:
             x, y = self.data.train_batch(self.device)
             x, y = x[self.rows], y[self.rows]
             with self._autocast():
-                out = model(x, y)
+                out = model(x, y, return_logits=False)
             loss = out.ce_loss + model.aux_loss(out.aux_losses, sched.coefs)
             scaled = loss / accum
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
@@ -372,7 +372,7 @@ class Trainer:
         bs = self.cfg.eval.batch_size or self.cfg.train.batch_size
         for x, y in self.data.val_batches(bs, self.cfg.eval.batches, self.device):
             with self._autocast():
-                out = self.model(x, y)
+                out = self.model(x, y, return_logits=False)
             n = int((y != -100).sum())
             nats += float(out.ce_loss) * n
             count += n

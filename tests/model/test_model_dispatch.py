@@ -1,0 +1,148 @@
+"""Dispatch plans, gather-only dispatch/combine, expert buckets, against slow references."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import moelab.model.experts as experts_mod
+from moelab.model.dispatch import combine, dispatch, grid_rows, plan_dispatch
+from moelab.model.experts import grouped_swiglu, plan_buckets, reference_moe
+
+
+BLOCKS = {"none": None, "x4": lambda c: -(-c // 4) * 4, "grid": grid_rows}
+
+
+def random_routing(t, e, k, seed, drop):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    keep = torch.rand(t, k, generator=g) > 0.3 if drop else None
+    return ids, keep, g
+
+
+@settings(max_examples=80, deadline=None)
+@given(t=st.integers(1, 30), e=st.integers(1, 8), k=st.integers(1, 3), blocks=st.sampled_from(list(BLOCKS)),
+       drop=st.booleans(), seed=st.integers(0, 10_000))
+def test_plan_invariants(t, e, k, blocks, drop, seed):
+    k = min(k, e)
+    ids, keep, _ = random_routing(t, e, k, seed, drop)
+    plan = plan_dispatch(ids, keep, e, BLOCKS[blocks])
+    kept_mask = keep if keep is not None else torch.ones_like(ids, dtype=torch.bool)
+    loads = torch.bincount(ids[kept_mask], minlength=e).tolist()
+    rounded = BLOCKS[blocks] or (lambda c: c)
+    assert plan.counts == [rounded(c) for c in loads]
+    assert plan.rows == sum(plan.counts) and plan.kept == int(kept_mask.sum())
+    starts = torch.tensor([0] + plan.counts).cumsum(0)
+    pos_kept = plan.pos[kept_mask]
+    assert torch.all(plan.pos[~kept_mask] == plan.rows)  # dropped read the zero row
+    assert pos_kept.unique().numel() == pos_kept.numel()  # one row per kept assignment
+    for (ti, j) in kept_mask.nonzero().tolist():
+        row, ex = int(plan.pos[ti, j]), int(ids[ti, j])
+        assert starts[ex] <= row < starts[ex + 1]  # inside its expert's block
+        assert int(plan.src[row]) == ti and int(plan.inv[row]) == ti * k + j
+    padding = torch.ones(plan.rows, dtype=torch.bool)
+    padding[pos_kept] = False
+    assert torch.all(plan.inv[padding] == t * k)
+
+
+@pytest.mark.parametrize("blocks", list(BLOCKS))
+@pytest.mark.parametrize("drop", [False, True])
+def test_dispatch_combine_equal_autograd_gathers(blocks, drop):
+    t, e, k, d = 13, 5, 2, 6
+    ids, keep, g = random_routing(t, e, k, 7, drop)
+    plan = plan_dispatch(ids, keep, e, BLOCKS[blocks])
+    x = torch.randn(t, d, generator=g, requires_grad=True)
+    w = torch.rand(t, k, generator=g)
+    if keep is not None:
+        w = w * keep
+    w.requires_grad_(True)
+    f = torch.randn(plan.rows, d, generator=g)  # a fixed per-row transform stands in for the experts
+    out = combine(dispatch(x, plan) * f, w, plan)
+    grad_out = torch.randn(t, d, generator=g)
+    dx, dw = torch.autograd.grad(out, (x, w), grad_out)
+
+    x2, w2 = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    kept = keep if keep is not None else torch.ones_like(ids, dtype=torch.bool)
+    ref = torch.zeros(t, d)
+    for ti, j in kept.nonzero().tolist():
+        ref = ref + torch.zeros(t, d).index_put((torch.tensor([ti]),), w2[ti, j] * x2[ti] * f[plan.pos[ti, j]])
+    rdx, rdw = torch.autograd.grad(ref, (x2, w2), grad_out)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(dx, rdx)
+    torch.testing.assert_close(dw, rdw)
+
+
+@settings(max_examples=80, deadline=None)
+@given(counts=st.lists(st.integers(0, 300), min_size=1, max_size=9), call_rows=st.sampled_from([0, 5, 50, 1e9]),
+       binary=st.booleans())
+def test_buckets_cover_every_active_expert_once(counts, call_rows, binary):
+    buckets = plan_buckets(counts, call_rows, binary=binary)
+    n = sum(counts)
+    starts = [sum(counts[:e]) for e in range(len(counts))]
+    seen = [e for b in buckets for e in b.experts]
+    assert sorted(seen) == [e for e, c in enumerate(counts) if c]  # each active expert exactly once
+    for b in buckets:
+        assert b.experts == sorted(b.experts) and all(counts[e] <= b.rows for e in b.experts)
+        assert b.rows == max(counts[e] for e in b.experts)
+        if b.index is None:  # used in place: equal, adjacent blocks
+            assert all(counts[e] == b.rows for e in b.experts) and b.first_row == starts[b.experts[0]]
+            assert b.experts == list(range(b.experts[0], b.experts[-1] + 1))
+        else:
+            idx = b.index.view(len(b.experts), b.rows)
+            for i, e in enumerate(b.experts):
+                assert idx[i, :counts[e]].tolist() == list(range(starts[e], starts[e] + counts[e]))
+                assert torch.all(idx[i, counts[e]:] == n)  # padding reads the zero row
+    if call_rows >= 1e9 and seen and not binary:
+        assert len(buckets) == 1
+    if call_rows == 0 and not binary:  # free calls: never pad, one bucket per distinct load
+        assert len(buckets) == len({c for c in counts if c})
+    # the split is optimal: no other grouping of the sorted loads into runs costs less
+    loads = sorted((c for c in counts if c), reverse=True)
+    cost = sum(len(b.experts) * b.rows + calls(len(b.experts), binary) * call_rows for b in buckets)
+    assert cost <= brute_force_cost(loads, call_rows, binary) + 1e-6
+
+
+def calls(n, binary):
+    return bin(n).count("1") if binary else 1
+
+
+def brute_force_cost(loads, call_rows, binary):
+    if not loads:
+        return 0
+    return min(calls(i, binary) * call_rows + i * loads[0] + brute_force_cost(loads[i:], call_rows, binary)
+               for i in range(1, len(loads) + 1))
+
+
+@pytest.mark.parametrize("call_flops", [0.0, 1e12], ids=["bucket-per-load", "one-bucket"])
+@pytest.mark.parametrize("blocks", list(BLOCKS))
+def test_grouped_swiglu_equals_reference(call_flops, blocks, monkeypatch):
+    monkeypatch.setattr(experts_mod, "call_cost_flops", lambda dtype, device: call_flops)
+    t, e, k, d, f = 40, 6, 2, 16, 12
+    ids, _, g = random_routing(t, e, k, 3, False)
+    ids[:25] = torch.tensor([0, 1])  # skewed loads; some experts may go idle
+    plan = plan_dispatch(ids, None, e, BLOCKS[blocks])
+    x = torch.randn(t, d, generator=g, requires_grad=True)
+    w = torch.rand(t, k, generator=g, requires_grad=True)
+    gate_up = torch.randn(e, 2 * f, d, generator=g).requires_grad_(True)
+    down = torch.randn(e, d, f, generator=g).requires_grad_(True)
+    fast = combine(grouped_swiglu(dispatch(x, plan), gate_up, down, plan.counts), w, plan)
+    grad_out = torch.randn(t, d, generator=g)
+    got = torch.autograd.grad(fast, (x, w, gate_up, down), grad_out)
+    ref = reference_moe(x, gate_up, down, ids, w)
+    want = torch.autograd.grad(ref, (x, w, gate_up, down), grad_out)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    for a, b, name in zip(got, want, ["x", "weights", "gate_up", "down"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_bf16_bucketings_agree(monkeypatch):
+    t, e, k, d, f = 64, 4, 2, 32, 16
+    ids, _, g = random_routing(t, e, k, 5, False)
+    x = torch.randn(t, d, generator=g).bfloat16()
+    gate_up, down = torch.randn(e, 2 * f, d, generator=g) * 0.2, torch.randn(e, d, f, generator=g) * 0.2
+    plan = plan_dispatch(ids, None, e, grid_rows)
+    outs = []
+    for call_flops in (0.0, 1e12):
+        monkeypatch.setattr(experts_mod, "call_cost_flops", lambda dtype, device, c=call_flops: c)
+        outs.append(grouped_swiglu(dispatch(x, plan), gate_up, down, plan.counts)[plan.pos.reshape(-1)])
+    torch.testing.assert_close(outs[0], outs[1])  # same rows, same dtype: equal up to bf16 rounding
