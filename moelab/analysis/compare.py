@@ -35,6 +35,11 @@ def load_runs(run_dirs: list[str | Path]) -> list[dict]:
     if len(run_dirs) < 1:
         raise UserError("compare: give at least one run directory")
     dirs = [Path(d) for d in run_dirs]
+    seen: dict[Path, Path] = {}
+    for d in dirs:
+        if d.resolve() in seen:
+            raise UserError(f"{d}: given twice (as {seen[d.resolve()]} and {d}); compare distinct runs")
+        seen[d.resolve()] = d
     runs = []
     for d, name in zip(dirs, _names(dirs), strict=False):
         if not d.is_dir():

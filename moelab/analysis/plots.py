@@ -18,6 +18,7 @@ try:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
     from matplotlib.ticker import MaxNLocator
 except ImportError:  # the optional `analysis` extra
     raise UserError("plots need matplotlib, which is not installed: pip install 'moelab[analysis]'") from None
@@ -143,9 +144,15 @@ def balance_over_time(records: list[dict]) -> Figure | None:
     fig, axes = _grid(3, ncols=3, panel=(4.2, 2.8), title="Balance over training")
     for ax, (metric, title) in zip(axes, [("cv", "load CV (0 = balanced)"), ("dead", "dead experts"),
                                           ("dropped_frac", "dropped fraction")], strict=False):
+        top = 0.0
         for layer in layers:
             xs, ys = runlog.series(records, f"moe/{layer}/{metric}")
             ax.plot(xs, ys, label=f"layer {layer}")
+            top = max([top, *ys])
+        # counts and fractions start at 0; an all-zero series would otherwise get an axis around 0 (-0.04..0.04)
+        ax.set_ylim(0, 1.1 * top if top > 0 else (1.0 if metric == "dead" else 0.05))
+        if metric == "dead":
+            ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -203,6 +210,9 @@ def domain_grid(analysis: dict) -> Figure | None:
         _matrix(ax, lift, fig, f"layer {lay['layer']}  (I = {lay['mutual_information']:.3f} bits)", "expert", "",
                 cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -lim, lim), cbar_label="log2 lift",
                 yticklabels=[d["name"] for d in domains])
+        # a dead expert's column is 0/0; hatch it so it does not read as "no preference" (lift 0 is near-white too)
+        for c in np.flatnonzero(overall == 0):
+            ax.add_patch(Rectangle((c - 0.5, -0.5), 1, len(domains), fill=False, hatch="//", edgecolor="0.55", lw=0))
     return fig
 
 

@@ -40,14 +40,22 @@ details { margin: 0.5em 0; } summary { cursor: pointer; font-weight: 600; }
 
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     """Write via a temporary sibling and os.replace, so a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # e.g. --out names a file, or a read-only location
+        raise UserError(f"{path.parent}: cannot create the output directory ({e.strerror or e})") from None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as e:
+        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError):  # disk full, a directory in the way, ...
+            raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
         raise
 
 
@@ -186,7 +194,7 @@ def _analysis(a: dict, figs: Figures) -> str:
                                                                       for d in a["domains"]]))
     parts.append(figs.html("analysis_domains", plots.domain_grid(a),
                            "How much more (red) or less (blue) often each source's tokens use each expert than the "
-                           "average token does."))
+                           "average token does; hatched columns are dead experts (no token used them)."))
     parts.append(figs.html("analysis_coactivation", plots.coactivation_grid(a),
                            "Share of tokens routed to both experts (off-diagonal of the top-k co-activation matrix)."))
     parts.append(figs.html("analysis_transitions", plots.transition_grid(a),
@@ -207,14 +215,45 @@ def _analysis(a: dict, figs: Figures) -> str:
     return "".join(parts)
 
 
+# What the report reads from analysis.json; anything else in it is optional (older or hand-edited files).
+ANALYSIS_KEYS = ("tokens", "num_experts", "top_k", "layers")
+LAYER_KEYS = ("layer", "fraction", "utilisation", "cv", "max_utilisation", "min_utilisation", "dead", "load_entropy",
+              "max_load_entropy", "router_entropy_nats", "max_router_entropy_nats", "dropped_fraction",
+              "coactivation", "top_tokens")
+
+
+def analysis_problem(a) -> str | None:
+    """Why `a` is not an analysis.json the report can render, or None if it is."""
+    if not isinstance(a, dict):
+        return f"expected a JSON object, got {type(a).__name__}"
+    missing = [k for k in ANALYSIS_KEYS if k not in a]
+    if missing:
+        return f"missing {', '.join(map(repr, missing))}"
+    if not isinstance(a["layers"], list) or not a["layers"]:
+        return "'layers': expected a non-empty list of MoE layers"
+    for i, lay in enumerate(a["layers"]):
+        if not isinstance(lay, dict):
+            return f"layers[{i}]: expected a JSON object"
+        missing = [k for k in LAYER_KEYS if k not in lay]
+        if missing:
+            return f"layers[{i}]: missing {', '.join(map(repr, missing))}"
+    return None
+
+
 def read_analysis(run_dir: Path) -> dict | None:
     path = Path(run_dir) / REPORT_DIR / "analysis.json"
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e.msg}); rerun `moelab analyze`") from None
+        a = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        why = "not UTF-8" if isinstance(e, UnicodeDecodeError) else e.msg
+        raise UserError(f"{path}: not valid JSON ({why}); rerun `moelab analyze {run_dir}`") from None
+    problem = analysis_problem(a)
+    if problem:
+        raise UserError(f"{path}: not an analysis written by `moelab analyze` ({problem}); rerun "
+                        f"`moelab analyze {run_dir}`")
+    return a
 
 
 def write_report(run_dir: str | Path, analysis: dict | None = None, require_training: bool = False) -> Path:
@@ -224,12 +263,13 @@ def write_report(run_dir: str | Path, analysis: dict | None = None, require_trai
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory")
-    records = None
+    records, no_records = None, "metrics.jsonl missing or empty"
     try:
         records = runlog.read_metrics(run_dir)
-    except UserError:
+    except UserError as e:
         if require_training:
             raise
+        no_records = str(e)  # shown in the report: a corrupt log should not vanish silently
     if analysis is None:
         analysis = read_analysis(run_dir)
     if records is None and analysis is None:
@@ -241,7 +281,7 @@ def write_report(run_dir: str | Path, analysis: dict | None = None, require_trai
             f"<p class=meta>generated {_e(time.strftime('%Y-%m-%d %H:%M:%S'))}</p>",
             _overview(run_dir, read_run_config(run_dir), records)]
     body.append(_training(records, figs) if records else
-                "<h2>Training</h2><p class=note>No training records (metrics.jsonl missing or empty).</p>")
+                f"<h2>Training</h2><p class=note>No training curves: {_e(no_records)}</p>")
     body.append(_analysis(analysis, figs) if analysis else
                 f"<h2>Routing analysis</h2><p class=note>Not run yet: <code>moelab analyze {_e(run_dir)}</code> "
                 "adds expert load, specialisation and co-activation on held-out data.</p>")

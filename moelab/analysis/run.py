@@ -112,7 +112,10 @@ def _tokenizer(ckpt: Path, run_dir: Path, ds):
 def _device(name: str) -> torch.device:
     from moelab.train.loop import resolve_device
 
-    return resolve_device(name)
+    try:
+        return resolve_device(name)
+    except UserError as e:  # the trainer's message names its config key; here the user typed --device
+        raise UserError(str(e).replace("train.device", "--device")) from None
 
 
 def analyze_run(run_dir: str | Path, data_dir: str | Path | None = None, tokens: int = 65536, split: str = "val",
@@ -123,6 +126,8 @@ def analyze_run(run_dir: str | Path, data_dir: str | Path | None = None, tokens:
     from moelab.checkpoint import load_model
 
     run_dir = Path(run_dir)
+    if tokens < 1:  # checked before the (possibly slow) model load; the seq_len check needs the config
+        raise UserError(f"--tokens: expected a positive number of tokens, got {tokens}")
     if batch_size < 1:
         raise UserError(f"--batch-size: expected >= 1, got {batch_size}")
     if top_n < 1:

@@ -11,24 +11,35 @@ from moelab.errors import UserError
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     """The records of RUN/metrics.jsonl, in file order. A torn last line (a run killed mid-write) is
-    skipped; any other line that is not a JSON object is an error naming the line."""
+    skipped; any other line that is not a JSON object (or not UTF-8) is an error naming the line."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise UserError(f"{path}: no training log (is {run_dir} a run directory written by `moelab train`?)")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records = []
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e})") from None
+    # bytes, not text: a corrupt byte must become a numbered line error, not a UnicodeDecodeError
+    lines = raw.splitlines()
+    records, torn = [], None
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
+            rec = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
             if n == len(lines):
+                torn = n
                 continue
-            raise UserError(f"{path}:{n}: not a JSON object ({e.msg})") from None
-        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
-            raise UserError(f"{path}:{n}: expected a JSON object with an integer 'step', got {line[:60]!r}")
+            why = "not UTF-8" if isinstance(e, UnicodeDecodeError) else e.msg
+            raise UserError(f"{path}:{n}: not a JSON object ({why})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int) or isinstance(rec["step"], bool):
+            shown = line[:60].decode("utf-8", errors="replace")
+            raise UserError(f"{path}:{n}: expected a JSON object with an integer 'step', got {shown!r}")
         records.append(rec)
+    if not records and torn is not None:
+        raise UserError(f"{path}: no complete training records: line {torn}, the only one, is cut off or not "
+                        "JSON (a run killed while writing its first record?)")
     if not records:
         raise UserError(f"{path}: no training records yet (the file is empty); train for at least one "
                         "log step (log.every) first")
@@ -67,11 +78,15 @@ def moe_layers(records: list[dict]) -> list[int]:
 
 
 def load_over_time(records: list[dict], layer: int) -> tuple[list[int], list[list[float]]]:
-    """(steps, per-record expert load fractions) of one MoE layer."""
+    """(steps, per-record expert load fractions) of one MoE layer. Every record must list the same
+    number of experts (a heatmap has one row per expert)."""
     steps, loads = [], []
     for r in records:
         load = r.get(f"moe/{layer}/load")
         if isinstance(load, list) and load and all(_number(v) is not None for v in load):
+            if loads and len(load) != len(loads[0]):
+                raise UserError(f"metrics.jsonl: step {r['step']}: moe/{layer}/load lists {len(load)} experts, "
+                                f"step {steps[0]} listed {len(loads[0])} (records from different runs?)")
             steps.append(r["step"])
             loads.append([float(v) for v in load])
     return steps, loads

@@ -1,12 +1,17 @@
 """`moelab analyze` end to end on a prepared two-source dataset and tiny models, one of them wired by
 hand so that its first MoE layer routes each source to its own experts."""
 
+import dataclasses
 import json
+import math
 
 import pytest
-from analysis_runs import PNG_MAGIC, embedded_pngs, run_with_data
+import torch
+from analysis_runs import PNG_MAGIC, embedded_pngs, run_with_data, tiny_config
 
 from moelab.analysis import run as analysis_run
+from moelab.analysis.collect import HeldOut, collect_routing
+from moelab.analysis.trace import summarise
 from moelab.checkpoint import load_model, save_checkpoint
 from moelab.cli import main
 
@@ -32,6 +37,9 @@ def test_analyze_end_to_end(analyzed):
     assert letters[2] + letters[3] > 0.9  # letters use 2, 3 (their newlines/end-of-document go to 0, 1)
     assert first["mutual_information"] > 0.6 * a["domain_entropy"]
     assert first["mutual_information"] > 20 * first["mi_chance"]
+    # every token's router puts ~all its mass on its source's two experts: entropy ln 2 of ln 4
+    assert first["router_entropy_nats"] == pytest.approx(math.log(2), abs=0.02)
+    assert first["max_router_entropy_nats"] == pytest.approx(math.log(4))
     assert first["coactivation"][0][1] == pytest.approx(a["domains"][0]["tokens"] / 640 + letters[0] *
                                                         a["domains"][1]["tokens"] / 640, abs=0.02)
     # expert 2's most frequent tokens are letters, rendered as text
@@ -43,6 +51,8 @@ def test_analyze_end_to_end(analyzed):
     # 4 training + utilisation, specialisation, domains, co-activation, transitions
     assert len(imgs) == 9 and all(i.startswith(PNG_MAGIC) for i in imgs)
     assert "Top tokens per expert" in html and "digits.txt" in html
+    for name in ("utilisation", "specialisation", "domains", "coactivation", "transitions"):
+        assert (run / "report" / f"analysis_{name}.png").read_bytes() in imgs
 
 
 def test_report_after_analyze_keeps_the_analysis(analyzed):
@@ -67,8 +77,49 @@ def test_analyze_bad_inputs(tmp_path, dataset, capsys):
     assert "expected a dataset directory" in capsys.readouterr().err
     assert main(["analyze", str(run), "--tokens", "3", "--device", "cpu"]) == 2
     assert "--tokens: expected at least one window" in capsys.readouterr().err
+    for bad in ("0", "-5"):
+        assert main(["analyze", str(run), "--tokens", bad, "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert err == f"moelab analyze: error: --tokens: expected a positive number of tokens, got {bad}\n"
+    assert main(["analyze", str(run), "--device", "tpu"]) == 2
+    assert "error: --device: expected auto, cpu" in capsys.readouterr().err
     assert main(["analyze", str(tmp_path / "norun")]) == 2
     assert "no such run or checkpoint" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["analyze", str(tmp_path / "empty")]) == 2
+    assert "no complete checkpoint found" in capsys.readouterr().err
+
+
+def test_analyze_with_a_corrupt_training_log_says_why_the_curves_are_missing(tmp_path, dataset):
+    run = run_with_data(tmp_path / "run", dataset)
+    (run / "metrics.jsonl").write_text('{"step": 10}\nnot json\n{"step": 20}\n')
+    assert main(["analyze", str(run), "--tokens", "64", "--device", "cpu"]) == 0
+    html = (run / "report" / "report.html").read_text()
+    assert "No training curves:" in html and "metrics.jsonl:2: not a JSON object" in html
+
+
+def test_collect_routing_with_capacity_counts_only_kept_assignments():
+    # capacity 0.5 drops about half of the assignments; the analysis must agree with the layer's own counters
+    cfg = tiny_config()
+    cfg.model.moe = dataclasses.replace(cfg.model.moe, capacity_factor=0.5)
+    torch.manual_seed(0)
+    from moelab.model import Transformer
+
+    model = Transformer(cfg.model).eval()
+    tokens = torch.randint(0, cfg.model.vocab_size, (6 * 16,))
+    a = summarise(collect_routing(model, HeldOut(tokens), 16, batch_size=2))
+    kept = {i: torch.zeros(4, dtype=torch.float64) for i in model.moe_layers}
+    dropped = dict.fromkeys(model.moe_layers, 0.0)
+    with torch.inference_mode():
+        for x in tokens.view(6, 16).split(2):
+            for i, st in model(x).routing.items():
+                kept[i] += st.tokens_per_expert.double()
+                dropped[i] += float(st.dropped)
+    for lay in a["layers"]:
+        i = lay["layer"]
+        assert lay["counts"] == kept[i].tolist()
+        assert lay["dropped_fraction"] == pytest.approx(dropped[i] / (96 * 2)) and lay["dropped_fraction"] > 0.2
+        assert sum(lay["counts"]) == pytest.approx(96 * 2 * (1 - lay["dropped_fraction"]))
 
 
 def test_analyze_refuses_data_from_another_tokenizer(tmp_path, dataset, capsys):

@@ -4,11 +4,17 @@ bad runs give one clear line and exit 2."""
 import json
 import re
 
+import numpy as np
 import pytest
 from analysis_runs import PNG_MAGIC, embedded_pngs, make_run, metrics_records, tiny_config
 
-from moelab.analysis import compare, runlog
+from moelab.analysis import compare, plots, runlog
 from moelab.cli import main
+
+
+def visible_titles(fig) -> list[str]:
+    """Titles of a figure's panels (colour bars have none)."""
+    return [ax.get_title() for ax in fig.axes if ax.get_visible() and ax.get_title()]
 
 
 def test_report_cli_builds_self_contained_html(moe_run, capsys):
@@ -53,6 +59,57 @@ def test_report_bad_inputs(tmp_path, moe_run, capsys):
     assert "metrics.jsonl:2: not a JSON object" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("content, message", [
+    (b'{"step": 1}\n\xff\xfe\n{"step": 3}\n', "metrics.jsonl:2: not a JSON object (not UTF-8)"),
+    (b'{"step": 1}\n{"step": 1.5}\n', "metrics.jsonl:2: expected a JSON object with an integer 'step'"),
+    (b'{"step": true}\n', "metrics.jsonl:1: expected a JSON object with an integer 'step'"),
+    (b'{"step": 1, "tra', "metrics.jsonl: no complete training records: line 1, the only one, is cut off"),
+])
+def test_report_corrupt_metrics_is_one_line(moe_run, capsys, content, message):
+    (moe_run / "metrics.jsonl").write_bytes(content)
+    assert main(["report", str(moe_run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("moelab report: error:") and message in err and err.count("\n") == 1
+
+
+def test_report_load_lists_of_different_lengths_is_one_line(moe_run, capsys):
+    recs = [{"step": 1, "moe/0/load": [0.5, 0.5]}, {"step": 2, "moe/0/load": [0.2, 0.3, 0.5]}]
+    (moe_run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    assert main(["report", str(moe_run)]) == 2
+    err = capsys.readouterr().err
+    assert "step 2: moe/0/load lists 3 experts, step 1 listed 2" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{bad", "not valid JSON"), ("[]", "expected a JSON object, got list"), ('{"layers": 3}', "missing 'tokens'"),
+    ('{"tokens": 1, "num_experts": 4, "top_k": 2, "layers": []}', "'layers': expected a non-empty list"),
+    ('{"tokens": 1, "num_experts": 4, "top_k": 2, "layers": [{"layer": 0}]}', "layers[0]: missing 'fraction'"),
+])
+def test_report_bad_analysis_json_is_one_line(moe_run, capsys, content, message):
+    (moe_run / "report").mkdir()
+    (moe_run / "report" / "analysis.json").write_text(content)
+    assert main(["report", str(moe_run)]) == 2
+    err = capsys.readouterr().err
+    assert "report/analysis.json: " in err and message in err and "rerun `moelab analyze" in err
+    assert err.count("\n") == 1
+
+
+def test_training_figures_show_every_curve(moe_run):
+    recs = runlog.read_metrics(moe_run)
+    assert visible_titles(plots.training_curves(recs)) == ["loss", "val bits per byte", "learning rate",
+                                                           "throughput (tokens/s)"]
+    assert visible_titles(plots.aux_curves(recs)) == ["load_balance", "z_loss"]  # each aux loss, one panel
+    heat = plots.load_heatmaps(recs)
+    assert visible_titles(heat) == ["layer 0", "layer 1", "layer 2"]
+    for layer, ax in enumerate(a for a in heat.axes if a.get_title()):
+        # rows = experts, columns = records, values = E x load fraction
+        want = np.array([r[f"moe/{layer}/load"] for r in recs]).T * 4
+        np.testing.assert_allclose(ax.images[0].get_array(), want)
+    bal = plots.balance_over_time(recs)
+    assert [len(ax.lines) for ax in bal.axes if ax.get_title()] == [3, 3, 3]  # one line per layer
+    assert all(ax.get_ylim()[0] == 0 for ax in bal.axes if ax.get_title())
+
+
 def test_torn_last_line_is_skipped(moe_run):
     recs = metrics_records([0], steps=[10, 20])
     (moe_run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"step": 30, "tra')
@@ -92,6 +149,19 @@ def test_compare_cli_moe_vs_dense(moe_run, dense_run, tmp_path, capsys):
     assert [r["run"] for r in data["rows"]] == ["moe", "dense"]
     assert data["rows"][1]["model"] == "dense"
     assert data["rows"][0]["params_active"] < data["rows"][0]["params_total"]
+    fig = plots.compare_curves(compare.load_runs([moe_run, dense_run]))
+    axes = [ax for ax in fig.axes if ax.get_visible()]
+    assert [ax.get_xlabel() for ax in axes] == ["training tokens", "training FLOPs", "wall time (s)"]
+    assert [len(ax.lines) for ax in axes] == [2, 2, 2]  # both runs on every panel
+
+
+def test_compare_bad_inputs(moe_run, capsys):
+    again = moe_run.parent / ".." / moe_run.parent.name / moe_run.name  # another spelling of the same run
+    assert main(["compare", str(moe_run), str(again)]) == 2
+    assert "given twice" in capsys.readouterr().err
+    assert main(["compare", str(moe_run), "--out", str(moe_run / "metrics.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "metrics.jsonl: cannot create the output directory" in err and err.count("\n") == 1
 
 
 def test_compare_run_without_val_is_a_user_error(tmp_path, moe_run, capsys):

@@ -21,6 +21,9 @@ def test_demo_runs_end_to_end_and_never_overwrites(tmp_path, monkeypatch, capsys
     run = tmp_path / "runs" / "demo"
     assert (run / "metrics.jsonl").is_file() and (run / "checkpoints" / "step_0000006").is_dir()
     assert (run / "data" / "meta.json").is_file() and (run / "tokenizer" / "tokenizer.json").is_file()
+    report = run / "report" / "report.html"  # the demo ends with the report, and says where it is
+    assert f"report:        {report.relative_to(tmp_path)}" in out and (run / "report" / "analysis.json").is_file()
+    assert report.read_text().count('src="data:image/png;base64,') >= 5
     assert main([*args, "--no-samples", "--minutes", "0.001"]) == 0  # a second demo goes next to the first
     assert "training 6 steps" in capsys.readouterr().out  # fitted to the budget, at least 20, at most train.steps
     assert (tmp_path / "runs" / "demo-2" / "metrics.jsonl").is_file()
