@@ -80,7 +80,8 @@ def plan_dispatch(topk_ids: torch.Tensor, keep: torch.Tensor | None, num_experts
     if n == kept:  # no padding: sorted position i is row i
         row = torch.arange(a, device=dev)
     else:  # row = padded block start of its expert + rank within the expert
-        shift = torch.tensor([ps - s for ps, s in zip(_starts(counts), _starts(kept_counts))] + [0], device=dev)
+        shifts = [ps - s for ps, s in zip(_starts(counts), _starts(kept_counts), strict=True)]
+        shift = torch.tensor(shifts + [0], device=dev)
         row = torch.arange(a, device=dev) + shift[flat_e[order]]
     row[kept:] = n  # dropped assignments read the zero row
     pos = torch.empty_like(row)

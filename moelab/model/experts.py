@@ -36,12 +36,31 @@ from torch import nn
 from moelab.model.dispatch import row_grid
 
 
-def call_cost_flops(dtype: torch.dtype, device: torch.device) -> float:
-    """The fixed cost of one matmul call, in FLOPs of work at full speed (measured here on CPU: ~50 us
-    at ~700 GFLOP/s in bf16, ~20 us at ~150 GFLOP/s in fp32; a GPU launch costs far more FLOPs)."""
-    if device.type != "cpu":
-        return 1e9
-    return 36e6 if dtype in (torch.bfloat16, torch.float16) else 3e6
+@dataclass(frozen=True)
+class MatmulCosts:
+    """What the bucketing trades, measured on this project's CPU (2 cores; a GPU's are guesses that
+    only need the right order of magnitude: launches are cheap next to its FLOPs)."""
+
+    call_s: float  # fixed cost of one matmul call
+    flops: float  # matmul throughput, FLOP/s
+    copy_bytes: float  # memory copy bandwidth, B/s
+
+    @staticmethod
+    def of(dtype: torch.dtype, device: torch.device) -> MatmulCosts:
+        if device.type != "cpu":
+            return MatmulCosts(10e-6, 50e12, 1e12)
+        if dtype in (torch.bfloat16, torch.float16):  # oneDNN: ~50 us before the first FLOP
+            return MatmulCosts(50e-6, 700e9, 10e9)
+        return MatmulCosts(20e-6, 150e9, 10e9)  # MKL
+
+    def in_rows(self, d: int, f: int, elem_bytes: int) -> tuple[float, float, float]:
+        """(per bucket call, per gathered expert, per gathered row) costs, in units of one row's
+        forward + backward through one expert (18 D F FLOPs, 6 matmul calls)."""
+        row_s = 18 * d * f / self.flops
+        call = 6 * self.call_s / row_s
+        gather_expert = 3 * f * d * 12 / self.copy_bytes / row_s  # gather + cast weights, put their grads
+        gather_row = 4 * 2 * d * elem_bytes / self.copy_bytes / row_s  # x, y, dy, dx rows moved
+        return call, gather_expert, gather_row
 
 
 @dataclass
@@ -52,10 +71,13 @@ class Bucket:
     index: torch.Tensor | None  # [E_b * C] rows of x_sorted to gather (N = a zero row); None if contiguous
 
 
-def plan_buckets(counts: list[int], call_rows: float, device=None, binary: bool = False) -> list[Bucket]:
-    """Group active experts into buckets, minimising padded rows + `call_rows` per matmul call (its
-    fixed cost, in rows of work). Sorted by load, the best split into runs is a small dynamic
-    programme: best[j] = min_i best[i] + calls(j - i) * call_rows + (j - i) * c_i - (S_j - S_i).
+def plan_buckets(counts: list[int], call_rows: float, gather_rows: float = 0.0, gather_frac: float = 0.0,
+                 device=None, binary: bool = False) -> list[Bucket]:
+    """Group active experts into buckets, minimising the work in rows: padded rows, `call_rows` per
+    bmm call, and for a bucket of several experts (gathered) `gather_rows` per expert plus
+    `gather_frac` per row. Over the loads sorted in descending order, the best split into runs is a
+    small dynamic programme: best[j] = min_i best[i] + cost(run i..j-1), a run costing
+    calls(n) * call_rows + n * c_i - (S_j - S_i) [+ n * gather_rows + gather_frac * n * c_i if n > 1].
     `binary`: a bucket of n experts runs as bmm calls over power-of-two batches (popcount(n) calls),
     so that batch sizes come from a small set too (see `dispatch.row_grid`)."""
     starts, s = [], 0
@@ -72,6 +94,7 @@ def plan_buckets(counts: list[int], call_rows: float, device=None, binary: bool 
     for j in range(1, m + 1):
         n = j - sizes[:j]
         cost = best[:j] + calls[n] * call_rows + n * c[:j] - (prefix[j] - prefix[:j])
+        cost += (n > 1) * (n * gather_rows + gather_frac * n * c[:j])
         cut[j] = int(cost.argmin())
         best[j] = cost[cut[j]]
     groups: list[tuple[list[int], int]] = []
@@ -166,9 +189,9 @@ class _GroupedSwiGLU(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, x, gate_up, down, counts, dtype):
         n, f = x.shape[0], down.shape[-1]
-        call_rows = call_cost_flops(dtype, x.device) / (3 * down.shape[1] * f)  # FLOPs per row per matmul
+        costs = MatmulCosts.of(dtype, x.device).in_rows(down.shape[1], f, x.element_size())
         binary = row_grid(dtype, x.device) is not None  # shapes from a small set (oneDNN kernel cache)
-        buckets = plan_buckets(counts, call_rows, x.device, binary)
+        buckets = plan_buckets(counts, *costs, device=x.device, binary=binary)
         x_pad = _with_zero_row(x) if any(b.index is not None for b in buckets) else None
         y = x.new_empty(n + 1, down.shape[1])
         saved = []
@@ -202,7 +225,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
                 d_gate_up[e].zero_()
                 d_down[e].zero_()
         binary = ctx.binary
-        for b, (xb, h, w_gu, w_dn) in zip(buckets, ctx.saved):
+        for b, (xb, h, w_gu, w_dn) in zip(buckets, ctx.saved, strict=True):
             dyb = _rows(dy, dy_pad, b)  # [E_b, C, D]
             a = F.silu(h[..., :f]) * h[..., f:]  # recomputed: cheaper than keeping [N, F]
             da = _bmm(dyb, w_dn, binary)  # [E_b, C, F]

@@ -9,7 +9,6 @@ import moelab.model.experts as experts_mod
 from moelab.model.dispatch import combine, dispatch, grid_rows, plan_dispatch
 from moelab.model.experts import grouped_swiglu, plan_buckets, reference_moe
 
-
 BLOCKS = {"none": None, "x4": lambda c: -(-c // 4) * 4, "grid": grid_rows}
 
 
@@ -74,9 +73,9 @@ def test_dispatch_combine_equal_autograd_gathers(blocks, drop):
 
 @settings(max_examples=80, deadline=None)
 @given(counts=st.lists(st.integers(0, 300), min_size=1, max_size=9), call_rows=st.sampled_from([0, 5, 50, 1e9]),
-       binary=st.booleans())
-def test_buckets_cover_every_active_expert_once(counts, call_rows, binary):
-    buckets = plan_buckets(counts, call_rows, binary=binary)
+       gather=st.sampled_from([(0.0, 0.0), (40.0, 0.5)]), binary=st.booleans())
+def test_buckets_cover_every_active_expert_once(counts, call_rows, gather, binary):
+    buckets = plan_buckets(counts, call_rows, *gather, binary=binary)
     n = sum(counts)
     starts = [sum(counts[:e]) for e in range(len(counts))]
     seen = [e for b in buckets for e in b.experts]
@@ -92,31 +91,36 @@ def test_buckets_cover_every_active_expert_once(counts, call_rows, binary):
             for i, e in enumerate(b.experts):
                 assert idx[i, :counts[e]].tolist() == list(range(starts[e], starts[e] + counts[e]))
                 assert torch.all(idx[i, counts[e]:] == n)  # padding reads the zero row
-    if call_rows >= 1e9 and seen and not binary:
+    if call_rows >= 1e9 and seen and not binary and gather == (0.0, 0.0):
         assert len(buckets) == 1
-    if call_rows == 0 and not binary:  # free calls: never pad, one bucket per distinct load
+    if call_rows == 0 and not binary and gather == (0.0, 0.0):  # free calls: one bucket per distinct load
         assert len(buckets) == len({c for c in counts if c})
     # the split is optimal: no other grouping of the sorted loads into runs costs less
     loads = sorted((c for c in counts if c), reverse=True)
-    cost = sum(len(b.experts) * b.rows + calls(len(b.experts), binary) * call_rows for b in buckets)
-    assert cost <= brute_force_cost(loads, call_rows, binary) + 1e-6
+    cost = sum(run_cost(len(b.experts), b.rows, call_rows, gather, binary) for b in buckets)
+    assert cost <= brute_force_cost(loads, call_rows, gather, binary) + 1e-6
 
 
-def calls(n, binary):
-    return bin(n).count("1") if binary else 1
+def run_cost(n, rows, call_rows, gather, binary):
+    calls = bin(n).count("1") if binary else 1
+    return calls * call_rows + n * rows + (n > 1) * (n * gather[0] + gather[1] * n * rows)
 
 
-def brute_force_cost(loads, call_rows, binary):
+def brute_force_cost(loads, call_rows, gather, binary):
     if not loads:
         return 0
-    return min(calls(i, binary) * call_rows + i * loads[0] + brute_force_cost(loads[i:], call_rows, binary)
+    return min(run_cost(i, loads[0], call_rows, gather, binary) + brute_force_cost(loads[i:], call_rows, gather, binary)
                for i in range(1, len(loads) + 1))
 
 
-@pytest.mark.parametrize("call_flops", [0.0, 1e12], ids=["bucket-per-load", "one-bucket"])
+def costs(call_s):
+    return experts_mod.MatmulCosts(call_s, 1e9, 1e15)  # copies ~free: only calls vs padding matter
+
+
+@pytest.mark.parametrize("call_flops", [0.0, 1.0], ids=["bucket-per-load", "one-bucket"])
 @pytest.mark.parametrize("blocks", list(BLOCKS))
 def test_grouped_swiglu_equals_reference(call_flops, blocks, monkeypatch):
-    monkeypatch.setattr(experts_mod, "call_cost_flops", lambda dtype, device: call_flops)
+    monkeypatch.setattr(experts_mod.MatmulCosts, "of", staticmethod(lambda dtype, device: costs(call_flops)))
     t, e, k, d, f = 40, 6, 2, 16, 12
     ids, _, g = random_routing(t, e, k, 3, False)
     ids[:25] = torch.tensor([0, 1])  # skewed loads; some experts may go idle
@@ -131,7 +135,7 @@ def test_grouped_swiglu_equals_reference(call_flops, blocks, monkeypatch):
     ref = reference_moe(x, gate_up, down, ids, w)
     want = torch.autograd.grad(ref, (x, w, gate_up, down), grad_out)
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
-    for a, b, name in zip(got, want, ["x", "weights", "gate_up", "down"]):
+    for a, b, name in zip(got, want, ["x", "weights", "gate_up", "down"], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
 
 
@@ -142,7 +146,7 @@ def test_bf16_bucketings_agree(monkeypatch):
     gate_up, down = torch.randn(e, 2 * f, d, generator=g) * 0.2, torch.randn(e, d, f, generator=g) * 0.2
     plan = plan_dispatch(ids, None, e, grid_rows)
     outs = []
-    for call_flops in (0.0, 1e12):
-        monkeypatch.setattr(experts_mod, "call_cost_flops", lambda dtype, device, c=call_flops: c)
+    for call_flops in (0.0, 1.0):
+        monkeypatch.setattr(experts_mod.MatmulCosts, "of", staticmethod(lambda dtype, device, c=call_flops: costs(c)))
         outs.append(grouped_swiglu(dispatch(x, plan), gate_up, down, plan.counts)[plan.pos.reshape(-1)])
     torch.testing.assert_close(outs[0], outs[1])  # same rows, same dtype: equal up to bf16 rounding
