@@ -16,18 +16,17 @@ vocabulary). The one thing it cannot represent is a literal U+2581 ("▁"), its 
 Text is encoded line by line (see `SentencePieceTokenizer._encode_lines`): training forbids pieces that span a
 line end, so this gives the ids of a whole-text encode, faster. (A SentencePiece model trained elsewhere may
 have such pieces; it still round-trips exactly, its ids may differ slightly from a whole-text encode.)
+
+Training (`train_sentencepiece`, `train_tokenizer`) lives in moelab/data/tokenizer_training.py, as it reads
+corpora; the names are still importable from here.
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import itertools
 import json
-import os
-import re
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -41,13 +40,6 @@ MODEL_FILE = "tokenizer.model"
 EOD = "<|endoftext|>"
 KINDS = ("sentencepiece", "byte")
 SP_SPACE = "\u2581"
-# SentencePiece skips training sentences longer than max_sentence_length bytes, silently; training text is
-# cut into pieces below this so nothing is lost.
-MAX_SENTENCE_BYTES = 8192
-_PIECE_CHARS = 2048  # <= MAX_SENTENCE_BYTES / 4 bytes per UTF-8 character
-# Training-only word boundary after each line (SentencePiece drops it before counting). A private-use
-# character: in the rare text that contains one, it only adds a word boundary during training.
-LINE_END = "\ue000"
 
 
 def _what(path: Path) -> str:
@@ -56,15 +48,15 @@ def _what(path: Path) -> str:
     return "a directory" if path.is_dir() else "a file"
 
 
-def _check_specials(specials: Sequence[str]) -> list[str]:
+def _check_specials(specials: Sequence[str], field: str = "specials") -> list[str]:
     specials = list(specials)
     if not specials:
-        raise UserError("specials: expected at least the end-of-document token, got none")
+        raise UserError(f"{field}: expected at least the end-of-document token, got none")
     for s in specials:
         if not s or any(c.isspace() for c in s):
-            raise UserError(f"specials: expected non-empty tokens without whitespace, got {s!r}")
+            raise UserError(f"{field}: expected non-empty tokens without whitespace, got {s!r}")
     if len(set(specials)) != len(specials):
-        raise UserError(f"specials: expected distinct tokens, got {specials}")
+        raise UserError(f"{field}: expected distinct tokens, got {specials}")
     return specials
 
 
@@ -195,12 +187,18 @@ class Tokenizer:
         if not directory.is_dir():
             raise UserError(f"{directory}: expected a tokenizer directory, got {_what(directory)}")
         meta = read_json(meta_path, "tokenizer metadata")
+        if meta.get("format") != FORMAT:
+            raise UserError(f"{meta_path}: format: expected {FORMAT}, got {meta.get('format')!r}")
         kind = meta.get("kind")
         if kind not in KINDS:
             raise UserError(f"{meta_path}: kind: expected one of {', '.join(KINDS)}, got {kind!r}")
         specials = meta.get("special_tokens")
         if not isinstance(specials, dict) or not specials:
             raise UserError(f"{meta_path}: special_tokens: expected a non-empty object, got {specials!r}")
+        fingerprint = meta.get("fingerprint")
+        if not isinstance(fingerprint, str):
+            raise UserError(f"{meta_path}: fingerprint: expected a sha256 hex string, got {fingerprint!r}")
+        _check_specials(specials, f"{meta_path}: special_tokens")
         if kind == "byte":
             tok: Tokenizer = ByteTokenizer(list(specials))
         else:
@@ -209,18 +207,24 @@ class Tokenizer:
                 raise UserError(f"{model_path}: expected the SentencePiece model next to {META_FILE}, got "
                                 f"{_what(model_path)}")
             tok = SentencePieceTokenizer(model_path.read_bytes(), list(specials), source=str(model_path))
-        tok.training = meta.get("training") or {}
+        training = meta.get("training", {})
+        tok.training = training if isinstance(training, dict) else {}
         if tok.special_tokens != specials:
-            raise UserError(f"{meta_path}: special_tokens: expected {specials} to match the model, "
-                            f"got {tok.special_tokens}")
-        if meta.get("fingerprint") != tok.fingerprint:
-            raise UserError(f"{meta_path}: fingerprint: expected {meta.get('fingerprint')} (recorded), got "
+            raise UserError(f"{meta_path}: special_tokens: expected the ids the model gives them, "
+                            f"{tok.special_tokens}, got {specials}")
+        if fingerprint != tok.fingerprint:
+            raise UserError(f"{meta_path}: fingerprint: expected {fingerprint} (recorded), got "
                             f"{tok.fingerprint} from the files: the tokenizer was modified after it was saved")
+        if meta.get("vocab_size") != tok.vocab_size:
+            raise UserError(f"{meta_path}: vocab_size: expected {tok.vocab_size} (the model's), "
+                            f"got {meta.get('vocab_size')!r}")
         return tok
 
     @classmethod
     def train(cls, texts: Iterable[str], vocab_size: int, **kwargs) -> SentencePieceTokenizer:
         """Train a SentencePiece tokenizer on an iterable of texts (see `train_sentencepiece`)."""
+        from moelab.data.tokenizer_training import train_sentencepiece
+
         return train_sentencepiece(texts, vocab_size, **kwargs)
 
     def __repr__(self) -> str:
@@ -352,130 +356,14 @@ class SentencePieceTokenizer(Tokenizer):
         return self._model
 
 
-# ------------------------------------------------------------------------------------------------------
-# Training
+_TRAINING = ("train_sentencepiece", "train_tokenizer", "training_sentences", "check_training_args", "LINE_END")
 
 
-def training_sentences(texts: Iterable[str]) -> Iterable[str]:
-    """Cut texts into SentencePiece training sentences: whole lines packed up to MAX_SENTENCE_BYTES / 2 (an
-    overlong line is cut), each line followed by LINE_END. Lines keep their "\\n", so pieces like ":\\n"
-    are learned; LINE_END, the pretokenization delimiter, stops pieces from spanning lines, which is what
-    lets `SentencePieceTokenizer` encode line by line."""
-    limit = MAX_SENTENCE_BYTES // 2
-    for text in texts:
-        buf, size = [], 0
-        lines = [line + "\n" for line in text.split("\n")]
-        lines[-1] = lines[-1][:-1]  # the text's own last line has no "\n" (or is empty)
-        for line in lines:
-            n = len(line) if line.isascii() else len(line.encode("utf-8"))
-            if size and size + n > limit:
-                yield "".join(buf)
-                buf, size = [], 0
-            if n > limit:
-                for i in range(0, len(line), _PIECE_CHARS):
-                    yield line[i:i + _PIECE_CHARS] + LINE_END
-                continue
-            if line:
-                buf.append(line + LINE_END)
-                size += n
-        if buf:
-            yield "".join(buf)
+def __getattr__(name: str):
+    # Training lives in moelab.data.tokenizer_training (it reads corpora); imported on first use because
+    # moelab.data itself imports this module.
+    if name in _TRAINING:
+        from moelab.data import tokenizer_training
 
-
-_TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)")
-_TOO_LOW = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
-
-
-def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, model_type: str = "bpe",
-                        character_coverage: float = 1.0, specials: Sequence[str] = (EOD,),
-                        max_sentences: int = 16_000, seed: int = 0, num_threads: int | None = None,
-                        verbose: bool = False) -> SentencePieceTokenizer:
-    """Train SentencePiece on `texts` (any iterable of str, consumed once). At most `max_sentences` training
-    sentences (<= 4 KB each) are kept, by SentencePiece's reservoir sampling, so memory is bounded whatever
-    the input size. Raises UserError for a vocabulary the text cannot support."""
-    import sentencepiece as spm
-
-    specials = _check_specials(specials)
-    if model_type not in ("bpe", "unigram"):
-        raise UserError(f"model_type: expected bpe or unigram, got {model_type!r}")
-    if not 0.9 <= character_coverage <= 1.0:
-        raise UserError(f"character_coverage: expected 0.9 <= value <= 1.0, got {character_coverage}")
-    minimum = 256 + len(specials) + 2  # byte pieces + specials + <unk> + at least one learned piece
-    if vocab_size < minimum:
-        raise UserError(f"vocab_size: expected >= {minimum} (256 byte pieces + {len(specials)} special + unk), "
-                        f"got {vocab_size}")
-    options = dict(
-        vocab_size=vocab_size, model_type=model_type, character_coverage=character_coverage,
-        byte_fallback=True, split_digits=True, add_dummy_prefix=False, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, max_sentence_length=MAX_SENTENCE_BYTES,
-        pretokenization_delimiter=LINE_END,
-        unk_id=0, eos_id=1, eos_piece=specials[0], bos_id=-1, pad_id=-1, control_symbols=specials[1:],
-        input_sentence_size=max_sentences, shuffle_input_sentence=True,
-        num_threads=num_threads or os.cpu_count() or 1, minloglevel=0 if verbose else 2,
-    )
-    counter = {"sentences": 0, "bytes": 0}
-
-    def sentences():
-        for s in training_sentences(texts):
-            counter["sentences"] += 1
-            counter["bytes"] += len(s.encode("utf-8")) - len(LINE_END.encode()) * s.count(LINE_END)
-            yield s
-
-    spm.set_random_generator_seed(seed)
-    model = io.BytesIO()
-    t0 = time.perf_counter()
-    try:
-        spm.SentencePieceTrainer.train(sentence_iterator=sentences(), model_writer=model, **options)
-    except RuntimeError as e:
-        msg = str(e)
-        if m := _TOO_HIGH.search(msg):
-            raise UserError(f"vocab_size: expected <= {m[2]} for this corpus (too little text to learn more "
-                            f"pieces; use a smaller vocab size or more text), got {m[1]}") from None
-        if m := _TOO_LOW.search(msg):
-            raise UserError(f"vocab_size: expected >= {int(m[2]) + 1} (the text has more distinct characters "
-                            f"than the vocabulary holds at character_coverage {character_coverage}), "
-                            f"got {vocab_size}") from None
-        if "sentences_.empty()" in msg:
-            raise UserError("corpus: expected some text to train on, got none") from None
-        raise
-    tok = SentencePieceTokenizer(model.getvalue(), specials)
-    tok.training = {"model_type": model_type, "vocab_size": vocab_size, "character_coverage": character_coverage,
-                    "max_sentences": max_sentences, "seed": seed, "sentences_seen": counter["sentences"],
-                    "bytes_seen": counter["bytes"], "seconds": round(time.perf_counter() - t0, 3)}
-    return tok
-
-
-def train_tokenizer(inputs: Sequence[str | Path], out: str | Path, vocab_size: int, *, model_type: str = "bpe",
-                    character_coverage: float = 1.0, specials: Sequence[str] = (EOD,), sample_mb: float = 32.0,
-                    seed: int = 0, text_field: str = "text", strict: bool = False, overwrite: bool = False,
-                    num_threads: int | None = None, verbose: bool = False) -> SentencePieceTokenizer:
-    """Train on the corpus named by `inputs` (files, directories, globs, "stdlib"; see moelab.data.corpus)
-    and save to `out`. A corpus above `sample_mb` MB is sampled (seeded 1 MB blocks), so time and memory
-    depend on `sample_mb`, not on the corpus (measured peak RSS with vocab 32000: 0.49 GB for 10 MB,
-    0.95 GB for 50 MB, a quarter of it the `import torch` baseline)."""
-    from moelab.data.corpus import CorpusStats, report_skips, resolve_inputs, sample_texts
-    from moelab.data.files import check_output_dir
-
-    if sample_mb <= 0:
-        raise UserError(f"--sample-mb: expected > 0, got {sample_mb}")
-    check_output_dir(Path(out), overwrite, META_FILE)
-    sources = resolve_inputs(inputs)
-    stats = CorpusStats()
-    max_bytes = int(sample_mb * 1e6)
-    texts = sample_texts(sources, max_bytes, seed, text_field, strict, stats)
-    try:
-        # Training sentences average 2-4 KB; the count bound is SentencePiece's own reservoir, a backstop.
-        tok = train_sentencepiece(texts, vocab_size, model_type=model_type, character_coverage=character_coverage,
-                                  specials=specials, max_sentences=max(1000, max_bytes // 2048), seed=seed,
-                                  num_threads=num_threads, verbose=verbose)
-    except UserError as e:
-        if str(e).startswith("corpus:") and stats.skipped:
-            raise UserError(f"corpus: expected some text to train on, got none ({len(stats.skipped)} file(s) "
-                            f"skipped as not UTF-8 text, e.g. {stats.skipped[0][0]})") from None
-        raise
-    tok.training.update({"inputs": [str(i) for i in inputs], "sample_mb": sample_mb,
-                         "corpus_bytes": sum(s.size for s in sources), "files": len(sources),
-                         "skipped_files": len(stats.skipped)})
-    tok.save(out, overwrite=overwrite)
-    report_skips(stats)
-    return tok
+        return getattr(tokenizer_training, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,4 +1,10 @@
+import errno
 import json
+import multiprocessing
+import os
+import re
+import signal
+import stat
 import threading
 
 import numpy as np
@@ -209,6 +215,7 @@ def _stream(d, split="train"):
 
 def test_batches_are_shifted_windows(data_dir):
     ds = TokenDataset(data_dir, "train", seq_len=32, seed=1)
+    assert isinstance(ds.tokens, np.memmap)  # read from disk on demand, never loaded whole
     stream = _stream(data_dir)
     windows = np.lib.stride_tricks.sliding_window_view(stream, 33)
     x, y = ds.get_batch(16)
@@ -236,6 +243,9 @@ def test_stride_epochs_visit_every_window_once(data_dir):
         assert sorted(starts) == list(range(n))
         firsts.append(starts)
     assert firsts[0] != firsts[1] and ds.epoch == 2.0  # a new order each epoch
+    again = TokenDataset(data_dir, "train", seq_len=20, stride=8, seed=3)  # deterministic: same seed, same order
+    replay = TokenDataset(data_dir, "train", seq_len=20, stride=8, seed=3)
+    assert all(torch.equal(again.get_batch(7)[0], replay.get_batch(7)[0]) for _ in range(n // 7 + 2))
 
 
 @pytest.mark.parametrize("stride", [None, 5])
@@ -290,3 +300,119 @@ def test_dataset_identity_and_errors(data_dir, tmp_path):
         TokenDataset(data_dir, "train")
     with pytest.raises(UserError, match="expected a dataset directory written by `moelab prepare`"):
         TokenDataset(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("format", 2, "format: expected 1, got 2"),
+    ("dtype", ..., "dtype: expected uint16 or uint32, got None"),
+    ("tokenizer", "byte", "tokenizer: expected an object, got 'byte'"),
+    ("tokenizer.fingerprint", 5, "tokenizer.fingerprint: expected a string, got 5"),
+    ("tokenizer.vocab_size", True, "tokenizer.vocab_size: expected a positive integer, got True"),
+    ("tokenizer.vocab_size", 70000, "tokenizer.vocab_size: expected <= 65536 for dtype uint16, got 70000"),
+    ("tokenizer.dir", "../elsewhere", "tokenizer.dir: expected a directory name inside the dataset"),
+    ("splits", [], "splits: expected an object, got []"),
+    ("splits.val", ..., "splits.val: expected an object, got None"),
+    ("splits.train.tokens", "12", "splits.train.tokens: expected a count >= 0, got '12'"),
+    ("splits.train.file", "/etc/passwd", "splits.train.file: expected a file name, got '/etc/passwd'"),
+    ("splits.val.bytes_per_token", "x", "splits.val.bytes_per_token: expected a positive number, got 'x'"),
+    ("splits.train.bytes_per_token", ..., "splits.train.bytes_per_token: expected a positive number, got None"),
+    ("sources", {}, "sources: expected a list of source files, got {}"),
+    ("sources.0", 1, "sources[0]: expected an object, got 1"),
+    ("sources.0.path", None, "sources[0].path: expected a string, got None"),
+    ("sources.2.val", ..., "sources[2].val: expected an object, got None"),
+    ("sources.0.train.offset", -1, "sources[0].train.offset: expected a count >= 0, got -1"),
+    ("sources.1.train.offset", 0, "sources[1].train.offset: expected "),
+    ("sources.39.train.tokens", 10**6, "sources: expected train ranges adding up to splits.train.tokens = "),
+])
+def test_corrupt_meta_names_the_field(data_dir, field, value, message):
+    path = data_dir / "meta.json"
+    meta = json.loads(path.read_text())
+    *parents, last = field.split(".")
+    node = meta
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    last = int(last) if isinstance(node, list) else last
+    if value is ...:
+        del node[last]
+    else:
+        node[last] = value
+    path.write_text(json.dumps(meta))
+    with pytest.raises(UserError) as e:
+        TokenDataset(data_dir, "train", seq_len=8)
+    assert str(e.value).startswith(f"{path}: {message}") and "\n" not in str(e.value), str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Atomic output: a dataset directory exists only once it is complete
+
+
+def _interrupt_on_task(monkeypatch, n: int, action) -> None:
+    real, calls = prepare_mod.encode_task, []
+
+    def encode(tok, task):
+        calls.append(1)
+        if len(calls) == n:  # the n-th task of each prepare
+            calls.clear()
+            action()
+        return real(tok, task)
+
+    monkeypatch.setattr(prepare_mod, "TASK_CHARS", 500)  # several tasks, so the interruption is mid-write
+    monkeypatch.setattr(prepare_mod, "encode_task", encode)
+
+
+def _snapshot(d):
+    return {p.name: p.read_bytes() for p in d.iterdir() if p.is_file()}
+
+
+def test_interrupted_prepare_leaves_no_partial_dataset(tmp_path, monkeypatch):
+    (tmp_path / "in").mkdir()
+    for j, d in enumerate(_docs(60)):
+        (tmp_path / "in" / f"{j:03d}.txt").write_text(d * 5, encoding="utf-8")
+    prepare([tmp_path / "in"], "byte", tmp_path / "old", workers=0)
+    before = _snapshot(tmp_path / "old")
+
+    def interrupt():
+        assert not (tmp_path / "new").exists()  # nothing under the final name while writing
+        raise KeyboardInterrupt
+
+    _interrupt_on_task(monkeypatch, 3, interrupt)
+    for out, overwrite in ((tmp_path / "new", False), (tmp_path / "old", True)):
+        with pytest.raises(KeyboardInterrupt):
+            prepare([tmp_path / "in"], "byte", out, workers=0, overwrite=overwrite)
+    assert not (tmp_path / "new").exists() and _snapshot(tmp_path / "old") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "old"]  # temporaries cleaned up
+
+    # kill -9 mid-write (in a forked child): the temporary is left behind, the old dataset stays whole.
+    _interrupt_on_task(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGKILL))
+    child = multiprocessing.get_context("fork").Process(
+        target=prepare, args=([tmp_path / "in"], "byte", tmp_path / "old"), kwargs={"workers": 0, "overwrite": True})
+    child.start()
+    child.join(60)
+    assert child.exitcode == -signal.SIGKILL
+    assert _snapshot(tmp_path / "old") == before and load_meta(tmp_path / "old")
+    (left,) = tmp_path.glob("old.tmp-*")
+    assert (left / "train.bin").exists() and not (left / "meta.json").exists()
+
+
+def test_output_directory_errors_are_one_line(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("some text\n" * 20)
+    (tmp_path / "file").write_text("x")
+    cases = [(tmp_path / "file", "expected a directory to write (or nothing), got a file"),
+             (tmp_path / "file" / "sub", f"cannot create the output directory ({tmp_path}/file is not a directory)")]
+    for out, message in cases:
+        with pytest.raises(UserError, match=re.escape(f"{out}: {message}")):
+            prepare([tmp_path / "a.txt"], "byte", out, workers=0, val_fraction=0)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / "d.tmp-x" / "train.bin"))
+
+    monkeypatch.setattr(prepare_mod, "_meta", full)
+    with pytest.raises(UserError, match=r"d: writing failed \(No space left on device: .*train\.bin\)$"):
+        prepare([tmp_path / "a.txt"], "byte", tmp_path / "d", workers=0, val_fraction=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "file"]
+
+
+def test_output_directory_honours_umask(data_dir):
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o777 & ~umask

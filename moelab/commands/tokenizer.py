@@ -23,14 +23,15 @@ def _add_train(sub) -> None:
     p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe",
                    help="bpe (default: trains ~10x faster here) or unigram (encodes ~3x faster)")
     p.add_argument("--character-coverage", type=float, default=1.0, metavar="F",
-                   help="share of characters kept as pieces (default 1.0: every CJK character seen)")
+                   help="share of characters kept as pieces, 0.98-1.0 (default 1.0: every CJK character seen; "
+                        "the rest go through byte fallback)")
     p.add_argument("--special", action="append", default=[], metavar="TOKEN",
                    help="extra special token (repeatable); <|endoftext|> is always the first one")
     p.add_argument("--sample-mb", type=float, default=32.0, metavar="MB",
                    help="train on at most about this much text (default 32: ~0.75 GB RAM; 50 MB needs ~0.95 GB)")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl files (default text)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=None, help="training threads (default: all cores)")
+    p.add_argument("--threads", type=int, default=None, help="training threads, 1-1024 (default: all cores)")
     p.add_argument("--strict", action="store_true", help="fail on non-UTF-8 or binary files instead of skipping")
     p.add_argument("--overwrite", action="store_true", help="replace an existing tokenizer directory")
     p.add_argument("--verbose", action="store_true", help="show SentencePiece's training log")
@@ -82,7 +83,7 @@ def _specials(extra: list[str]) -> list[str]:
 def _train(args) -> None:
     import time
 
-    from moelab.tokenizer import train_tokenizer
+    from moelab.data.tokenizer_training import train_tokenizer
 
     t0 = time.perf_counter()
     tok = train_tokenizer(args.input, args.out, args.vocab_size, model_type=args.model_type,

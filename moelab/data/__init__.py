@@ -1,6 +1,7 @@
 """The data pipeline: raw corpus -> token files -> training windows.
 
 - `corpus`: inputs (files, directories, globs, `stdlib`) -> UTF-8 documents, streamed; bounded samples.
+- `tokenizer_training`: a corpus sample -> a trained SentencePiece tokenizer (`moelab tokenizer train`).
 - `files`: JSON reading with one-line errors, atomic output directories.
 - `preparation`: documents -> `train.bin` / `val.bin` / `meta.json` with worker processes, memory flat.
 - `dataset`: `TokenDataset`, memory-mapped (x, y) windows with a resumable sampler.

@@ -59,6 +59,16 @@ def warn(msg: str) -> None:
     print(f"moelab: warning: {msg}", file=sys.stderr, flush=True)
 
 
+def skipped_summary(stats: CorpusStats) -> str:
+    """What was skipped, for an error that says the corpus ended up empty."""
+    parts = [f"{len(stats.skipped)} file(s) skipped as not UTF-8 text, e.g. {stats.skipped[0][0]}"] \
+        if stats.skipped else []
+    if stats.bad_lines:
+        path, line, _ = stats.bad_lines[0]
+        parts.append(f"{len(stats.bad_lines)} JSONL line(s) skipped, e.g. {path}:{line}")
+    return "; ".join(parts)
+
+
 def report_skips(stats: CorpusStats) -> None:
     """One warning line per kind of skip (with the first example), not one per file."""
     if stats.skipped:

@@ -27,8 +27,14 @@ from moelab.tokenizer import Tokenizer
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 
 
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def load_meta(data_dir: str | Path) -> dict:
-    """meta.json of a prepared dataset, checked field by field (one UserError line on the first problem)."""
+    """meta.json of a prepared dataset, checked field by field (one UserError line on the first problem):
+    everything training and analysis read from it, including that the per-source token ranges tile each
+    split exactly."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise UserError(f"{data_dir}: expected a dataset directory written by `moelab prepare`, got "
@@ -44,20 +50,64 @@ def load_meta(data_dir: str | Path) -> dict:
     if meta.get("dtype") not in DTYPES:
         raise bad("dtype", " or ".join(DTYPES), meta.get("dtype"))
     tok = meta.get("tokenizer")
-    if not isinstance(tok, dict) or not isinstance(tok.get("fingerprint"), str):
-        raise bad("tokenizer.fingerprint", "a string", (tok or {}).get("fingerprint") if isinstance(tok, dict) else tok)
-    if not isinstance(tok.get("vocab_size"), int) or tok["vocab_size"] < 1:
+    if not isinstance(tok, dict):
+        raise bad("tokenizer", "an object", tok)
+    if not isinstance(tok.get("fingerprint"), str):
+        raise bad("tokenizer.fingerprint", "a string", tok.get("fingerprint"))
+    if not _count(tok.get("vocab_size")) or tok["vocab_size"] < 1:
         raise bad("tokenizer.vocab_size", "a positive integer", tok.get("vocab_size"))
+    if tok["vocab_size"] > np.iinfo(DTYPES[meta["dtype"]]).max + 1:
+        raise bad("tokenizer.vocab_size", f"<= {np.iinfo(DTYPES[meta['dtype']]).max + 1} for dtype {meta['dtype']}",
+                  tok["vocab_size"])
+    tok_dir = tok.get("dir", "tokenizer")
+    if not isinstance(tok_dir, str) or not tok_dir or "/" in tok_dir or "\\" in tok_dir or tok_dir.startswith("."):
+        raise bad("tokenizer.dir", "a directory name inside the dataset", tok_dir)
     splits = meta.get("splits")
     if not isinstance(splits, dict):
         raise bad("splits", "an object", splits)
     for name in SPLITS:
         s = splits.get(name)
-        if not isinstance(s, dict) or not isinstance(s.get("tokens"), int) or s["tokens"] < 0:
-            raise bad(f"splits.{name}.tokens", "a count >= 0", s.get("tokens") if isinstance(s, dict) else s)
-        if not isinstance(s.get("file"), str) or "/" in s["file"]:
+        if not isinstance(s, dict):
+            raise bad(f"splits.{name}", "an object", s)
+        if not _count(s.get("tokens")):
+            raise bad(f"splits.{name}.tokens", "a count >= 0", s.get("tokens"))
+        if not isinstance(s.get("file"), str) or not s["file"] or "/" in s["file"] or s["file"].startswith("."):
             raise bad(f"splits.{name}.file", "a file name", s.get("file"))
+        bpt = s.get("bytes_per_token")
+        if not (bpt is None and s["tokens"] == 0) and \
+                not (isinstance(bpt, (int, float)) and not isinstance(bpt, bool) and 0 < bpt < float("inf")):
+            raise bad(f"splits.{name}.bytes_per_token", "a positive number" + (" or null" if not s["tokens"] else ""),
+                      bpt)
+    _check_sources(meta, path, bad)
     return meta
+
+
+def _check_sources(meta: dict, path: Path, bad) -> None:
+    """Each split's tokens are the sources' ranges laid end to end, in order (what analysis groups by)."""
+    sources = meta.get("sources")
+    if not isinstance(sources, list):
+        raise bad("sources", "a list of source files", sources)
+    ends = dict.fromkeys(SPLITS, 0)
+    for i, src in enumerate(sources):
+        if not isinstance(src, dict):
+            raise bad(f"sources[{i}]", "an object", src)
+        if not isinstance(src.get("path"), str):
+            raise bad(f"sources[{i}].path", "a string", src.get("path"))
+        for name in SPLITS:
+            r = src.get(name)
+            if not isinstance(r, dict):
+                raise bad(f"sources[{i}].{name}", "an object", r)
+            for key in ("offset", "tokens"):
+                if not _count(r.get(key)):
+                    raise bad(f"sources[{i}].{name}.{key}", "a count >= 0", r.get(key))
+            if r["offset"] != ends[name]:
+                raise bad(f"sources[{i}].{name}.offset", f"{ends[name]} (where the previous source ends)", r["offset"])
+            ends[name] += r["tokens"]
+    for name in SPLITS:
+        total = meta["splits"][name]["tokens"]
+        if sources and ends[name] != total:
+            raise UserError(f"{path}: sources: expected {name} ranges adding up to splits.{name}.tokens = "
+                            f"{total}, got {ends[name]}")
 
 
 class TokenDataset:

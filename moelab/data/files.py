@@ -3,13 +3,23 @@ written atomically (temporary sibling, then rename) that never replace something
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
 
 from moelab.errors import UserError
+
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
+               bool: "a boolean", type(None): "null"}
+# Errors from the machine rather than from moelab: reported in one line instead of a traceback.
+_ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def json_type(value) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
 
 
 def read_json(path: Path, what: str) -> dict:
@@ -18,10 +28,12 @@ def read_json(path: Path, what: str) -> dict:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise UserError(f"{path}: expected {what}, got nothing (no such file)") from None
+    except IsADirectoryError:
+        raise UserError(f"{path}: expected {what}, got a directory") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise UserError(f"{path}: expected {what} as JSON, got a corrupt file ({e})") from None
     if not isinstance(data, dict):
-        raise UserError(f"{path}: expected {what} as a JSON object, got {type(data).__name__}")
+        raise UserError(f"{path}: expected {what} as a JSON object, got {json_type(data)}")
     return data
 
 
@@ -29,22 +41,58 @@ def check_output_dir(final: Path, overwrite: bool, marker: str) -> None:
     """Refuse an existing output directory unless `overwrite` (see `write_dir_atomic`). Called before long
     work too, so a run is not wasted on an output it will refuse."""
     final = Path(final)
-    if final.exists() or final.is_symlink():
-        if not overwrite:
-            raise UserError(f"{final}: output directory already exists (pass --overwrite to replace it)")
-        if not final.is_dir() or (any(final.iterdir()) and not (final / marker).is_file()):
-            raise UserError(f"{final}: refusing to replace it: expected an empty directory or one holding "
-                            f"{marker}, got {'a file' if not final.is_dir() else 'other files'}")
+    if not (final.exists() or final.is_symlink()):
+        return
+    if not final.is_dir():
+        raise UserError(f"{final}: expected a directory to write (or nothing), got a file")
+    if not overwrite:
+        raise UserError(f"{final}: output directory already exists (pass --overwrite to replace it)")
+    if any(final.iterdir()) and not (final / marker).is_file():
+        raise UserError(f"{final}: refusing to replace it: expected an empty directory or one holding {marker}, "
+                        "got other files")
+
+
+def _make_tmp_dir(final: Path) -> Path:
+    # Not tempfile.mkdtemp: its 0700 mode would survive the rename; mkdir honours the umask like any output.
+    for _ in range(100):
+        tmp = final.with_name(f"{final.name}.tmp-{secrets.token_hex(4)}")
+        try:
+            tmp.mkdir()
+            return tmp
+        except FileExistsError:
+            continue
+    raise UserError(f"{final}: could not create a temporary directory next to it")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # e.g. Windows: directories cannot be opened; the rename is still atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_dir_atomic(final: Path, write, overwrite: bool, marker: str) -> Path:
-    """Call write(tmp) in a temporary sibling of `final`, then rename it into place. An existing `final` is
-    refused unless `overwrite`, and even then only replaced when it is empty or holds `marker` (so a typo in
-    an output path never deletes an unrelated directory)."""
+    """Call write(tmp) in a temporary sibling `final.tmp-*`, fsync its files, then rename it into place, so
+    `final` never holds a partial result: an interrupted or failed write leaves `final` as it was (a kill -9
+    can leave the `.tmp-*` sibling behind, never a half-written `final`). An existing `final` is refused
+    unless `overwrite`, and even then only replaced when it is empty or holds `marker` (so a typo in an
+    output path never deletes an unrelated directory)."""
     final = Path(final)
     check_output_dir(final, overwrite, marker)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{final.name}.tmp-", dir=final.parent))
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = _make_tmp_dir(final)
+    except OSError as e:
+        blocker = next((a for a in final.parents if a.exists() or a.is_symlink()), None)
+        why = f"{blocker} is not a directory" if blocker is not None and not blocker.is_dir() else \
+            f"{e.strerror or e}{': ' + str(e.filename) if e.filename else ''}"
+        raise UserError(f"{final}: cannot create the output directory ({why})") from None
     try:
         write(tmp)
         for p in tmp.rglob("*"):
@@ -52,13 +100,22 @@ def write_dir_atomic(final: Path, write, overwrite: bool, marker: str) -> Path:
                 with open(p, "rb") as fh:
                     os.fsync(fh.fileno())
         if final.exists():
-            old = final.with_name(f"{final.name}.old-{os.getpid()}")
+            old = final.with_name(f"{final.name}.old-{secrets.token_hex(4)}")
             os.replace(final, old)
-            os.replace(tmp, final)
+            try:
+                os.replace(tmp, final)
+            except BaseException:
+                os.replace(old, final)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _fsync_dir(final.parent)  # make the rename itself durable
+    except OSError as e:
+        if e.errno not in _ENV_ERRNOS:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        raise UserError(f"{final}: writing failed ({e.strerror or e}{where})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already after a successful rename
     return final

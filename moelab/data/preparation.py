@@ -37,7 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
-from moelab.data.corpus import BadFile, CorpusStats, Source, iter_pieces, report_skips, resolve_inputs
+from moelab.data.corpus import BadFile, CorpusStats, Source, iter_pieces, report_skips, resolve_inputs, skipped_summary
 from moelab.data.files import write_dir_atomic
 from moelab.errors import UserError
 from moelab.tokenizer import ByteTokenizer, Tokenizer
@@ -222,7 +222,7 @@ def prepare(inputs: Sequence[str | Path], tokenizer: Tokenizer | str | Path, out
                   "main_cpu_seconds": round(time.process_time() - cpu0, 3)}  # workers' CPU not included
         meta.update(_meta(sources, counts, tok, stats, inputs, val_fraction, doc_boundary, workers, timing,
                           __version__))
-        _check_splits(meta, val_fraction, len(sources))
+        _check_splits(meta, val_fraction, len(sources), stats)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
     write_dir_atomic(Path(out), write, overwrite, marker=META_FILE)
@@ -268,12 +268,11 @@ def _meta(sources, counts, tok, stats, inputs, val_fraction, doc_boundary, worke
     }
 
 
-def _check_splits(meta: dict, val_fraction: float, n_files: int) -> None:
+def _check_splits(meta: dict, val_fraction: float, n_files: int, stats: CorpusStats) -> None:
     train, val = meta["splits"]["train"], meta["splits"]["val"]
-    skipped = len(meta["skipped_files"])
     if train["tokens"] + val["tokens"] == 0:
-        raise UserError(f"corpus: expected some text, got none ({n_files} file(s), {skipped} skipped as not "
-                        "UTF-8 text, the rest empty)")
+        why = f"{skipped_summary(stats)}; the rest empty" if stats.skipped or stats.bad_lines else "all empty"
+        raise UserError(f"corpus: expected some text, got none ({n_files} file(s); {why})")
     docs = train["documents"] + val["documents"]
     if val_fraction > 0 and val["documents"] == 0:
         raise UserError(f"--val-fraction: the corpus has {docs} document(s), too few to hold out {val_fraction:g} "
