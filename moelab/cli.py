@@ -25,8 +25,15 @@ def _command_modules():
             yield importlib.import_module(f"moelab.commands.{info.name}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes are one line too (argparse would print the whole usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="moelab",
         description="Mixture-of-Experts language models: tokenizer, data, model, training, analysis, serving.",
     )
