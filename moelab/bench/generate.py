@@ -8,7 +8,10 @@ Per model (a preset config with random weights, or a trained run):
 Each is measured twice: on the wall clock and on the process's CPU time (keys ending in `_cpu`),
 which on a shared machine is the steadier estimate of an idle machine's speed at one thread.
 `--compare hf` exports the same weights to transformers (moelab.interop) and times its `generate`
-the same way, interleaved with ours in every repeat so machine noise hits both alike.
+the same way, interleaved with ours in every repeat so machine noise hits both alike. `--compare
+llamacpp` does the same with llama.cpp (llama-cpp-python) on a GGUF f32 export: prefill and decode at
+batch 1 only (llama-cpp-python runs one sequence), with --threads threads and an fp32 KV cache, so
+both sides compute in fp32.
 """
 
 from __future__ import annotations
@@ -30,7 +33,8 @@ def add_arguments(p):
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median reported)")
-    p.add_argument("--compare", nargs="*", default=[], choices=["hf"], help="also time transformers' generate")
+    p.add_argument("--compare", nargs="*", default=[], choices=["hf", "llamacpp"],
+                   help="also time transformers' generate (hf) and/or llama.cpp on a GGUF f32 export (llamacpp)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--json", dest="json_out", default="benchmarks/generate.json", help="where to write results")
 
@@ -119,6 +123,49 @@ def _hf_model(model, tmp: Path):
     return load_transformers_model(tmp, spec)
 
 
+def _llamacpp(llm, prompt: list[int], batch: int, new_tokens: int) -> tuple[float, list[float]]:
+    """(start time, timestamps of each token) for a greedy generation in llama.cpp: the prompt in one
+    forward, then one token per forward through its KV cache; argmax over the last logits as ours."""
+    import numpy as np
+    from llama_cpp import llama_get_logits_ith
+
+    assert batch == 1, "llama-cpp-python decodes one sequence"
+    n_vocab = llm.n_vocab()
+    stamps, out, feed = [], [], prompt
+    t0 = _now()
+    llm.reset()
+    for _ in range(new_tokens):
+        llm.eval(feed)
+        feed = [int(np.ctypeslib.as_array(llama_get_logits_ith(llm.ctx, -1), shape=(n_vocab,)).argmax())]
+        stamps.append(_now())
+        out += feed
+    _llamacpp.last_ids = out
+    return t0, stamps
+
+
+def _llama_model(model, tmp: Path, n_ctx: int, threads: int):
+    """llama.cpp on the same weights, written as GGUF f32 and read back through moelab.interop."""
+    from moelab.interop.gguf import write_model_gguf
+    from moelab.interop.llama_cpp_check import open_llama
+
+    path = tmp / "model.gguf"
+    write_model_gguf(path, model, dtype="f32", name="bench")
+    return open_llama(path, n_ctx, threads=threads, logits_all=False)
+
+
+def _llama_cpp_note() -> str | None:
+    """Why the llama.cpp comparison cannot run here, or None."""
+    import importlib.util
+
+    from moelab.interop.gguf import llama_cpp_available
+
+    if not llama_cpp_available():
+        return "llama-cpp-python is not installed (pip install 'moelab[llamacpp]'; it compiles llama.cpp for ~10 min)"
+    if importlib.util.find_spec("gguf") is None:
+        return "the gguf package is not installed (pip install 'moelab[interop]')"
+    return None
+
+
 def _build(source: str, min_len: int):
     """(name, model) from a preset YAML (random weights, context stretched to fit the benchmark) or a run."""
     from moelab.checkpoint import load_model
@@ -142,39 +189,64 @@ def _pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
+def _variants(name: str, model, args, tmp: Path, threads: int) -> tuple[dict, dict[str, str]]:
+    """{variant: (model, timing fn)} and {variant: why it was skipped}."""
+    from moelab.errors import UserError
+
+    variants, skipped = {"moelab": (model, _ours)}, {}
+    if "hf" in args.compare:
+        try:
+            variants["hf"] = (_hf_model(model, tmp), _theirs)
+        except UserError as e:  # e.g. an ungated shared expert: no transformers class has one
+            skipped["hf"] = str(e).replace("\n", "; ")
+    if "llamacpp" in args.compare:
+        note = _llama_cpp_note()
+        if note is None:
+            try:
+                n_ctx = args.prompt_len + args.new_tokens
+                variants["llamacpp"] = (_llama_model(model, tmp, n_ctx, threads), _llamacpp)
+            except UserError as e:  # a model no llama.cpp architecture expresses
+                note = str(e).replace("\n", "; ")
+        if note is not None:
+            skipped["llamacpp"] = note
+    for vname, note in skipped.items():
+        who = {"hf": "transformers", "llamacpp": "llama.cpp"}[vname]
+        print(f"[{name}] {who} comparison skipped: {note}", flush=True)
+    return variants, skipped
+
+
 def run(args) -> int:
     import torch
 
-    from moelab.errors import UserError
     from moelab.infer.prepare import decode_layout
 
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
     results = {"config": {k: getattr(args, k) for k in ("prompt_len", "new_tokens", "batch_sizes", "repeats",
                                                         "compare")},
-               "threads": torch.get_num_threads(), "torch": torch.__version__, "models": {}}
+               "threads": threads, "torch": torch.__version__, "models": {}}
+    if "llamacpp" in args.compare and _llama_cpp_note() is None:
+        import llama_cpp
+
+        results["llama_cpp_python"] = llama_cpp.__version__
     for source in list(args.configs) + list(args.run):
         name, model = _build(source, args.prompt_len + args.new_tokens)
         decode_layout(model)
-        variants = {"moelab": (model, _ours)}
         tmp = tempfile.TemporaryDirectory()
-        hf_note = None
-        if "hf" in args.compare:
-            try:
-                variants["hf"] = (_hf_model(model, Path(tmp.name)), _theirs)
-            except UserError as e:  # e.g. an ungated shared expert: no transformers class has one
-                hf_note = str(e).replace("\n", "; ")
-                print(f"[{name}] transformers comparison skipped: {hf_note}", flush=True)
+        variants, skipped = _variants(name, model, args, Path(tmp.name), threads)
         vocab = model.cfg.vocab_size
         gen = torch.Generator().manual_seed(1)
         long_prompt = torch.randint(0, vocab, (args.prompt_len,), generator=gen).tolist()
         short_prompt = torch.randint(0, vocab, (16,), generator=gen).tolist()
-        if "hf" in variants:  # the same model on both sides: greedy continuations agree
-            _ours(model, short_prompt, 1, 8)
-            _theirs(variants["hf"][0], short_prompt, 1, 8)
-            greedy_match = _ours.last_ids == _theirs.last_ids
-            print(f"[{name}] greedy tokens equal to transformers': {greedy_match}", flush=True)
+        greedy_match = {}
+        for vname, (m, fn) in variants.items():  # the same model on every side: greedy continuations agree
+            if vname != "moelab":
+                _ours(model, short_prompt, 1, 8)
+                fn(m, short_prompt, 1, 8)
+                greedy_match[vname] = _ours.last_ids == fn.last_ids
+                print(f"[{name}] greedy tokens equal to {vname}'s: {greedy_match[vname]}", flush=True)
         samples: dict[str, dict[str, list[float]]] = {v: {} for v in variants}
         gaps: dict[str, list[float]] = {v + sfx: [] for v in variants for _, sfx in CLOCKS}
         for rep in range(args.repeats + 1):  # repeat 0 warms up and is discarded
@@ -184,7 +256,7 @@ def run(args) -> int:
                 if rep:
                     for clock, sfx in CLOCKS:
                         s.setdefault(f"prefill_tok_s{sfx}", []).append(args.prompt_len / (stamps[0][clock] - t0[clock]))
-                for b in args.batch_sizes:
+                for b in [1] if vname == "llamacpp" else args.batch_sizes:
                     _, stamps = fn(m, short_prompt, b, args.new_tokens)
                     if not rep:
                         continue
@@ -195,6 +267,8 @@ def run(args) -> int:
                         if b == 1:
                             gaps[vname + sfx] += [y - x for x, y in zip(times, times[1:], strict=False)]
             print(f"[{name}] repeat {rep}/{args.repeats}", flush=True)
+        if "llamacpp" in variants:
+            variants["llamacpp"][0].close()
         tmp.cleanup()
         out = {}
         for vname in variants:
@@ -204,12 +278,13 @@ def run(args) -> int:
                     row[f"latency_ms_p50{sfx}"] = 1e3 * _pct(gaps[vname + sfx], 0.5)
                     row[f"latency_ms_p99{sfx}"] = 1e3 * _pct(gaps[vname + sfx], 0.99)
             out[vname] = row
-        if "hf" in out:
-            out["greedy_match_hf"] = greedy_match
-            out["ratio_moelab_over_hf"] = {k: out["moelab"][k] / out["hf"][k] for k in out["moelab"]
-                                           if "tok_s" in k and k in out["hf"]}
-        if hf_note:
-            out["hf_skipped"] = hf_note
+        for vname in variants:
+            if vname != "moelab":
+                out[f"greedy_match_{vname}"] = greedy_match[vname]
+                out[f"ratio_moelab_over_{vname}"] = {k: out["moelab"][k] / out[vname][k] for k in out["moelab"]
+                                                     if "tok_s" in k and k in out[vname]}
+        for vname, note in skipped.items():
+            out[f"{vname}_skipped"] = note
         cfg = model.cfg
         out["model"] = {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "num_experts": cfg.moe.num_experts,
                         "top_k": cfg.moe.top_k, "params": sum(p.numel() for p in model.parameters())}
@@ -222,8 +297,10 @@ def run(args) -> int:
 
 def _print(name: str, out: dict) -> None:
     print(f"\n{name} ({out['model']['params'] / 1e6:.1f}M params): medians")
-    for vname in ("moelab", "hf"):
+    for vname in ("moelab", "hf", "llamacpp"):
         if vname in out:
-            print(f"  {vname:7s} " + "  ".join(f"{k}={v:.1f}" for k, v in out[vname].items()))
-    if "ratio_moelab_over_hf" in out:
-        print("  ratio   " + "  ".join(f"{k}={v:.2f}x" for k, v in out["ratio_moelab_over_hf"].items()))
+            print(f"  {vname:9s} " + "  ".join(f"{k}={v:.1f}" for k, v in out[vname].items()))
+    for vname in ("hf", "llamacpp"):
+        if f"ratio_moelab_over_{vname}" in out:
+            ratios = out[f"ratio_moelab_over_{vname}"]
+            print(f"  {'/' + vname:9s} " + "  ".join(f"{k}={v:.2f}x" for k, v in ratios.items()))

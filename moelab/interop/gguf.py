@@ -4,6 +4,8 @@ The llama.cpp architecture follows from the model (llama.cpp fixes each one's ro
 - `llama` (Mixtral-style MoE, or dense): renormalised top-k, no qk-norm, no shared expert. llama.cpp
   rotates interleaved pairs here, so q/k rows are permuted per head from our rotate-half layout
   (the `permute` of llama.cpp's convert_hf_to_gguf.py);
+- `bailingmoe`: renormalised or not (a GGUF key says which), plus an ungated shared expert counted in
+  routed experts' widths; interleaved RoPE as `llama`, so the same permutation;
 - `qwen2moe`: un-normalised top-k plus a sigmoid-gated shared expert; `qwen3moe`: renormalised
   top-k and per-head qk-norm; `olmoe`: un-normalised top-k and full-width qk-norm. These three use
   rotate-half RoPE (NEOX) like moelab, so no permutation.
@@ -33,6 +35,8 @@ from moelab.interop.parity import ParityReport
 # activations in its dot products) are compared against moelab in fp32, so they get more room.
 TOLERANCES = {"f32": 1e-4, "f16": 1e-2, "q8_0": 1.5e-1}
 SP_SPACE = "\u2581"
+INTERLEAVED_ROPE = ("llama", "bailingmoe")  # llama.cpp's LLAMA_ROPE_TYPE_NORM; the others rotate halves (NEOX)
+UNTIED_ONLY = ("qwen2moe", "olmoe", "bailingmoe")  # these always read output.weight
 
 
 def llama_cpp_available() -> bool:
@@ -53,26 +57,48 @@ def gguf_arch(cfg: ModelConfig) -> str:
             p.append("capacity limits cannot be expressed (llama.cpp is dropless)")
     if p:
         raise UserError("cannot export as GGUF: " + "; ".join(p))
-    shared, norm = bool(m.num_shared_experts) and bool(moe_ids), routed_normalized(cfg)
-    full_width = cfg.n_heads * cfg.hdim == cfg.d_model
     if not moe_ids:
-        arch = "llama" if cfg.qk_norm == "none" else None
-    elif cfg.qk_norm == "none" and not shared:
-        arch = "llama" if norm else None
-    elif cfg.qk_norm == "none" and shared:
-        arch = "qwen2moe" if m.shared_expert_gate and not norm and full_width else None
+        if cfg.qk_norm == "none":
+            return "llama"
+        raise UserError(f"cannot export as GGUF: no llama.cpp architecture has a dense model with "
+                        f"qk_norm={cfg.qk_norm!r} (llama.cpp's llama has no qk-norm)")
+    norm = routed_normalized(cfg)
+    full_width = cfg.n_heads * cfg.hdim == cfg.d_model
+    shared_width = (m.shared_expert_dim or m.expert_dim) * m.num_shared_experts
+    if m.num_shared_experts:
+        if cfg.qk_norm != "none":
+            why = (f"shared experts with qk_norm={cfg.qk_norm!r} (its shared-expert architectures, qwen2moe and "
+                   "bailingmoe, have no qk-norm)")
+        elif m.shared_expert_gate and norm:
+            why = ("a sigmoid-gated shared expert with renormalised top-k weights (qwen2moe, its one gated shared "
+                   "expert, never renormalises: moe.normalize=false)")
+        elif m.shared_expert_gate and not full_width:
+            why = (f"a gated shared expert with n_heads * head_dim = {cfg.n_heads * cfg.hdim} != d_model "
+                   f"{cfg.d_model} (qwen2moe sizes attention by d_model)")
+        elif m.shared_expert_gate:
+            return "qwen2moe"
+        elif shared_width % m.expert_dim:
+            why = (f"an ungated shared expert of width {shared_width}, not a multiple of the expert width "
+                   f"{m.expert_dim} (bailingmoe counts shared experts in routed experts' widths)")
+        else:
+            return "bailingmoe"
+    elif cfg.qk_norm == "none":
+        if norm:
+            return "llama"
+        why = ("un-normalised top-k weights without qk-norm or a shared expert (llama/Mixtral always "
+               "renormalises: moe.normalize=true)")
     elif cfg.qk_norm == "head":
-        arch = "qwen3moe" if norm and not shared else None
+        if norm:
+            return "qwen3moe"
+        why = "per-head qk-norm with un-normalised top-k weights (qwen3moe always renormalises)"
+    elif norm:
+        why = "full-width qk-norm with renormalised top-k weights (olmoe never renormalises)"
+    elif not full_width or cfg.kv_heads != cfg.n_heads:
+        why = (f"full-width qk-norm with kv_heads {cfg.kv_heads}/{cfg.n_heads}, n_heads * head_dim "
+               f"{cfg.n_heads * cfg.hdim} / d_model {cfg.d_model} (olmoe sizes both norms by d_model: no GQA)")
     else:
-        arch = "olmoe" if not norm and not shared and full_width and cfg.kv_heads == cfg.n_heads else None
-    if arch is None:
-        raise UserError(
-            f"cannot export as GGUF: no llama.cpp architecture has qk_norm={cfg.qk_norm!r}, shared experts="
-            f"{shared} (gated {m.shared_expert_gate}), normalised top-k={norm}, heads*head_dim==d_model "
-            f"{full_width}, kv_heads={cfg.kv_heads}/{cfg.n_heads}. llama.cpp offers: llama (normalised, no "
-            "qk-norm, no shared), qwen2moe (un-normalised, gated shared), qwen3moe (normalised, per-head "
-            "qk-norm), olmoe (un-normalised, full-width qk-norm, no GQA)")
-    return arch
+        return "olmoe"
+    raise UserError(f"cannot export as GGUF: no llama.cpp architecture has {why}")
 
 
 def permute_rope(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -102,14 +128,14 @@ def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) ->
     model holds a tensor the mapping does not place."""
     state = _Tracked(state)
     out = {"token_embd.weight": state["embed.weight"], "output_norm.weight": state["norm.weight"]}
-    if not cfg.tie_embeddings or arch in ("qwen2moe", "olmoe"):  # these two always read output.weight
+    if not cfg.tie_embeddings or arch in UNTIED_ONLY:
         out["output.weight"] = state.get("lm_head.weight", state["embed.weight"])
     moe_ids = set(cfg.moe_layer_ids())
     for i in range(cfg.n_layers):
         s, b = f"layers.{i}.", f"blk.{i}."
         q, k = state[s + "attn.q_proj.weight"], state[s + "attn.k_proj.weight"]
         qb, kb = state.get(s + "attn.q_proj.bias"), state.get(s + "attn.k_proj.bias")
-        if arch == "llama":
+        if arch in INTERLEAVED_ROPE:
             q, k = permute_rope(q, cfg.n_heads), permute_rope(k, cfg.kv_heads)
             if qb is not None:
                 qb, kb = permute_rope(qb, cfg.n_heads), permute_rope(kb, cfg.kv_heads)
@@ -134,7 +160,8 @@ def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) ->
         if cfg.moe.num_shared_experts:
             for name in ("gate", "up", "down"):
                 out[f"{b}ffn_{name}_shexp.weight"] = state[f"{s}ffn.shared.{name}_proj.weight"]
-            out[b + "ffn_gate_inp_shexp.weight"] = state[s + "ffn.shared_gate.weight"].reshape(-1)
+            if cfg.moe.shared_expert_gate:
+                out[b + "ffn_gate_inp_shexp.weight"] = state[s + "ffn.shared_gate.weight"].reshape(-1)
     unplaced = sorted(set(state) - state.used - ({"lm_head.weight"} if cfg.tie_embeddings else set()))
     if unplaced:
         raise UserError(f"cannot export as GGUF ({arch}): no place for {unplaced[:3]}")
@@ -215,7 +242,11 @@ def write_gguf(path: Path, cfg: ModelConfig, arch: str, tensors: dict[str, torch
         if arch != "llama":
             w.add_expert_feed_forward_length(m.expert_dim)
         if m.num_shared_experts:
-            w.add_expert_shared_feed_forward_length((m.shared_expert_dim or m.expert_dim) * m.num_shared_experts)
+            width = (m.shared_expert_dim or m.expert_dim) * m.num_shared_experts
+            w.add_expert_shared_feed_forward_length(width)
+            if arch == "bailingmoe":  # its shared FFN is expert_shared_count routed experts wide
+                w.add_expert_shared_count(width // m.expert_dim)
+                w.add_expert_weights_norm(routed_normalized(cfg))
     w.add_tokenizer_model("llama")
     w.add_tokenizer_pre("default")
     w.add_token_list(vocab["tokens"])
@@ -236,6 +267,25 @@ def write_gguf(path: Path, cfg: ModelConfig, arch: str, tensors: dict[str, torch
     w.close()
 
 
+def write_model_gguf(path: str | Path, model, tok=None, dtype: str = "f32", name: str = "moelab") -> str:
+    """Write the in-memory `model` (with tokenizer `tok`) as GGUF at `path`, read it back, return the arch.
+    Without `tok` the byte vocabulary stands in: enough for callers that feed token ids (benchmarks)."""
+    from moelab.tokenizer import ByteTokenizer
+
+    cfg = model.cfg
+    arch = gguf_arch(cfg)
+    if tok is None:
+        if cfg.vocab_size < 257:
+            raise UserError(f"cannot export as GGUF without a tokenizer: the stand-in byte vocabulary needs "
+                            f"vocab_size >= 257, the model has {cfg.vocab_size}")
+        tok = ByteTokenizer()
+    vocab = gguf_vocab(tok, cfg.vocab_size)
+    tensors = gguf_tensors(model.state_dict(), cfg, arch)
+    write_gguf(Path(path), cfg, arch, tensors, vocab, dtype, name)
+    _read_back(Path(path), tensors)
+    return arch
+
+
 def export_gguf(run: str | Path, out_file: str | Path, *, dtype: str = "f32", check: bool = True,
                 tolerance: float | None = None, overwrite: bool = False) -> ConversionResult:
     """Write run/checkpoint `run` as one GGUF file; with llama-cpp-python installed, run it and compare."""
@@ -250,26 +300,21 @@ def export_gguf(run: str | Path, out_file: str | Path, *, dtype: str = "f32", ch
     if out.is_dir() or (out.exists() and not overwrite):
         raise UserError(f"{out}: already exists (choose a new file name or pass --overwrite)")
     model, full, ckpt = load_model(run)
-    cfg = full.model
-    arch = gguf_arch(cfg)
+    gguf_arch(full.model)  # refuse an inexpressible model before asking for its tokenizer
     if not (ckpt / "tokenizer" / "tokenizer.json").is_file():
         raise UserError(f"{ckpt}: no tokenizer/ in the checkpoint; a GGUF file must embed one")
     tok = Tokenizer.load(ckpt / "tokenizer")
-    vocab = gguf_vocab(tok, cfg.vocab_size)
-    tensors = gguf_tensors(model.state_dict(), cfg, arch)
-    result = ConversionResult(out, arch)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
-        write_gguf(tmp, cfg, arch, tensors, vocab, dtype, Path(run).name)
-        _read_back(tmp, tensors)
+        result = ConversionResult(out, write_model_gguf(tmp, model, tok, dtype, Path(run).name))
         if check and llama_cpp_available():
             from moelab.interop.llama_cpp_check import compare_llama_cpp
 
             result.report, tok_note = compare_llama_cpp(tmp, model, tok)
             result.notes.append(tok_note)
             limit = TOLERANCES[dtype] if tolerance is None else tolerance
-            result.report.check(limit, f"GGUF export ({arch}, {dtype})")
+            result.report.check(limit, f"GGUF export ({result.arch}, {dtype})", rounded=dtype != "f32")
         elif check:
             result.notes.append("llama-cpp-python is not installed: the llama.cpp logit check was skipped")
         with open(tmp, "rb") as fh:
@@ -281,8 +326,11 @@ def export_gguf(run: str | Path, out_file: str | Path, *, dtype: str = "f32", ch
 
 
 def _read_back(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Every tensor is in the file with its shape (ggml order is reversed)."""
+    """Every tensor is in the file with its shape (ggml order is reversed) and decodes to its source:
+    exactly for f32, rounded to the nearest f16 for f16, within half a step plus the step's own f16
+    rounding for q8_0. Catches a tensor written under the wrong name, transposed or mis-encoded."""
     import gguf
+    from gguf import GGMLQuantizationType as Q
 
     reader = gguf.GGUFReader(str(path))
     found = {t.name: tuple(int(x) for x in reversed(t.shape.tolist())) for t in reader.tensors}
@@ -290,6 +338,17 @@ def _read_back(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     if found != want:
         bad = sorted(set(found.items()) ^ set(want.items()))[:3]
         raise RuntimeError(f"GGUF read-back differs from what was written: {bad}")
+    for t in reader.tensors:
+        src = tensors[t.name].numpy()
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(src.shape)
+        if t.tensor_type == Q.Q8_0:
+            # |q d16 - x| <= d/2 + 127 |d16 - d|, d = the block's step max|x| / 127, d16 = d rounded to f16
+            step = np.abs(src.reshape(-1, 32)).max(-1, keepdims=True) / 127
+            ok = (np.abs(got - src).reshape(-1, 32) <= step * (0.5 + 127 * 2.0**-11) * (1 + 1e-6)).all()
+        else:
+            ok = np.array_equal(got, src.astype(np.float16).astype(np.float32) if t.tensor_type == Q.F16 else src)
+        if not ok:
+            raise RuntimeError(f"GGUF read-back: {t.name} ({t.tensor_type.name}) does not decode to its source")
 
 
-__all__ = ["ParityReport", "export_gguf", "gguf_arch", "gguf_tensors", "gguf_vocab", "permute_rope"]
+__all__ = ["ParityReport", "export_gguf", "write_model_gguf", "gguf_arch", "gguf_tensors", "gguf_vocab", "permute_rope"]

@@ -28,15 +28,17 @@ def _quiet_stderr():
             os.close(saved)
 
 
-def open_llama(path, n_ctx: int):
+def open_llama(path, n_ctx: int, *, threads: int | None = None, logits_all: bool = True):
     """A llama.cpp context with an fp32 KV cache: the default f16 cache alone moves logits by ~1e-3,
-    which would hide what the check is for (the file's weights and architecture)."""
+    which would hide what the check is for (the file's weights and architecture). One batch holds the
+    whole context, so a prompt is one forward as in moelab."""
     from llama_cpp import GGML_TYPE_F32, Llama
 
+    threads = threads or max(1, min(2, torch.get_num_threads()))
     with _quiet_stderr():
-        return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
-                     type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False,
-                     n_threads=max(1, min(2, torch.get_num_threads())), seed=0)
+        return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
+                     type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False, n_threads=threads,
+                     n_threads_batch=threads, seed=0)
 
 
 def llama_logits(llm, ids: torch.Tensor) -> torch.Tensor:

@@ -53,6 +53,8 @@ class ParityReport:
     shape: tuple[int, int]  # (sequences, tokens) compared
     greedy_ours: list[int]
     greedy_theirs: list[int]
+    # median over positions of each position's max |delta|: what rounded weights are judged by (see `check`)
+    median_abs_delta: float = float("nan")
 
     @property
     def greedy_equal(self) -> bool:
@@ -60,15 +62,23 @@ class ParityReport:
 
     def line(self, theirs: str = "transformers") -> str:
         greedy = "identical" if self.greedy_equal else "DIFFERENT"
-        return (f"parity vs {theirs}: max |delta logit| = {self.max_abs_delta:.3g} (max |logit| "
-                f"{self.max_abs_logit:.3g}) on {self.shape[0]}x{self.shape[1]} random tokens; greedy "
-                f"continuation of {len(self.greedy_ours)} tokens {greedy}")
+        return (f"parity vs {theirs}: max |delta logit| = {self.max_abs_delta:.3g} (median position "
+                f"{self.median_abs_delta:.3g}, max |logit| {self.max_abs_logit:.3g}) on {self.shape[0]}x"
+                f"{self.shape[1]} random tokens; greedy continuation of {len(self.greedy_ours)} tokens {greedy}")
 
-    def check(self, tolerance: float, what: str) -> None:
+    def check(self, tolerance: float, what: str, *, rounded: bool = False) -> None:
+        """Refuse when the logits differ by more than `tolerance` (relative to max(1, max |logit|)): at
+        every position, or with `rounded` (weights rounded to f16/q8_0 on their side) at the median
+        position. Rounding moves router logits slightly, so a token whose top-k choice is a near tie can
+        pick another expert there, which changes its logits (and a little of the later tokens') by far
+        more than the rounding itself: measured here, 0.33-0.65 at positions whose router margin was
+        under 0.005, against 0.003 (f16) and 0.06 (q8_0) elsewhere. A wrong conversion is wrong at
+        nearly every position, so the median still catches it."""
         limit = tolerance * max(1.0, self.max_abs_logit)
-        if not self.max_abs_delta <= limit:  # also catches NaN
-            raise UserError(f"{what}: logits differ by {self.max_abs_delta:.3g} > tolerance {limit:.3g}; "
-                            "the conversion is wrong, nothing was written")
+        value, which = (self.median_abs_delta, "at the median position") if rounded else (self.max_abs_delta, "")
+        if not value <= limit:  # also catches NaN
+            raise UserError(f"{what}: logits differ by {value:.3g}{' ' + which if which else ''} > tolerance "
+                            f"{limit:.3g}; the conversion is wrong, nothing was written")
 
 
 def _hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -98,7 +108,9 @@ def compare(ours, theirs, vocab_size: int, max_len: int, *, theirs_logits=_hf_lo
     ids = torch.randint(0, vocab_size, (seqs, seq_len), generator=gen)
     a, b = _ours_logits(ours, ids), theirs_logits(theirs, ids)
     prompt = ids[:1, : max(1, seq_len // 2)]
+    per_position = (a - b).abs().amax(-1)
     return ParityReport(
-        max_abs_delta=float((a - b).abs().max()), max_abs_logit=float(a.abs().max()), shape=tuple(ids.shape),
+        max_abs_delta=float(per_position.max()), max_abs_logit=float(a.abs().max()), shape=tuple(ids.shape),
+        median_abs_delta=float(per_position.flatten().median()),
         greedy_ours=greedy(lambda x: _ours_logits(ours, x), prompt, greedy_steps),
         greedy_theirs=greedy(lambda x: theirs_logits(theirs, x), prompt, greedy_steps))

@@ -49,3 +49,34 @@ def test_bench_serve_has_no_errors(toy_config, tmp_path):
     for lv in levels:
         assert lv["errors"] == 0 and lv["requests"] > 0 and lv["tokens_per_s"] > 0
         assert lv["ttft_ms_p50"] <= lv["e2e_ms_p99"]
+
+
+def test_bench_generate_llamacpp_missing_is_one_clear_line(toy_config, tmp_path, monkeypatch, capsys):
+    import moelab.interop.gguf
+
+    monkeypatch.setattr(moelab.interop.gguf, "llama_cpp_available", lambda: False)
+    out = tmp_path / "g.json"
+    assert main(["bench", "generate", "--configs", str(toy_config), "--prompt-len", "8", "--new-tokens", "3",
+                 "--batch-sizes", "1", "--repeats", "1", "--compare", "llamacpp", "--json", str(out)]) == 0
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "llama.cpp" in ln]
+    assert lines == ["[toy] llama.cpp comparison skipped: llama-cpp-python is not installed "
+                     "(pip install 'moelab[llamacpp]'; it compiles llama.cpp for ~10 min)"]
+    res = json.loads(out.read_text())["models"]["toy"]
+    assert "llamacpp" not in res and res["moelab"]["decode_tok_s_b1"] > 0
+    assert "not installed" in res["llamacpp_skipped"]
+
+
+def test_bench_generate_with_llama_cpp(toy_config, tmp_path):
+    pytest.importorskip("gguf")
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (the llamacpp extra)")
+    out = tmp_path / "g.json"
+    assert main(["bench", "generate", "--configs", str(toy_config), "--prompt-len", "16", "--new-tokens", "6",
+                 "--batch-sizes", "1", "2", "--repeats", "1", "--compare", "llamacpp", "--threads", "1",
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    res = data["models"]["toy"]
+    assert data["llama_cpp_python"] and res["greedy_match_llamacpp"] is True  # same weights, fp32 both sides
+    row = res["llamacpp"]
+    assert row["prefill_tok_s"] > 0 and row["decode_tok_s_b1"] > 0 and "decode_tok_s_b2" not in row
+    assert 0 < row["latency_ms_p50"] <= row["latency_ms_p99"]
+    assert {"prefill_tok_s", "decode_tok_s_b1", "decode_tok_s_b1_cpu"} <= set(res["ratio_moelab_over_llamacpp"])
