@@ -15,3 +15,17 @@ def test_bench_layer_writes_json_with_ratios(tmp_path, capsys):
     assert res["ratio_to_dense"]["float32"]["dense"] == 1.0
     assert "moe/dense at E=2 <= 1.2" in res["targets"]["float32"]
     assert "hf_grouped_mm" in capsys.readouterr().out
+
+
+def test_bench_layer_skips_hf_eager_where_it_runs_out_of_memory(tmp_path, monkeypatch):
+    import moelab.bench.layer as layer
+
+    monkeypatch.setattr(layer, "HF_EAGER_BF16_MAX_EXPERTS", 2)
+    out = tmp_path / "layer.json"
+    rc = main(["bench", "layer", "--tokens", "64", "--d-model", "16", "--expert-dim", "8", "--experts", "2", "4",
+               "--dtypes", "float32", "bfloat16", "--repeats", "2", "--hf", "eager", "--json", str(out)])
+    assert rc == 0
+    res = json.loads(out.read_text())
+    assert "hf_eager_E4" in res["median_s"]["float32"] and "hf_eager_E4" not in res["median_s"]["bfloat16"]
+    assert "hf_eager_E2" in res["median_s"]["bfloat16"]
+    assert list(res["skipped"]["bfloat16"]) == ["hf_eager_E4"]
