@@ -225,7 +225,10 @@ async def _sse(request, engine, handles, events, rid, model_name, echo, req: Com
         for i, text in enumerate(echo):
             if text:
                 yield chunk([choice(i, text, None)])
-        while not all(h.done for h in handles):
+        # Loop on the events received, not on `h.done`: the engine thread marks a request done before
+        # its last event (with the last text) reaches this task, so `h.done` would drop that text.
+        unfinished = set(index.values())
+        while unfinished:
             ev = await watch.next()
             if ev is None:
                 return
@@ -243,6 +246,8 @@ async def _sse(request, engine, handles, events, rid, model_name, echo, req: Com
                 m = merged.setdefault(index[id(e.request)], ["", None])
                 m[0] += e.text
                 m[1] = e.finish_reason or m[1]
+                if e.finish_reason is not None:
+                    unfinished.discard(index[id(e.request)])
             # A chunk per step even when its text is held back (half a character, a possible stop
             # string): clients see progress, and time to first token means what it says.
             for i, (text, reason) in sorted(merged.items()):

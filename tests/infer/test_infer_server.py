@@ -167,3 +167,37 @@ def test_streaming_several_choices(client):
             finish[ch.index] = ch.finish_reason or finish.get(ch.index)
     assert [texts[i] for i in range(4)] == [c.text for c in whole.choices]
     assert all(finish[i] in ("stop", "length") for i in range(4))
+
+
+def test_stream_sends_the_last_text_even_when_the_request_is_already_done():
+    """The engine marks a request done before its final event reaches the response task; the stream
+    must still deliver that event's text (a race that cut streamed completions short under load)."""
+    import asyncio
+    import json as _json
+    from types import SimpleNamespace
+
+    from moelab.infer.protocol import parse_completion_request
+    from moelab.infer.scheduler import Event
+    from moelab.infer.server import _sse
+
+    async def run():
+        handles = [SimpleNamespace(done=True, prompt_ids=[1], output_ids=[2, 3]) for _ in range(2)]
+        events: asyncio.Queue = asyncio.Queue()
+        for h, text in zip(handles, ["ab", "cd"], strict=True):
+            events.put_nowait(Event(h, text[0], [2]))
+            events.put_nowait(Event(h, text[1], [3], finish_reason="length"))
+
+        class Client:
+            async def is_disconnected(self):
+                return False
+
+        req = parse_completion_request({"model": "m", "prompt": "x", "stream": True})
+        return [c async for c in _sse(Client(), None, handles, events, "id", "m", ["", ""], req)]
+
+    chunks = asyncio.run(run())
+    assert chunks[-1] == "data: [DONE]\n\n"
+    texts = {}
+    for c in chunks[:-1]:
+        for ch in _json.loads(c[len("data: "):])["choices"]:
+            texts[ch["index"]] = texts.get(ch["index"], "") + ch["text"]
+    assert texts == {0: "ab", 1: "cd"}
