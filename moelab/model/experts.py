@@ -204,7 +204,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
             saved.append((xb, h, w_gu, w_dn))
         ctx.buckets, ctx.saved, ctx.dtype, ctx.binary = buckets, saved, dtype, binary
         ctx.shapes = (gate_up.shape, down.shape, gate_up.dtype, down.dtype)
-        return y[:n]
+        return y.resize_(n, y.shape[1])  # drop the dump row in place: a view would trip FSDP2's hooks
 
     @staticmethod
     def backward(ctx, dy):
