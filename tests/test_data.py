@@ -392,6 +392,15 @@ def test_interrupted_prepare_leaves_no_partial_dataset(tmp_path, monkeypatch):
     assert _snapshot(tmp_path / "old") == before and load_meta(tmp_path / "old")
     (left,) = tmp_path.glob("old.tmp-*")
     assert (left / "train.bin").exists() and not (left / "meta.json").exists()
+    assert left.name.startswith(f"old.tmp-{child.pid}-")
+
+    # The next write deletes the killed writer's leftover, but not a live writer's (the parent's PID here).
+    live = tmp_path / f"old.tmp-{os.getppid()}-0123abcd"
+    live.mkdir()
+    monkeypatch.undo()
+    prepare([tmp_path / "in"], "byte", tmp_path / "old", workers=0, overwrite=True)
+    assert (tmp_path / "old" / "train.bin").read_bytes() == before["train.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in", "old", live.name])
 
 
 def test_output_directory_errors_are_one_line(tmp_path, monkeypatch):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import secrets
 import shutil
 from pathlib import Path
@@ -52,10 +53,39 @@ def check_output_dir(final: Path, overwrite: bool, marker: str) -> None:
                         "got other files")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process, or a platform without signal 0: assume it still writes
+    return True
+
+
+def remove_stale_siblings(final: Path) -> list[Path]:
+    """Delete `final.tmp-PID-*` / `final.old-PID-*` directories left by a writer that was killed (its PID
+    no longer runs on this machine); a live writer's are left alone. Returns what was removed."""
+    pattern = re.compile(rf"{re.escape(final.name)}\.(tmp|old)-(\d+)-[0-9a-f]+")
+    removed = []
+    try:
+        siblings = list(final.parent.iterdir())
+    except OSError:
+        return removed
+    for p in siblings:
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink() and int(m.group(2)) != os.getpid() \
+                and not _pid_alive(int(m.group(2))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 def _make_tmp_dir(final: Path) -> Path:
     # Not tempfile.mkdtemp: its 0700 mode would survive the rename; mkdir honours the umask like any output.
+    # The writer's PID in the name lets a later run tell a killed writer's leftovers from a live one's.
     for _ in range(100):
-        tmp = final.with_name(f"{final.name}.tmp-{secrets.token_hex(4)}")
+        tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
         try:
             tmp.mkdir()
             return tmp
@@ -80,13 +110,14 @@ def _fsync_dir(path: Path) -> None:
 def write_dir_atomic(final: Path, write, overwrite: bool, marker: str) -> Path:
     """Call write(tmp) in a temporary sibling `final.tmp-*`, fsync its files, then rename it into place, so
     `final` never holds a partial result: an interrupted or failed write leaves `final` as it was (a kill -9
-    can leave the `.tmp-*` sibling behind, never a half-written `final`). An existing `final` is refused
-    unless `overwrite`, and even then only replaced when it is empty or holds `marker` (so a typo in an
-    output path never deletes an unrelated directory)."""
+    can leave the `.tmp-*` sibling behind, never a half-written `final`, and the next write deletes it). An
+    existing `final` is refused unless `overwrite`, and even then only replaced when it is empty or holds
+    `marker` (so a typo in an output path never deletes an unrelated directory)."""
     final = Path(final)
     check_output_dir(final, overwrite, marker)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_siblings(final)
         tmp = _make_tmp_dir(final)
     except OSError as e:
         blocker = next((a for a in final.parents if a.exists() or a.is_symlink()), None)
@@ -100,7 +131,7 @@ def write_dir_atomic(final: Path, write, overwrite: bool, marker: str) -> Path:
                 with open(p, "rb") as fh:
                     os.fsync(fh.fileno())
         if final.exists():
-            old = final.with_name(f"{final.name}.old-{secrets.token_hex(4)}")
+            old = final.with_name(f"{final.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
             os.replace(final, old)
             try:
                 os.replace(tmp, final)
