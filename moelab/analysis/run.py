@@ -122,7 +122,8 @@ def analyze_run(run_dir: str | Path, data_dir: str | Path | None = None, tokens:
                 batch_size: int = 8, top_n: int = 10, device: str = "auto", domains: str = "auto",
                 progress=None) -> tuple[dict, Path]:
     """Trace the newest checkpoint of `run_dir` (or the checkpoint dir itself) over held-out data, write
-    RUN/report/analysis.json and RUN/report/report.html, and return (analysis, report path)."""
+    RUN/report/analysis.json and RUN/report/report.html (RUN: the run that holds a checkpoint named
+    directly, see `owning_run`), and return (analysis, report path)."""
     from moelab.checkpoint import load_model
 
     run_dir = Path(run_dir)
@@ -149,6 +150,18 @@ def analyze_run(run_dir: str | Path, data_dir: str | Path | None = None, tokens:
     analysis = {"run": str(run_dir.resolve()), "checkpoint": str(ckpt.resolve()), "data": str(Path(data_dir).resolve()),
                 "split": split, "seq_len": seq_len, "router": cfg.model.moe.router,
                 **summarise(trace, token_labeller(tok) if tok is not None else None, top_n)}
-    out = run_dir / REPORT_DIR
+    owner = owning_run(ckpt, run_dir)
+    out = owner / REPORT_DIR
     write_bytes_atomic(out / "analysis.json", json.dumps(analysis, indent=1).encode("utf-8"))
-    return analysis, write_report(run_dir, analysis)
+    return analysis, write_report(owner, analysis)
+
+
+def owning_run(ckpt: Path, given: Path) -> Path:
+    """Where the report goes: the run that holds the checkpoint when one was named directly
+    (RUN/checkpoints/step_N), so the report sits beside the run's metrics and is not deleted with the
+    checkpoint when training prunes it; else the directory given."""
+    ckpt = Path(ckpt).resolve()
+    named_checkpoint = Path(given).resolve() == ckpt  # also RUN/checkpoints/best, a link to one
+    if named_checkpoint and ckpt.parent.name == "checkpoints" and (ckpt.parent.parent / "config.yaml").is_file():
+        return ckpt.parent.parent
+    return Path(given)

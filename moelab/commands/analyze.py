@@ -12,7 +12,8 @@ DESCRIPTION = (
     "co-activation matrix and the dropped fraction; and specialisation: routing per source file, the "
     "mutual information between source and expert (with its shuffled chance level), the top tokens per "
     "expert, and how well layer l's expert predicts layer l+1's. Writes RUN/report/analysis.json, PNGs "
-    "and the HTML report (with training curves when RUN/metrics.jsonl has records)."
+    "and the HTML report (with training curves when RUN/metrics.jsonl has records); given a checkpoint "
+    "RUN/checkpoints/step_N, the report still goes to RUN/report, where pruning cannot delete it."
 )
 
 

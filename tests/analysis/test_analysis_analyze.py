@@ -148,3 +148,18 @@ def test_group_sources():
     names = [s[0] for s in analysis_run.group_sources(big, "val", "file")]
     assert len(set(names)) == analysis_run.MAX_DOMAINS and names.count("(other)") == 40 - 15
     assert "39.txt" in names  # the largest keep their names
+
+
+def test_analyze_a_checkpoint_writes_the_runs_report(tmp_path, dataset, capsys):
+    # A checkpoint inside RUN/checkpoints/ is pruned by later training: its report goes to RUN/report.
+    run = run_with_data(tmp_path / "run", dataset)
+    (ckpt,) = (run / "checkpoints").iterdir()
+    assert main(["analyze", str(ckpt), "--tokens", "64", "--device", "cpu"]) == 0
+    assert f"report: {run / 'report' / 'report.html'}" in capsys.readouterr().out
+    a = json.loads((run / "report" / "analysis.json").read_text())
+    assert a["checkpoint"] == str(ckpt.resolve()) and not (ckpt / "report").exists()
+    # a checkpoint outside any run (an import, a copy) keeps its report beside it
+    alone = tmp_path / "alone"
+    ckpt.rename(alone)
+    assert main(["analyze", str(alone), "--data", str(dataset), "--tokens", "64", "--device", "cpu"]) == 0
+    assert (alone / "report" / "analysis.json").is_file()
