@@ -7,11 +7,12 @@ Per model (a preset config with random weights, or a trained run):
 - per-token latency p50/p99: gaps between consecutive tokens of one decode at batch 1.
 Each is measured twice: on the wall clock and on the process's CPU time (keys ending in `_cpu`),
 which on a shared machine is the steadier estimate of an idle machine's speed at one thread.
-`--compare hf` exports the same weights to transformers (moelab.interop) and times its `generate`
-the same way, interleaved with ours in every repeat so machine noise hits both alike. `--compare
-llamacpp` does the same with llama.cpp (llama-cpp-python) on a GGUF f32 export: prefill and decode at
-batch 1 only (llama-cpp-python runs one sequence), with --threads threads and an fp32 KV cache, so
-both sides compute in fp32.
+`--compile` adds `moelab_compiled`: the same engine with compiled decode steps (the warm-up repeat
+compiles; `scheduler.compiled_decoder`). `--compare hf` exports the same weights to transformers
+(moelab.interop) and times its `generate` the same way, interleaved with ours in every repeat so
+machine noise hits both alike. `--compare llamacpp` does the same with llama.cpp (llama-cpp-python)
+on a GGUF f32 export: prefill and decode at batch 1 only (llama-cpp-python runs one sequence), with
+--threads threads and an fp32 KV cache, so both sides compute in fp32.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def add_arguments(p):
     p.add_argument("--compare", nargs="*", default=[], choices=["hf", "llamacpp"],
                    help="also time transformers' generate (hf) and/or llama.cpp on a GGUF f32 export (llamacpp)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time moelab with compiled decode steps (moelab_compiled; compiles in the warm-up)")
     p.add_argument("--json", dest="json_out", default="benchmarks/generate.json", help="where to write results")
 
 
@@ -62,14 +65,14 @@ def _now() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
-def _ours(model, prompt: list[int], batch: int, new_tokens: int) -> tuple[float, list[float]]:
+def _ours(model, prompt: list[int], batch: int, new_tokens: int, compile: bool = False) -> tuple[float, list[float]]:
     """(start time, timestamps of each step's tokens) for a greedy generation through the engine."""
     from moelab.infer.sampling import SamplingParams
     from moelab.infer.scheduler import Engine
 
     stamps: list[tuple[float, float]] = []
     t0 = _now()
-    engine = Engine(model, _IdTokenizer(), max_batch=batch, max_len=len(prompt) + new_tokens)
+    engine = Engine(model, _IdTokenizer(), max_batch=batch, max_len=len(prompt) + new_tokens, compile=compile)
     try:
         params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
         first = engine.submit(prompt, params, lambda ev: stamps.append(_now()) if ev.token_ids else None)
@@ -81,6 +84,13 @@ def _ours(model, prompt: list[int], batch: int, new_tokens: int) -> tuple[float,
         engine.close()
     assert len(first.output_ids) == new_tokens
     _ours.last_ids = first.output_ids
+    return t0, stamps
+
+
+def _ours_compiled(model, prompt: list[int], batch: int, new_tokens: int) -> tuple[float, list[float]]:
+    """`_ours` with compiled decode steps; graphs compiled once per process are reused by every engine."""
+    t0, stamps = _ours(model, prompt, batch, new_tokens, compile=True)
+    _ours_compiled.last_ids = _ours.last_ids
     return t0, stamps
 
 
@@ -194,6 +204,8 @@ def _variants(name: str, model, args, tmp: Path, threads: int) -> tuple[dict, di
     from moelab.errors import UserError
 
     variants, skipped = {"moelab": (model, _ours)}, {}
+    if args.compile:
+        variants["moelab_compiled"] = (model, _ours_compiled)
     if "hf" in args.compare:
         try:
             variants["hf"] = (_hf_model(model, tmp), _theirs)
@@ -225,7 +237,7 @@ def run(args) -> int:
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     results = {"config": {k: getattr(args, k) for k in ("prompt_len", "new_tokens", "batch_sizes", "repeats",
-                                                        "compare")},
+                                                        "compare", "compile")},
                "threads": threads, "torch": torch.__version__, "models": {}}
     if "llamacpp" in args.compare and _llama_cpp_note() is None:
         import llama_cpp
@@ -281,8 +293,12 @@ def run(args) -> int:
         for vname in variants:
             if vname != "moelab":
                 out[f"greedy_match_{vname}"] = greedy_match[vname]
-                out[f"ratio_moelab_over_{vname}"] = {k: out["moelab"][k] / out[vname][k] for k in out["moelab"]
-                                                     if "tok_s" in k and k in out[vname]}
+        ours = [v for v in ("moelab", "moelab_compiled") if v in variants]
+        for a in ours:
+            for b in variants:
+                if b not in (a, "moelab_compiled") and (b != "moelab" or a == "moelab_compiled"):
+                    out[f"ratio_{a}_over_{b}"] = {k: out[a][k] / out[b][k] for k in out[a]
+                                                  if "tok_s" in k and k in out[b]}
         for vname, note in skipped.items():
             out[f"{vname}_skipped"] = note
         cfg = model.cfg
@@ -297,10 +313,10 @@ def run(args) -> int:
 
 def _print(name: str, out: dict) -> None:
     print(f"\n{name} ({out['model']['params'] / 1e6:.1f}M params): medians")
-    for vname in ("moelab", "hf", "llamacpp"):
+    for vname in ("moelab", "moelab_compiled", "hf", "llamacpp"):
         if vname in out:
-            print(f"  {vname:9s} " + "  ".join(f"{k}={v:.1f}" for k, v in out[vname].items()))
-    for vname in ("hf", "llamacpp"):
-        if f"ratio_moelab_over_{vname}" in out:
-            ratios = out[f"ratio_moelab_over_{vname}"]
-            print(f"  {'/' + vname:9s} " + "  ".join(f"{k}={v:.2f}x" for k, v in ratios.items()))
+            print(f"  {vname:15s} " + "  ".join(f"{k}={v:.1f}" for k, v in out[vname].items()))
+    for key, ratios in out.items():
+        if key.startswith("ratio_"):
+            label = key[len("ratio_"):].replace("_over_", " / ")
+            print(f"  {label}: " + "  ".join(f"{k}={v:.2f}x" for k, v in ratios.items()))

@@ -24,6 +24,8 @@ def add_sampling_arguments(p) -> None:
                    help="cast the weights (default: as stored)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--warmup", action="store_true", help="run every expert once at load")
+    p.add_argument("--compile", action="store_true",
+                   help="decode through torch.compile: faster per token after a 10-30 s compile on first use")
 
 
 def add_arguments(p):
@@ -83,7 +85,7 @@ def run(args) -> int:
     set_threads(args.threads)
     model, tok = load(args.run, args.device, args.dtype, warmup=args.warmup)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-              stop=args.stop, num_experts_per_tok=args.num_experts_per_tok)
+              stop=args.stop, num_experts_per_tok=args.num_experts_per_tok, compile=args.compile)
     if args.stream:
         for i, prompt in enumerate(prompts):
             seed = None if args.seed is None else args.seed + i

@@ -42,12 +42,14 @@ def run(args) -> int:
     # whose thread lost its core to the event loop spins in barriers (many-fold slower decode steps).
     set_threads(args.threads if args.threads is not None else max(1, (os.cpu_count() or 1) - 1))
     model, tok = load(args.run, args.device, args.dtype)
-    engine = Engine(model, tok, max_batch=args.max_batch, num_experts_per_tok=args.num_experts_per_tok)
-    if args.warmup:
+    engine = Engine(model, tok, max_batch=args.max_batch, num_experts_per_tok=args.num_experts_per_tok,
+                    compile=args.compile)
+    if args.warmup or args.compile:  # compiling on a request's time would stall every client for seconds
         from moelab.infer.warmup import warmup
 
-        info = warmup(model, tok, max_batch=args.max_batch)
-        print(f"warm-up: {info['experts']} experts in {info['seconds']:.2f}s", file=sys.stderr)
+        info = warmup(model, tok, max_batch=args.max_batch, compile=args.compile)
+        print(f"warm-up: {info['experts']} experts{' and the compiled decode step' if args.compile else ''} in "
+              f"{info['seconds']:.2f}s", file=sys.stderr)
     name = args.model_name or Path(args.run).resolve().name
     sock = bind_socket(args.host, args.port)
     host, port = sock.getsockname()[:2]

@@ -73,7 +73,7 @@ def _prompt_ids(tokenizer, prompt) -> list[int]:
 
 
 def _requests(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop,
-              num_experts_per_tok, max_batch, on_event=None) -> tuple[Engine, list]:
+              num_experts_per_tok, max_batch, compile, on_event=None) -> tuple[Engine, list]:
     params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, list(stop or [])).validate()
     ids = [_prompt_ids(tokenizer, p) for p in prompts]
     if not ids:
@@ -82,7 +82,8 @@ def _requests(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top
     # The cache is sized to what these prompts need; when that exceeds the context, it is the context
     # and the engine's checks name it.
     engine = Engine(model, tokenizer, max_batch=max_batch or len(ids),
-                    max_len=min(longest, model.cfg.max_seq_len), num_experts_per_tok=num_experts_per_tok)
+                    max_len=min(longest, model.cfg.max_seq_len), num_experts_per_tok=num_experts_per_tok,
+                    compile=compile)
     try:
         reqs = [engine.submit(p, params, on_event, sample_index=i) for i, p in enumerate(ids)]
     except BaseException:
@@ -94,14 +95,16 @@ def _requests(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top
 def generate(model, tokenizer, prompts: str | Sequence[str], max_new_tokens: int = 64, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop: Sequence[str] | str | None = None, num_experts_per_tok: int | None = None,
-             max_batch: int | None = None) -> str | list[str]:
+             max_batch: int | None = None, compile: bool = False) -> str | list[str]:
     """Complete each prompt (a string -> a string, a list -> a list). temperature 0 is greedy; prompt i
     draws from a generator seeded with seed + i; the output ends before the first `stop` string or
-    the end-of-document token. `num_experts_per_tok` overrides the routed experts per token."""
+    the end-of-document token. `num_experts_per_tok` overrides the routed experts per token;
+    `compile` runs the decode steps through torch.compile (faster per token after a 10-30 s compile
+    on first use; see `scheduler.compiled_decoder`)."""
     single = isinstance(prompts, str)
     batch = [prompts] if single else list(prompts)
     engine, reqs = _requests(model, tokenizer, batch, max_new_tokens, temperature, top_k, top_p, seed,
-                             [stop] if isinstance(stop, str) else stop, num_experts_per_tok, max_batch)
+                             [stop] if isinstance(stop, str) else stop, num_experts_per_tok, max_batch, compile)
     try:
         while engine.step():
             pass
@@ -114,8 +117,8 @@ def generate(model, tokenizer, prompts: str | Sequence[str], max_new_tokens: int
 def stream_generate(model, tokenizer, prompts: str | Sequence[str], max_new_tokens: int = 64,
                     temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                     seed: int | None = None, stop: Sequence[str] | str | None = None,
-                    num_experts_per_tok: int | None = None, max_batch: int | None = None
-                    ) -> Iterator[str] | Iterator[tuple[int, str]]:
+                    num_experts_per_tok: int | None = None, max_batch: int | None = None,
+                    compile: bool = False) -> Iterator[str] | Iterator[tuple[int, str]]:
     """Like `generate`, yielding text as soon as it is final: pieces (str) for one prompt, or
     (prompt index, piece) for a list. Concatenated pieces equal `generate`'s output."""
     single = isinstance(prompts, str)
@@ -123,7 +126,7 @@ def stream_generate(model, tokenizer, prompts: str | Sequence[str], max_new_toke
     events: deque[Event] = deque()
     engine, reqs = _requests(model, tokenizer, batch, max_new_tokens, temperature, top_k, top_p, seed,
                              [stop] if isinstance(stop, str) else stop, num_experts_per_tok, max_batch,
-                             on_event=events.append)
+                             compile, on_event=events.append)
     index = {id(r): i for i, r in enumerate(reqs)}
     try:
         while True:

@@ -8,7 +8,8 @@ writes one slot per row and allocates nothing. Row b holds one sequence whose re
 `start[b] .. length[b]-1`; slots before `start` are left padding (a batch of prompts of different
 lengths is right-aligned), so a token's RoPE position is `slot - start[b]`.
 
-The model's `Attention` calls `update(layer_idx, k, v)` after RoPE. Where the new tokens go is decided
+The model's `Attention` calls `update(layer_idx, k, v)` after RoPE; the writes are also registered as
+operators (`torch.ops.moelab.kv_write*`) for a compiled decode step. Where the new tokens go is decided
 once per forward by `prepare(...)`, which also returns the RoPE positions and the attention mask shared
 by every layer. Row lengths are mirrored on the host so preparing a step never waits on the device.
 """
@@ -25,6 +26,9 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.max_batch, self.max_len = max_batch, max_len
+        # Decode steps always in the general form (one slot per row, a mask), even when every row is at
+        # the same length: a compiled step then needs one graph instead of one per special case.
+        self.row_slots = False
         self.start = [0] * max_batch  # first real slot of each row (= its left padding)
         self.length = [0] * max_batch  # slots written in each row
         self._rows = slice(0, 0)  # rows the current forward touches
@@ -61,7 +65,7 @@ class KVCache:
         lengths = self.length[rows]
         starts = self.start[rows]
         dev = self.device
-        if min(lengths) == max(lengths):
+        if min(lengths) == max(lengths) and not (self.row_slots and n_new == 1):
             s0 = lengths[0]
             self._slots, self._kv_len = s0, s0 + n_new
         elif n_new == 1:  # rows at different lengths (continuous batching): one slot per row
@@ -90,15 +94,18 @@ class KVCache:
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [rows, G, s, Dh] -> every visible key/value [rows, G, kv_len, Dh] (views, no copy)."""
-        kc, vc = self.k[layer_idx, self._rows], self.v[layer_idx, self._rows]
+        r0 = self._rows.start
+        # Under torch.compile the writes are opaque in-place operators: traced, the slice assignments
+        # were functionalised into copies of the whole cache buffer, slower than eager decoding.
+        compiling = torch.compiler.is_compiling()
         if isinstance(self._slots, int):
-            s0 = self._slots
-            kc[:, :, s0:s0 + k.shape[2]] = k
-            vc[:, :, s0:s0 + v.shape[2]] = v
+            write = torch.ops.moelab.kv_write if compiling else write_slots
+            write(self.k, self.v, k, v, layer_idx, r0, self._slots)
         else:
-            kc[self._row_idx, :, self._slots] = k[:, :, 0]
-            vc[self._row_idx, :, self._slots] = v[:, :, 0]
-        return kc[:, :, :self._kv_len], vc[:, :, :self._kv_len]
+            write = torch.ops.moelab.kv_write_rows if compiling else write_row_slots
+            write(self.k, self.v, k, v, layer_idx, r0, self._row_idx, self._slots)
+        rows = slice(r0, r0 + k.shape[0])
+        return self.k[layer_idx, rows, :, :self._kv_len], self.v[layer_idx, rows, :, :self._kv_len]
 
     def move_row(self, src: int, dst: int) -> None:
         """Copy sequence `src` into row `dst` (continuous batching keeps the running rows contiguous)."""
@@ -106,3 +113,29 @@ class KVCache:
         self.k[:, dst, :, :n] = self.k[:, src, :, :n]
         self.v[:, dst, :, :n] = self.v[:, src, :, :n]
         self.start[dst], self.length[dst] = self.start[src], self.length[src]
+
+
+def write_slots(kc: torch.Tensor, vc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, r0: int,
+                s0: int) -> None:
+    """Every row from r0 writes its s new keys/values k, v [rows, G, s, Dh] at slots s0..s0+s-1."""
+    rows = slice(r0, r0 + k.shape[0])
+    kc[layer, rows, :, s0:s0 + k.shape[2]] = k
+    vc[layer, rows, :, s0:s0 + v.shape[2]] = v
+
+
+def write_row_slots(kc: torch.Tensor, vc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, r0: int,
+                    row_idx: torch.Tensor, slots: torch.Tensor) -> None:
+    """Row r0 + i writes its one new key/value at slot slots[i] (row_idx = 0..rows-1)."""
+    rows = slice(r0, r0 + k.shape[0])
+    kc[layer, rows][row_idx, :, slots] = k[:, :, 0]
+    vc[layer, rows][row_idx, :, slots] = v[:, :, 0]
+
+
+_OPS = torch.library.Library("moelab", "FRAGMENT")
+_OPS.define("kv_write(Tensor(a!) kc, Tensor(b!) vc, Tensor k, Tensor v, int layer, SymInt r0, SymInt s0) -> ()")
+_OPS.define("kv_write_rows(Tensor(a!) kc, Tensor(b!) vc, Tensor k, Tensor v, int layer, SymInt r0, "
+            "Tensor row_idx, Tensor slots) -> ()")
+_OPS.impl("kv_write", write_slots, "CompositeExplicitAutograd")
+_OPS.impl("kv_write_rows", write_row_slots, "CompositeExplicitAutograd")
+for _name in ("kv_write", "kv_write_rows"):
+    torch.library.register_fake(f"moelab::{_name}", lib=_OPS)(lambda *args: None)

@@ -67,9 +67,23 @@ class Event:
     finish_reason: str | None = None
 
 
+def compiled_decoder(model):
+    """`model` under torch.compile with dynamic shapes, for decode steps: one graph serves every batch
+    size above 1 and every cache length (the engine feeds it one form of step, `KVCache.row_slots`),
+    a second one batch size 1. The experts and the cache writes enter the graph as opaque operators
+    (`torch.ops.moelab.*`); the rest (norms, RoPE, router, residuals) fuses into a few C++ kernels, so
+    a step runs far fewer, larger ops. Compiling takes 10-30 s on first use, once per process and model
+    shape."""
+    # Every model compiled in one process counts against dynamo's per-function limit (default 8),
+    # past which it silently falls back to eager; allow a few models' worth of variants.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(model, dynamic=True)
+
+
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_len: int | None = None,
-                 num_experts_per_tok: int | None = None, prefill_tokens: int = 4096):
+                 num_experts_per_tok: int | None = None, prefill_tokens: int = 4096, compile: bool = False):
+        """`compile`: run decode steps through torch.compile (see `compiled_decoder`); prefill stays eager."""
         if max_batch < 1:
             raise UserError(f"max_batch: expected >= 1, got {max_batch}")
         self.model, self.tokenizer = model, tokenizer
@@ -81,6 +95,8 @@ class Engine:
         self.device = next(model.parameters()).device
         self._restore = enter_decoding(model, num_experts_per_tok)
         self.cache = KVCache.for_model(model, max_batch, self.max_len)
+        self.cache.row_slots = compile
+        self._decoder = compiled_decoder(model) if compile else model
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # row i of the cache holds _running[i]
         self._next: list[int] = []  # the token each running row feeds next
@@ -229,7 +245,17 @@ class Engine:
         b = len(self._running)
         idx = torch.tensor(self._next, device=self.device)[:, None]
         positions, attn_mask = self.cache.extend(slice(0, b))
-        logits = self.model(idx, positions=positions, cache=self.cache, attn_mask=attn_mask).logits
+        try:
+            logits = self._decoder(idx, positions=positions, cache=self.cache, attn_mask=attn_mask).logits
+        except Exception as e:
+            if self._decoder is self.model:
+                raise
+            # e.g. no C++ compiler for inductor: decode eagerly rather than fail the requests. The step
+            # is simply rerun: it rewrites the same cache slots with the same values.
+            log.warning("moelab: compiled decoding failed (%s: %s); decoding eagerly", type(e).__name__,
+                        str(e).strip().splitlines()[0] if str(e).strip() else "")
+            self._decoder = self.model
+            logits = self.model(idx, positions=positions, cache=self.cache, attn_mask=attn_mask).logits
         self._accept(0, logits[:, -1])
 
     def _accept(self, b0: int, logits: torch.Tensor) -> None:

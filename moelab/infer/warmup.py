@@ -32,14 +32,19 @@ def touch_experts(model) -> int:
     return n
 
 
-def warmup(model, tokenizer, max_batch: int = 1, new_tokens: int = 4) -> dict[str, float]:
+def warmup(model, tokenizer, max_batch: int = 1, new_tokens: int = 4, compile: bool = False) -> dict[str, float]:
     """Touch every expert, then generate `new_tokens` greedily for batches of 1 and `max_batch`
-    prompts. Returns {"experts": count, "seconds": wall time}."""
+    prompts. With `compile`, through compiled decode steps, so both graphs a compiled engine uses
+    (batch 1, batch > 1) are built before the first request.
+    Returns {"experts": count, "seconds": wall time}."""
     from moelab.infer.generate import generate
 
     t0 = time.perf_counter()
     experts = touch_experts(model)
-    prompt = [getattr(tokenizer, "eod_id", None) or 0] * 8
-    for b in sorted({1, max_batch}):
-        generate(model, tokenizer, [prompt] * b, max_new_tokens=new_tokens, temperature=0)
+    token = getattr(tokenizer, "eod_id", None) or 0
+    for b in sorted({1, max_batch}):  # in a cache of max_batch rows, as the serving engine's (a compiled
+        # graph is specialised on a cache of one row)
+        generate(model, tokenizer, [[token] * 8] * b, max_new_tokens=new_tokens, temperature=0,
+                 max_batch=max_batch, compile=compile)
     return {"experts": experts, "seconds": time.perf_counter() - t0}
+

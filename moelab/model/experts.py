@@ -21,7 +21,9 @@ Backends with one signature `(x_sorted [N, D], counts [E] list) -> [N, D]`:
 - `reference_moe`: the obviously correct mask-and-loop over experts, the test oracle.
 `few_tokens_moe` is the decoding path (a handful of tokens, no autograd): it reads the chosen expert
 ids once on the host and runs each chosen expert straight from the stacked weights, skipping the
-sort, the counts and the grouped Function, whose fixed cost dominates when T is 1..8.
+sort, the counts and the grouped Function, whose fixed cost dominates when T is 1..8. It is also
+registered as the operator `torch.ops.moelab.few_tokens_moe`, which a compiled decode step calls as
+one opaque node (torch.compile cannot trace the host read of the ids).
 """
 
 from __future__ import annotations
@@ -293,6 +295,14 @@ def few_tokens_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, t
         else:
             out.index_add_(0, tok_idx, ye)
     return out
+
+
+_OPS = torch.library.Library("moelab", "FRAGMENT")
+_OPS.define("few_tokens_moe(Tensor x, Tensor gate_up, Tensor down, Tensor topk_ids, Tensor weights, "
+            "Tensor? keep) -> Tensor")
+_OPS.impl("few_tokens_moe", few_tokens_moe, "CompositeExplicitAutograd")
+torch.library.register_fake("moelab::few_tokens_moe", lib=_OPS)(
+    lambda x, gate_up, down, topk_ids, weights, keep: x.new_empty(x.shape, dtype=torch.float32))
 
 
 class ExpertFFN(nn.Module):

@@ -127,9 +127,11 @@ class MoELayer(nn.Module):
 
         if self.cfg.expert_impl == "reference":
             y = reference_moe(x, self.experts.gate_up, self.experts.down, r.topk_ids, weights)
-        elif x.shape[0] <= FEW_TOKENS and not torch.is_grad_enabled() and type(self.experts) is ExpertFFN:
-            # (a swapped-in expert module -- expert parallel, offload -- keeps the sort dispatch contract)
-            y = few_tokens_moe(x, self.experts.gate_up, self.experts.down, r.topk_ids, weights, keep)
+        elif self._few_tokens(x.shape[0]):
+            # A compiled decode step runs it as one opaque operator, at any batch size: the sort
+            # dispatch reads expert counts on the host, which would break the graph.
+            run = torch.ops.moelab.few_tokens_moe if torch.compiler.is_compiling() else few_tokens_moe
+            y = run(x, self.experts.gate_up, self.experts.down, r.topk_ids, weights, keep)
         else:
             y = self._dispatch_combine(x, r.topk_ids, weights, keep)
         if self.shared is not None:
@@ -139,6 +141,11 @@ class MoELayer(nn.Module):
             y = y + s
         stats = self._stats(r, keep, tmask) if self.record_stats else None
         return y.to(x.dtype).view(shape), stats
+
+    def _few_tokens(self, num_tokens: int) -> bool:
+        # (a swapped-in expert module -- expert parallel, offload -- keeps the sort dispatch contract)
+        return not torch.is_grad_enabled() and type(self.experts) is ExpertFFN and (
+            torch.compiler.is_compiling() or num_tokens <= FEW_TOKENS)  # (no size guard when compiling)
 
     def _dispatch_combine(self, x, topk_ids, weights, keep) -> torch.Tensor:
         dtype = compute_dtype(x)

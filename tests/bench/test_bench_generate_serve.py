@@ -30,10 +30,14 @@ def toy_config(tmp_path):
 def test_bench_generate_with_transformers(toy_config, tmp_path):
     out = tmp_path / "g.json"
     assert main(["bench", "generate", "--configs", str(toy_config), "--prompt-len", "16", "--new-tokens", "6",
-                 "--batch-sizes", "1", "2", "--repeats", "1", "--compare", "hf", "--json", str(out)]) == 0
+                 "--batch-sizes", "1", "2", "--repeats", "1", "--compare", "hf", "--compile", "--json", str(out)]) == 0
     res = json.loads(out.read_text())["models"]["toy"]
     assert res["greedy_match_hf"] is True  # both sides run the same weights
-    for side in ("moelab", "hf"):
+    assert res["greedy_match_moelab_compiled"] is True
+    assert {"decode_tok_s_b1", "decode_tok_s_b2"} <= set(res["ratio_moelab_compiled_over_moelab"])
+    assert {"decode_tok_s_b1", "decode_tok_s_b2"} <= set(res["ratio_moelab_compiled_over_hf"])
+    assert "ratio_moelab_over_moelab_compiled" not in res
+    for side in ("moelab", "moelab_compiled", "hf"):
         row = res[side]
         assert row["prefill_tok_s"] > 0 and row["decode_tok_s_b1"] > 0 and row["decode_tok_s_b2"] > 0
         assert 0 < row["latency_ms_p50"] <= row["latency_ms_p99"]

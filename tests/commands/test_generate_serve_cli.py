@@ -57,6 +57,9 @@ def test_generate_cli_matches_api(run_dir, tmp_path, capsys):
                  "--stream"]) == 0
     streamed = capsys.readouterr().out
     assert streamed == "to be" + generate(model, tok, "to be", max_new_tokens=8, temperature=0) + "\n"
+    assert main(["generate", str(run_dir), "--prompt", "to be", "--max-new-tokens", "8", "--temperature", "0",
+                 "--compile"]) == 0
+    assert capsys.readouterr().out == streamed
 
 
 @pytest.mark.parametrize("argv, fragment", [
@@ -81,15 +84,19 @@ def test_generate_cli_missing_run_and_bad_prompts_file(tmp_path, run_dir, capsys
 
 
 def test_serve_cli_subprocess(run_dir):
+    # --compile: the decode step is compiled in the warm-up, before the server listens
     proc = subprocess.Popen([sys.executable, "-m", "moelab", "serve", str(run_dir), "--port", "0", "--api-key", "k",
-                             "--log-level", "warning"], stderr=subprocess.PIPE, text=True)
+                             "--log-level", "warning", "--compile", "--max-batch", "2"], stderr=subprocess.PIPE,
+                            text=True)
     try:
-        url, deadline = None, time.monotonic() + 120
+        url, deadline, lines = None, time.monotonic() + 300, []
         while url is None and time.monotonic() < deadline:
             line = proc.stderr.readline()
             assert line, "server exited before listening"
+            lines.append(line)
             m = re.search(r"(http://127\.0\.0\.1:\d+/v1)", line)
             url = m and m.group(1)
+        assert any("and the compiled decode step" in line for line in lines)
         client = openai.OpenAI(base_url=url, api_key="k", max_retries=0, timeout=30)
         r = client.completions.create(model=run_dir.name, prompt="hello", max_tokens=5, temperature=0)
         model, tok = load(run_dir)

@@ -155,3 +155,42 @@ def test_warmup_runs_every_expert_and_changes_nothing(model, tokenizer, monkeypa
     assert info["experts"] == len(experts)
     assert {w.data_ptr() for pair in experts for w in pair} <= seen
     assert generate(model, tokenizer, PROMPTS[0], max_new_tokens=8, temperature=0) == before
+
+
+def test_compiled_decoding_equals_eager_and_warmup_builds_every_graph(model, tokenizer, caplog):
+    """torch.compile'd decode steps give the eager tokens, for a batch of different lengths and for rows
+    joining mid-flight; after the warm-up, an engine of the same size compiles nothing new."""
+    from torch._dynamo.utils import counters
+
+    from moelab.infer.warmup import warmup
+
+    eager = generate(model, tokenizer, PROMPTS, max_new_tokens=12, temperature=0)
+    warmup(model, tokenizer, max_batch=3, compile=True)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 2  # batch 1 and batch > 1 were compiled
+    assert generate(model, tokenizer, PROMPTS, max_new_tokens=12, temperature=0, compile=True) == eager
+    engine = Engine(model, tokenizer, max_batch=3, compile=True)
+    greedy = lambda n: SamplingParams(max_new_tokens=n, temperature=0)  # noqa: E731
+    try:
+        first = engine.submit(tokenizer.encode(PROMPTS[0]), greedy(12))
+        engine.step()
+        second = engine.submit(tokenizer.encode(PROMPTS[2]), greedy(12))  # joins at a different length
+        while engine.step():
+            pass
+    finally:
+        engine.close()
+    assert [first.text, second.text] == [eager[0], eager[2]]
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert "compiled decoding failed" not in caplog.text
+
+
+def test_compiled_decoding_falls_back_to_eager(model, tokenizer, monkeypatch, caplog):
+    import moelab.infer.scheduler as scheduler
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler\nmore detail")
+
+    monkeypatch.setattr(scheduler, "compiled_decoder", lambda m: broken)
+    eager = generate(model, tokenizer, PROMPTS, max_new_tokens=8, temperature=0)
+    assert generate(model, tokenizer, PROMPTS, max_new_tokens=8, temperature=0, compile=True) == eager
+    assert "compiled decoding failed (RuntimeError: no C++ compiler); decoding eagerly" in caplog.text
