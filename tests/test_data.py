@@ -402,6 +402,18 @@ def test_interrupted_prepare_leaves_no_partial_dataset(tmp_path, monkeypatch):
     assert (tmp_path / "old" / "train.bin").read_bytes() == before["train.bin"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in", "old", live.name])
 
+    # Killed between the two renames of an overwrite: the old output survives only as `.old-*`, which is
+    # kept while the output is missing and deleted once a write completes.
+    dead = child.pid
+    (tmp_path / "old").rename(tmp_path / f"old.old-{dead}-0123abcd")
+    (tmp_path / f"old.tmp-{dead}-89abcdef").mkdir()
+    from moelab.data.files import remove_stale_siblings
+
+    assert remove_stale_siblings(tmp_path / "old") == [tmp_path / f"old.tmp-{dead}-89abcdef"]
+    assert (tmp_path / f"old.old-{dead}-0123abcd" / "train.bin").is_file()
+    prepare([tmp_path / "in"], "byte", tmp_path / "old", workers=0)
+    assert remove_stale_siblings(tmp_path / "old") == [tmp_path / f"old.old-{dead}-0123abcd"]
+
 
 def test_output_directory_errors_are_one_line(tmp_path, monkeypatch):
     (tmp_path / "a.txt").write_text("some text\n" * 20)

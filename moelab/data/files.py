@@ -65,7 +65,9 @@ def _pid_alive(pid: int) -> bool:
 
 def remove_stale_siblings(final: Path) -> list[Path]:
     """Delete `final.tmp-PID-*` / `final.old-PID-*` directories left by a writer that was killed (its PID
-    no longer runs on this machine); a live writer's are left alone. Returns what was removed."""
+    no longer runs on this machine); a live writer's are left alone, and so is a `.old-*` while `final`
+    is missing (a kill between the two renames of an overwrite: it is the only copy of the old output).
+    Returns what was removed."""
     pattern = re.compile(rf"{re.escape(final.name)}\.(tmp|old)-(\d+)-[0-9a-f]+")
     removed = []
     try:
@@ -74,8 +76,9 @@ def remove_stale_siblings(final: Path) -> list[Path]:
         return removed
     for p in siblings:
         m = pattern.fullmatch(p.name)
-        if m and p.is_dir() and not p.is_symlink() and int(m.group(2)) != os.getpid() \
-                and not _pid_alive(int(m.group(2))):
+        if m is None or (m.group(1) == "old" and not final.exists()):
+            continue
+        if p.is_dir() and not p.is_symlink() and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed
