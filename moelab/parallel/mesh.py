@@ -120,10 +120,16 @@ class ParallelContext:
 
             dist.barrier()
 
-    def close(self) -> None:
+    def close(self, finished: bool = True) -> None:
+        """Tear the process groups down. `finished`: every rank got here normally, so wait for all of them
+        first (a rank that exits first closes sockets a slower peer's gloo threads may still read, and that
+        peer then died in std::terminate, SIGABRT, at exit: ~1 run in 10 here, after its work was done).
+        After an error the peers may never arrive, so the failing rank does not wait."""
         import torch.distributed as dist
 
         if self.distributed and dist.is_initialized():
+            if finished:
+                dist.barrier()
             dist.destroy_process_group()
 
 

@@ -255,7 +255,7 @@ class Trainer:
                          purge_step=self.step + 1 if self.resume else None)
         bar = Progress(cfg.train.steps, self.step, self.show_progress)
         last: dict = {}
-        stop = None
+        stop, finished = None, False
         try:
             while self.step < cfg.train.steps and stop is None:
                 self._train_step()
@@ -275,11 +275,12 @@ class Trainer:
                         bar.record(last)
                 if do_ckpt:
                     self._save(val.get("val/loss"))
+            finished = True
         finally:
             bar.close()
             metrics.close()
             tb.close()
-            self.par.close()
+            self.par.close(finished)
         best = state.best_target(self.run_dir)
         return TrainResult(self.run_dir, self.step, self.last_ckpt, best, last, self.skipped)
 
