@@ -14,7 +14,7 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -26,7 +26,6 @@ __all__ = ["Config", "ModelConfig", "MoEConfig", "DataConfig", "TrainConfig", "S
            "read_yaml", "apply_overrides", "parse_override"]
 
 ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid", "noisy_topk", "gumbel", "expert_choice")
-EXPERT_IMPLS = ("grouped", "reference")
 QK_NORMS = ("none", "head", "full")
 
 
@@ -52,12 +51,23 @@ class MoEConfig:
     shared_expert_gate: bool = False  # Qwen2-MoE: sigmoid(x . w) scales the shared expert output
     capacity_factor: float | None = None  # None = dropless
     eval_capacity_factor: float | None = None  # None = same as capacity_factor
-    expert_impl: str = "grouped"  # "reference" = the slow mask-and-loop oracle
+    # How the routed experts run (moelab.kernels): "auto" = grouped_mm on a GPU, cpu_buckets on a CPU;
+    # "reference" = the slow mask-and-loop oracle.
+    expert_backend: Literal["auto", "reference", "cpu_buckets", "grouped_mm"] = "auto"
     # Auxiliary loss coefficients (0 disables a term). Each loss is computed per layer, then averaged.
     load_balance_coef: float = 0.01
     z_loss_coef: float = 0.001
     cv_coef: float = 0.0
     variance_coef: float = 0.0
+
+    @staticmethod
+    def upgrade_legacy(data: dict) -> dict:
+        """Configs written before the expert backends said `expert_impl: grouped | reference`."""
+        if "expert_impl" in data and "expert_backend" not in data:
+            data = dict(data)
+            old = data.pop("expert_impl")
+            data["expert_backend"] = {"grouped": "auto"}.get(old, old)
+        return data
 
     def validate(self, prefix: str = "moe") -> list[str]:
         p: list[str] = []
@@ -72,8 +82,9 @@ class MoEConfig:
         if self.router not in ROUTERS:
             p.append(f"{prefix}.router: unknown router {self.router!r}{did_you_mean(self.router, ROUTERS)}; "
                      f"expected one of {', '.join(ROUTERS)}")
-        if self.expert_impl not in EXPERT_IMPLS:
-            p.append(f"{prefix}.expert_impl: expected one of {', '.join(EXPERT_IMPLS)}, got {self.expert_impl!r}")
+        if self.expert_backend == "grouped_mm" and (self.expert_dim % 8 or self.expert_dim < 1):
+            p.append(f"{prefix}.expert_backend: grouped_mm needs expert_dim a multiple of 8 (16-byte rows), "
+                     f"got {self.expert_dim}")
         for name in ("capacity_factor", "eval_capacity_factor"):
             v = getattr(self, name)
             if v is not None and v <= 0:
@@ -155,6 +166,9 @@ class ModelConfig:
         if self.qk_norm not in QK_NORMS:
             p.append(f"{prefix}.qk_norm: expected one of {', '.join(QK_NORMS)}, got {self.qk_norm!r}")
         p += _validate_layers(self.moe.layers, self.n_layers, f"{prefix}.moe.layers")
+        if self.moe.expert_backend == "grouped_mm" and self.d_model % 8:
+            p.append(f"{prefix}.moe.expert_backend: grouped_mm needs d_model a multiple of 8 (16-byte rows), "
+                     f"got {self.d_model}")
         return p + self.moe.validate(f"{prefix}.moe")
 
 

@@ -88,6 +88,8 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
 def _build(cls: type, data: dict, where: str, problems: list[str]) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    if hasattr(cls, "upgrade_legacy") and isinstance(data, dict):  # renamed keys in old saved configs
+        data = cls.upgrade_legacy(data)
     kwargs = {}
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)

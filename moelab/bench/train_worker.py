@@ -130,7 +130,7 @@ def throughput(spec: dict) -> dict:
     data = InMemorySource(tokens[:360_000], tokens[360_000:], s, b, v, seed=cfg.train.seed)
     if spec["impl"] == "moelab":
         trainer = _moelab_trainer(cfg, data)
-        step, impl = trainer._train_step, f"moelab ({cfg.model.moe.expert_impl} experts)"
+        step, impl = trainer._train_step, f"moelab ({_experts_kernel(trainer)} experts)"
     else:
         hf = HFStep(cfg, data)
         step, impl = hf, f"transformers ({hf.implementation})"
@@ -191,3 +191,14 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+def _experts_kernel(trainer) -> str:
+    """The expert backend the trainer's model actually runs on its device (resolves `auto`)."""
+    from moelab.kernels import backend_name
+    from moelab.model.experts import ExpertFFN
+
+    for m in trainer.model.modules():
+        if isinstance(m, ExpertFFN):
+            return backend_name(m.backend, trainer.device, trainer.dtype)
+    return "no routed"

@@ -1,321 +1,34 @@
-"""Routed experts: E SwiGLU FFNs held as stacked 3-D weights, and the kernels that run them.
-
-Legend: T tokens, D model width, E experts, K experts per token, F expert width, N rows sent to
-the experts (sorted by expert; see `dispatch.py`), C rows per expert inside one bucket.
+"""Routed experts: E SwiGLU FFNs held as stacked 3-D weights, run by an expert backend.
 
 Weights use the HF Mixtral layout so interop is a rename: `gate_up` [E, 2F, D] holds gate (rows
 0..F-1) then up (rows F..2F-1), `down` [E, D, F]; y = down_e(silu(gate_e x) * up_e x).
 
-Backends with one signature `(x_sorted [N, D], counts [E] list) -> [N, D]`:
-- `grouped_swiglu`: one autograd Function, forward and backward written out. Active experts are
-  grouped into buckets of similar load (`plan_buckets`); each bucket runs as one `bmm` over
-  [E_b, C, D], its experts' rows padded to the bucket's largest. A matmul call has a fixed cost
-  (~50 us for a CPU bf16 call here, before its first FLOP), so one call per expert and matmul was
-  most of a fine-grained layer's time (E = 64, 128 rows each: a loop of mm 7.2 ms, one bmm 1.7 ms);
-  padding costs FLOPs instead, and the bucketing trades the two. A bucket that already sits in
-  x_sorted as equal contiguous blocks (one expert, or a uniform run) is used in place; others are
-  gathered. Weight gradients are written into one [E, ...] buffer (indexing `w[e]` under autograd
-  would allocate a full-size zero gradient per slice, so cost would grow with E), in the compute
-  dtype, then cast to the weights' dtype once. Under autocast only active experts' weights are
-  cast, once per forward, and backward reuses the casts.
-- `reference_moe`: the obviously correct mask-and-loop over experts, the test oracle.
-`few_tokens_moe` is the decoding path (a handful of tokens, no autograd): it reads the chosen expert
-ids once on the host and runs each chosen expert straight from the stacked weights, skipping the
-sort, the counts and the grouped Function, whose fixed cost dominates when T is 1..8. It is also
-registered as the operator `torch.ops.moelab.few_tokens_moe`, which a compiled decode step calls as
-one opaque node (torch.compile cannot trace the host read of the ids).
+How the experts run (sorting tokens by expert, the matmuls, the weighted sum back per token) is the
+backend's business (`moelab.kernels`), chosen when the layer is built from `moe.expert_backend`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from moelab.model.dispatch import row_grid
-
-
-@dataclass(frozen=True)
-class MatmulCosts:
-    """What the bucketing trades, measured on this project's CPU (2 cores; a GPU's are guesses that
-    only need the right order of magnitude: launches are cheap next to its FLOPs)."""
-
-    call_s: float  # fixed cost of one matmul call
-    flops: float  # matmul throughput, FLOP/s
-    copy_bytes: float  # memory copy bandwidth, B/s
-
-    @staticmethod
-    def of(dtype: torch.dtype, device: torch.device) -> MatmulCosts:
-        if device.type != "cpu":
-            return MatmulCosts(10e-6, 50e12, 1e12)
-        if dtype in (torch.bfloat16, torch.float16):  # oneDNN: ~50 us before the first FLOP
-            return MatmulCosts(50e-6, 700e9, 10e9)
-        return MatmulCosts(20e-6, 150e9, 10e9)  # MKL
-
-    def in_rows(self, d: int, f: int, elem_bytes: int) -> tuple[float, float, float]:
-        """(per bucket call, per gathered expert, per gathered row) costs, in units of one row's
-        forward + backward through one expert (18 D F FLOPs, 6 matmul calls)."""
-        row_s = 18 * d * f / self.flops
-        call = 6 * self.call_s / row_s
-        gather_expert = 3 * f * d * 12 / self.copy_bytes / row_s  # gather + cast weights, put their grads
-        gather_row = 4 * 2 * d * elem_bytes / self.copy_bytes / row_s  # x, y, dy, dx rows moved
-        return call, gather_expert, gather_row
-
-
-@dataclass
-class Bucket:
-    experts: list[int]  # ascending expert ids run by one bmm
-    rows: int  # C: rows per expert in the bmm
-    first_row: int | None  # where the bucket starts in x_sorted when it is one contiguous [E_b, C] run
-    index: torch.Tensor | None  # [E_b * C] rows of x_sorted to gather (N = a zero row); None if contiguous
-
-
-def plan_buckets(counts: list[int], call_rows: float, gather_rows: float = 0.0, gather_frac: float = 0.0,
-                 device=None, binary: bool = False) -> list[Bucket]:
-    """Group active experts into buckets, minimising the work in rows: padded rows, `call_rows` per
-    bmm call, and for a bucket of several experts (gathered) `gather_rows` per expert plus
-    `gather_frac` per row. Over the loads sorted in descending order, the best split into runs is a
-    small dynamic programme: best[j] = min_i best[i] + cost(run i..j-1), a run costing
-    calls(n) * call_rows + n * c_i - (S_j - S_i) [+ n * gather_rows + gather_frac * n * c_i if n > 1].
-    `binary`: a bucket of n experts runs as bmm calls over power-of-two batches (popcount(n) calls),
-    so that batch sizes come from a small set too (see `dispatch.row_grid`)."""
-    starts, s = [], 0
-    for c in counts:
-        starts.append(s)
-        s += c
-    active = sorted((e for e, c in enumerate(counts) if c), key=lambda e: -counts[e])
-    c = np.array([counts[e] for e in active], dtype=np.float64)  # descending loads
-    m = len(active)
-    prefix = np.concatenate([[0.0], np.cumsum(c)])
-    sizes = np.arange(m + 1)
-    calls = np.array([bin(k).count("1") for k in sizes]) if binary else np.ones(m + 1)
-    best, cut = np.zeros(m + 1), np.zeros(m + 1, dtype=np.int64)
-    for j in range(1, m + 1):
-        n = j - sizes[:j]
-        cost = best[:j] + calls[n] * call_rows + n * c[:j] - (prefix[j] - prefix[:j])
-        cost += (n > 1) * (n * gather_rows + gather_frac * n * c[:j])
-        cut[j] = int(cost.argmin())
-        best[j] = cost[cut[j]]
-    groups: list[tuple[list[int], int]] = []
-    j = m
-    while j > 0:
-        i = int(cut[j])
-        groups.append((active[i:j], counts[active[i]]))
-        j = i
-    buckets = []
-    for experts, rows in groups:
-        experts.sort()
-        contiguous = all(counts[e] == rows for e in experts) and experts == list(range(experts[0], experts[-1] + 1))
-        if contiguous:
-            buckets.append(Bucket(experts, rows, starts[experts[0]], None))
-            continue
-        r = np.arange(rows)
-        first = np.array([starts[e] for e in experts])[:, None]
-        idx = np.where(r < np.array([counts[e] for e in experts])[:, None], first + r, s)  # s = N: the zero row
-        buckets.append(Bucket(experts, rows, None, torch.from_numpy(idx.reshape(-1)).to(device)))
-    return buckets
-
-
-def _with_zero_row(x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([x, x.new_zeros(1, x.shape[1])])
-
-
-def _rows(x: torch.Tensor, x_pad: torch.Tensor | None, b: Bucket) -> torch.Tensor:
-    """This bucket's rows of x [N, D] as [E_b, C, D]."""
-    n = len(b.experts)
-    if b.index is None:
-        return x[b.first_row:b.first_row + n * b.rows].view(n, b.rows, -1)
-    return x_pad.index_select(0, b.index).view(n, b.rows, -1)
-
-
-def _bmm_rows(out: torch.Tensor, b: Bucket, a: torch.Tensor, w: torch.Tensor, binary: bool) -> None:
-    """out [N + 1, D] (row N a dump for padding) <- a @ w ([E_b, C, D]) at this bucket's rows."""
-    n = a.shape[0]
-    if b.index is None:  # straight into place
-        _bmm(a, w, binary, out[b.first_row:b.first_row + n * b.rows].view(n, b.rows, -1))
-    else:
-        out.index_copy_(0, b.index, _bmm(a, w, binary).view(n * b.rows, -1))
-
-
-def _weights(w: torch.Tensor, b: Bucket, dtype: torch.dtype) -> torch.Tensor:
-    """[E_b, ...] weights of the bucket's experts in the compute dtype."""
-    e0, e1 = b.experts[0], b.experts[-1] + 1
-    if e1 - e0 == len(b.experts):
-        return w[e0:e1].to(dtype)
-    return w.index_select(0, torch.tensor(b.experts, device=w.device)).to(dtype)
-
-
-def _put_weights(buf: torch.Tensor, b: Bucket, value: torch.Tensor) -> None:
-    e0, e1 = b.experts[0], b.experts[-1] + 1
-    if e1 - e0 == len(b.experts):
-        buf[e0:e1] = value
-    else:
-        buf.index_copy_(0, torch.tensor(b.experts, device=buf.device), value)
-
-
-def _bmm(a: torch.Tensor, b: torch.Tensor, binary: bool, out: torch.Tensor | None = None) -> torch.Tensor:
-    """torch.bmm, over power-of-two batch chunks when `binary` (see `plan_buckets`)."""
-    n = a.shape[0]
-    if not binary or n & (n - 1) == 0:
-        return torch.bmm(a, b, out=out)
-    if out is None:
-        out = a.new_empty(n, a.shape[1], b.shape[2])
-    start = 0
-    for bit in reversed(range(n.bit_length())):
-        if n >> bit & 1:
-            torch.bmm(a[start:start + (1 << bit)], b[start:start + (1 << bit)], out=out[start:start + (1 << bit)])
-            start += 1 << bit
-    return out
-
-
-def _swiglu_grads(da: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """d h [..., 2F] from d a, for a = silu(g) * u with h = [g | u]: d g = silu'(g) * da * u (aten's
-    fused silu_backward), d u = da * silu(g)."""
-    f = h.shape[-1] // 2
-    g, u = h[..., :f], h[..., f:]
-    dh = torch.empty_like(h)
-    torch.mul(da, F.silu(g), out=dh[..., f:])
-    dh[..., :f] = torch.ops.aten.silu_backward(da * u, g)
-    return dh
-
-
-class _GroupedSwiGLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, gate_up, down, counts: list[int], dtype: torch.dtype):
-        with torch.autocast(x.device.type, enabled=False):
-            return _GroupedSwiGLU._forward(ctx, x, gate_up, down, counts, dtype)
-
-    @staticmethod
-    def _forward(ctx, x, gate_up, down, counts, dtype):
-        n, f = x.shape[0], down.shape[-1]
-        costs = MatmulCosts.of(dtype, x.device).in_rows(down.shape[1], f, x.element_size())
-        binary = row_grid(dtype, x.device) is not None  # shapes from a small set (oneDNN kernel cache)
-        buckets = plan_buckets(counts, *costs, device=x.device, binary=binary)
-        x_pad = _with_zero_row(x) if any(b.index is not None for b in buckets) else None
-        y = x.new_empty(n + 1, down.shape[1])
-        saved = []
-        for b in buckets:
-            xb = _rows(x, x_pad, b)  # [E_b, C, D]
-            w_gu, w_dn = _weights(gate_up, b, dtype), _weights(down, b, dtype)
-            h = _bmm(xb, w_gu.transpose(1, 2), binary)  # [E_b, C, 2F] gate|up pre-activations
-            a = F.silu(h[..., :f]) * h[..., f:]  # [E_b, C, F]
-            _bmm_rows(y, b, a, w_dn.transpose(1, 2), binary)
-            saved.append((xb, h, w_gu, w_dn))
-        ctx.buckets, ctx.saved, ctx.dtype, ctx.binary = buckets, saved, dtype, binary
-        ctx.shapes = (gate_up.shape, down.shape, gate_up.dtype, down.dtype)
-        return y.resize_(n, y.shape[1])  # drop the dump row in place: a view would trip FSDP2's hooks
-
-    @staticmethod
-    def backward(ctx, dy):
-        with torch.autocast(dy.device.type, enabled=False):
-            return _GroupedSwiGLU._backward(ctx, dy.to(ctx.dtype).contiguous())
-
-    @staticmethod
-    def _backward(ctx, dy):
-        gu_shape, dn_shape, gu_dtype, dn_dtype = ctx.shapes
-        n, f = dy.shape[0], dn_shape[-1]
-        buckets = ctx.buckets
-        dy_pad = _with_zero_row(dy) if any(b.index is not None for b in buckets) else None
-        dx = dy.new_empty(n + 1, gu_shape[-1])
-        d_gate_up, d_down = dy.new_empty(gu_shape), dy.new_empty(dn_shape)
-        busy = {e for b in buckets for e in b.experts}
-        for e in range(gu_shape[0]):
-            if e not in busy:  # idle experts get zero gradients
-                d_gate_up[e].zero_()
-                d_down[e].zero_()
-        binary = ctx.binary
-        for b, (xb, h, w_gu, w_dn) in zip(buckets, ctx.saved, strict=True):
-            dyb = _rows(dy, dy_pad, b)  # [E_b, C, D]
-            a = F.silu(h[..., :f]) * h[..., f:]  # recomputed: cheaper than keeping [N, F]
-            da = _bmm(dyb, w_dn, binary)  # [E_b, C, F]
-            _put_weights(d_down, b, _bmm(dyb.transpose(1, 2), a, binary))  # [E_b, D, F]
-            dh = _swiglu_grads(da, h)
-            _bmm_rows(dx, b, dh, w_gu, binary)  # [E_b, C, D]
-            _put_weights(d_gate_up, b, _bmm(dh.transpose(1, 2), xb, binary))  # [E_b, 2F, D]
-        ctx.saved = None
-        return dx[:n], d_gate_up.to(gu_dtype), d_down.to(dn_dtype), None, None
-
-
-def grouped_swiglu(x_sorted: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-                   counts: list[int]) -> torch.Tensor:
-    """Run each expert on its contiguous block of rows; rows must be sorted by expert."""
-    return _GroupedSwiGLU.apply(x_sorted, gate_up, down, counts, x_sorted.dtype)
-
-
-def reference_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
-                  weights: torch.Tensor) -> torch.Tensor:
-    """Slow oracle: for each expert, find its tokens with a mask, run the FFN, add weight * output.
-    x [T, D], topk_ids/weights [T, K] (dropped assignments carry weight 0). Returns [T, D] fp32."""
-    out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
-    f = down.shape[-1]
-    for e in range(gate_up.shape[0]):
-        hit = topk_ids == e  # [T, K]
-        tok = hit.any(dim=-1).nonzero().squeeze(-1)
-        if tok.numel() == 0:
-            continue
-        w_e = (weights * hit).sum(dim=-1)[tok]  # [n]
-        h = x[tok] @ gate_up[e].to(x.dtype).t()
-        y = (F.silu(h[:, :f]) * h[:, f:]) @ down[e].to(x.dtype).t()
-        out = out.index_add(0, tok, y.float() * w_e[:, None])
-    return out
-
-
-def few_tokens_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
-                   weights: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-    """Decode path: x [T, D] for small T, topk_ids/weights [T, K], keep [T, K] or None. Returns [T, D]
-    fp32, equal to `reference_moe` (each token sums its experts in ascending expert order, as the
-    sorted dispatch does). One host read of the ids; weights are indexed, never copied."""
-    t, k = topk_ids.shape
-    f = down.shape[-1]
-    ids = topk_ids.tolist()
-    kept = keep.tolist() if keep is not None else None
-    assignments: dict[int, list[int]] = {}  # expert -> flat indices t * K + j of its assignments
-    for ti, row in enumerate(ids):
-        for j, e in enumerate(row):
-            if kept is None or kept[ti][j]:
-                assignments.setdefault(e, []).append(ti * k + j)
-    out = torch.zeros(t, x.shape[1], dtype=torch.float32, device=x.device)
-    w_flat = weights.reshape(-1)
-    for e in sorted(assignments):
-        a = assignments[e]
-        if len(a) == 1:  # the common decode case: slices, no index tensors
-            tok = a[0] // k
-            xe, we = x[tok:tok + 1], w_flat[a[0]:a[0] + 1]
-        else:
-            idx = torch.tensor(a, device=x.device)
-            tok_idx = idx // k
-            xe, we = x[tok_idx], w_flat[idx]
-        h = F.linear(xe, gate_up[e].to(x.dtype))  # [n, 2F]
-        ye = F.linear(F.silu(h[:, :f]) * h[:, f:], down[e].to(x.dtype)).float() * we[:, None]
-        if len(a) == 1:
-            out[tok:tok + 1] += ye
-        else:
-            out.index_add_(0, tok_idx, ye)
-    return out
-
-
-_OPS = torch.library.Library("moelab", "FRAGMENT")
-_OPS.define("few_tokens_moe(Tensor x, Tensor gate_up, Tensor down, Tensor topk_ids, Tensor weights, "
-            "Tensor? keep) -> Tensor")
-_OPS.impl("few_tokens_moe", few_tokens_moe, "CompositeExplicitAutograd")
-torch.library.register_fake("moelab::few_tokens_moe", lib=_OPS)(
-    lambda x, gate_up, down, topk_ids, weights, keep: x.new_empty(x.shape, dtype=torch.float32))
+from moelab.kernels import build_expert_backend
 
 
 class ExpertFFN(nn.Module):
     """E routed SwiGLU experts as stacked parameters."""
 
-    def __init__(self, num_experts: int, d_model: int, expert_dim: int):
+    def __init__(self, num_experts: int, d_model: int, expert_dim: int, backend: str = "auto"):
         super().__init__()
         self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * expert_dim, d_model))
         self.down = nn.Parameter(torch.empty(num_experts, d_model, expert_dim))
+        self.backend = build_expert_backend(backend, d_model, expert_dim)
 
     @property
     def num_experts(self) -> int:
         return self.gate_up.shape[0]
 
-    def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        return grouped_swiglu(x_sorted, self.gate_up, self.down, counts)
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x [T, D], topk_ids/weights [T, K] (weights 0 where dropped), keep [T, K] or None -> [T, D] fp32."""
+        return self.backend.moe(x, self.gate_up, self.down, topk_ids, weights, keep)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moelab.kernels.common import compute_dtype
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-5):
@@ -40,12 +42,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, dtype: tor
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(dtype or x.dtype)
-
-
-def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The dtype matmuls run in: autocast's when it is on, else x's."""
-    dev = x.device.type
-    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
 
 
 def attention_dtype(dtype: torch.dtype, device: torch.device, head_dim: int) -> torch.dtype:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from moelab.model.layers import compute_dtype
+from moelab.kernels.common import compute_dtype
 
 IGNORE_INDEX = -100
 CHUNK_BYTES = 4 << 20  # fp32 logits per chunk (a few MB: measured best here, 1-8 MB tried)

@@ -3,15 +3,16 @@
 Legend: B batch, S sequence, T = B*S tokens, D model width, E experts, K experts per token,
 N rows sent to the experts (kept (token, expert) assignments, plus padding; see dispatch.py).
 
-Dispatch (`dispatch.py`) sorts the T*K assignments by expert (a stable argsort), gathers the token
-rows into one [N, D] block with each expert's rows contiguous, runs the experts (`experts.py`), and
-combines by weighting each token's K expert outputs in fp32 and summing them. Cost is O(T*K*D) for
-the permutation plus the active expert FLOPs, independent of E.
+The router picks K experts per token; capacity (if any) and padding tokens turn some assignments
+off; the experts (`experts.py`) return each token's routing-weighted sum of its experts' outputs in
+fp32. How they do it -- sorting the T*K assignments by expert, grouped matmuls, gathering back -- is
+an expert backend chosen when the layer is built (`moe.expert_backend`, see `moelab.kernels`).
 
 Two seams let scale-out code change a built layer without touching this file (`moelab.parallel`,
 `moelab.offload`): `experts` may be any module honouring `ExpertFFN`'s contract
-`(x_sorted [N, D], counts [E]) -> [N, D]` (expert parallelism and offloaded experts swap it), and
-`batch` decides which tokens the balance statistics describe (data parallelism sums over ranks).
+`(x [T, D], topk_ids [T, K], weights [T, K], keep) -> [T, D] fp32` (expert parallelism and offloaded
+experts swap it), and `batch` decides which tokens the balance statistics describe (data parallelism
+sums over ranks).
 """
 
 from __future__ import annotations
@@ -23,15 +24,10 @@ import torch
 from torch import nn
 
 from moelab.config import MoEConfig
-from moelab.model.dispatch import combine, dispatch, plan_dispatch, row_grid
-from moelab.model.experts import ExpertFFN, few_tokens_moe, reference_moe
-from moelab.model.layers import SwiGLU, compute_dtype
+from moelab.model.experts import ExpertFFN
+from moelab.model.layers import SwiGLU
 from moelab.model.losses import AUX_LOSSES, expert_counts, router_entropy
 from moelab.model.router import Routing, build_router
-
-# Up to this many tokens without autograd (decoding), experts run straight from their stacked weights:
-# the sort dispatch's fixed cost is most of a decode step's MoE time there.
-FEW_TOKENS = 8
 
 
 @dataclass
@@ -65,7 +61,8 @@ def capacity_keep(topk_ids: torch.Tensor, priority: torch.Tensor, num_experts: i
         flat_e = torch.where(keep.reshape(-1), flat_e, num_experts)  # sentinel expert sorts last
     by_priority = torch.argsort(-priority.reshape(-1), stable=True)
     order = by_priority[torch.argsort(flat_e[by_priority], stable=True)]  # expert-major, best first
-    counts = torch.bincount(flat_e, minlength=num_experts + 1)
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=flat_e.device)
+    counts.scatter_add_(0, flat_e, torch.ones_like(flat_e))  # (bincount reads its max on the host)
     starts = torch.cumsum(counts, 0) - counts
     sorted_e = flat_e[order]
     rank = torch.arange(order.numel(), device=order.device) - starts[sorted_e]
@@ -88,7 +85,7 @@ class MoELayer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.router = build_router(d_model, cfg)
-        self.experts = ExpertFFN(cfg.num_experts, d_model, cfg.expert_dim)
+        self.experts = ExpertFFN(cfg.num_experts, d_model, cfg.expert_dim, cfg.expert_backend)
         self.batch = LocalBatch()
         # Generation turns this off: a decode step never reads RoutingStats or aux losses, which cost
         # dozens of small ops per layer; forward then returns None in their place.
@@ -125,15 +122,7 @@ class MoELayer(nn.Module):
             keep = real if keep is None else keep & real
         weights = r.topk_weights if keep is None else r.topk_weights * keep
 
-        if self.cfg.expert_impl == "reference":
-            y = reference_moe(x, self.experts.gate_up, self.experts.down, r.topk_ids, weights)
-        elif self._few_tokens(x.shape[0]):
-            # A compiled decode step runs it as one opaque operator, at any batch size: the sort
-            # dispatch reads expert counts on the host, which would break the graph.
-            run = torch.ops.moelab.few_tokens_moe if torch.compiler.is_compiling() else few_tokens_moe
-            y = run(x, self.experts.gate_up, self.experts.down, r.topk_ids, weights, keep)
-        else:
-            y = self._dispatch_combine(x, r.topk_ids, weights, keep)
+        y = self.experts(x, r.topk_ids, weights, keep)  # [T, D] fp32
         if self.shared is not None:
             s = self.shared(x).float()
             if self.shared_gate is not None:
@@ -141,17 +130,6 @@ class MoELayer(nn.Module):
             y = y + s
         stats = self._stats(r, keep, tmask) if self.record_stats else None
         return y.to(x.dtype).view(shape), stats
-
-    def _few_tokens(self, num_tokens: int) -> bool:
-        # (a swapped-in expert module -- expert parallel, offload -- keeps the sort dispatch contract)
-        return not torch.is_grad_enabled() and type(self.experts) is ExpertFFN and (
-            torch.compiler.is_compiling() or num_tokens <= FEW_TOKENS)  # (no size guard when compiling)
-
-    def _dispatch_combine(self, x, topk_ids, weights, keep) -> torch.Tensor:
-        dtype = compute_dtype(x)
-        plan = plan_dispatch(topk_ids, keep, self.cfg.num_experts, row_grid(dtype, x.device))
-        y = self.experts(dispatch(x.to(dtype), plan), plan.counts)  # [N, D]
-        return combine(y, weights, plan)  # [T, D] fp32
 
     def _stats(self, r: Routing, keep, tmask) -> RoutingStats:
         with torch.no_grad():

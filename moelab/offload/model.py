@@ -16,20 +16,29 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.errors import UserError
+from moelab.kernels.common import compute_dtype
+from moelab.kernels.sort_dispatch import combine, dispatch, plan_dispatch
 from moelab.offload.placement import Placement, build_placement
 from moelab.offload.store import MmapExpertStore
 
 
 class OffloadedExperts(nn.Module):
-    """`ExpertFFN`'s contract `(x_sorted [N, D], counts [E]) -> [N, D]`, weights from a Placement."""
+    """`ExpertFFN`'s contract `(x [T, D], topk_ids, weights, keep) -> [T, D] fp32`, weights from a
+    Placement: tokens sorted by expert on the host (the placement needs the ids there anyway), then one
+    expert at a time."""
 
     def __init__(self, layer_idx: int, num_experts: int, placement: Placement):
         super().__init__()
         self.layer_idx, self.num_experts, self.placement = layer_idx, num_experts, placement
 
-    def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        if torch.is_grad_enabled() and x_sorted.requires_grad:
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("offloaded experts are for inference: run under torch.no_grad()")
+        plan = plan_dispatch(topk_ids, keep, self.num_experts)
+        return combine(self._run(dispatch(x.to(compute_dtype(x)), plan), plan.counts), weights, plan)
+
+    def _run(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         y = x_sorted.new_empty(x_sorted.shape)
         start = 0
         for e, c in enumerate(counts):
@@ -70,9 +79,9 @@ def load_offloaded(path: str | Path, placement: str = "lru:64", device: str | to
 
     ckpt = resolve_checkpoint(path)
     cfg = read_config(ckpt)
-    if cfg.model.moe.expert_impl == "reference":
-        raise UserError(f"{ckpt}: model.moe.expert_impl 'reference' reads the stacked expert weights; "
-                        "offloading needs 'grouped'")
+    if cfg.model.moe.expert_backend == "reference":
+        raise UserError(f"{ckpt}: model.moe.expert_backend 'reference' reads the stacked expert weights; "
+                        "offloading needs auto, cpu_buckets or grouped_mm")
     store = MmapExpertStore(ckpt / "model.safetensors", remap_bytes)
     ids = cfg.model.moe_layer_ids()
     missing = [i for i in ids if not store.has_layer(i)]

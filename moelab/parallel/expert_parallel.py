@@ -2,15 +2,18 @@
 all-to-all.
 
 `ExpertParallelFFN` replaces a built layer's `ExpertFFN` and keeps its contract
-`(x_sorted [N, D], counts [E]) -> [N, D]`, so `MoELayer` routes, sorts and combines exactly as on one
-device; only the expert call travels. Steps (moe_spec.md section 5, torchtitan's all-to-all dispatcher):
-1. rows arrive sorted by global expert; experts are contiguous blocks of L = E / ep per rank, so the
+`(x [T, D], topk_ids, weights, keep) -> [T, D] fp32`, so `MoELayer` routes exactly as on one device;
+only the expert computation travels. Steps (torchtitan's all-to-all dispatcher):
+1. rows are sorted by global expert on this rank (the host-planned sort dispatch: the all-to-all
+   splits are host integers anyway); experts are contiguous blocks of L = E / ep per rank, so the
    rows for ep rank j are one contiguous run;
 2. one all-to-all of the per-expert counts tells each rank what it will receive (one host sync);
 3. `all_to_all_single` with uneven splits sends the rows; they arrive source-major and are permuted
    to expert-major for the grouped kernel;
-4. outputs are permuted back and returned by the reverse all-to-all, so the routing weights are
-   applied and summed on the sender (in `MoELayer`).
+4. the received rows run through the layer's expert backend (`sorted_experts`: grouped_mm on a GPU,
+   the bucketed CPU kernel on a CPU);
+5. outputs are permuted back and returned by the reverse all-to-all, so the routing weights are
+   applied and summed on the sender.
 Gradients take the same path backwards (`_AllToAll.backward` swaps the splits).
 
 Legend: E global experts, L local experts, P ep ranks, N rows sent, M rows received, D width.
@@ -23,7 +26,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from moelab.model.experts import ExpertFFN, grouped_swiglu
+from moelab.kernels.common import compute_dtype
+from moelab.kernels.sort_dispatch import combine, dispatch, plan_dispatch
+from moelab.model.experts import ExpertFFN
 
 
 class _AllToAll(torch.autograd.Function):
@@ -71,6 +76,7 @@ class ExpertParallelFFN(nn.Module):
         if self.num_experts % self.ep:
             raise ValueError(f"ep={self.ep} does not divide num_experts={self.num_experts}")
         self.group = ep_mesh.get_group()
+        self.backend = experts.backend
         # Every rank built the same full experts from the same seed; each keeps its block of E / ep.
         self.gate_up = nn.Parameter(distribute_tensor(experts.gate_up.detach(), ep_mesh, [Shard(0)]))
         self.down = nn.Parameter(distribute_tensor(experts.down.detach(), ep_mesh, [Shard(0)]))
@@ -79,7 +85,13 @@ class ExpertParallelFFN(nn.Module):
     def _local(p: torch.Tensor) -> torch.Tensor:
         return p.to_local() if isinstance(p, DTensor) else p
 
-    def forward(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        plan = plan_dispatch(topk_ids, keep, self.num_experts)
+        y_sorted = self._exchange_and_run(dispatch(x.to(compute_dtype(x)), plan), plan.counts)
+        return combine(y_sorted, weights, plan)
+
+    def _exchange_and_run(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         p, l = self.ep, self.num_experts // self.ep
         send = torch.tensor(counts, dtype=torch.int64, device=x_sorted.device).view(p, l)  # [P, L]
         recv = torch.empty_like(send)
@@ -87,8 +99,8 @@ class ExpertParallelFFN(nn.Module):
         in_splits, out_splits = send.sum(1).tolist(), recv.sum(1).tolist()  # the one host sync
         x_recv = all_to_all(x_sorted, out_splits, in_splits, self.group)  # [M, D] source-major
         order = source_to_expert_order(recv)
-        y = grouped_swiglu(x_recv[order], self._local(self.gate_up), self._local(self.down),
-                           recv.sum(0).tolist())  # [M, D] expert-major
+        y = self.backend.sorted_experts(x_recv[order], self._local(self.gate_up), self._local(self.down),
+                                        recv.sum(0))  # [M, D] expert-major
         back = torch.empty_like(order)
         back[order] = torch.arange(order.numel(), device=order.device)
         return all_to_all(y[back], in_splits, out_splits, self.group)  # [N, D] in the sender's order

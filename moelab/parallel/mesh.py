@@ -40,9 +40,9 @@ def resolve_sizes(pcfg: ParallelConfig, world_size: int, model_cfg: ModelConfig 
                         f"{world_size} (torchrun --nproc-per-node * nodes must equal dp * ep)")
     if model_cfg is not None and model_cfg.moe_layer_ids() and model_cfg.moe.num_experts % ep:
         raise UserError(f"parallel.ep={ep} does not divide model.moe.num_experts={model_cfg.moe.num_experts}")
-    if model_cfg is not None and ep > 1 and model_cfg.moe.expert_impl == "reference":
-        raise UserError("model.moe.expert_impl: 'reference' runs every expert locally; expert parallelism "
-                        "(parallel.ep > 1) needs 'grouped'")
+    if model_cfg is not None and ep > 1 and model_cfg.moe.expert_backend == "reference":
+        raise UserError("model.moe.expert_backend: 'reference' runs every expert locally; expert parallelism "
+                        "(parallel.ep > 1) needs auto, cpu_buckets or grouped_mm")
     return dp, ep
 
 

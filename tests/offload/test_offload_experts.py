@@ -38,7 +38,9 @@ def test_offloaded_model_matches_resident_model(checkpoint, spec):
     off, cfg, policy = load_offloaded(path, spec)
     x = torch.randint(0, cfg.model.vocab_size, (3, 17))
     with torch.no_grad():
-        torch.testing.assert_close(off(x).logits, model(x).logits, rtol=0, atol=0)
+        # fp32 rounding only: the resident experts run as bucketed bmm calls, the offloaded ones one mm per
+        # expert, and MKL's summation order may differ between the two (bit-equal only on some runs)
+        torch.testing.assert_close(off(x).logits, model(x).logits, rtol=1e-5, atol=1e-6)
     assert not any(".experts." in n for n, _ in off.named_parameters())  # experts never became parameters
     m = policy.metrics
     assert m.misses > 0 and m.bytes_moved > 0 and m.stall_seconds > 0

@@ -44,8 +44,8 @@ def test_ep_not_dividing_experts_is_a_config_error():
 
 def test_reference_experts_cannot_be_expert_parallel():
     cfg = tiny_config()
-    cfg.model.moe.expert_impl = "reference"
-    with pytest.raises(UserError, match="expert_impl"):
+    cfg.model.moe.expert_backend = "reference"
+    with pytest.raises(UserError, match="expert_backend"):
         resolve_sizes(ParallelConfig(ep=2), 2, cfg.model)
 
 

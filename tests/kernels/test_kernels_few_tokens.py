@@ -6,8 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moelab.config import MoEConfig
-from moelab.model.experts import few_tokens_moe, reference_moe
-from moelab.model.moe import FEW_TOKENS, MoELayer
+from moelab.kernels.cpu_buckets import FEW_TOKENS
+from moelab.kernels.few_tokens import few_tokens_moe
+from moelab.kernels.reference import reference_moe
+from moelab.model.moe import MoELayer
 
 
 @settings(max_examples=40, deadline=None)

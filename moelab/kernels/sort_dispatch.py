@@ -1,4 +1,4 @@
-"""Dispatch and combine: (token, expert) assignments to per-expert row blocks and back.
+"""Host-planned sort dispatch: (token, expert) assignments to per-expert row blocks and back.
 
 Legend: T tokens, K experts per token, E experts, D width, A = T*K assignments, N rows of the sorted
 block (kept assignments plus alignment padding).
@@ -10,19 +10,16 @@ read of the counts). The two differentiable steps are gathers in both directions
 Autograd's own backward for `x[src]` is a scatter-add with repeated indices, whose CPU kernel is
 serial: it cost more than the expert matmuls' backward on small models here.
 
-Each expert's block may be padded (`block_rows`). Padding rows repeat a real token (finite values),
-their outputs are never read and their gradients are exactly zero, so they change no result. Why
-pad: CPU bf16 matmuls run on oneDNN, which JIT-builds a kernel for every new shape (counted with
-ONEDNN_VERBOSE: creating kernels took longer than running them when row counts changed every step
-and every expert; bf16 expert matmuls ran at ~100 GFLOP/s instead of ~800). Rounding row counts up
-to a grid of ~40 sizes (`row_grid`: multiples of 32, then steps of 2^(1/4)) keeps the kernels in
-oneDNN's cache. fp32 runs on MKL, which has no such cost, so fp32 does not pad.
+Each expert's block may be padded (`block_rows`, a policy of the kernel that runs the experts, e.g.
+`cpu_buckets.row_grid`). Padding rows repeat a real token (finite values), their outputs are never
+read and their gradients are exactly zero, so they change no result.
+
+The counts are read on the host: the CPU kernels and expert parallelism's all-to-all splits need
+them as Python ints. The `grouped_mm` backend plans on the device instead (`grouped_mm.py`).
 """
 
 from __future__ import annotations
 
-import bisect
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -40,26 +37,6 @@ class DispatchPlan:
     @property
     def rows(self) -> int:
         return self.src.numel()
-
-
-def _grid(limit: int = 1 << 22) -> list[int]:
-    sizes = list(range(32, 257, 32))
-    while sizes[-1] < limit:
-        sizes.append(32 * math.ceil(sizes[-1] * 2 ** 0.25 / 32))
-    return sizes
-
-
-_GRID = _grid()
-
-
-def grid_rows(c: int) -> int:
-    """The smallest grid size >= c (0 stays 0): at most 1/8 padding up to 256 rows, 19% above."""
-    return _GRID[bisect.bisect_left(_GRID, c)] if c else 0
-
-
-def row_grid(dtype: torch.dtype, device: torch.device) -> Callable[[int], int] | None:
-    """How expert blocks are padded for this compute dtype (see the module docstring); None = not."""
-    return grid_rows if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else None
 
 
 def plan_dispatch(topk_ids: torch.Tensor, keep: torch.Tensor | None, num_experts: int,

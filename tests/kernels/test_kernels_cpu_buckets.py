@@ -5,9 +5,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import moelab.model.experts as experts_mod
-from moelab.model.dispatch import combine, dispatch, grid_rows, plan_dispatch
-from moelab.model.experts import grouped_swiglu, plan_buckets, reference_moe
+import moelab.kernels.cpu_buckets as experts_mod
+from moelab.kernels.cpu_buckets import grid_rows, grouped_swiglu, plan_buckets
+from moelab.kernels.reference import reference_moe
+from moelab.kernels.sort_dispatch import combine, dispatch, plan_dispatch
 
 BLOCKS = {"none": None, "x4": lambda c: -(-c // 4) * 4, "grid": grid_rows}
 

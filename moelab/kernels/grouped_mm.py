@@ -1,0 +1,163 @@
+"""`grouped_mm`: the GPU expert kernel. `torch._grouped_mm` over rows sorted by expert, planned on the
+device, so nothing from routing to combine waits for the host, forward or backward.
+
+Legend: T tokens, K experts per token, A = T*K assignments, E experts, D width, F expert width,
+N = A + E * (align - 1) rows of the sorted block.
+
+Every shape is static (N depends on T, K, E and `align` only), which is what keeps the host out and
+lets torch.compile and CUDA graphs take the whole layer:
+- the plan is a stable sort of the assignments by expert; kept assignments of expert e fill its group,
+  padded with weight-0 rows to a multiple of `align` rows when the kernel wants aligned groups;
+- dropped assignments (capacity, padding tokens) and the unused tail rows go last, inside the last
+  expert's group (`offs[-1] = N`): they are computed, with routing weight 0, instead of being cut off
+  by a data-dependent size. Wasted rows are the dropped ones plus the alignment padding; dropless
+  routing with `align = 1` wastes none;
+- each token's routing weight scales its row between the two matmuls (a = silu(g) * u * w), so the
+  combine is a plain sum of K gathered rows and weight-0 rows give exact zeros, gradients included.
+Dispatch and combine are gathers in both directions (their backward is a gather too, never a
+scatter-add), which keeps them deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moelab.kernels.common import compute_dtype
+
+
+@dataclass
+class DevicePlan:
+    src: torch.Tensor  # [N] token each row reads (rows of weight 0 read any token)
+    pos: torch.Tensor  # [T, K] row of each assignment
+    tok: torch.Tensor  # [N] token each row's output adds to; T for rows of weight 0
+    assignment: torch.Tensor  # [N] flat assignment t*K + k of each row; A for rows of weight 0
+    offs: torch.Tensor  # [E] int32 end row of each expert's group; offs[-1] = N
+
+
+def plan_on_device(topk_ids: torch.Tensor, keep: torch.Tensor | None, num_experts: int,
+                   align: int = 1) -> DevicePlan:
+    """topk_ids [T, K]; keep [T, K] bool or None (False = dropped). Device ops only: no host read."""
+    t, k = topk_ids.shape
+    a, e, dev = t * k, num_experts, topk_ids.device
+    flat = topk_ids.reshape(-1)
+    if keep is not None:
+        flat = torch.where(keep.reshape(-1), flat, e)  # sentinel expert: dropped sort last
+    e_sorted, order = torch.sort(flat, stable=True)
+    counts = torch.zeros(e + 1, dtype=torch.long, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    row_sorted = torch.arange(a, device=dev)
+    n = a
+    if align > 1:
+        padded = (counts + align - 1) // align * align
+        shift = (torch.cumsum(padded, 0) - padded) - (torch.cumsum(counts, 0) - counts)  # [E + 1]
+        row_sorted = row_sorted + shift[e_sorted]
+        n = a + e * (align - 1)
+        counts = padded
+    pos = torch.empty_like(order).scatter_(0, order, row_sorted)
+    weighted = torch.where(e_sorted < e, order, a)
+    assignment = torch.full((n,), a, dtype=torch.long, device=dev).scatter_(0, row_sorted, weighted)
+    tok = assignment // k  # a // k == T: rows of weight 0 add to no token
+    offs = torch.cumsum(counts[:e], 0).to(torch.int32)
+    offs[-1] = n
+    return DevicePlan(tok.clamp(max=max(t - 1, 0)), pos.view(t, k), tok, assignment, offs)
+
+
+class _GatherRows(torch.autograd.Function):
+    """x [T, D] -> x[src] [N, D]; backward dx[t] = sum_k g[pos[t, k]] (rows of weight 0 have zero grad)."""
+
+    @staticmethod
+    def forward(ctx, x, src, pos):
+        ctx.save_for_backward(pos)
+        return x.index_select(0, src)
+
+    @staticmethod
+    def backward(ctx, g):
+        (pos,) = ctx.saved_tensors
+        t, k = pos.shape
+        return g.index_select(0, pos.reshape(-1)).view(t, k, -1).sum(1), None, None
+
+
+class _SumRows(torch.autograd.Function):
+    """ys [N, D] -> [T, D] fp32, y[t] = sum_k ys[pos[t, k]]; backward dys[i] = g[tok[i]] (0 when tok = T)."""
+
+    @staticmethod
+    def forward(ctx, ys, pos, tok):
+        ctx.save_for_backward(tok)
+        ctx.dtype = ys.dtype
+        t, k = pos.shape
+        return ys.index_select(0, pos.reshape(-1)).view(t, k, -1).sum(1, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, g):
+        (tok,) = ctx.saved_tensors
+        g = torch.cat([g.to(ctx.dtype), g.new_zeros(1, g.shape[1], dtype=ctx.dtype)])
+        return g.index_select(0, tok), None, None
+
+
+class _WeightedSwiGLU(torch.autograd.Function):
+    """a = silu(g) * u * w for h = [g | u] [N, 2F], w [N]. Saves h and w only; backward recomputes
+    silu(g), cheaper than keeping the [N, F] intermediates."""
+
+    @staticmethod
+    def forward(ctx, h, w):
+        ctx.save_for_backward(h, w)
+        f = h.shape[-1] // 2
+        return F.silu(h[:, :f]) * h[:, f:] * w.to(h.dtype)[:, None]
+
+    @staticmethod
+    def backward(ctx, da):
+        h, w = ctx.saved_tensors
+        f = h.shape[-1] // 2
+        g, u = h[:, :f], h[:, f:]
+        act = F.silu(g) * u
+        dw = (act * da).sum(-1, dtype=torch.float32).to(w.dtype)
+        da = da * w.to(da.dtype)[:, None]
+        dh = torch.cat([torch.ops.aten.silu_backward(da * u, g), da * F.silu(g)], dim=-1)  # (no out=: compile)
+        return dh, dw
+
+
+def grouped_swiglu_mm(x_sorted: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor,
+                      row_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Each expert's SwiGLU on its group of rows (groups end at `offs`), optionally scaling each row by
+    `row_weights` [N] between the matmuls. Weights [E, 2F, D] / [E, D, F] are used transposed in place."""
+    h = torch._grouped_mm(x_sorted, gate_up.transpose(1, 2), offs=offs)  # [N, 2F]
+    if row_weights is None:
+        f = h.shape[-1] // 2
+        a = F.silu(h[:, :f]) * h[:, f:]
+    else:
+        a = _WeightedSwiGLU.apply(h, row_weights)
+    return torch._grouped_mm(a, down.transpose(1, 2), offs=offs)  # [N, D]
+
+
+def aligned_for_grouped_mm(d_model: int, expert_dim: int) -> bool:
+    """`torch._grouped_mm` wants 16-byte row strides: D and F multiples of 8 (bf16; fp32 needs 4)."""
+    return d_model % 8 == 0 and expert_dim % 8 == 0
+
+
+class GroupedMMBackend:
+    """`moe.expert_backend: grouped_mm` (the default on CUDA). `align`: rows per group are padded to a
+    multiple of it (1 = none; the kernel's own alignment needs, if any, are a property of the GPU)."""
+
+    name = "grouped_mm"
+
+    def __init__(self, align: int = 1):
+        self.align = align
+
+    def moe(self, x, gate_up, down, topk_ids, weights, keep=None):
+        """x [T, D] -> [T, D] fp32, the routed experts' weighted sum per token."""
+        dtype = compute_dtype(x)
+        plan = plan_on_device(topk_ids, keep, gate_up.shape[0], self.align)
+        with torch.autocast(x.device.type, enabled=False):
+            xs = _GatherRows.apply(x.to(dtype), plan.src, plan.pos)  # [N, D]
+            w = torch.cat([weights.reshape(-1).float(), weights.new_zeros(1, dtype=torch.float32)])
+            ys = grouped_swiglu_mm(xs, gate_up.to(dtype), down.to(dtype), plan.offs, w.index_select(0, plan.assignment))
+            return _SumRows.apply(ys, plan.pos, plan.tok)
+
+    def sorted_experts(self, x_sorted, gate_up, down, counts: torch.Tensor) -> torch.Tensor:
+        """Rows already sorted by expert, `counts` [E] rows each, no padding -> [N, D]."""
+        dtype = compute_dtype(x_sorted)
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        with torch.autocast(x_sorted.device.type, enabled=False):
+            return grouped_swiglu_mm(x_sorted.to(dtype), gate_up.to(dtype), down.to(dtype), offs)
