@@ -4,8 +4,10 @@ Every measurement runs in its own process (`train_worker.py`): the trainer's rea
 Zipf-distributed synthetic tokens in memory, a few warm-up steps, then the median of the timed steps.
 Variants (implementation x dtype) are interleaved round by round, so machine noise hits all of them
 alike; the reported value is the median over rounds, and ratios compare medians of the same run.
-MFU = tokens/s x training FLOPs per token (`moelab info`) / a 2048^3 matmul's FLOP/s in the same
-dtype, measured here in this process at start.
+MFU = tokens/s x training FLOPs per token (`moelab info`) / a 2048^3 (CPU) or 8192^3 (GPU) matmul's
+FLOP/s in the same dtype on the same device, measured in this process at start. On a GPU, step times
+are taken after `torch.cuda.synchronize` and memory is `torch.cuda.max_memory_allocated` (the
+`peak_rss_bytes` field then holds GPU bytes, named in `memory`).
 """
 
 from __future__ import annotations
@@ -18,10 +20,15 @@ from pathlib import Path
 
 from moelab.bench import write_results
 
-TARGETS = {"tiny": 1.3, "tiny-fine": 2.0}  # moelab / transformers tokens/s targets from the issue
+TARGETS = {"tiny": 1.3, "tiny-fine": 2.0, "gpu-coarse": 1.5, "gpu-fine": 3.0}  # moelab / transformers tok/s targets
+PRESETS = {"h200": dict(config=["gpu-coarse", "gpu-fine"], dtypes=["bfloat16"], compare="hf", steps=8, warmup=3,
+                        repeats=1)}
 
 
 def add_arguments(p):
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="h200: the GPU issue's whole-model table (gpu-coarse, gpu-fine; bf16; vs transformers)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--config", nargs="+", default=["tiny"],
                    help="preset names in configs/ or YAML paths (default tiny; e.g. tiny tiny-fine)")
     p.add_argument("--compare", choices=["hf"], default=None, help="also train transformers' Mixtral of the same shape")
@@ -58,6 +65,12 @@ def run(args) -> int:
     from moelab.model.counting import flops_per_token
     from moelab.train.telemetry import measure_matmul_peak
 
+    if args.preset:
+        for key, value in PRESETS[args.preset].items():
+            setattr(args, key, value)
+    from moelab.train.loop import resolve_device
+
+    device = resolve_device(args.device)
     impls = ["moelab"] + (["hf"] if args.compare == "hf" else [])
     if args.compare == "hf":
         try:
@@ -68,11 +81,14 @@ def run(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    peaks = {dt: measure_matmul_peak(dt, "cpu", 2.0) for dt in args.dtypes}
-    results: dict = {"peak_matmul_flops": peaks, "configs": {}, "method": __doc__.strip().splitlines()[0]}
+    n = 8192 if device.type == "cuda" else 2048
+    peaks = {dt: measure_matmul_peak(dt, str(device), 2.0, n=n) for dt in args.dtypes}
+    results: dict = {"peak_matmul_flops": peaks, "configs": {}, "method": __doc__.strip().splitlines()[0],
+                     "device": str(device), "memory": "cuda max_memory_allocated" if device.type == "cuda" else "RSS"}
     for name in args.config:
         cfg = load_config(config_path(name), [*args.overrides, "data.path=null", "log.progress=false",
-                                              "train.peak_flops=1.0", "checkpoint.every=0"])
+                                              "train.peak_flops=1.0", "checkpoint.every=0",
+                                              f"train.device={device}"])
         fpt = flops_per_token(cfg.model, cfg.data.seq_len)["train"]
         runs: dict[str, list[dict]] = {}
         for rep in range(args.repeats):
@@ -85,7 +101,7 @@ def run(args) -> int:
                     r = run_worker(spec)
                     runs.setdefault(f"{impl}/{dtype}", []).append(r)
                     print(f"[{name} round {rep + 1}/{args.repeats}] {impl:6s} {dtype:8s} "
-                          f"{r['tokens_per_s']:8.0f} tok/s  rss {r['peak_rss_bytes'] / 2**20:6.0f} MiB", flush=True)
+                          f"{r['tokens_per_s']:8.0f} tok/s  memory {r['peak_rss_bytes'] / 2**20:6.0f} MiB", flush=True)
         summary = {}
         for key, rs in runs.items():
             dtype = key.split("/")[1]
@@ -109,11 +125,11 @@ def run(args) -> int:
 
 def _print_table(name: str, summary: dict, ratios: dict, target: float | None) -> None:
     print(f"\n{name}: median over rounds")
-    print(f"  {'variant':18s} {'tokens/s':>10s} {'MFU':>6s} {'peak RSS':>10s}  implementation")
+    print(f"  {'variant':18s} {'tokens/s':>10s} {'MFU':>6s} {'peak mem':>10s}  implementation")
     for key, s in summary.items():
         print(f"  {key:18s} {s['tokens_per_s']:10.0f} {100 * s['mfu']:5.1f}% {s['peak_rss_bytes'] / 2**20:7.0f} MiB  "
               f"{s['impl']}")
     for dtype, r in ratios.items():
         goal = f" (target >= {target}x)" if target else ""
         print(f"  {dtype}: moelab / transformers speed {r['speed_moelab_over_hf']:.2f}x{goal}, "
-              f"peak RSS {r['rss_moelab_over_hf']:.2f}x (target <= 0.8x)")
+              f"peak memory {r['rss_moelab_over_hf']:.2f}x (target <= 0.8x CPU RSS, <= 0.7x GPU)")

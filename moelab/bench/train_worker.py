@@ -76,6 +76,9 @@ class HFStep:
         self.model.train()
         self.opt = hf_optimizer(self.model, cfg)
         self.dtype = getattr(torch, cfg.train.dtype)
+        self.device = torch.device(cfg.train.device if cfg.train.device != "auto" else "cpu")
+        self.model.to(self.device)
+        self.opt = hf_optimizer(self.model, cfg)  # (fused AdamW wants its parameters on their device)
         self.step = 0
 
     @property
@@ -88,8 +91,8 @@ class HFStep:
         set_lr(self.opt, lr_at(self.step, t))
         total = 0.0
         for _ in range(t.grad_accum):
-            x, y = self.data.train_batch(torch.device("cpu"))
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
+            x, y = self.data.train_batch(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
                 out = self.model(input_ids=x)
             loss = F.cross_entropy(out.logits.float().view(-1, out.logits.shape[-1]), y.reshape(-1))
             if getattr(out, "aux_loss", None) is not None:
@@ -107,7 +110,8 @@ class HFStep:
         self.model.eval()
         nats = count = 0
         for x, y in batches:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
+            x, y = x.to(self.device), y.to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == torch.bfloat16):
                 logits = self.model(input_ids=x).logits
             nats += float(F.cross_entropy(logits.float().view(-1, logits.shape[-1]), y.reshape(-1), reduction="sum"))
             count += y.numel()
@@ -134,17 +138,22 @@ def throughput(spec: dict) -> dict:
     else:
         hf = HFStep(cfg, data)
         step, impl = hf, f"transformers ({hf.implementation})"
+    device = torch.device(cfg.train.device if cfg.train.device != "auto" else "cpu")
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     times = []
     for i in range(spec["warmup"] + spec["steps"]):
+        sync()
         t0 = time.perf_counter()
         step()
+        sync()
         if i >= spec["warmup"]:
             times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     tokens_per_step = b * s * cfg.train.grad_accum
+    memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {"impl": impl, "step_s": med, "step_times": times, "tokens_per_s": tokens_per_step / med,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-            "threads": torch.get_num_threads()}
+            "peak_rss_bytes": memory, "threads": torch.get_num_threads()}
 
 
 def quality_hf(spec: dict) -> dict:
