@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from moelab.device import check_on_device, resolve_device, use_device
 from moelab.errors import UserError
 from moelab.model import Transformer
 from moelab.model.counting import flops_per_token
@@ -72,18 +73,6 @@ def train(config, run_dir: str | Path | None = None, resume: bool = False, init_
                    progress=progress, data=data).run()
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"train.device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"train.device={name!r}, but CUDA is not available (use auto or cpu)")
-    return dev
-
-
 def enable_activation_checkpointing(model: Transformer) -> None:
     """Recompute each block's activations during backward instead of keeping them (less memory, about
     one more forward of compute). Wraps the block's forward in place, so parameter names do not change.
@@ -121,6 +110,7 @@ class Trainer:
         # torchrun's environment (one process without it); mesh sizes are checked before any work
         self.par = init_parallel(cfg.parallel, cfg.model, cfg.train.device)
         self.device = self.par.device if self.par.distributed else resolve_device(cfg.train.device)
+        use_device(self.device)  # cuda:N: streams, generators and compiled kernels go to the same device
         self.rows = self.par.local_batch(cfg.train.batch_size)  # this rank's slice of each global batch
         self.is_main = self.par.is_main  # only rank 0 writes the run directory
         self.show_progress = self.show_progress and self.is_main
@@ -142,6 +132,8 @@ class Trainer:
         if cfg.train.activation_checkpointing:
             enable_activation_checkpointing(self.model)
         self.model = parallelize(self.model, self.par)  # FSDP2 + expert parallel under torchrun, else a no-op
+        if not self.par.distributed:
+            check_on_device(self.model, self.device, "the trainer's model")
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if cfg.train.compile:
