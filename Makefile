@@ -1,16 +1,20 @@
 # The README's two commands: `make demo` (main job) and `make test` (ruff + pytest).
-# Both create .venv on first use and reuse it; torch is pinned to the CPU-installable 2.13.0.
+# Both create .venv on first use and reuse it. torch is pinned to the CPU-installable 2.13.0 by
+# constraints-cpu.txt; on a CUDA machine `make install CONSTRAINTS=` (and PY= a python that has torch, with
+# VENV_FLAGS=--system-site-packages) keeps the installed CUDA torch, since pyproject.toml asks for torch>=2.8.
 PY ?= python3
+CONSTRAINTS ?= constraints-cpu.txt
+VENV_FLAGS ?=
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test lint install clean bench
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV_FLAGS) $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)

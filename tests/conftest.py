@@ -17,3 +17,13 @@ def shakespeare() -> Path:
     if not path.is_file():
         pytest.skip("../shared/data/tinyshakespeare.txt not present")
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `cuda` need a GPU: skipped here when torch has none (run them with `pytest -m cuda`)."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)

@@ -109,13 +109,12 @@ def _tokenizer(ckpt: Path, run_dir: Path, ds):
     return ds.load_tokenizer() if (ds.tokenizer_dir / "tokenizer.json").is_file() else None
 
 
-def _device(name: str) -> torch.device:
-    from moelab.train.loop import resolve_device
+def _device(name: str | torch.device) -> torch.device:
+    from moelab.device import resolve_device, use_device
 
-    try:
-        return resolve_device(name)
-    except UserError as e:  # the trainer's message names its config key; here the user typed --device
-        raise UserError(str(e).replace("train.device", "--device")) from None
+    dev = resolve_device(name, "--device")
+    use_device(dev)
+    return dev
 
 
 def analyze_run(run_dir: str | Path, data_dir: str | Path | None = None, tokens: int = 65536, split: str = "val",

@@ -19,7 +19,7 @@ def add_sampling_arguments(p) -> None:
     """Flags shared with `moelab serve`'s defaults and the benchmarks."""
     p.add_argument("--num-experts-per-tok", type=int, default=None, metavar="K",
                    help="route each token to K experts instead of the trained top-k (speed vs quality)")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="cast the weights (default: as stored)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

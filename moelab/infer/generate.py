@@ -32,6 +32,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     directory. Weights are laid out for decoding (see `prepare.decode_layout`); `warmup` runs every
     expert and a short generation once so the first request does not pay for it."""
     from moelab.checkpoint import load_model, resolve_checkpoint
+    from moelab.device import check_on_device, resolve_device, use_device
     from moelab.tokenizer import Tokenizer
 
     ckpt = resolve_checkpoint(path)
@@ -42,9 +43,12 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
         if dtype not in DTYPES:
             raise UserError(f"dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
         dtype = DTYPES[dtype]
+    device = resolve_device(device, "--device")
+    use_device(device)
     model, cfg, _ = load_model(ckpt, device)
     if dtype is not None:
         model.to(dtype)
+    check_on_device(model, device, "the loaded model")
     tokenizer = Tokenizer.load(tok_dir)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(f"{tok_dir}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "

@@ -173,6 +173,9 @@ class Engine:
 
     # ---------------------------------------------------------------- engine thread
     def _loop(self) -> None:
+        from moelab.device import use_device
+
+        use_device(self.device)  # the current CUDA device is per thread: cuda:N here too
         while True:
             with self._cond:
                 while not self._stopping and not self._waiting and not self._running:

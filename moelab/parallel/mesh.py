@@ -156,7 +156,9 @@ def init_parallel(pcfg: ParallelConfig, model_cfg: ModelConfig | None = None,
         raise UserError("parallel.backend=nccl needs CUDA, which is not available (use gloo)")
     common = dict(fsdp=pcfg.fsdp, reshard_after_forward=pcfg.reshard_after_forward, cpu_offload=pcfg.cpu_offload)
     if world == 1:
-        return ParallelContext(**common)
+        from moelab.device import resolve_device
+
+        return ParallelContext(device=resolve_device(device), **common)
     for var in ("MASTER_ADDR", "MASTER_PORT"):
         if var not in os.environ:
             raise UserError(f"WORLD_SIZE={world} but {var} is not set: launch with torchrun")

@@ -49,10 +49,11 @@ def _moe_layers(model: nn.Module) -> list[MoELayer]:
 
 def parallelize(model: nn.Module, ctx: ParallelContext) -> nn.Module:
     """Shard `model` in place for the mesh in `ctx` and return it (moved to ctx.device). In a single
-    process the model is only moved."""
-    model.to(ctx.device)
+    process the model is returned as it is: the caller placed it (moving it to ctx.device here once put
+    a model the trainer had moved to CUDA back on the CPU)."""
     if not ctx.distributed:
         return model
+    model.to(ctx.device)
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 
     for layer in _moe_layers(model):

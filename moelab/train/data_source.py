@@ -17,6 +17,15 @@ from moelab.config import Config
 from moelab.errors import UserError
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch on `device`. For CUDA through pinned memory and a non-blocking copy, so the transfer
+    overlaps the previous step's kernels (the caching host allocator keeps the pinned buffer alive until
+    the copy is done)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 class InMemorySource:
     """Random windows of a token tensor (benchmarks, synthetic data). The window sampler is a seeded
     torch.Generator, so its state is one tensor."""
@@ -40,7 +49,7 @@ class InMemorySource:
     def train_batch(self, device: torch.device):
         starts = torch.randint(0, self.train.numel() - self.seq_len - 1, (self.batch_size,), generator=self.gen)
         x, y = self._windows(self.train, starts)
-        return x.to(device), y.to(device)
+        return to_device(x, device), to_device(y, device)
 
     def val_batches(self, batch_size: int, n: int, device: torch.device):
         stride = self.seq_len
@@ -48,7 +57,7 @@ class InMemorySource:
         for b in range(min(n, max(1, count // batch_size))):
             starts = torch.arange(b * batch_size, (b + 1) * batch_size) % count * stride
             x, y = self._windows(self.val, starts)
-            yield x.to(device), y.to(device)
+            yield to_device(x, device), to_device(y, device)
 
     def state_dict(self) -> dict:
         return {"generator": self.gen.get_state()}
@@ -103,13 +112,13 @@ class DatasetSource:
 
     def train_batch(self, device: torch.device):
         x, y = self.train.get_batch(self.batch_size)
-        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        return to_device(x, device), to_device(y, device)
 
     def val_batches(self, batch_size: int, n: int, device: torch.device):
         if self.val is None:
             return
         for x, y in self.val.iter_val(batch_size, n):
-            yield x.to(device), y.to(device)
+            yield to_device(x, device), to_device(y, device)
 
     def state_dict(self) -> dict:
         return self.train.state_dict()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from moelab.device import check_on_device, resolve_device, use_device
 from moelab.errors import UserError
 from moelab.model import Transformer
 from moelab.model.counting import flops_per_token
@@ -41,8 +42,10 @@ from moelab.train.telemetry import (
     Progress,
     TensorBoard,
     Window,
+    _sync,
     measure_matmul_peak,
     merge_micro,
+    mfu_fields,
     peak_memory_bytes,
     step_values,
 )
@@ -70,18 +73,6 @@ def train(config, run_dir: str | Path | None = None, resume: bool = False, init_
     with another source (see data_source.py), e.g. tokens in memory. Returns where things were written."""
     return Trainer(config, run_dir, resume=resume, init_from=init_from, overrides=overrides,
                    progress=progress, data=data).run()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"train.device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"train.device={name!r}, but CUDA is not available (use auto or cpu)")
-    return dev
 
 
 def enable_activation_checkpointing(model: Transformer) -> None:
@@ -121,6 +112,7 @@ class Trainer:
         # torchrun's environment (one process without it); mesh sizes are checked before any work
         self.par = init_parallel(cfg.parallel, cfg.model, cfg.train.device)
         self.device = self.par.device if self.par.distributed else resolve_device(cfg.train.device)
+        use_device(self.device)  # cuda:N: streams, generators and compiled kernels go to the same device
         self.rows = self.par.local_batch(cfg.train.batch_size)  # this rank's slice of each global batch
         self.is_main = self.par.is_main  # only rank 0 writes the run directory
         self.show_progress = self.show_progress and self.is_main
@@ -142,6 +134,8 @@ class Trainer:
         if cfg.train.activation_checkpointing:
             enable_activation_checkpointing(self.model)
         self.model = parallelize(self.model, self.par)  # FSDP2 + expert parallel under torchrun, else a no-op
+        if not self.par.distributed:
+            check_on_device(self.model, self.device, "the trainer's model")
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if cfg.train.compile:
@@ -248,6 +242,7 @@ class Trainer:
         else:
             self._start_new()
         self.peak = cfg.train.peak_flops or measure_matmul_peak(cfg.train.dtype, str(self.device))
+        self._peak_rechecked = cfg.train.peak_flops is not None  # a stated peak is not re-measured
         metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         if self.is_main:
             metrics.truncate_after(self.step)
@@ -341,6 +336,7 @@ class Trainer:
         self.flops += flops
         self.lr = lr
         self.sched = sched
+        _sync(self.device)  # CUDA runs ahead of the host: the step's time is the device's
         dt = time.perf_counter() - t0
         self.elapsed += dt
         self.window.seconds += dt
@@ -391,7 +387,7 @@ class Trainer:
             rec.update({"train/loss": None, "train/ce_loss": None, "grad_norm": None})
         rec["lr"] = self.lr
         rec["tokens_per_s"] = w.tokens / w.seconds if w.seconds > 0 else None
-        rec["mfu"] = w.flops / w.seconds / self.peak if w.seconds > 0 else None
+        rec.update(self._mfu(w.flops, w.seconds))
         rec["peak_mem_bytes"] = peak_memory_bytes(self.device)
         rec["skipped_steps"] = self.skipped
         if self.cfg.schedule.top_k_start is not None:
@@ -405,6 +401,17 @@ class Trainer:
             rec["stopped"] = stop
         self.window = Window()
         return rec
+
+    def _mfu(self, flops: float, seconds: float) -> dict:
+        """MFU of the window: flops count the global batch, so against every rank's peak. A run faster than
+        the peak measured at start (a CPU measured while loaded, clocks that rose) re-measures it once and
+        keeps the higher; beyond that the MFU is capped at 1 and flagged (see `mfu_fields`)."""
+        world = self.par.world_size
+        if seconds > 0 and flops / seconds > self.peak * world and not self._peak_rechecked:
+            self._peak_rechecked = True
+            fresh = measure_matmul_peak.__wrapped__(self.cfg.train.dtype, str(self.device))
+            self.peak = max(self.peak, fresh)
+        return mfu_fields(flops, seconds, self.peak * world)
 
     def _save(self, val_loss: float | None) -> None:
         cfg = self.cfg

@@ -24,29 +24,66 @@ import torch
 
 
 @cache
-def measure_matmul_peak(dtype: str = "float32", device: str = "cpu", seconds: float = 1.0, n: int = 2048) -> float:
-    """Achieved FLOP/s of an n^3 matmul in `dtype` on `device`, timed for about `seconds`: the ceiling
-    MFU is measured against (a datasheet peak is meaningless on a shared, throttled CPU). Cached."""
+def measure_matmul_peak(dtype: str = "float32", device: str = "cpu", seconds: float = 1.0,
+                        n: int | None = None) -> float:
+    """Achieved FLOP/s of an n^3 matmul in `dtype` on `device`: the ceiling MFU is measured against (a
+    datasheet peak is meaningless on a shared, throttled CPU, and a GPU's depends on its clocks and power).
+    CPU: n = 2048, timed for about `seconds`. CUDA: n = 8192, timed with CUDA events, the best of several
+    bursts (the device's sustained matmul peak in that dtype, e.g. bf16 tensor cores). Cached; call
+    `measure_matmul_peak.__wrapped__` for a fresh measurement."""
     dt = getattr(torch, dtype)
     dev = torch.device(device)
+    if dev.type == "cuda":
+        return _cuda_matmul_peak(dt, dev, n or 8192, seconds)
+    n = n or 2048
     a = torch.randn(n, n, device=dev).to(dt)
     b = torch.randn(n, n, device=dev).to(dt)
-    _sync(dev)
     a @ b  # warm-up: thread pool, kernel selection
-    _sync(dev)
     reps, t0 = 0, time.perf_counter()
     while True:
         a @ b
         reps += 1
-        _sync(dev)
         elapsed = time.perf_counter() - t0
         if elapsed >= seconds and reps >= 3:
             return 2.0 * n**3 * reps / elapsed
 
 
+def _cuda_matmul_peak(dt: torch.dtype, dev: torch.device, n: int, seconds: float) -> float:
+    with torch.cuda.device(dev):
+        a = torch.randn(n, n, device=dev, dtype=dt)
+        b = torch.randn(n, n, device=dev, dtype=dt)
+        c = torch.empty(n, n, device=dev, dtype=dt)
+        for _ in range(3):  # warm-up: cuBLAS handle, kernel choice, clocks up
+            torch.matmul(a, b, out=c)
+        torch.cuda.synchronize(dev)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        best, reps, t0 = 0.0, 10, time.perf_counter()
+        while True:
+            start.record()
+            for _ in range(reps):
+                torch.matmul(a, b, out=c)
+            end.record()
+            end.synchronize()
+            best = max(best, 2.0 * n**3 * reps / (start.elapsed_time(end) / 1e3))
+            if time.perf_counter() - t0 >= min(seconds, 0.5):
+                return best
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def mfu_fields(flops: float, seconds: float, peak: float) -> dict:
+    """A record's throughput fields: achieved FLOP/s, the peak it is compared to, and MFU, capped at 1 and
+    flagged (`mfu_capped`) when the achieved rate beat the peak (a CPU measured while loaded)."""
+    if seconds <= 0 or peak <= 0:
+        return {"mfu": None}
+    achieved = flops / seconds
+    out = {"flops_per_s": achieved, "peak_flops": peak, "mfu": min(1.0, achieved / peak)}
+    if achieved > peak:
+        out["mfu_capped"] = True
+    return out
 
 
 def peak_memory_bytes(device: torch.device) -> int:
