@@ -139,10 +139,10 @@ def run(args) -> int:
     import torch
 
     from moelab.config import MoEConfig
+    from moelab.device import resolve_device
     from moelab.model.layers import SwiGLU
     from moelab.model.moe import MoELayer
     from moelab.train.telemetry import measure_matmul_peak
-    from moelab.train.loop import resolve_device
 
     _resolve(args)
     device = resolve_device(args.device)
@@ -248,4 +248,5 @@ def _print_table(dtype, results, shapes, args, hf_impls):
     for name in med:
         mem = results["peak_bytes"][dtype].get(name, 0)
         mem_s = f"  {mem / 2**30:6.2f} GiB" if mem else ""
-        print(f"  {name:34s} {1e3 * med[name]:9.2f} ms  {ratio[name]:5.2f}x  {100 * achieved[name] / peak:5.1f}%{mem_s}")
+        pct = 100 * achieved[name] / peak
+        print(f"  {name:34s} {1e3 * med[name]:9.2f} ms  {ratio[name]:5.2f}x  {pct:5.1f}%{mem_s}")

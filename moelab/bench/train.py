@@ -68,7 +68,7 @@ def run(args) -> int:
     if args.preset:
         for key, value in PRESETS[args.preset].items():
             setattr(args, key, value)
-    from moelab.train.loop import resolve_device
+    from moelab.device import resolve_device
 
     device = resolve_device(args.device)
     impls = ["moelab"] + (["hf"] if args.compare == "hf" else [])

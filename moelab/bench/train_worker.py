@@ -125,6 +125,17 @@ def _moelab_trainer(cfg: Config, data: InMemorySource):
     return Trainer(cfg, tempfile.mkdtemp(prefix="moelab-bench-") + "/run", data=data, progress=False)
 
 
+def _experts_kernel(trainer) -> str:
+    """The expert backend the trainer's model actually runs on its device (resolves `auto`)."""
+    from moelab.kernels import backend_name
+    from moelab.model.experts import ExpertFFN
+
+    for m in trainer.model.modules():
+        if isinstance(m, ExpertFFN):
+            return backend_name(m.backend, trainer.device, trainer.dtype)
+    return "no routed"
+
+
 def throughput(spec: dict) -> dict:
     """Median step time of `steps` steps after `warmup`, tokens/s and the process's peak RSS."""
     cfg = from_dict(Config, spec["config"])
@@ -201,13 +212,3 @@ def main(argv: list[str]) -> int:
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
 
-
-def _experts_kernel(trainer) -> str:
-    """The expert backend the trainer's model actually runs on its device (resolves `auto`)."""
-    from moelab.kernels import backend_name
-    from moelab.model.experts import ExpertFFN
-
-    for m in trainer.model.modules():
-        if isinstance(m, ExpertFFN):
-            return backend_name(m.backend, trainer.device, trainer.dtype)
-    return "no routed"

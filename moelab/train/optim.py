@@ -49,10 +49,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over `param_groups`. On CPU the fused kernel is used (one pass over each tensor), with
-    the multi-tensor `foreach` path elsewhere; both give the same result up to rounding."""
+    """AdamW over `param_groups`. On CPU and CUDA the fused kernel is used (one pass over each tensor),
+    with the multi-tensor `foreach` path elsewhere (sharded DTensor parameters); both give the same
+    result up to rounding."""
     device = next(model.parameters()).device
-    kw = {"fused": True} if device.type == "cpu" and _plain_tensors(model) else {}
+    kw = {"fused": True} if device.type in ("cpu", "cuda") and _plain_tensors(model) else {}
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                              eps=cfg.eps, **kw)
 
