@@ -25,8 +25,17 @@ from pathlib import Path
 
 from moelab.bench import write_results
 
+PRESETS = {"h200": dict(configs=["configs/large.yaml"], batch_sizes=[1, 32], compare=["hf"], compile=True,
+                        dtype="bfloat16", repeats=2, new_tokens=64)}
+
 
 def add_arguments(p):
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="h200: the GPU issue's decode table (large preset, batch 1 and 32, bf16, vs transformers, "
+                        "compiled decode steps too)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="weights and activations for every side (default float32)")
     p.add_argument("--configs", nargs="*", default=["configs/tiny.yaml", "configs/small.yaml"],
                    help="preset configs to build with random weights (default tiny and small)")
     p.add_argument("--run", action="append", default=[], help="also (or instead) time a trained run/checkpoint")
@@ -99,14 +108,18 @@ def _theirs(hf, prompt: list[int], batch: int, new_tokens: int) -> tuple[float, 
 
     stamps: list[tuple[float, float]] = []
 
+    device = next(hf.parameters()).device
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
     class Stamp:  # transformers' streamer protocol: put() per step (the prompt first), end()
         def put(self, value):
+            sync()  # on a GPU the token exists once its kernels ran
             stamps.append(_now())
 
         def end(self):
             pass
 
-    ids = torch.tensor([prompt] * batch)
+    ids = torch.tensor([prompt] * batch, device=device)
     t0 = _now()
     with torch.inference_mode():
         out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
@@ -118,6 +131,12 @@ def _theirs(hf, prompt: list[int], batch: int, new_tokens: int) -> tuple[float, 
 
 
 def _hf_model(model, tmp: Path):
+    hf = _hf_model_cpu(model, tmp)
+    p = next(model.parameters())
+    return hf.to(device=p.device, dtype=p.dtype)
+
+
+def _hf_model_cpu(model, tmp: Path):
     """transformers' model on the same weights, written and read back through moelab.interop."""
     from moelab.interop.convert import to_hf_state
     from moelab.interop.hf_config import choose_arch, to_hf_config
@@ -176,7 +195,12 @@ def _llama_cpp_note() -> str | None:
     return None
 
 
-def _build(source: str, min_len: int):
+def _build(source: str, min_len: int, device=None, dtype=None):
+    name, model = _build_cpu(source, min_len)
+    return name, model.to(device=device, dtype=dtype)
+
+
+def _build_cpu(source: str, min_len: int):
     """(name, model) from a preset YAML (random weights, context stretched to fit the benchmark) or a run."""
     from moelab.checkpoint import load_model
     from moelab.config import load_config
@@ -230,21 +254,26 @@ def _variants(name: str, model, args, tmp: Path, threads: int) -> tuple[dict, di
 def run(args) -> int:
     import torch
 
+    from moelab.device import resolve_device
     from moelab.infer.prepare import decode_layout
 
+    if args.preset:
+        for key, value in PRESETS[args.preset].items():
+            setattr(args, key, value)
+    device, dtype = resolve_device(args.device, "--device"), getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     threads = torch.get_num_threads()
     results = {"config": {k: getattr(args, k) for k in ("prompt_len", "new_tokens", "batch_sizes", "repeats",
-                                                        "compare", "compile")},
-               "threads": threads, "torch": torch.__version__, "models": {}}
+                                                        "compare", "compile", "dtype")},
+               "device": str(device), "threads": threads, "torch": torch.__version__, "models": {}}
     if "llamacpp" in args.compare and _llama_cpp_note() is None:
         import llama_cpp
 
         results["llama_cpp_python"] = llama_cpp.__version__
     for source in list(args.configs) + list(args.run):
-        name, model = _build(source, args.prompt_len + args.new_tokens)
+        name, model = _build(source, args.prompt_len + args.new_tokens, device, dtype)
         decode_layout(model)
         tmp = tempfile.TemporaryDirectory()
         variants, skipped = _variants(name, model, args, Path(tmp.name), threads)

@@ -74,7 +74,6 @@ class HFStep:
         self.cfg, self.data = cfg, data
         self.model = hf_model(cfg)
         self.model.train()
-        self.opt = hf_optimizer(self.model, cfg)
         self.dtype = getattr(torch, cfg.train.dtype)
         self.device = torch.device(cfg.train.device if cfg.train.device != "auto" else "cpu")
         self.model.to(self.device)

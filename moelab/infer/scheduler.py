@@ -17,6 +17,7 @@ request's `on_event` callback from the engine thread; nothing here knows about H
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import uuid
@@ -73,11 +74,15 @@ def compiled_decoder(model):
     a second one batch size 1. The experts and the cache writes enter the graph as opaque operators
     (`torch.ops.moelab.*`); the rest (norms, RoPE, router, residuals) fuses into a few C++ kernels, so
     a step runs far fewer, larger ops. Compiling takes 10-30 s on first use, once per process and model
-    shape."""
+    shape. On CUDA the steps also replay as CUDA graphs (`reduce-overhead`): a decode step is hundreds
+    of small kernels whose launch cost exceeds their run time; the `grouped_mm` expert backend has no
+    host sync, so the whole step can be captured. MOELAB_CUDA_GRAPHS=0 turns the graphs off."""
     # Every model compiled in one process counts against dynamo's per-function limit (default 8),
     # past which it silently falls back to eager; allow a few models' worth of variants.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(model, dynamic=True)
+    cuda = next(model.parameters()).device.type == "cuda"
+    graphs = cuda and os.environ.get("MOELAB_CUDA_GRAPHS", "1") != "0"
+    return torch.compile(model, dynamic=True, mode="reduce-overhead" if graphs else None)
 
 
 class Engine:

@@ -91,7 +91,8 @@ class Attention(nn.Module):
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=s > 1, enable_gqa=gqa)
             else:
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=gqa)
-        return self.o_proj(y.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim))
+        # back to the projections' dtype: a bf16 model (no autocast) may have run attention in fp32 above
+        return self.o_proj(y.transpose(1, 2).reshape(b, s, self.n_heads * self.head_dim).to(x.dtype))
 
 
 class HeadQKNormAttention(Attention):

@@ -85,16 +85,27 @@ def enable_activation_checkpointing(model: Transformer) -> None:
         block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def compile_static_parts(model: Transformer) -> None:
-    """torch.compile every attention and dense feed-forward module in place (names unchanged). The MoE
-    layers stay eager: their dispatch has data-dependent shapes (tokens per expert change every step),
-    which makes a whole-model graph recompile or break at every layer."""
+def compile_blocks(model: Transformer, device: torch.device, dtype: torch.dtype) -> int:
+    """torch.compile in place (names unchanged). A block whose MoE layer runs a backend with static
+    shapes and no host sync (`grouped_mm`: on a GPU in bf16) is compiled whole, router and experts
+    included; elsewhere only attention and dense feed-forwards are, since a host-planned dispatch has
+    data-dependent shapes (tokens per expert change every step) that would recompile or break the
+    graph at every layer. Returns the number of blocks compiled whole."""
+    from moelab.kernels import backend_name
+    from moelab.model.experts import ExpertFFN
     from moelab.model.moe import MoELayer
 
+    whole = 0
     for block in model.layers:
-        block.attn.compile(dynamic=False)
-        if not isinstance(block.ffn, MoELayer):
-            block.ffn.compile(dynamic=False)
+        ffn = block.ffn
+        sync_free = isinstance(ffn, MoELayer) and isinstance(ffn.experts, ExpertFFN) and \
+            backend_name(ffn.experts.backend, device, dtype) == "grouped_mm"
+        if not isinstance(ffn, MoELayer) or sync_free:
+            block.compile(dynamic=False)
+            whole += 1
+        else:
+            block.attn.compile(dynamic=False)
+    return whole
 
 
 class Trainer:
@@ -139,7 +150,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if cfg.train.compile:
-            compile_static_parts(self.model)
+            compile_blocks(self.model, self.device, self.dtype)
 
         self.tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
         self.step = 0
