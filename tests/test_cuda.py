@@ -63,14 +63,17 @@ def test_train_and_resume_on_cuda(data, tmp_path, dtype):
     assert (trainer.scaler is not None) == (dtype == "float16")
     assert_on_device(trainer.model, CUDA)
     res = trainer.run()
-    assert res.step == 3 and res.skipped_steps == 0
+    # fp16: the GradScaler's first scale (2**16) may overflow once and skip that step, as designed
+    assert res.step == 3 and res.skipped_steps <= (1 if dtype == "float16" else 0)
     recs = _records(run)
-    assert all(r["train/loss"] is not None and 0 < r["mfu"] <= 1 for r in recs)
+    assert all(0 < r["mfu"] <= 1 for r in recs) and recs[-1]["train/loss"] == recs[-1]["train/loss"]  # not NaN
     assert recs[-1]["peak_mem_bytes"] > 0 and recs[-1]["val/loss"] is not None
-    state = json.loads((res.checkpoint / "train_state.json").read_text())
-    assert "cuda" in state["state"]["rng"]  # the CUDA RNG state is checkpointed
+    from moelab.train.state import read_train_state
+
+    _, state, _ = read_train_state(res.checkpoint)
+    assert "cuda" in state["rng"]  # the CUDA RNG state is checkpointed
     if dtype == "float16":
-        assert state["state"]["scaler"]["scale"] > 0
+        assert state["scaler"]["scale"] > 0
 
     resumed = Trainer(_cfg(data, dtype=dtype, steps=6, activation_checkpointing=True), run, resume=True)
     resumed.run()

@@ -60,7 +60,7 @@ def plan_on_device(topk_ids: torch.Tensor, keep: torch.Tensor | None, num_expert
     assignment = torch.full((n,), a, dtype=torch.long, device=dev).scatter_(0, row_sorted, weighted)
     tok = assignment // k  # a // k == T: rows of weight 0 add to no token
     offs = torch.cumsum(counts[:e], 0).to(torch.int32)
-    offs[-1] = n
+    offs = torch.cat([offs[:-1], offs.new_full((1,), n)])  # (offs[-1] = n would copy n from the host)
     return DevicePlan(tok.clamp(max=max(t - 1, 0)), pos.view(t, k), tok, assignment, offs)
 
 

@@ -39,6 +39,8 @@ def expert_counts(topk_ids: torch.Tensor, num_experts: int, keep: torch.Tensor |
 
 def mean_probs(probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """P_i: mean router probability per expert over real tokens [E]."""
+    if mask is None:  # (also keeps a ones-weighted reduction out of compiled graphs: Triton 3.6 failed on it)
+        return probs.float().mean(0)
     w = _weights(mask, probs.shape[0], probs.device)
     return (probs.float() * w[:, None]).sum(0) / w.sum().clamp_min(1.0)
 
@@ -54,8 +56,10 @@ def switch_load_balance(probs, topk_ids, keep=None, mask=None, counts=None) -> t
 
 
 def router_z_loss(logits: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-    w = _weights(mask, logits.shape[0], logits.device)
     lse = torch.logsumexp(logits.float(), dim=-1)
+    if mask is None:
+        return lse.square().mean()
+    w = _weights(mask, logits.shape[0], logits.device)
     return (lse.square() * w).sum() / w.sum().clamp_min(1.0)
 
 
@@ -72,6 +76,8 @@ def router_entropy(probs: torch.Tensor, mask: torch.Tensor | None = None) -> tor
     """Mean per-token entropy of the router distribution, in nats (log E = uniform)."""
     p = probs.float()
     ent = -(p * p.clamp_min(1e-20).log()).sum(-1)
+    if mask is None:
+        return ent.mean()
     w = _weights(mask, p.shape[0], p.device)
     return (ent * w).sum() / w.sum().clamp_min(1.0)
 

@@ -67,9 +67,7 @@ def capacity_keep(topk_ids: torch.Tensor, priority: torch.Tensor, num_experts: i
     sorted_e = flat_e[order]
     rank = torch.arange(order.numel(), device=order.device) - starts[sorted_e]
     kept_sorted = (rank < capacity) & (sorted_e < num_experts)
-    out = torch.empty_like(kept_sorted)
-    out[order] = kept_sorted
-    return out.view_as(topk_ids)
+    return torch.empty_like(kept_sorted).scatter_(0, order, kept_sorted).view_as(topk_ids)
 
 
 class LocalBatch:
