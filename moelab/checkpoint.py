@@ -7,16 +7,14 @@ A checkpoint directory holds:
     COMPLETE              written last: a directory without it is an interrupted write
 A run directory holds `checkpoints/step_XXXXXXX/` checkpoints; `resolve_checkpoint` picks one.
 
-Writes go to a temporary sibling directory, every file is fsynced, then the directory is renamed
-into place, so a reader never sees a half-written checkpoint under its final name.
+Writes go through `moelab.fileio.write_dir_atomic` (hidden temporary sibling, fsync, rename), so a
+reader never sees a half-written checkpoint under its final name.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,43 +25,20 @@ from safetensors.torch import load_file, save_file
 
 from moelab.config import Config, from_dict
 from moelab.errors import UserError
+from moelab.fileio import write_dir_atomic
 
 COMPLETE = "COMPLETE"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:
-    """Call write(tmp_dir), fsync everything in it, mark it complete, rename it to `final`."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+def atomic_dir(final: Path, write: Callable[[Path], None], overwrite: bool = True, marker: str | None = None) -> Path:
+    """Call write(tmp_dir), mark it complete and move it into place atomically (`fileio.write_dir_atomic`).
+    By default `final` is a name the caller owns (a checkpoint step) and whatever is there is replaced; a
+    user-named output passes `overwrite` and `marker=COMPLETE` (replace only what moelab wrote)."""
+    def write_complete(tmp: Path) -> None:
         write(tmp)
         (tmp / COMPLETE).write_text("ok\n")
-        for root, _, files in os.walk(tmp):
-            for name in files:
-                with open(Path(root) / name, "rb") as fh:
-                    os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+
+    return write_dir_atomic(Path(final), write_complete, overwrite, marker, empty_ok=marker is not None)
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

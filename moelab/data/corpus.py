@@ -20,7 +20,6 @@ import codecs
 import glob
 import json
 import os
-import sys
 import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from moelab.errors import UserError
+from moelab.fileio import warn
 
 STDLIB = "stdlib"
 DOC_BOUNDARIES = ("file", "line", "blank")
@@ -53,10 +53,6 @@ class BadFile(Exception):
 class CorpusStats:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     bad_lines: list[tuple[str, int, str]] = field(default_factory=list)  # (path, line, reason), JSONL only
-
-
-def warn(msg: str) -> None:
-    print(f"moelab: warning: {msg}", file=sys.stderr, flush=True)
 
 
 def skipped_summary(stats: CorpusStats) -> str:

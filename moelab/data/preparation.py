@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from moelab.data.corpus import BadFile, CorpusStats, Source, iter_pieces, report_skips, resolve_inputs, skipped_summary
-from moelab.data.files import write_dir_atomic
 from moelab.errors import UserError
+from moelab.fileio import write_dir_atomic
 from moelab.tokenizer import ByteTokenizer, Tokenizer
 
 FORMAT = 1

@@ -97,7 +97,7 @@ def test_prepare_cli_bad_input_is_one_line(bad_inputs, capsys, extra, message):
     assert main(["prepare", "--tokenizer", "byte", *out, "--quiet", *extra]) == 2
     captured = capsys.readouterr()
     assert captured.err == f"moelab prepare: error: {message.format(d=d)}\n" and captured.out == ""
-    assert not (bad_inputs / "out").exists() and not list(bad_inputs.glob("*.tmp-*"))
+    assert not (bad_inputs / "out").exists() and not list(bad_inputs.glob(".*.tmp-*"))
     assert (bad_inputs / "old_out" / "notes.txt").read_text() == "keep me"
 
 
