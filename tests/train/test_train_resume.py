@@ -172,3 +172,15 @@ def test_resume_is_exact_with_random_routers_and_schedules(toy_data, tmp_path, r
     assert result.step == 10 and (tmp_path / "run" / "checkpoints" / "step_0000006").is_dir()
     assert _curves(tmp_path / "run") == _curves(tmp_path / "ref")
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [4, 8, 10]
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_before_the_run_starts(toy_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(toy_data, data)
+    tokens = bytearray((data / "train.bin").read_bytes())
+    tokens[2:4] = (400).to_bytes(2, "little")  # a byte tokenizer has 257 ids; the model has vocab_size 257+
+    (data / "train.bin").write_bytes(bytes(tokens))
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match=r"the train split holds token id 400, outside the vocabulary"):
+        train(tiny_cfg(data, train={"steps": 2}), run_dir=run)
+    assert not run.exists()  # nothing half-made that would block running the same command again
