@@ -14,6 +14,7 @@ reader never sees a half-written checkpoint under its final name.
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -28,6 +29,7 @@ from moelab.errors import UserError
 from moelab.fileio import write_dir_atomic
 
 COMPLETE = "COMPLETE"
+TOKENIZER_FP = "tokenizer_fingerprint"  # key in info.yaml and train_state.json
 
 
 def atomic_dir(final: Path, write: Callable[[Path], None], overwrite: bool = True, marker: str | None = None) -> Path:
@@ -63,8 +65,40 @@ def write_model(path: Path, model: torch.nn.Module, cfg: Config, tokenizer_dir: 
     (path / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), encoding="utf-8")
     if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
         shutil.copytree(tokenizer_dir, path / "tokenizer", dirs_exist_ok=True)
+        fp = tokenizer_fingerprint(path / "tokenizer")
+        if fp is not None:  # recorded outside tokenizer/, so a tokenizer swapped in later is caught at load
+            extra = {**(extra or {}), TOKENIZER_FP: fp}
     if extra:
         (path / "info.yaml").write_text(yaml.safe_dump(extra, sort_keys=False), encoding="utf-8")
+
+
+def tokenizer_fingerprint(tok_dir: Path) -> str | None:
+    try:
+        fp = json.loads((Path(tok_dir) / "tokenizer.json").read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return fp if isinstance(fp, str) else None
+
+
+def trained_tokenizer(ckpt: Path) -> str | None:
+    """The fingerprint of the tokenizer the model was trained or imported with, when the checkpoint says."""
+    for name, read in (("info.yaml", yaml.safe_load), ("train_state.json", json.loads)):
+        try:
+            fp = read((ckpt / name).read_text(encoding="utf-8")).get(TOKENIZER_FP)
+        except (OSError, ValueError, AttributeError, yaml.YAMLError):
+            continue
+        if isinstance(fp, str):
+            return fp
+    return None
+
+
+def check_tokenizer(ckpt: Path, tokenizer) -> None:
+    """Refuse a tokenizer other than the one the model was trained with (its ids would mean other text)."""
+    want = trained_tokenizer(ckpt)
+    if want is not None and want != tokenizer.fingerprint:
+        raise UserError(f"{ckpt}/tokenizer: tokenizer {tokenizer.fingerprint[:12]} ({tokenizer.kind}, vocab "
+                        f"{tokenizer.vocab_size}) is not the one the model was trained with ({want[:12]}); "
+                        "restore the checkpoint's own tokenizer/")
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: Config,

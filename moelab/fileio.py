@@ -69,6 +69,21 @@ def read_json(path: Path, what: str) -> dict:
     return data
 
 
+def describe(path: Path) -> str:
+    """What is at `path`, for an error that says what was expected and what was got."""
+    import stat
+
+    try:
+        mode = Path(path).stat().st_mode
+    except FileNotFoundError:
+        return "nothing (no such file or directory)"
+    except OSError as e:
+        return f"something unreadable ({e.strerror or e})"
+    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISREG, "a file"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
+    return next((what for test, what in kinds if test(mode)), "a special file")
+
+
 # ----------------------------------------------------------------------------------------------------
 # Names of temporaries and their cleanup
 

@@ -43,9 +43,9 @@ SP_SPACE = "\u2581"
 
 
 def _what(path: Path) -> str:
-    if not path.exists():
-        return "nothing (no such file or directory)"
-    return "a directory" if path.is_dir() else "a file"
+    from moelab.fileio import describe
+
+    return describe(path)
 
 
 def _check_specials(specials: Sequence[str], field: str = "specials") -> list[str]:

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from moelab.commands.generate import add_sampling_arguments, set_threads
+from moelab.commands.generate import add_sampling_arguments, check_device, set_threads
 from moelab.errors import UserError
 
 NAME = "serve"
@@ -45,6 +45,7 @@ def run(args) -> int:
     if max_body < 1024:
         raise UserError(f"--max-body-bytes: expected >= 1024, got {max_body}")
     api_key = args.api_key if args.api_key is not None else os.environ.get("MOELAB_API_KEY") or None
+    check_device(args.device)
     # The engine thread gets every core but one: the HTTP event loop needs one too, and an OpenMP team
     # whose thread lost its core to the event loop spins in barriers (many-fold slower decode steps).
     set_threads(args.threads if args.threads is not None else max(1, (os.cpu_count() or 1) - 1))

@@ -17,6 +17,17 @@ from moelab.errors import UserError
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
 
 
+def check_text(text: str, what: str) -> None:
+    """Refuse text that is not Unicode: lone surrogates, which is how Python carries the bytes of a command
+    line argument that is not UTF-8 (`--prompt $'\\xff'`); a tokenizer would fail on them with a traceback."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        shown = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"U+{ord(bad):04X}"
+        raise UserError(f"{what}: not valid UTF-8 text ({shown} at character {e.start})") from None
+
+
 def wrap_seed(seed: int) -> int:
     """seed + a sample index past the top wraps around like a uint64 (torch refuses more)."""
     return seed % (SEED_MAX + 1) if seed > SEED_MAX else seed
