@@ -170,13 +170,31 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def umask() -> int:
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+def _ordinary_modes(path: Path, is_dir: bool, mask: int) -> None:
+    # Some writers make private files (safetensors' save_file: 0600): an output is an ordinary file.
+    try:
+        os.chmod(path, (0o777 if is_dir else 0o666) & ~mask)
+    except OSError:
+        pass
+
+
 def fsync_tree(root: Path) -> None:
+    """fsync every file and directory under `root`, giving each the umask's modes on the way."""
+    mask = umask()
     for dirpath, _, files in os.walk(root):
         for name in files:
             p = Path(dirpath) / name
             if p.is_file() and not p.is_symlink():
+                _ordinary_modes(p, False, mask)
                 with open(p, "rb") as fh:
                     os.fsync(fh.fileno())
+        _ordinary_modes(Path(dirpath), True, mask)
         fsync_dir(Path(dirpath))
 
 
@@ -207,6 +225,7 @@ def write_file_atomic(path: Path, data: bytes | str | Callable[[Path], None]) ->
         else:
             with open(tmp, "xb") as fh:  # open() honours the umask (mkstemp would make it 0600)
                 fh.write(data.encode("utf-8") if isinstance(data, str) else data)
+        _ordinary_modes(tmp, False, umask())
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -25,11 +25,16 @@ def _dead_pid() -> int:
 
 
 def test_outputs_get_the_umask_modes_not_private_temp_modes(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
     def write(d):
         (d / "w.bin").write_bytes(b"x")
+        save_file({"a": torch.zeros(2)}, str(d / "m.safetensors"))  # safetensors makes its files 0600
 
     out = fileio.write_dir_atomic(tmp_path / "out", write)
     assert stat.S_IMODE(out.stat().st_mode) == 0o777 & ~_umask()  # mkdtemp would leave 0700
+    assert stat.S_IMODE((out / "m.safetensors").stat().st_mode) == 0o666 & ~_umask()
     f = fileio.write_file_atomic(tmp_path / "sub" / "f.json", "{}")
     assert stat.S_IMODE(f.stat().st_mode) == 0o666 & ~_umask()  # mkstemp would leave 0600
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "sub"]

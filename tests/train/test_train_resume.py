@@ -135,7 +135,10 @@ def test_cli_resume_without_checkpoint_is_one_line_and_nonzero(toy_data, tmp_pat
     p = _moelab(["train", "--run-dir", str(run), "--resume"])
     out, err = p.communicate(timeout=120)
     assert p.returncode != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert "--restart" in err
+    assert "--restart" in err and not (run / "checkpoints").exists()
+    p = _moelab(["train", "--run-dir", str(run), "--restart", "--no-progress"])  # the run's own config.yaml
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0 and [r["step"] for r in read_metrics(run)] == [1, 2], err
 
 
 def test_corrupt_newer_checkpoints_neither_win_nor_push_good_ones_out(toy_data, tmp_path, capsys):
