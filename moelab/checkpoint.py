@@ -7,16 +7,15 @@ A checkpoint directory holds:
     COMPLETE              written last: a directory without it is an interrupted write
 A run directory holds `checkpoints/step_XXXXXXX/` checkpoints; `resolve_checkpoint` picks one.
 
-Writes go to a temporary sibling directory, every file is fsynced, then the directory is renamed
-into place, so a reader never sees a half-written checkpoint under its final name.
+Writes go through `moelab.fileio.write_dir_atomic` (hidden temporary sibling, fsync, rename), so a
+reader never sees a half-written checkpoint under its final name.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
+import json
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,43 +26,21 @@ from safetensors.torch import load_file, save_file
 
 from moelab.config import Config, from_dict
 from moelab.errors import UserError
+from moelab.fileio import write_dir_atomic
 
 COMPLETE = "COMPLETE"
+TOKENIZER_FP = "tokenizer_fingerprint"  # key in info.yaml and train_state.json
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:
-    """Call write(tmp_dir), fsync everything in it, mark it complete, rename it to `final`."""
-    final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
-    try:
+def atomic_dir(final: Path, write: Callable[[Path], None], overwrite: bool = True, marker: str | None = None) -> Path:
+    """Call write(tmp_dir), mark it complete and move it into place atomically (`fileio.write_dir_atomic`).
+    By default `final` is a name the caller owns (a checkpoint step) and whatever is there is replaced; a
+    user-named output passes `overwrite` and `marker=COMPLETE` (replace only what moelab wrote)."""
+    def write_complete(tmp: Path) -> None:
         write(tmp)
         (tmp / COMPLETE).write_text("ok\n")
-        for root, _, files in os.walk(tmp):
-            for name in files:
-                with open(Path(root) / name, "rb") as fh:
-                    os.fsync(fh.fileno())
-        _fsync_dir(tmp)
-        if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
-        _fsync_dir(final.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+
+    return write_dir_atomic(Path(final), write_complete, overwrite, marker, empty_ok=marker is not None)
 
 
 def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -88,8 +65,40 @@ def write_model(path: Path, model: torch.nn.Module, cfg: Config, tokenizer_dir: 
     (path / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), encoding="utf-8")
     if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
         shutil.copytree(tokenizer_dir, path / "tokenizer", dirs_exist_ok=True)
+        fp = tokenizer_fingerprint(path / "tokenizer")
+        if fp is not None:  # recorded outside tokenizer/, so a tokenizer swapped in later is caught at load
+            extra = {**(extra or {}), TOKENIZER_FP: fp}
     if extra:
         (path / "info.yaml").write_text(yaml.safe_dump(extra, sort_keys=False), encoding="utf-8")
+
+
+def tokenizer_fingerprint(tok_dir: Path) -> str | None:
+    try:
+        fp = json.loads((Path(tok_dir) / "tokenizer.json").read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return fp if isinstance(fp, str) else None
+
+
+def trained_tokenizer(ckpt: Path) -> str | None:
+    """The fingerprint of the tokenizer the model was trained or imported with, when the checkpoint says."""
+    for name, read in (("info.yaml", yaml.safe_load), ("train_state.json", json.loads)):
+        try:
+            fp = read((ckpt / name).read_text(encoding="utf-8")).get(TOKENIZER_FP)
+        except (OSError, ValueError, AttributeError, yaml.YAMLError):
+            continue
+        if isinstance(fp, str):
+            return fp
+    return None
+
+
+def check_tokenizer(ckpt: Path, tokenizer) -> None:
+    """Refuse a tokenizer other than the one the model was trained with (its ids would mean other text)."""
+    want = trained_tokenizer(ckpt)
+    if want is not None and want != tokenizer.fingerprint:
+        raise UserError(f"{ckpt}/tokenizer: tokenizer {tokenizer.fingerprint[:12]} ({tokenizer.kind}, vocab "
+                        f"{tokenizer.vocab_size}) is not the one the model was trained with ({want[:12]}); "
+                        "restore the checkpoint's own tokenizer/")
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: Config,

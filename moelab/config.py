@@ -432,4 +432,6 @@ def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] 
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), encoding="utf-8")
+    from moelab.fileio import write_file_atomic
+
+    write_file_atomic(Path(path), yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))

@@ -43,9 +43,9 @@ SP_SPACE = "\u2581"
 
 
 def _what(path: Path) -> str:
-    if not path.exists():
-        return "nothing (no such file or directory)"
-    return "a directory" if path.is_dir() else "a file"
+    from moelab.fileio import describe
+
+    return describe(path)
 
 
 def _check_specials(specials: Sequence[str], field: str = "specials") -> list[str]:
@@ -173,14 +173,14 @@ class Tokenizer:
 
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
         """Write the tokenizer directory atomically (temporary sibling, then rename)."""
-        from moelab.data.files import write_dir_atomic
+        from moelab.fileio import write_dir_atomic
 
         return write_dir_atomic(Path(directory), self.write_files, overwrite, marker=META_FILE)
 
     @staticmethod
     def load(directory: str | Path) -> Tokenizer:
         """The tokenizer saved in `directory`, after checking its fingerprint against its files."""
-        from moelab.data.files import read_json
+        from moelab.fileio import read_json
 
         directory = Path(directory)
         meta_path = directory / META_FILE

@@ -123,7 +123,7 @@ def test_bad_files_skipped_or_strict(tmp_path, monkeypatch, capsys):
     assert err.count("\n") == 1 and "skipped 3 file(s) that are not UTF-8 text" in err
     with pytest.raises(UserError, match=r"b_latin1\.txt: expected UTF-8 text, got a file that is not UTF-8"):
         prepare([tmp_path], "byte", tmp_path / "out2", workers=0, strict=True)
-    assert not (tmp_path / "out2").exists() and not list(tmp_path.glob("out2.tmp-*"))
+    assert not (tmp_path / "out2").exists() and not list(tmp_path.glob(".out2.tmp-*"))
 
 
 def test_jsonl_documents(tmp_path, capsys):
@@ -390,12 +390,12 @@ def test_interrupted_prepare_leaves_no_partial_dataset(tmp_path, monkeypatch):
     child.join(60)
     assert child.exitcode == -signal.SIGKILL
     assert _snapshot(tmp_path / "old") == before and load_meta(tmp_path / "old")
-    (left,) = tmp_path.glob("old.tmp-*")
+    (left,) = tmp_path.glob(".old.tmp-*")
     assert (left / "train.bin").exists() and not (left / "meta.json").exists()
-    assert left.name.startswith(f"old.tmp-{child.pid}-")
+    assert left.name.startswith(f".old.tmp-{child.pid}-")
 
     # The next write deletes the killed writer's leftover, but not a live writer's (the parent's PID here).
-    live = tmp_path / f"old.tmp-{os.getppid()}-0123abcd"
+    live = tmp_path / f".old.tmp-{os.getppid()}-0123abcd"
     live.mkdir()
     monkeypatch.undo()
     prepare([tmp_path / "in"], "byte", tmp_path / "old", workers=0, overwrite=True)
@@ -405,14 +405,14 @@ def test_interrupted_prepare_leaves_no_partial_dataset(tmp_path, monkeypatch):
     # Killed between the two renames of an overwrite: the old output survives only as `.old-*`, which is
     # kept while the output is missing and deleted once a write completes.
     dead = child.pid
-    (tmp_path / "old").rename(tmp_path / f"old.old-{dead}-0123abcd")
-    (tmp_path / f"old.tmp-{dead}-89abcdef").mkdir()
-    from moelab.data.files import remove_stale_siblings
+    (tmp_path / "old").rename(tmp_path / f".old.old-{dead}-0123abcd")
+    (tmp_path / f".old.tmp-{dead}-89abcdef").mkdir()
+    from moelab.fileio import remove_stale_siblings
 
-    assert remove_stale_siblings(tmp_path / "old") == [tmp_path / f"old.tmp-{dead}-89abcdef"]
-    assert (tmp_path / f"old.old-{dead}-0123abcd" / "train.bin").is_file()
+    assert remove_stale_siblings(tmp_path / "old") == [tmp_path / f".old.tmp-{dead}-89abcdef"]
+    assert (tmp_path / f".old.old-{dead}-0123abcd" / "train.bin").is_file()
     prepare([tmp_path / "in"], "byte", tmp_path / "old", workers=0)
-    assert remove_stale_siblings(tmp_path / "old") == [tmp_path / f"old.old-{dead}-0123abcd"]
+    assert remove_stale_siblings(tmp_path / "old") == [tmp_path / f".old.old-{dead}-0123abcd"]
 
 
 def test_output_directory_errors_are_one_line(tmp_path, monkeypatch):

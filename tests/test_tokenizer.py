@@ -280,3 +280,16 @@ def test_training_names_still_importable_from_tokenizer_module():
     assert a is train_sentencepiece and b is train_tokenizer
     with pytest.raises(AttributeError):
         moelab.tokenizer.no_such_name  # noqa: B018
+
+
+def test_tokenizer_trains_on_a_sampled_corpus_of_one_very_long_line(tmp_path):
+    """Sampled 1 MB blocks used to be cut to whole lines: inside one long line nothing was left, and
+    training said `expected some text to train on, got none`."""
+    import random
+
+    rng = random.Random(0)
+    words = ["alpha", "beta", "gamma", "délta", "εψιλον", "zeta", "日本語", "eta"]
+    (tmp_path / "one.txt").write_text(" ".join(rng.choice(words) for _ in range(400_000)), encoding="utf-8")
+    tok = train_tokenizer([str(tmp_path / "one.txt")], tmp_path / "tok", 300, sample_mb=1.0)
+    assert tok.training["bytes_seen"] > 1_000_000
+    assert tok.decode(tok.encode("gamma délta 日本語")) == "gamma délta 日本語"

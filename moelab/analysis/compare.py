@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from moelab.analysis import plots, runlog
-from moelab.analysis.report import CSS, Figures, _e, _fmt, _table, read_run_config, write_bytes_atomic
+from moelab.analysis.report import CSS, Figures, _e, _fmt, _table, read_run_config
 from moelab.errors import UserError
+from moelab.fileio import write_file_atomic
 
 AXES = (("tokens", "tokens"), ("flops", "FLOPs"), ("elapsed_s", "time (s)"))
 
@@ -127,6 +128,6 @@ def write_comparison(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[P
            "budget every run reached (linear interpolation), so longer training earns no credit.</p>"
            + img + _table(head, rows, left=2) + "</body></html>")
     path = out_dir / "compare.html"
-    write_bytes_atomic(path, doc.encode("utf-8"))
-    write_bytes_atomic(out_dir / "compare.json", json.dumps(comp, indent=1).encode("utf-8"))
+    write_file_atomic(path, doc.encode("utf-8"))
+    write_file_atomic(out_dir / "compare.json", json.dumps(comp, indent=1).encode("utf-8"))
     return path, comp

@@ -12,13 +12,12 @@ from __future__ import annotations
 import base64
 import html
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
 from moelab.analysis import plots, runlog
 from moelab.errors import UserError
+from moelab.fileio import write_file_atomic
 
 REPORT_DIR = "report"
 CSS = """
@@ -36,27 +35,6 @@ code.tok { background: #f3f3f3; padding: 0 3px; margin-right: 4px; border-radius
 details { margin: 0.5em 0; } summary { cursor: pointer; font-weight: 600; }
 .note { background: #fff8e1; border-left: 4px solid #f0c040; padding: 0.5em 1em; }
 """
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary sibling and os.replace, so a reader never sees a half-written file."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # e.g. --out names a file, or a read-only location
-        raise UserError(f"{path.parent}: cannot create the output directory ({e.strerror or e})") from None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    except OSError as e:
-        raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError):  # disk full, a directory in the way, ...
-            raise UserError(f"{path}: cannot write ({e.strerror or e})") from None
-        raise
 
 
 def read_run_config(run_dir: Path):
@@ -103,7 +81,7 @@ class Figures:
             return ""
         data = plots.png(fig)
         path = self.out_dir / f"{name}.png"
-        write_bytes_atomic(path, data)
+        write_file_atomic(path, data)
         self.written.append(path)
         uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
         return (f'<figure><img alt="{_e(caption)}" src="{uri}">'
@@ -289,5 +267,5 @@ def write_report(run_dir: str | Path, analysis: dict | None = None, require_trai
            f"<title>moelab report: {_e(run_dir.resolve().name)}</title><style>{CSS}</style></head><body>"
            + "".join(body) + "</body></html>")
     path = out_dir / "report.html"
-    write_bytes_atomic(path, doc.encode("utf-8"))
+    write_file_atomic(path, doc.encode("utf-8"))
     return path

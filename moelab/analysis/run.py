@@ -17,9 +17,10 @@ import numpy as np
 import torch
 
 from moelab.analysis.collect import HeldOut, collect_routing, span_ids
-from moelab.analysis.report import REPORT_DIR, write_bytes_atomic, write_report
+from moelab.analysis.report import REPORT_DIR, write_report
 from moelab.analysis.trace import summarise
 from moelab.errors import UserError
+from moelab.fileio import write_file_atomic
 
 MAX_DOMAINS = 16
 GROUPINGS = ("auto", "file", "dir", "input")
@@ -151,7 +152,7 @@ def analyze_run(run_dir: str | Path, data_dir: str | Path | None = None, tokens:
                 **summarise(trace, token_labeller(tok) if tok is not None else None, top_n)}
     owner = owning_run(ckpt, run_dir)
     out = owner / REPORT_DIR
-    write_bytes_atomic(out / "analysis.json", json.dumps(analysis, indent=1).encode("utf-8"))
+    write_file_atomic(out / "analysis.json", json.dumps(analysis, indent=1).encode("utf-8"))
     return analysis, write_report(owner, analysis)
 
 

@@ -67,6 +67,22 @@ def read_prompts_file(path: Path) -> list[str]:
     return prompts
 
 
+def check_device(name: str) -> None:
+    """One line for a device this machine cannot use, before minutes of loading."""
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device: expected cpu, cuda or cuda:N, got {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type not in ("cpu", "cuda"):
+        raise UserError(f"--device: expected cpu, cuda or cuda:N, got {name!r}")
+
+
 def set_threads(threads: int | None) -> None:
     import torch
 
@@ -78,17 +94,22 @@ def set_threads(threads: int | None) -> None:
 
 def run(args) -> int:
     from moelab.infer.generate import generate, load, stream_generate
+    from moelab.infer.sampling import SamplingParams, check_text, wrap_seed
 
     prompts = list(args.prompt) + (read_prompts_file(args.prompts_file) if args.prompts_file else [])
     if not prompts:
         raise UserError("no prompt given: use --prompt TEXT and/or --prompts-file FILE")
+    for p in args.prompt:
+        check_text(p, "--prompt")
+    SamplingParams(seed=args.seed).validate()  # before loading, not after
+    check_device(args.device)
     set_threads(args.threads)
     model, tok = load(args.run, args.device, args.dtype, warmup=args.warmup)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               stop=args.stop, num_experts_per_tok=args.num_experts_per_tok, compile=args.compile)
     if args.stream:
         for i, prompt in enumerate(prompts):
-            seed = None if args.seed is None else args.seed + i
+            seed = None if args.seed is None else wrap_seed(args.seed + i)
             if i:
                 print("\n" + "-" * 40)
             print(prompt, end="", flush=True)

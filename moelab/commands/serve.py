@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from moelab.commands.generate import add_sampling_arguments, set_threads
+from moelab.commands.generate import add_sampling_arguments, check_device, set_threads
 from moelab.errors import UserError
 
 NAME = "serve"
@@ -23,6 +23,8 @@ def add_arguments(p):
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429 (default 256)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $MOELAB_API_KEY, else none)")
+    p.add_argument("--max-body-bytes", type=int, default=None,
+                   help="largest request body accepted; larger ones get 413 before they are read (default 4 MiB)")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the run directory name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_sampling_arguments(p)  # (--threads defaults to the number of cores minus one here)
@@ -31,13 +33,19 @@ def add_arguments(p):
 def run(args) -> int:
     from moelab.infer.generate import load
     from moelab.infer.scheduler import Engine
-    from moelab.infer.server import bind_socket, create_app, make_server
+    from moelab.infer.server import DEFAULT_MAX_BODY_BYTES, EMPTY_KEY, bind_socket, create_app, make_server
 
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port: expected 0..65535, got {args.port}")
     if args.max_queue < 1:
         raise UserError(f"--max-queue: expected >= 1, got {args.max_queue}")
+    if args.api_key == "":  # `--api-key "$KEY"` with KEY unset must not mean "any empty bearer token"
+        raise UserError(EMPTY_KEY)
+    max_body = DEFAULT_MAX_BODY_BYTES if args.max_body_bytes is None else args.max_body_bytes
+    if max_body < 1024:
+        raise UserError(f"--max-body-bytes: expected >= 1024, got {max_body}")
     api_key = args.api_key if args.api_key is not None else os.environ.get("MOELAB_API_KEY") or None
+    check_device(args.device)
     # The engine thread gets every core but one: the HTTP event loop needs one too, and an OpenMP team
     # whose thread lost its core to the event loop spins in barriers (many-fold slower decode steps).
     set_threads(args.threads if args.threads is not None else max(1, (os.cpu_count() or 1) - 1))
@@ -55,7 +63,7 @@ def run(args) -> int:
     host, port = sock.getsockname()[:2]
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"moelab serve: warning: listening on {args.host} without an API key", file=sys.stderr)
-    app = create_app(engine, name, api_key=api_key, max_queue=args.max_queue)
+    app = create_app(engine, name, api_key=api_key, max_queue=args.max_queue, max_body_bytes=max_body)
     print(f"moelab serve: model {name!r} on http://{host}:{port}/v1 (max batch {args.max_batch})", file=sys.stderr,
           flush=True)
     make_server(app, sock, args.log_level).run(sockets=[sock])

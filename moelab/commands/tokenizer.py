@@ -28,7 +28,9 @@ def _add_train(sub) -> None:
     p.add_argument("--special", action="append", default=[], metavar="TOKEN",
                    help="extra special token (repeatable); <|endoftext|> is always the first one")
     p.add_argument("--sample-mb", type=float, default=32.0, metavar="MB",
-                   help="train on at most about this much text (default 32: ~0.75 GB RAM; 50 MB needs ~0.95 GB)")
+                   help="train on at most about this much text (default 32: ~0.75 GB RAM; 50 MB needs ~0.95 GB); "
+                        "a larger corpus is sampled in random 1 MB blocks (lines longer than that are cut), "
+                        "raise it to train on all of a corpus")
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl files (default text)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="training threads, 1-1024 (default: all cores)")

@@ -20,7 +20,6 @@ import codecs
 import glob
 import json
 import os
-import sys
 import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from moelab.errors import UserError
+from moelab.fileio import describe, warn
 
 STDLIB = "stdlib"
 DOC_BOUNDARIES = ("file", "line", "blank")
@@ -53,10 +53,6 @@ class BadFile(Exception):
 class CorpusStats:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
     bad_lines: list[tuple[str, int, str]] = field(default_factory=list)  # (path, line, reason), JSONL only
-
-
-def warn(msg: str) -> None:
-    print(f"moelab: warning: {msg}", file=sys.stderr, flush=True)
 
 
 def skipped_summary(stats: CorpusStats) -> str:
@@ -125,8 +121,8 @@ def resolve_inputs(specs: Sequence[str | Path]) -> list[Source]:
             if not files:
                 raise UserError(f"{spec}: expected files matching this pattern, got none")
         else:
-            raise UserError(f"{spec}: expected a file, directory, glob or 'stdlib', got nothing "
-                            "(no such file or directory)")
+            # a pipe or a device is refused too: inputs are read twice (validation, then text) and sized
+            raise UserError(f"{spec}: expected a file, directory, glob or 'stdlib', got {describe(p)}")
         for f in files:
             key = f.resolve()
             if key not in seen and f.is_file():
@@ -292,6 +288,33 @@ def iter_texts(sources: Sequence[Source], doc_boundary: str = "file", text_field
 # Bounded samples for tokenizer training
 
 
+def _trim_block(data: bytes, cut_start: bool, cut_end: bool, jsonl: bool) -> bytes:
+    """A sampled block cut to whole lines ("\n" is never inside a UTF-8 character). A block inside one
+    line longer than the block (minified text, a book on one line) is cut to whole characters instead,
+    so a corpus of very long lines still yields text; a JSONL record is only usable whole."""
+    if cut_start:
+        if b"\n" in data:
+            data = data[data.find(b"\n") + 1:]
+        elif jsonl:
+            return b""
+        else:
+            data = data.lstrip(bytes(range(0x80, 0xC0)))  # continuation bytes of a character begun before
+    if cut_end:
+        if b"\n" in data:
+            data = data[:data.rfind(b"\n") + 1]
+        elif jsonl:
+            return b""
+        else:
+            for back in range(1, min(4, len(data)) + 1):  # drop a character the block ends inside of
+                lead = data[-back]
+                if lead < 0x80 or lead >= 0xC0:
+                    need = 1 if lead < 0x80 else 2 if lead < 0xE0 else 3 if lead < 0xF0 else 4
+                    if need > back:
+                        data = data[:-back]
+                    break
+    return data
+
+
 def sample_texts(sources: Sequence[Source], max_bytes: int, seed: int = 0, text_field: str = "text",
                  strict: bool = False, stats: CorpusStats | None = None) -> Iterator[str]:
     """About `max_bytes` of text drawn uniformly from the corpus. A corpus that fits is read whole; a larger
@@ -324,10 +347,7 @@ def sample_texts(sources: Sequence[Source], max_bytes: int, seed: int = 0, text_
             data, reason = b"", f"unreadable: {e.strerror or e}"
         else:
             reason = "binary: NUL byte in the first 8 KB" if off == 0 and b"\0" in data[:8000] else None
-        if off > 0:  # a block starts and ends at line boundaries ("\n" is never inside a UTF-8 character)
-            data = data[data.find(b"\n") + 1:] if b"\n" in data else b""
-        if off + BLOCK < src.size:
-            data = data[:data.rfind(b"\n") + 1]
+        data = _trim_block(data, off > 0, off + BLOCK < src.size, src.path.suffix == ".jsonl")
         if reason is None:
             try:
                 text = data.decode("utf-8")

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from moelab.data.files import read_json
 from moelab.data.preparation import FORMAT, META_FILE, SPLITS
 from moelab.errors import UserError
+from moelab.fileio import read_json
 from moelab.tokenizer import Tokenizer
 
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}

@@ -38,8 +38,8 @@ from pathlib import Path
 import numpy as np
 
 from moelab.data.corpus import BadFile, CorpusStats, Source, iter_pieces, report_skips, resolve_inputs, skipped_summary
-from moelab.data.files import write_dir_atomic
 from moelab.errors import UserError
+from moelab.fileio import describe, write_dir_atomic
 from moelab.tokenizer import ByteTokenizer, Tokenizer
 
 FORMAT = 1
@@ -58,7 +58,7 @@ def resolve_tokenizer(spec: Tokenizer | str | Path) -> Tokenizer:
     if str(spec) == "byte":
         return ByteTokenizer()
     raise UserError(f"{spec}: expected a tokenizer directory (from `moelab tokenizer train`) or 'byte', "
-                    "got nothing (no such directory)")
+                    f"got {describe(Path(spec))}")
 
 
 def is_val(k: int, val_fraction: float) -> bool:

@@ -13,8 +13,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from moelab.data.corpus import CorpusStats, report_skips, resolve_inputs, sample_texts, skipped_summary
-from moelab.data.files import check_output_dir
 from moelab.errors import UserError
+from moelab.fileio import check_output_dir
 from moelab.tokenizer import EOD, META_FILE, SentencePieceTokenizer, _check_specials
 
 # SentencePiece skips training sentences longer than max_sentence_length bytes, silently; training text is

@@ -20,7 +20,7 @@ import torch
 
 from moelab.errors import UserError
 from moelab.infer.prepare import decode_layout
-from moelab.infer.sampling import SamplingParams
+from moelab.infer.sampling import SamplingParams, check_text
 from moelab.infer.scheduler import Engine, Event
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -31,7 +31,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     """(model in eval mode, tokenizer) from a run directory (its newest checkpoint) or a checkpoint
     directory. Weights are laid out for decoding (see `prepare.decode_layout`); `warmup` runs every
     expert and a short generation once so the first request does not pay for it."""
-    from moelab.checkpoint import load_model, resolve_checkpoint
+    from moelab.checkpoint import check_tokenizer, load_model, resolve_checkpoint
     from moelab.device import check_on_device, resolve_device, use_device
     from moelab.tokenizer import Tokenizer
 
@@ -50,6 +50,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
         model.to(dtype)
     check_on_device(model, device, "the loaded model")
     tokenizer = Tokenizer.load(tok_dir)
+    check_tokenizer(ckpt, tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(f"{tok_dir}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                         f"{cfg.model.vocab_size}")
@@ -63,6 +64,7 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
 
 def _prompt_ids(tokenizer, prompt) -> list[int]:
     if isinstance(prompt, str):
+        check_text(prompt, "prompt")
         ids = tokenizer.encode(prompt)
     elif isinstance(prompt, Sequence) and all(isinstance(t, int) for t in prompt):
         ids = list(prompt)

@@ -12,6 +12,8 @@ import uuid
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from moelab.infer.sampling import SEED_MAX, SEED_MIN
+
 MAX_STOP = 4  # OpenAI's limit on stop sequences
 
 
@@ -19,9 +21,10 @@ class APIError(Exception):
     """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
 
     def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -43,7 +46,7 @@ class CompletionRequest(BaseModel):
     top_k: int | None = Field(default=None, ge=-1)  # extension (vLLM's): -1 or 0 = off
     n: int = Field(default=1, ge=1, le=16)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
     stream_options: StreamOptions | None = None
     echo: bool = False
@@ -67,6 +70,13 @@ class CompletionRequest(BaseModel):
         stops = self.stop_list
         if len(stops) > MAX_STOP or not all(stops):
             raise APIError(400, f"stop: expected at most {MAX_STOP} non-empty strings, got {self.stop!r}", param="stop")
+        for name, texts in (("prompt", [p for p in self.prompts if isinstance(p, str)]), ("stop", stops)):
+            for t in texts:
+                try:
+                    t.encode("utf-8")
+                except UnicodeEncodeError as e:  # JSON "\ud800": a lone surrogate, no character at all
+                    raise APIError(400, f"{name}: not valid Unicode ({e.reason} at index {e.start})",
+                                   param=name) from None
         if self.prompt == []:
             raise APIError(400, "prompt: expected a string, a list of strings or token ids, got an empty list",
                            param="prompt")

@@ -13,6 +13,25 @@ import torch
 
 from moelab.errors import UserError
 
+# What torch.Generator.manual_seed takes: an int64 or a uint64.
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+def check_text(text: str, what: str) -> None:
+    """Refuse text that is not Unicode: lone surrogates, which is how Python carries the bytes of a command
+    line argument that is not UTF-8 (`--prompt $'\\xff'`); a tokenizer would fail on them with a traceback."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        bad = text[e.start]
+        shown = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"U+{ord(bad):04X}"
+        raise UserError(f"{what}: not valid UTF-8 text ({shown} at character {e.start})") from None
+
+
+def wrap_seed(seed: int) -> int:
+    """seed + a sample index past the top wraps around like a uint64 (torch refuses more)."""
+    return seed % (SEED_MAX + 1) if seed > SEED_MAX else seed
+
 
 @dataclass
 class SamplingParams:
@@ -23,6 +42,7 @@ class SamplingParams:
     top_k: int | None = None
     top_p: float | None = None
     seed: int | None = None  # None: draws come from torch's global generator (not reproducible)
+
     stop: list[str] = field(default_factory=list)  # generation ends before the first occurrence of any
 
     def validate(self, where: str = "sampling") -> SamplingParams:
@@ -38,7 +58,8 @@ class SamplingParams:
              "an integer >= 0 (0 = off)", self.top_k),
             (self.top_p is None or (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1), "top_p",
              "a number in (0, 1]", self.top_p),
-            (self.seed is None or isinstance(self.seed, int), "seed", "an integer", self.seed),
+            (self.seed is None or (isinstance(self.seed, int) and SEED_MIN <= self.seed <= SEED_MAX), "seed",
+             f"an integer in [{SEED_MIN}, {SEED_MAX}]", self.seed),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings", self.stop),
         ]
         for ok, name, expected, got in checks:
@@ -54,7 +75,7 @@ class SamplingParams:
         """A generator seeded with seed + offset (offset tells apart several samples of one request)."""
         if self.seed is None:
             return None
-        return torch.Generator(device=device).manual_seed(self.seed + offset)
+        return torch.Generator(device=device).manual_seed(wrap_seed(self.seed + offset))
 
 
 def _per_row(value, default, b: int, device, dtype) -> torch.Tensor:

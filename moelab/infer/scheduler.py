@@ -189,6 +189,9 @@ class Engine:
                     return
             try:
                 self.step()
+            except UserError as e:  # the model, not a bug (e.g. non-finite logits): fail the batch with it
+                self._fail(self._running, str(e))
+                self._running, self._next = [], []
             except Exception as e:  # a bug must not take the server down: fail the batch, keep serving
                 log.exception("engine step failed")
                 self._fail(self._running, f"internal error: {type(e).__name__}: {e}")
@@ -269,6 +272,9 @@ class Engine:
     def _accept(self, b0: int, logits: torch.Tensor) -> None:
         """Sample the next token of rows b0.. from logits [n, V]; emit events; retire finished rows."""
         reqs = self._running[b0:b0 + logits.shape[0]]
+        if not bool(torch.isfinite(logits).all()):  # sampling NaN gives garbage tokens with exit 0
+            raise UserError("the model's logits are not finite (NaN or inf): its weights are broken (a diverged "
+                            "or corrupted checkpoint?); refusing to generate from it")
         tokens = next_tokens(logits, [r.params for r in reqs], [r._generator for r in reqs]).tolist()
         now = time.perf_counter()
         finished = []

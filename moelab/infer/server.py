@@ -2,8 +2,13 @@
 
 Routes: POST /v1/completions (JSON or server-sent events), GET /v1/models[/{id}], GET /health,
 GET /metrics (Prometheus text). The app only validates, tokenizes, submits to the `Engine` and
-relays its events; every error leaves as an OpenAI-style JSON body with a 4xx/5xx status, and a
-client that goes away has its requests cancelled so their rows are freed.
+relays its events; every error leaves as an OpenAI-style JSON body with a 4xx/5xx status (counted in
+/metrics as requests{status="http_NNN"}), and a client that goes away has its requests cancelled so
+their rows are freed.
+
+Size before work: a body over `max_body_bytes` is refused with 413 from its Content-Length before it is
+read (a chunked one as soon as it grows past the limit), and prompts are tokenized in a worker thread,
+so a huge prompt never holds up the event loop that streams to every other client.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import time
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from moelab.errors import UserError
 from moelab.infer.metrics import ServerMetrics
@@ -32,16 +38,59 @@ from moelab.infer.protocol import (
     parse_completion_request,
     usage,
 )
-from moelab.infer.sampling import SamplingParams
+from moelab.infer.sampling import SamplingParams, wrap_seed
 from moelab.infer.scheduler import Engine, Event
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 DISCONNECT_POLL_S = 0.25
+DEFAULT_MAX_BODY_BYTES = 4 << 20  # ~1M tokens of text: far more than any context, far less than memory
+EMPTY_KEY = "--api-key: empty (an unset variable?); pass a key, or leave the option out to serve without one"
+RETRY_AFTER_S = 1  # a full queue drains in about a generation's time
 
 
-def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_queue: int = 256) -> FastAPI:
+class BodyLimit:
+    """ASGI middleware: 413 for a declared body over the limit, before anything reads it."""
+
+    def __init__(self, app, limit: int, metrics: ServerMetrics):
+        self.app, self.limit, self.metrics = app, limit, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.limit):
+                err = _too_large(self.limit) if length.isdigit() else APIError(400, "bad Content-Length header")
+                self.metrics.rejected(err.status)
+                response = JSONResponse(err.body(), status_code=err.status, headers={"Connection": "close"})
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"request body is larger than this server accepts ({limit} bytes; see --max-body-bytes)",
+                    code="request_too_large")
+
+
+async def _read_body(request: Request, limit: int) -> bytes | None:
+    """The body, at most `limit` bytes (413 past it); None when the client went away while sending it."""
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        return None
+    return b"".join(chunks)
+
+
+def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_queue: int = 256,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The app; its lifespan starts the engine thread and shuts it down."""
+    if api_key == "":
+        raise UserError(EMPTY_KEY)
     metrics = ServerMetrics(engine)
     created = int(time.time())
 
@@ -54,16 +103,25 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
 
     app = FastAPI(title="moelab", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.engine, app.state.metrics = engine, metrics
+    app.add_middleware(BodyLimit, limit=max_body_bytes, metrics=metrics)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         metrics.rejected(exc.status)
-        return JSONResponse(exc.body(), status_code=exc.status)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         err = APIError(exc.status_code, str(exc.detail), type="invalid_request_error")
+        metrics.rejected(exc.status_code)
         return JSONResponse(err.body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception):  # a bug: still an OpenAI-shaped, counted 500
+        log.error("internal error on %s %s: %s: %s", request.method, request.url.path, type(exc).__name__, exc)
+        metrics.rejected(500)
+        err = APIError(500, f"internal server error ({type(exc).__name__})", type="server_error")
+        return JSONResponse(err.body(), status_code=500)
 
     def authorize(request: Request) -> None:
         if api_key is None:
@@ -100,18 +158,24 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     @app.post("/v1/completions")
     async def completions(request: Request):
         authorize(request)
+        raw = await _read_body(request, max_body_bytes)
+        if raw is None:  # the client hung up mid-body: nobody to answer, nothing to log
+            metrics.rejected(499)
+            return Response(status_code=499)
         try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"request body is not valid JSON ({e})") from None
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, or an int of over 4300 digits
+            raise APIError(400, f"request body is not valid JSON ({str(e)[:200]})") from None
+        except RecursionError:
+            raise APIError(400, "request body is not valid JSON (nested too deeply)") from None
         req = parse_completion_request(body)
         if req.model != model_name:
             raise APIError(404, f"The model `{req.model}` does not exist (this server serves `{model_name}`).",
                            param="model", code="model_not_found")
-        jobs = _jobs(engine, req)
-        if engine.num_waiting + len(jobs) > max_queue:
+        if engine.num_waiting + req.n * len(req.prompts) > max_queue:  # before tokenizing: no work when full
             raise APIError(429, f"server overloaded: {engine.num_waiting} requests already waiting",
-                           type="rate_limit_error", code="queue_full")
+                           type="rate_limit_error", code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+        jobs = await asyncio.to_thread(_jobs, engine, req)  # tokenizing a long prompt must not stall the loop
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -126,7 +190,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             raise APIError(503, "server is shutting down", type="server_error") from None
         rid, echo = new_id(), [e for _, _, e in jobs]
         if req.stream:
-            return StreamingResponse(_sse(request, engine, handles, events, rid, model_name, echo, req),
+            return StreamingResponse(_sse(request, engine, handles, events, rid, model_name, echo, req, metrics),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await _collect(request, engine, handles, events, rid, model_name, echo)
 
@@ -151,7 +215,7 @@ def _jobs(engine: Engine, req: CompletionRequest) -> list[tuple[list[int], Sampl
         room = engine.max_len - len(ids)
         max_tokens = req.max_tokens if req.max_tokens is not None else max(1, min(DEFAULT_MAX_TOKENS, room))
         for j in range(req.n):
-            seed = None if req.seed is None else req.seed + p_index * req.n + j
+            seed = None if req.seed is None else wrap_seed(req.seed + p_index * req.n + j)
             params = SamplingParams(max_tokens, 1.0 if req.temperature is None else req.temperature,
                                     None if req.top_k in (None, -1, 0) else req.top_k,
                                     None if req.top_p is None or req.top_p >= 1 else req.top_p, seed, req.stop_list)
@@ -213,7 +277,7 @@ async def _collect(request, engine, handles, events, rid, model_name, echo) -> d
                            usage(sum(len(h.prompt_ids) for h in handles), sum(len(h.output_ids) for h in handles)))
 
 
-async def _sse(request, engine, handles, events, rid, model_name, echo, req: CompletionRequest):
+async def _sse(request, engine, handles, events, rid, model_name, echo, req: CompletionRequest, metrics=None):
     created = int(time.time())
     index = {id(h): i for i, h in enumerate(handles)}
 
@@ -241,6 +305,8 @@ async def _sse(request, engine, handles, events, rid, model_name, echo, req: Com
             for e in pending:
                 if e.finish_reason == "error":
                     err = APIError(500, e.request.error or "generation failed", type="server_error")
+                    if metrics is not None:
+                        metrics.rejected(500)
                     yield f"data: {json.dumps(err.body())}\n\n"
                     return
                 m = merged.setdefault(index[id(e.request)], ["", None])

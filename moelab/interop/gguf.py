@@ -19,7 +19,6 @@ pieces with byte 0x20 as the piece "▁" (llama.cpp writes spaces as "▁" befor
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ import torch
 
 from moelab.config import ModelConfig
 from moelab.errors import UserError
+from moelab.fileio import parent_problem, remove_stale_siblings, write_file_atomic
 from moelab.interop.hf import ConversionResult
 from moelab.interop.hf_config import routed_normalized
 from moelab.interop.parity import ParityReport
@@ -37,6 +37,8 @@ TOLERANCES = {"f32": 1e-4, "f16": 1e-2, "q8_0": 1.5e-1}
 SP_SPACE = "\u2581"
 INTERLEAVED_ROPE = ("llama", "bailingmoe")  # llama.cpp's LLAMA_ROPE_TYPE_NORM; the others rotate halves (NEOX)
 UNTIED_ONLY = ("qwen2moe", "olmoe", "bailingmoe")  # these always read output.weight
+
+WRITER_KEY = "moelab.writer"
 
 
 def llama_cpp_available() -> bool:
@@ -222,6 +224,7 @@ def write_gguf(path: Path, cfg: ModelConfig, arch: str, tensors: dict[str, torch
     w = gguf.GGUFWriter(str(path), arch)
     m, moe = cfg.moe, bool(cfg.moe_layer_ids())
     w.add_name(name)
+    w.add_string(WRITER_KEY, "moelab")  # lets --overwrite tell a file moelab wrote from a user's
     w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                      "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
     w.add_vocab_size(cfg.vocab_size)
@@ -286,6 +289,35 @@ def write_model_gguf(path: str | Path, model, tok=None, dtype: str = "f32", name
     return arch
 
 
+def _is_moelab_gguf(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(4) != b"GGUF":
+                return False
+        import gguf
+
+        field = gguf.GGUFReader(str(path)).fields.get(WRITER_KEY)
+        return field is not None and bytes(field.parts[field.data[0]]).decode("utf-8", "replace") == "moelab"
+    except (OSError, ValueError, KeyError, IndexError):
+        return False
+
+
+def check_output_file(out: Path, overwrite: bool) -> None:
+    """Refuse an output path that cannot or must not be written: a file in the way of its directory, a
+    directory, an existing file without --overwrite, or with it one that is not a GGUF file moelab wrote
+    (so a typo never replaces a user's notes.txt or a dataset's meta.json)."""
+    problem = parent_problem(out)
+    if problem:
+        raise UserError(f"{out}: cannot write the output file ({problem})")
+    if out.is_dir():
+        raise UserError(f"{out}: is a directory; expected the name of a .gguf file to write")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise UserError(f"{out}: already exists (choose a new file name or pass --overwrite)")
+        if not _is_moelab_gguf(out):
+            raise UserError(f"{out}: refusing to replace it: --overwrite only replaces a GGUF file moelab wrote")
+
+
 def export_gguf(run: str | Path, out_file: str | Path, *, dtype: str = "f32", check: bool = True,
                 tolerance: float | None = None, overwrite: bool = False) -> ConversionResult:
     """Write run/checkpoint `run` as one GGUF file; with llama-cpp-python installed, run it and compare."""
@@ -297,17 +329,16 @@ def export_gguf(run: str | Path, out_file: str | Path, *, dtype: str = "f32", ch
         raise UserError("the gguf package is not installed (pip install 'moelab[interop]')")
     if dtype not in TOLERANCES:
         raise UserError(f"--dtype: expected one of {', '.join(TOLERANCES)}, got {dtype!r}")
-    if out.is_dir() or (out.exists() and not overwrite):
-        raise UserError(f"{out}: already exists (choose a new file name or pass --overwrite)")
+    check_output_file(out, overwrite)
     model, full, ckpt = load_model(run)
     gguf_arch(full.model)  # refuse an inexpressible model before asking for its tokenizer
     if not (ckpt / "tokenizer" / "tokenizer.json").is_file():
         raise UserError(f"{ckpt}: no tokenizer/ in the checkpoint; a GGUF file must embed one")
     tok = Tokenizer.load(ckpt / "tokenizer")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    try:
-        result = ConversionResult(out, write_model_gguf(tmp, model, tok, dtype, Path(run).name))
+    result = ConversionResult(out, "")
+
+    def write(tmp: Path) -> None:  # checked on the temporary file: a failed check replaces nothing
+        result.arch = write_model_gguf(tmp, model, tok, dtype, Path(run).name)
         if check and llama_cpp_available():
             from moelab.interop.llama_cpp_check import compare_llama_cpp
 
@@ -317,11 +348,9 @@ def export_gguf(run: str | Path, out_file: str | Path, *, dtype: str = "f32", ch
             result.report.check(limit, f"GGUF export ({result.arch}, {dtype})", rounded=dtype != "f32")
         elif check:
             result.notes.append("llama-cpp-python is not installed: the llama.cpp logit check was skipped")
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    remove_stale_siblings(out)
+    write_file_atomic(out, write)
     return result
 
 

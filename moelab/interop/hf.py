@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from moelab import fileio
 from moelab.checkpoint import COMPLETE, atomic_dir, load_model
 from moelab.config import Config, DataConfig, ModelConfig
 from moelab.errors import UserError
@@ -43,19 +44,6 @@ class ConversionResult:
     arch: str
     report: ParityReport | None = None  # None when transformers is not installed or the check was skipped
     notes: list[str] = field(default_factory=list)
-
-
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """An output directory may be new or empty; --overwrite replaces only one this tool wrote (it holds
-    COMPLETE), so a typo never deletes an unrelated directory."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        if not overwrite:
-            raise UserError(f"{out}: already exists and is not empty (choose a new directory or pass --overwrite)")
-        if not (out / COMPLETE).is_file():
-            raise UserError(f"{out}: refusing to replace it: --overwrite only replaces a directory moelab wrote "
-                            f"(one holding {COMPLETE})")
 
 
 def read_hf_config(hf_dir: Path) -> dict:
@@ -125,7 +113,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, check: bool = True,
               tolerance: float = DEFAULT_TOLERANCE, overwrite: bool = False) -> ConversionResult:
     """Convert an HF directory into a moelab checkpoint directory at `out_dir`."""
     hf_dir, out = Path(hf_dir), Path(out_dir)
-    check_output_dir(out, overwrite)
+    fileio.check_output_dir(out, overwrite, COMPLETE, empty_ok=True)  # before the work, not after
     model, cfg, spec, notes = read_hf_model(hf_dir)
     result = ConversionResult(out, spec.model_type, notes=notes)
     if check:
@@ -140,7 +128,7 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, check: bool = True,
         write_model(tmp, model, full, None, extra={"imported_from": str(hf_dir.resolve()),
                                                     "architecture": spec.model_type})
 
-    atomic_dir(out, write)
+    atomic_dir(out, write, overwrite, COMPLETE)
     return result
 
 
@@ -167,7 +155,7 @@ def export_hf(run: str | Path, out_dir: str | Path, *, arch: str | None = None, 
     out = Path(out_dir)
     if dtype not in DTYPES:
         raise UserError(f"--dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
-    check_output_dir(out, overwrite)
+    fileio.check_output_dir(out, overwrite, COMPLETE, empty_ok=True)  # before the work, not after
     model, full, ckpt = load_model(run)
     cfg = full.model
     spec = resolve_arch(cfg, arch)
@@ -188,7 +176,7 @@ def export_hf(run: str | Path, out_dir: str | Path, *, arch: str | None = None, 
                                          encoding="utf-8")
         result.report = _verify_export(tmp, spec, source, DTYPES[dtype], check, tolerance, result.notes)
 
-    atomic_dir(out, write)
+    atomic_dir(out, write, overwrite, COMPLETE)
     return result
 
 

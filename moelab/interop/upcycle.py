@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
-from moelab.checkpoint import atomic_dir, load_model, write_model
+from moelab.checkpoint import COMPLETE, atomic_dir, load_model, write_model
 from moelab.config import Config, DataConfig, ModelConfig
 from moelab.errors import UserError
+from moelab.fileio import check_output_dir
 
 CHECK_TOLERANCE = 1e-4  # relative to max(1, max |logit|) when SIGMA = 0
 
@@ -114,11 +115,10 @@ def upcycle(dense_path: str | Path, out_dir: str | Path, *, experts: int, top_k:
             noise: float = 0.0, seed: int = 0, check: bool = True, overwrite: bool = False) -> dict:
     """Upcycle DENSE (HF Llama/Qwen2 directory or moelab run) into a moelab checkpoint at `out_dir`.
     Returns a summary (layers, max |delta logit| against the dense model, notes)."""
-    from moelab.interop.hf import check_output_dir
     from moelab.interop.hf_tokenizer import import_tokenizer
 
     out = Path(out_dir)
-    check_output_dir(out, overwrite)
+    check_output_dir(out, overwrite, COMPLETE, empty_ok=True)  # before the work, not after
     dense, full, (kind, tok), notes = load_dense(dense_path, check)
     model, cfg = upcycle_model(dense, full.model, experts=experts, top_k=top_k, layers=layers, noise=noise, seed=seed)
     delta, scale = max_logit_delta(model, dense, cfg.vocab_size, cfg.max_seq_len)
@@ -133,5 +133,5 @@ def upcycle(dense_path: str | Path, out_dir: str | Path, *, experts: int, top_k:
         write_model(tmp, model, new_full, tok_dir, extra={"upcycled_from": str(Path(dense_path).resolve()),
                                                           "experts": experts, "top_k": top_k, "noise": noise})
 
-    atomic_dir(out, write)
+    atomic_dir(out, write, overwrite, COMPLETE)
     return {"moe_layers": cfg.moe_layer_ids(), "max_abs_delta": delta, "max_abs_logit": scale, "notes": notes}

@@ -15,6 +15,7 @@ import torch
 
 from moelab.config import Config
 from moelab.errors import UserError
+from moelab.fileio import write_dir_atomic
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -67,6 +68,12 @@ class InMemorySource:
 
     def copy_tokenizer(self, dst: Path) -> None:
         pass  # no tokenizer: token ids only
+
+    def check_token_ids(self, model_vocab: int) -> None:
+        top = int(max(self.train.max(), self.val.max()))
+        if top >= model_vocab:
+            raise UserError(f"in-memory data: token id {top} is outside the model's vocabulary "
+                            f"(model.vocab_size {model_vocab})")
 
     def check_tokenizer_dir(self, tokenizer_dir: Path, what: str) -> None:
         pass
@@ -127,7 +134,26 @@ class DatasetSource:
         self.train.load_state_dict(state)
 
     def copy_tokenizer(self, dst: Path) -> None:
-        shutil.copytree(self.tokenizer_dir, dst, dirs_exist_ok=True)
+        from moelab.tokenizer import META_FILE
+
+        write_dir_atomic(dst, lambda tmp: shutil.copytree(self.tokenizer_dir, tmp, dirs_exist_ok=True),
+                         overwrite=True, marker=META_FILE)
+
+    def check_token_ids(self, model_vocab: int) -> None:
+        """Refuse token ids the model has no embedding for (a dataset that does not match its meta.json),
+        before anything is written: otherwise an IndexError stops the run midway. A max over the memory-
+        mapped splits in 16M-token chunks: about 10 ms per 100 MB of tokens."""
+        limit = min(model_vocab, self.vocab_size)
+        for ds in (self.train, self.val):
+            if ds is None:
+                continue
+            tokens, chunk = ds.tokens, 1 << 24
+            top = max((int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk)), default=0)
+            if top >= limit:
+                raise UserError(f"{ds.dir}: the {ds.split} split holds token id {top}, outside the vocabulary "
+                                f"(the dataset's tokenizer has {self.vocab_size} ids, model.vocab_size is "
+                                f"{model_vocab}); the dataset is corrupt or was not made by its tokenizer: "
+                                "prepare it again")
 
 
 def open_source(cfg: Config):

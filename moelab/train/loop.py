@@ -23,6 +23,7 @@ import torch
 
 from moelab.device import check_on_device, resolve_device, use_device
 from moelab.errors import UserError
+from moelab.fileio import pause_for_test, warn
 from moelab.model import Transformer
 from moelab.model.counting import flops_per_token
 from moelab.parallel import (
@@ -66,13 +67,14 @@ class TrainResult:
 
 
 def train(config, run_dir: str | Path | None = None, resume: bool = False, init_from: str | Path | None = None,
-          overrides=(), progress: bool | None = None, data=None) -> TrainResult:
+          overrides=(), progress: bool | None = None, data=None, restart: bool = False) -> TrainResult:
     """Train a model from `config` (a Config, a dict or a YAML path, plus `--set`-style overrides) into
     `run_dir` (default runs/<config name>). `resume` continues the newest usable checkpoint of run_dir;
-    `init_from` starts a new run from a checkpoint's weights. `data` replaces the dataset at data.path
+    `init_from` starts a new run from a checkpoint's weights; `restart` first deletes the run already in
+    run_dir (checkpoints, metrics, config). `data` replaces the dataset at data.path
     with another source (see data_source.py), e.g. tokens in memory. Returns where things were written."""
     return Trainer(config, run_dir, resume=resume, init_from=init_from, overrides=overrides,
-                   progress=progress, data=data).run()
+                   progress=progress, data=data, restart=restart).run()
 
 
 def enable_activation_checkpointing(model: Transformer) -> None:
@@ -110,14 +112,14 @@ def compile_blocks(model: Transformer, device: torch.device, dtype: torch.dtype)
 
 class Trainer:
     def __init__(self, config, run_dir=None, *, resume=False, init_from=None, overrides=(), progress=None,
-                 data=None):
+                 data=None, restart=False):
         cfg, name = rundir.resolve_config(config, overrides)
         if resume and run_dir is None and name is None:
             raise UserError("--resume needs --run-dir (or a config file whose name gives runs/<name>)")
         self.run_dir = Path(run_dir) if run_dir is not None else rundir.default_run_dir(name)
         cfg = rundir.absolute_data_path(cfg)
-        self.cfg = cfg = rundir.prepare_run_dir(cfg, self.run_dir, resume)
-        self.resume, self.init_from = resume, init_from
+        self.cfg = cfg = rundir.prepare_run_dir(cfg, self.run_dir, resume, restart)
+        self.resume, self.init_from, self.restart = resume, init_from, restart
         self.show_progress = cfg.log.progress if progress is None else progress
 
         # torchrun's environment (one process without it); mesh sizes are checked before any work
@@ -137,6 +139,7 @@ class Trainer:
         if cfg.model.vocab_size < self.data.vocab_size:
             raise UserError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the dataset's tokenizer "
                             f"vocabulary ({self.data.vocab_size}); set model.vocab_size >= {self.data.vocab_size}")
+        self.data.check_token_ids(cfg.model.vocab_size)  # before anything is written (else an IndexError mid-run)
 
         torch.manual_seed(cfg.train.seed)
         self.model = Transformer(cfg.model).to(self.device)
@@ -196,30 +199,38 @@ class Trainer:
     def _start_new(self) -> None:
         if not self.is_main:
             return
-        rundir.write_config(self.cfg, self.run_dir)
+        if self.restart:
+            rundir.clear_run(self.run_dir)
+        # config.yaml last: it is what makes the directory a run, so a kill before it leaves no half-run
         self.data.copy_tokenizer(self.run_dir / "tokenizer")
         rundir.write_run_info(self.run_dir, {"init_from": str(self.init_from) if self.init_from else None,
                                              "resumed_from": None})
+        pause_for_test("run_config")
+        rundir.write_config(self.cfg, self.run_dir)
 
     def _resume(self) -> None:
+        """Continue from the newest checkpoint that verifies and loads; never silently start over."""
         if self.is_main:
             state.remove_partial(self.run_dir)
-            rundir.write_config(self.cfg, self.run_dir)  # resume may extend train.steps or change logging
         self.par.barrier()
         self.data.check_tokenizer_dir(self.run_dir / "tokenizer", f"run {self.run_dir}")
+        bad: list[tuple[Path, str]] = []
         for ckpt in state.training_checkpoints(self.run_dir):
             try:
                 self._load_checkpoint(ckpt)
             except state.BadCheckpoint as e:
-                state.warn(f"skipping checkpoint {ckpt}: {e}")
+                warn(f"skipping checkpoint {ckpt}: {e}")
+                bad.append((ckpt, str(e)))
                 continue
-            if self.is_main:
+            self.par.barrier()
+            if self.is_main:  # every bad one is newer: set aside so it is neither newest nor counted in rotation
+                for b, why in bad:
+                    state.set_aside(b, why)
+                rundir.write_config(self.cfg, self.run_dir)  # resume may extend train.steps or change logging
                 rundir.write_run_info(self.run_dir, {"init_from": None, "resumed_from": str(ckpt)})
             self.last_ckpt = ckpt
             return
-        state.warn(f"{self.run_dir}: no usable checkpoint to resume from; starting from step 0")
-        if self.is_main:
-            rundir.write_run_info(self.run_dir, {"init_from": None, "resumed_from": None})
+        raise UserError(rundir.no_checkpoint_message(self.run_dir, bad))
 
     def _load_checkpoint(self, ckpt: Path) -> None:
         weights, st, optim = state.read_train_state(ckpt)
@@ -355,7 +366,7 @@ class Trainer:
         self.window.flops += flops
         if not ok:
             what = "loss" if not loss_ok else "gradient norm"
-            state.warn(f"step {self.step}: non-finite {what}; step skipped ({self.skipped} skipped so far)")
+            warn(f"step {self.step}: non-finite {what}; step skipped ({self.skipped} skipped so far)")
             if self.bad_in_row >= cfg.train.max_bad_steps:
                 hint = f"resume from {self.last_ckpt} with a lower train.lr" if self.last_ckpt else "lower train.lr"
                 raise TrainingDiverged(
@@ -445,7 +456,7 @@ class Trainer:
                                         weights=weights, optim_state=optim)
             if is_best and cfg.checkpoint.keep_best:
                 state.set_best(self.run_dir, path)
-            state.rotate(self.run_dir, cfg.checkpoint.keep_last)
+            state.rotate(self.run_dir, cfg.checkpoint.keep_last, current=path)
         self.par.barrier()  # no rank runs ahead of a checkpoint it may need to resume from
         if is_best:
             self.best_val = val_loss

@@ -9,14 +9,15 @@
     RUN/report/         analysis output (written by `moelab report`)
 
 A directory that already holds a run (config.yaml, metrics.jsonl or checkpoints/) is never trained
-into again without `--resume`; an empty or data-only directory is fine.
+into again without `--resume` (continue) or `--restart` (delete the run, start over); an empty or
+data-only directory is fine. A new run writes tokenizer/ and run.json first and config.yaml last, so a
+kill at any moment leaves either a complete run directory or one that does not count as a run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ import yaml
 
 from moelab.config import Config, from_dict, load_config, read_yaml
 from moelab.errors import UserError
+from moelab.fileio import remove_dir, write_file_atomic
 
 # Config keys that may change when a run is resumed: they alter how long it runs, what it logs or how
 # fast it computes, never the numbers of a step already taken. Anything else must match the run's.
@@ -89,7 +91,7 @@ def absolute_data_path(cfg: Config) -> Config:
     return cfg
 
 
-def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> Config:
+def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, restart: bool = False) -> Config:
     """Check the directory against `resume` and return the config to train with (the run's own when
     resuming; `cfg` may then differ only in RESUME_MAY_CHANGE keys)."""
     if resume:
@@ -100,24 +102,50 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool) -> Config:
                             f"{'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''} "
                             "(start a new run, or use --init-from to start from its weights)")
         return cfg
-    if holds_run(run_dir):
-        raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it, or choose another --run-dir")
+    if holds_run(run_dir) and not restart:
+        raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it, --restart to delete it "
+                        "and start over, or choose another --run-dir")
     return cfg
+
+
+# What `--restart` deletes: everything a run writes except report/ (analysis output, rewritten on demand).
+# config.yaml goes last, so a kill in the middle leaves a directory that still says it holds a run.
+RUN_FILES = ("metrics.jsonl", "run.json", "checkpoints", "tb", "tokenizer", "config.yaml")
+
+
+def clear_run(run_dir: Path) -> None:
+    for name in RUN_FILES:
+        p = run_dir / name
+        if p.is_dir() and not p.is_symlink():
+            remove_dir(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
+def no_checkpoint_message(run_dir: Path, bad: list[tuple[Path, str]]) -> str:
+    """One line for a --resume that has nothing to resume from (nothing is changed in the run)."""
+    if bad:
+        why = "; ".join(f"{p.name}: {reason}" for p, reason in bad[:2]) + (" ..." if len(bad) > 2 else "")
+        what = f"none of its {len(bad)} checkpoint(s) is usable ({why})"
+    else:
+        what = "it has no checkpoint (killed before the first one was written?)"
+    return (f"{run_dir}: cannot resume: {what}; start it over with --restart (deletes its checkpoints and "
+            "metrics) or train into a new --run-dir")
 
 
 def write_config(cfg: Config, run_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run_dir / ".config.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), encoding="utf-8")
-    os.replace(tmp, run_dir / "config.yaml")
+    write_file_atomic(run_dir / "config.yaml", yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
 
 
 def write_run_info(run_dir: Path, info: dict) -> None:
     from moelab import __version__
 
+    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "run.json"
-    old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    try:
+        old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (ValueError, UnicodeDecodeError):
+        old = {}  # written atomically since fileio; an older, torn run.json is history only
     starts = old.get("starts", []) + [{"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **info}]
-    tmp = run_dir / ".run.json.tmp"
-    tmp.write_text(json.dumps({"moelab": __version__, "starts": starts}, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    write_file_atomic(path, json.dumps({"moelab": __version__, "starts": starts}, indent=1))

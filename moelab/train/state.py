@@ -25,7 +25,6 @@ import os
 import random
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from moelab.checkpoint import atomic_dir, list_checkpoints, write_model
+from moelab.fileio import remove_dir, remove_stale, sibling, warn
 
 FORMAT = 1
 MANIFEST = "MANIFEST.json"
@@ -47,10 +47,6 @@ SLEEP_ENV = "MOELAB_TEST_CHECKPOINT_SLEEP"
 
 class BadCheckpoint(Exception):
     """A checkpoint that must not be resumed from (the message says why)."""
-
-
-def warn(msg: str) -> None:
-    print(f"moelab: warning: {msg}", file=sys.stderr, flush=True)
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
@@ -163,9 +159,6 @@ def save_train_checkpoint(path: Path, model: torch.nn.Module, cfg, tokenizer_dir
             "optimizer": split_tensors(opt, "optim", tensors)}
 
     def write(tmp: Path) -> None:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a checkpoint is an ordinary directory
         write_model(tmp, model, cfg, tokenizer_dir, weights=weights)
         sleep = float(os.environ.get(SLEEP_ENV, "0") or 0)
         if sleep:
@@ -180,9 +173,7 @@ def save_train_checkpoint(path: Path, model: torch.nn.Module, cfg, tokenizer_dir
 def set_best(run_dir: Path, ckpt: Path) -> None:
     """Point RUN/checkpoints/best at `ckpt` (a relative symlink, replaced atomically)."""
     link = Path(run_dir) / "checkpoints" / BEST
-    tmp = link.with_name(f".{BEST}.tmp-{os.getpid()}")
-    if tmp.is_symlink() or tmp.exists():
-        tmp.unlink()
+    tmp = sibling(link, "tmp")
     os.symlink(ckpt.name, tmp)
     os.replace(tmp, link)
 
@@ -192,25 +183,47 @@ def best_target(run_dir: Path) -> Path | None:
     return link.parent / os.readlink(link) if link.is_symlink() else None
 
 
-def rotate(run_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` step checkpoints, never the one `best` points at."""
+def _step(p: Path) -> int:
+    m = re.fullmatch(r"step_(\d+)", p.name)
+    return int(m.group(1)) if m else -1
+
+
+def rotate(run_dir: Path, keep_last: int, current: Path | None = None) -> None:
+    """Delete all but the newest `keep_last` step checkpoints up to `current` (the one just written), never
+    `current` itself nor the one `best` points at. Checkpoints numbered after `current` are left out of the
+    count: they can only be unusable leftovers of an abandoned future, and must not push good ones out.
+    Each is renamed away before it is deleted, so a kill never leaves half a checkpoint."""
     best = best_target(run_dir)
     steps = [p for p in list_checkpoints(run_dir) if not p.is_symlink() and p.name.startswith("step_")]
+    if current is not None:
+        steps = [p for p in steps if _step(p) <= _step(current)]
     for old in steps[:-keep_last] if keep_last else steps:
-        if best is None or old.name != best.name:
-            shutil.rmtree(old, ignore_errors=True)
+        if (best is None or old.name != best.name) and (current is None or old.name != current.name):
+            remove_dir(old)
 
 
-def remove_partial(run_dir: Path) -> None:
-    """Delete temporary directories left by a checkpoint write that was killed."""
+def set_aside(ckpt: Path, why: str) -> Path:
+    """Move an unusable checkpoint out of the way (hidden `.step_X.bad`, never listed nor loaded) so it can
+    neither be resumed from nor count in rotation; kept, not deleted, so it can be inspected."""
+    dest = ckpt.with_name(f".{ckpt.name}.bad")
+    if dest.exists():
+        remove_dir(dest)
+    os.replace(ckpt, dest)
+    warn(f"moved unusable checkpoint {ckpt} to {dest.name} ({why})")
+    return dest
+
+
+def remove_partial(run_dir: Path) -> list[Path]:
+    """Delete what killed checkpoint writers left: temporaries of writes and of deletions (rotation)."""
     ck = Path(run_dir) / "checkpoints"
-    if ck.is_dir():
-        for p in ck.iterdir():
-            if p.name.startswith(".") and (".tmp-" in p.name or ".old-" in p.name):
-                if p.is_dir() and not p.is_symlink():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    p.unlink(missing_ok=True)
+    if not ck.is_dir():
+        return []
+    removed = remove_stale(ck)
+    for p in ck.iterdir():  # written by moelab before fileio: `.step_X.tmp-RANDOM` from tempfile.mkdtemp
+        if re.fullmatch(r"\.step_\d+\.(tmp|old)-[^-]+", p.name) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
 
 
 # ----------------------------------------------------------------------------------------------------

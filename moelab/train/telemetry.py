@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import resource
 import sys
 import time
@@ -18,6 +17,8 @@ from functools import cache
 from pathlib import Path
 
 import torch
+
+from moelab.fileio import write_file_atomic
 
 # ----------------------------------------------------------------------------------------------------
 # Hardware numbers
@@ -207,9 +208,7 @@ class MetricsLog:
                 continue
             if isinstance(rec, dict) and rec.get("step", 0) <= step:
                 keep.append(line)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
-        os.replace(tmp, self.path)
+        write_file_atomic(self.path, "".join(ln + "\n" for ln in keep))
 
     def write(self, record: dict) -> None:
         if self.fh is None:

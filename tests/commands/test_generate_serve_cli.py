@@ -109,3 +109,44 @@ def test_serve_cli_subprocess(run_dir):
 def test_serve_cli_bad_port(run_dir, capsys):
     assert main(["serve", str(run_dir), "--port", "70000"]) == 2
     assert "--port" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--seed", str(10**30)], "sampling.seed: expected an integer in [-9223372036854775808, 18446744073709551615]"),
+    (["--prompt", "abc\udcff\udcfe"], "--prompt: not valid UTF-8 text (byte 0xff at character 3)"),
+    (["--device", "banana"], "--device: expected cpu, cuda or cuda:N, got 'banana'"),
+    pytest.param(["--device", "cuda"], "--device cuda: CUDA is not available on this machine",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")),
+])
+def test_generate_bad_arguments_are_one_line(run_dir, capsys, extra, message):
+    assert main(["generate", str(run_dir), "--prompt", "x", "--max-new-tokens", "2", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_largest_seed_samples_every_prompt(run_dir, capsys):
+    assert main(["generate", str(run_dir), "--prompt", "a", "--prompt", "b", "--max-new-tokens", "2",
+                 "--seed", str(2**64 - 1), "--stream"]) == 0
+
+
+def test_generation_refuses_nan_weights_and_a_swapped_tokenizer(run_dir, tmp_path, capsys):
+    import shutil
+
+    from moelab.checkpoint import load_model
+
+    ckpt = tmp_path / "nan"
+    shutil.copytree(run_dir / "checkpoints" / "step_0000010", ckpt)
+    model, cfg, _ = load_model(ckpt)
+    with torch.no_grad():
+        model.lm_head.weight.fill_(float("nan"))
+    save_checkpoint(ckpt, model, cfg, ckpt / "tokenizer")
+    assert main(["generate", str(ckpt), "--prompt", "x", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "logits are not finite" in err and err.count("\n") == 1, err
+    swapped = tmp_path / "swapped"
+    shutil.copytree(run_dir / "checkpoints" / "step_0000010", swapped)
+    shutil.rmtree(swapped / "tokenizer")
+    ByteTokenizer(specials=["<|other|>"]).save(swapped / "tokenizer")  # same size; only the fingerprint tells
+    assert main(["generate", str(swapped), "--prompt", "x", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "is not the one the model was trained with" in err and err.count("\n") == 1, err

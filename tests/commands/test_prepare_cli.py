@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,7 @@ def bad_inputs(tmp_path):
     (tmp_path / "corrupt_tok").mkdir()
     (tmp_path / "corrupt_tok" / "tokenizer.json").write_text('{"kind": "byte", ')
     (tmp_path / "old_out").mkdir()
+    os.mkfifo(tmp_path / "fifo")
     (tmp_path / "old_out" / "notes.txt").write_text("keep me")
     return tmp_path
 
@@ -72,7 +74,11 @@ BAD = [
     (["--input", "{d}/ok.txt", "--workers", "-1"], "--workers: expected >= 0 (0 = encode in this process), got -1"),
     (["--input", "{d}/ok.txt", "--tokenizer", "{d}/missing_tok"], "{d}/missing_tok: expected a tokenizer directory "
                                                                   "(from `moelab tokenizer train`) or 'byte', got "
-                                                                  "nothing (no such directory)"),
+                                                                  "nothing (no such file or directory)"),
+    (["--input", "{d}/ok.txt", "--tokenizer", "{d}/a_file"], "{d}/a_file: expected a tokenizer directory "
+                                                             "(from `moelab tokenizer train`) or 'byte', got a file"),
+    (["--input", "{d}/fifo"], "{d}/fifo: expected a file, directory, glob or 'stdlib', got a named pipe (FIFO)"),
+    (["--input", "/dev/zero"], "/dev/zero: expected a file, directory, glob or 'stdlib', got a character device"),
     (["--input", "{d}/ok.txt", "--tokenizer", "{d}/no_tok"],
      "{d}/no_tok/tokenizer.json: expected tokenizer metadata, got nothing (no such file)"),
     (["--input", "{d}/ok.txt", "--tokenizer", "{d}/corrupt_tok"],
@@ -97,7 +103,7 @@ def test_prepare_cli_bad_input_is_one_line(bad_inputs, capsys, extra, message):
     assert main(["prepare", "--tokenizer", "byte", *out, "--quiet", *extra]) == 2
     captured = capsys.readouterr()
     assert captured.err == f"moelab prepare: error: {message.format(d=d)}\n" and captured.out == ""
-    assert not (bad_inputs / "out").exists() and not list(bad_inputs.glob("*.tmp-*"))
+    assert not (bad_inputs / "out").exists() and not list(bad_inputs.glob(".*.tmp-*"))
     assert (bad_inputs / "old_out" / "notes.txt").read_text() == "keep me"
 
 

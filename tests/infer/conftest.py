@@ -54,12 +54,12 @@ def make_model():
 
 
 @contextlib.contextmanager
-def serving(engine, model_name="tiny", api_key=None, max_queue=256):
+def serving(engine, model_name="tiny", api_key=None, max_queue=256, **app_kw):
     """A live uvicorn server on 127.0.0.1 (a free port) in a thread; yields its base URL."""
     from moelab.infer.server import bind_socket, create_app, make_server
 
     sock = bind_socket("127.0.0.1", 0)
-    server = make_server(create_app(engine, model_name, api_key=api_key, max_queue=max_queue), sock)
+    server = make_server(create_app(engine, model_name, api_key=api_key, max_queue=max_queue, **app_kw), sock)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20

@@ -1,6 +1,9 @@
 """GGUF export: file structure, the q/k RoPE permutation, refusals, and (when llama-cpp-python is
 installed) llama.cpp's own tokenizer and greedy continuation against moelab's."""
 
+import os
+import stat
+
 import numpy as np
 import pytest
 import torch
@@ -215,3 +218,24 @@ def test_gguf_needs_a_tokenizer_and_a_free_name(tmp_path, cli):
     (tmp_path / "taken.gguf").write_text("x")
     code, _, err = cli("export", "gguf", ckpt, tmp_path / "taken.gguf")
     assert code == 2 and "already exists" in err and (tmp_path / "taken.gguf").read_text() == "x"
+
+
+def test_gguf_overwrite_replaces_only_a_gguf_moelab_wrote(tmp_path, cli):
+    ckpt = moelab_checkpoint(tmp_path / "ck", ByteTokenizer().save(tmp_path / "tok"), vocab_size=257)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    code, _, err = cli("export", "gguf", ckpt, notes, "--overwrite", "--no-check")
+    assert code == 2 and "refusing to replace it: --overwrite only replaces a GGUF file moelab wrote" in err, err
+    assert notes.read_text() == "mine"
+    out = tmp_path / "m.gguf"
+    assert cli("export", "gguf", ckpt, out, "--no-check")[0] == 0
+    assert cli("export", "gguf", ckpt, out, "--overwrite", "--no-check")[0] == 0  # its own file: replaced
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+    (tmp_path / "d").mkdir()
+    code, _, err = cli("export", "gguf", ckpt, tmp_path / "d", "--overwrite")
+    assert code == 2 and err.endswith(f"{tmp_path / 'd'}: is a directory; expected the name of a .gguf file to write\n")
+    code, _, err = cli("export", "gguf", ckpt, notes / "x.gguf")
+    assert code == 2 and f"cannot write the output file ({notes} is not a directory)" in err, err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

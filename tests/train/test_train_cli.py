@@ -34,7 +34,7 @@ def test_existing_run_dir_without_resume_is_refused(toy_data, tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", str(cfg), "--run-dir", str(run)]) == 2
     assert _err(capsys) == [f"moelab train: error: {run}: already holds a run; pass --resume to continue it, "
-                            "or choose another --run-dir"]
+                            "--restart to delete it and start over, or choose another --run-dir"]
 
 
 def test_resume_with_incompatible_config_is_refused(toy_data, tmp_path, capsys):

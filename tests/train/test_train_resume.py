@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import read_metrics, tiny_cfg, write_yaml
 
+from moelab.errors import UserError
 from moelab.train import train
 from moelab.train.state import SLEEP_ENV
 
@@ -103,15 +104,60 @@ def test_corrupted_and_truncated_checkpoints_are_skipped_with_a_warning(toy_data
     assert _curves(run) == reference  # resumed from step 4 and recomputed 5..12 identically
 
 
-def test_resume_with_no_checkpoint_starts_over(toy_data, tmp_path, capsys):
-    cfg = tiny_cfg(toy_data, train={"steps": 3}, checkpoint={"every": 0})
+def test_resume_without_a_usable_checkpoint_stops_and_changes_nothing(toy_data, tmp_path, capsys):
+    cfg = tiny_cfg(toy_data, train={"steps": 8}, checkpoint={"every": 4, "keep_last": 2, "keep_best": False})
     run = tmp_path / "run"
     train(cfg, run_dir=run)
     reference = _curves(run)
+    metrics = (run / "metrics.jsonl").read_bytes()
+    for step in (4, 8):  # truncated weights, and weights replaced by something that is not safetensors
+        w = run / "checkpoints" / f"step_{step:07d}" / "model.safetensors"
+        w.write_bytes(w.read_bytes()[:50] if step == 4 else b"\x80\x04K\x01.")
+    with pytest.raises(UserError, match=r"cannot resume: none of its 2 checkpoint\(s\) is usable \(step_0000008: "
+                                        r".*--restart.*new --run-dir"):
+        train(cfg, run_dir=run, resume=True)
+    assert (run / "metrics.jsonl").read_bytes() == metrics  # not restarted, not truncated
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000004", "step_0000008"]
     shutil.rmtree(run / "checkpoints")
-    train(cfg, run_dir=run, resume=True)
-    assert "no usable checkpoint to resume from; starting from step 0" in capsys.readouterr().err
+    with pytest.raises(UserError, match="cannot resume: it has no checkpoint"):
+        train(cfg, run_dir=run, resume=True)
+    assert (run / "metrics.jsonl").read_bytes() == metrics
+    train(cfg, run_dir=run, restart=True)  # the way out the message names
     assert _curves(run) == reference
+
+
+def test_cli_resume_without_checkpoint_is_one_line_and_nonzero(toy_data, tmp_path):
+    cfg = write_yaml(tmp_path / "cfg.yaml", tiny_cfg(toy_data, train={"steps": 2}, checkpoint={"every": 0}))
+    run = tmp_path / "run"
+    assert subprocess.run([sys.executable, "-m", "moelab", "train", str(cfg), "--run-dir", str(run)],
+                          cwd=REPO, capture_output=True).returncode == 0
+    shutil.rmtree(run / "checkpoints")
+    p = _moelab(["train", "--run-dir", str(run), "--resume"])
+    out, err = p.communicate(timeout=120)
+    assert p.returncode != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "--restart" in err and not (run / "checkpoints").exists()
+    p = _moelab(["train", "--run-dir", str(run), "--restart", "--no-progress"])  # the run's own config.yaml
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0 and [r["step"] for r in read_metrics(run)] == [1, 2], err
+
+
+def test_corrupt_newer_checkpoints_neither_win_nor_push_good_ones_out(toy_data, tmp_path, capsys):
+    """keep_best=false: corrupt step 12/16 used to count as the newest, so rotation deleted each good
+    checkpoint as soon as it was written."""
+    run = tmp_path / "run"
+    train(tiny_cfg(toy_data, train={"steps": 16}, checkpoint={"every": 4, "keep_last": 4, "keep_best": False}),
+          run_dir=run)
+    ck = run / "checkpoints"
+    for step in (12, 16):
+        _flip_byte(ck / f"step_{step:07d}" / "model.safetensors")
+    # resume from 8, checkpointing every 3 now: step numbers the corrupt ones never had
+    more = tiny_cfg(toy_data, train={"steps": 16}, checkpoint={"every": 3, "keep_last": 2, "keep_best": False})
+    result = train(more, run_dir=run, resume=True)
+    assert result.step == 16
+    names = sorted(p.name for p in ck.iterdir())
+    assert names == [".step_0000012.bad", ".step_0000016.bad", "step_0000015", "step_0000016"], names
+    assert "moved unusable checkpoint" in capsys.readouterr().err
+    assert train(more, run_dir=run, resume=True).step == 16  # and the newest is good
 
 
 @pytest.mark.parametrize("router", ["gumbel", "noisy_topk"])
@@ -129,3 +175,15 @@ def test_resume_is_exact_with_random_routers_and_schedules(toy_data, tmp_path, r
     assert result.step == 10 and (tmp_path / "run" / "checkpoints" / "step_0000006").is_dir()
     assert _curves(tmp_path / "run") == _curves(tmp_path / "ref")
     assert [r["step"] for r in read_metrics(tmp_path / "run")] == [4, 8, 10]
+
+
+def test_token_ids_outside_the_vocabulary_are_refused_before_the_run_starts(toy_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(toy_data, data)
+    tokens = bytearray((data / "train.bin").read_bytes())
+    tokens[2:4] = (400).to_bytes(2, "little")  # a byte tokenizer has 257 ids; the model has vocab_size 257+
+    (data / "train.bin").write_bytes(bytes(tokens))
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match=r"the train split holds token id 400, outside the vocabulary"):
+        train(tiny_cfg(data, train={"steps": 2}), run_dir=run)
+    assert not run.exists()  # nothing half-made that would block running the same command again
