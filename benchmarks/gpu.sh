@@ -43,20 +43,35 @@ if [ "${SMALL:-0}" = 1 ]; then
 else
     LAYER=(--preset h200 --warmup 3 --backends auto cpu_buckets)
     TRAIN=(--preset h200)
-    GEN=(--preset h200)
-    TRAIN_COMPILE=(--config gpu-coarse gpu-fine --dtypes bfloat16 --steps 6 --warmup 3 --repeats 1
+    GEN=(--configs configs/large.yaml --batch-sizes 1 32 --compare hf --dtype bfloat16 --prompt-len 128
+         --new-tokens 32 --repeats 2)
+    TRAIN_COMPILE=(--config gpu-fine --dtypes bfloat16 --steps 6 --warmup 3 --repeats 1
                    --set train.compile=true)
     TESTS=(tests/kernels/test_kernels_cuda.py tests/test_cuda.py)
 fi
 
-if [ ${#TESTS[@]} -gt 0 ]; then
-    step cuda-tests 150 $PY -m pytest -m cuda -q -p no:cacheprovider "${TESTS[@]}" --junitxml "$OUT/cuda-tests.xml"
-fi
-step bench-layer 100 $PY -m moelab bench layer --device "$DEVICE" "${LAYER[@]}" --json "$OUT/layer.json"
-step bench-train 200 $PY -m moelab bench train --device "$DEVICE" "${TRAIN[@]}" --json "$OUT/train.json"
-step bench-generate 130 $PY -m moelab bench generate --device "$DEVICE" "${GEN[@]}" --json "$OUT/generate.json"
-[ "${SKIP_COMPILE_TRAIN:-0}" = 1 ] || step bench-train-compile 120 $PY -m moelab bench train --device "$DEVICE" "${TRAIN_COMPILE[@]}" \
-    --json "$OUT/train_compile.json"
+# STEPS picks and orders the steps (default: all, in this order).
+STEPS=${STEPS:-"tests layer train generate generate-compiled train-compile probe"}
+for s in $STEPS; do
+    case $s in
+    tests) [ ${#TESTS[@]} -gt 0 ] && step cuda-tests 120 $PY -m pytest -m cuda -q -p no:cacheprovider "${TESTS[@]}" \
+               --junitxml "$OUT/cuda-tests.xml" ;;
+    layer) step bench-layer 100 $PY -m moelab bench layer --device "$DEVICE" "${LAYER[@]}" --json "$OUT/layer.json" ;;
+    layer-profile) step bench-layer-profile 60 $PY -m moelab bench layer --device "$DEVICE" "${LAYER[@]}" --hf \
+               --backends auto --repeats 3 --profile --json "$OUT/layer_profile.json" ;;
+    layer-align8) MOELAB_GROUPED_MM_ALIGN=8 step bench-layer-align8 60 $PY -m moelab bench layer --device "$DEVICE" \
+               "${LAYER[@]}" --hf --backends auto --repeats 5 --json "$OUT/layer_align8.json" ;;
+    train) step bench-train 200 $PY -m moelab bench train --device "$DEVICE" "${TRAIN[@]}" --json "$OUT/train.json" ;;
+    generate) step bench-generate 100 $PY -m moelab bench generate --device "$DEVICE" "${GEN[@]}" \
+               --json "$OUT/generate.json" ;;
+    generate-compiled) step bench-generate-compiled 120 $PY -m moelab bench generate --device "$DEVICE" "${GEN[@]}" \
+               --compile --compare --json "$OUT/generate_compiled.json" ;;
+    train-compile) step bench-train-compile 130 $PY -m moelab bench train --device "$DEVICE" "${TRAIN_COMPILE[@]}" \
+               --json "$OUT/train_compile.json" ;;
+    probe) [ "$DEVICE" = cpu ] || step grouped-mm-probe 40 $PY benchmarks/grouped_mm_probe.py ;;
+    *) echo "unknown step $s" ;;
+    esac
+done
 echo "total $((SECONDS - start))s" | tee -a "$LOG"
 # The tables, last, where a caller reading only the end of the output sees them.
 grep -E "^=== |passed|failed|error|^ +(dense|moelab|hf)|tok/s|MFU|x \(target|/ hf|skipped|Error" "$LOG" | tail -80

@@ -46,6 +46,9 @@ def add_arguments(p):
     p.add_argument("--hf-max-seconds", type=float, default=20.0,
                    help="skip further repeats of an HF variant whose single run exceeds this")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, profile one forward+backward of each moelab variant (torch.profiler) and "
+                        "print its top kernels; the tables go into the JSON too")
     p.add_argument("--json", dest="json_out", default="benchmarks/layer.json", help="where to write results")
 
 
@@ -217,8 +220,30 @@ def run(args) -> int:
         results.setdefault("achieved_flops", {})[dtype] = {n: flops[n] / m for n, m in med.items()}
         _print_table(dtype, results, shapes, args, hf_impls)
     results["targets"] = _targets(results, shapes, args, device)
+    if args.profile:
+        results["profiles"] = {name: _profile(mod, x, grad, args.dtypes[-1], device)
+                               for name, mod in variants.items() if name.startswith(("moelab", "dense"))}
     write_results(args.json_out, results)
     return 0
+
+
+def _profile(module, x, grad, dtype, device, rows: int = 18) -> str:
+    """torch.profiler's table of one forward+backward, sorted by device (or CPU) time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = _fwd_bwd(module, x, grad, dtype, device)
+    step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        if device.type == "cuda":
+            import torch
+
+            torch.cuda.synchronize(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+    print(table, flush=True)
+    return table
 
 
 GPU_TARGETS = {8: 1.3, 64: 1.6, 128: 2.0}  # moe/dense on one H200 in bf16 (the GPU issue)

@@ -95,6 +95,7 @@ class KVCache:
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """k, v [rows, G, s, Dh] -> every visible key/value [rows, G, kv_len, Dh] (views, no copy)."""
         r0 = self._rows.start
+        k, v = k.to(self.k.dtype), v.to(self.v.dtype)  # (attention may run wider than the cache, see layers.py)
         # Under torch.compile the writes are opaque in-place operators: traced, the slice assignments
         # were functionalised into copies of the whole cache buffer, slower than eager decoding.
         compiling = torch.compiler.is_compiling()
