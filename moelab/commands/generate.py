@@ -69,18 +69,9 @@ def read_prompts_file(path: Path) -> list[str]:
 
 def check_device(name: str) -> None:
     """One line for a device this machine cannot use, before minutes of loading."""
-    import torch
+    from moelab.device import resolve_device
 
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"--device: expected cpu, cuda or cuda:N, got {name!r}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise UserError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if dev.type not in ("cpu", "cuda"):
-        raise UserError(f"--device: expected cpu, cuda or cuda:N, got {name!r}")
+    resolve_device(name, "--device")
 
 
 def set_threads(threads: int | None) -> None:

@@ -114,8 +114,8 @@ def test_serve_cli_bad_port(run_dir, capsys):
 @pytest.mark.parametrize("extra, message", [
     (["--seed", str(10**30)], "sampling.seed: expected an integer in [-9223372036854775808, 18446744073709551615]"),
     (["--prompt", "abc\udcff\udcfe"], "--prompt: not valid UTF-8 text (byte 0xff at character 3)"),
-    (["--device", "banana"], "--device: expected cpu, cuda or cuda:N, got 'banana'"),
-    pytest.param(["--device", "cuda"], "--device cuda: CUDA is not available on this machine",
+    (["--device", "banana"], "--device: expected auto, cpu, cuda or cuda:N, got 'banana'"),
+    pytest.param(["--device", "cuda"], "--device='cuda', but CUDA is not available",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")),
 ])
 def test_generate_bad_arguments_are_one_line(run_dir, capsys, extra, message):
