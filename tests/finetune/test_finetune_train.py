@@ -12,10 +12,11 @@ from moelab.train import Trainer
 from tests.train.conftest import tiny_cfg
 
 
-def ft_cfg(data, mode, **lora):
-    return tiny_cfg(data, train={"steps": 3, "warmup_steps": 0}, model={"moe": {"num_shared_experts": 1}},
+def ft_cfg(data, mode, shared=1, **lora):
+    targets = ["attn", "experts", "shared"] if shared else ["attn", "experts"]
+    return tiny_cfg(data, train={"steps": 3, "warmup_steps": 0}, model={"moe": {"num_shared_experts": shared}},
                     checkpoint={"every": 0}, eval={"every": 0, "batches": 1},
-                    finetune={"mode": mode, "lora": {"rank": 4, "targets": ["attn", "experts", "shared"], **lora}})
+                    finetune={"mode": mode, "lora": {"rank": 4, "targets": targets, **lora}})
 
 
 def run_trainer(cfg, run_dir, init_from=None, resume=False):
@@ -100,3 +101,26 @@ def test_bad_finetune_config_is_one_line_each():
     lines = str(e.value).splitlines()
     assert any("finetune.mode" in ln for ln in lines) and any("finetune.lora.rank" in ln for ln in lines)
     assert any("finetune.lora.targets" in ln for ln in lines)
+
+
+def test_export_hf_of_an_adapter_run_merges_and_matches_transformers(toy_data, base_run, tmp_path):
+    from moelab.interop.hf import export_hf
+
+    from moelab.train import train
+
+    base = tmp_path / "base"  # Mixtral-shaped (no shared expert), so transformers has a class for it
+    train(tiny_cfg(toy_data, train={"steps": 2}, checkpoint={"every": 0}, eval={"every": 0, "batches": 1}),
+          run_dir=base, progress=False)
+    run_trainer(ft_cfg(toy_data, "lora", shared=0), tmp_path / "ft", init_from=base)
+    res = export_hf(tmp_path / "ft", tmp_path / "hf", tolerance=1e-4)
+    assert res.report is not None and res.report.max_abs_delta <= 1e-4
+
+
+def test_merge_cli_and_help(toy_data, base_run, tmp_path, capsys):
+    from moelab.cli import main
+
+    run_trainer(ft_cfg(toy_data, "lora"), tmp_path / "ft", init_from=base_run)
+    assert main(["merge", str(tmp_path / "ft"), str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / "COMPLETE").is_file()
+    assert main(["merge", str(base_run), str(tmp_path / "m2")]) == 2
+    assert "not a LoRA run" in capsys.readouterr().err
