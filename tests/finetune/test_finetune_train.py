@@ -105,7 +105,6 @@ def test_bad_finetune_config_is_one_line_each():
 
 def test_export_hf_of_an_adapter_run_merges_and_matches_transformers(toy_data, base_run, tmp_path):
     from moelab.interop.hf import export_hf
-
     from moelab.train import train
 
     base = tmp_path / "base"  # Mixtral-shaped (no shared expert), so transformers has a class for it
