@@ -35,7 +35,7 @@ class ChatSource:
 
     @staticmethod
     def _xy(ids: np.ndarray, mask: np.ndarray):
-        ids, mask = torch.from_numpy(np.asarray(ids, dtype=np.int64)), torch.from_numpy(np.asarray(mask)).bool()
+        ids, mask = torch.from_numpy(np.asarray(ids, dtype=np.int64)), torch.from_numpy(np.array(mask)).bool()
         y = ids[:, 1:].masked_fill(~mask[:, 1:], IGNORE_INDEX)
         return ids[:, :-1].contiguous(), y.contiguous()
 
