@@ -157,6 +157,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
 
     ckpt = resolve_checkpoint(path)
     cfg = read_config(ckpt)
+    if cfg.finetune.is_lora:  # adapters over a base: loaded and merged (moelab/finetune/adapters.py)
+        from moelab.finetune.adapters import load_adapter_model
+
+        return load_adapter_model(ckpt, cfg, device)
     model = Transformer(cfg.model)
     state = load_state(ckpt / "model.safetensors")
     try:

@@ -20,6 +20,7 @@ import yaml
 
 from moelab.config_build import did_you_mean, from_dict, parse_override, read_yaml
 from moelab.errors import ConfigError
+from moelab.finetune.config import FinetuneConfig
 
 __all__ = ["Config", "ModelConfig", "MoEConfig", "DataConfig", "TrainConfig", "ScheduleConfig", "EvalConfig",
            "CheckpointConfig", "LogConfig", "ParallelConfig", "load_config", "save_config", "from_dict",
@@ -389,10 +390,12 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def validate(self) -> list[str]:
         p = self.model.validate() + self.data.validate() + self.train.validate() + self.parallel.validate()
         p += self.schedule.validate() + self.eval.validate() + self.checkpoint.validate() + self.log.validate()
+        p += self.finetune.validate()
         if not p:
             p += self.schedule.check_model(self.model)
         if not p and self.data.seq_len > self.model.max_seq_len:

@@ -5,11 +5,11 @@ from pathlib import Path
 
 
 def write_results(path: str | Path, results: dict) -> Path:
-    """Write a benchmark's JSON atomically (temp file + rename) and say where."""
+    """Write a benchmark's JSON atomically (`fileio.write_file_atomic`) and say where."""
+    from moelab.fileio import write_file_atomic
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(path)
+    write_file_atomic(path, json.dumps(results, indent=2))
     print(f"wrote {path}")
     return path

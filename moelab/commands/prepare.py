@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from moelab.errors import UserError
+
 NAME = "prepare"
 HELP = "tokenize a corpus (files, globs, stdlib) into memory-mappable train/val token files"
 DESCRIPTION = """Stream the inputs, encode them in worker processes, and write DATA_DIR/train.bin, val.bin
@@ -27,12 +31,40 @@ def add_arguments(p) -> None:
                    help="encoding processes (default: one per core; 0 = in this process)")
     p.add_argument("--strict", action="store_true",
                    help="fail on binary or non-UTF-8 files (and bad JSONL lines) instead of skipping them")
+    p.add_argument("--format", choices=["text", "chat"], default="text",
+                   help="text (default): documents; chat: .jsonl conversations ({\"messages\": [{role, content}]} "
+                        "or {\"prompt\", \"completion\"}) rendered with the tokenizer's chat template, one per "
+                        "row padded to --seq-len, with a loss mask so only assistant tokens train (docs/finetune.md)")
+    p.add_argument("--seq-len", type=int, default=256, metavar="N",
+                   help="chat: tokens per row (= data.seq_len of the fine-tune; longer conversations are bad records)")
+    p.add_argument("--chat-template", metavar="FILE", default=None,
+                   help="chat: a chat_template.json to use and store with the tokenizer (default: the tokenizer's "
+                        "own, else <|system|>/<|user|>/<|assistant|> ... <|end|>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _run_chat(args) -> int:
+    from moelab.data.chat import prepare_chat
+    from moelab.data.chat_template import ChatTemplate
+
+    template = ChatTemplate.load(Path(args.chat_template).parent) if args.chat_template else None
+    if args.chat_template and Path(args.chat_template).name != "chat_template.json":
+        raise UserError(f"--chat-template: expected a file named chat_template.json, got {args.chat_template}")
+    meta = prepare_chat(args.input, args.tokenizer, args.out, args.seq_len, val_fraction=args.val_fraction,
+                        strict=args.strict, overwrite=args.overwrite, template=template, quiet=args.quiet)
+    sp = meta["splits"]
+    print(f"wrote {args.out}: train {sp['train']['rows']:,} conversations ({sp['train']['trained_tokens']:,} trained "
+          f"tokens); val {sp['val']['rows']:,}; {meta['bad_records']} bad record(s) skipped; rows of "
+          f"{meta['seq_len'] + 1} tokens")
+    return 0
+
+
 def run(args) -> int:
     from moelab.data.preparation import prepare
+
+    if args.format == "chat":
+        return _run_chat(args)
 
     meta = prepare(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction,
                    doc_boundary=args.doc_boundary, text_field=args.text_field, workers=args.workers,

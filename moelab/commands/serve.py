@@ -25,6 +25,9 @@ def add_arguments(p):
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $MOELAB_API_KEY, else none)")
     p.add_argument("--max-body-bytes", type=int, default=None,
                    help="largest request body accepted; larger ones get 413 before they are read (default 4 MiB)")
+    p.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN",
+                   help="serve a LoRA run's adapters over RUN (the base), unmerged, as model NAME (repeatable); "
+                        "requests choose one with their `model` field and share one continuous batch")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the run directory name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     add_sampling_arguments(p)  # (--threads defaults to the number of cores minus one here)
@@ -50,8 +53,19 @@ def run(args) -> int:
     # whose thread lost its core to the event loop spins in barriers (many-fold slower decode steps).
     set_threads(args.threads if args.threads is not None else max(1, (os.cpu_count() or 1) - 1))
     model, tok = load(args.run, args.device, args.dtype)
+    adapters, select = {}, None
+    if args.adapter:
+        from moelab.checkpoint import resolve_checkpoint
+        from moelab.finetune.serving import stack_adapters
+
+        if args.compile:
+            raise UserError("--adapter: multi-adapter serving runs eagerly; drop --compile")
+        specs = dict(_adapter_spec(a) for a in args.adapter)
+        select, adapters = stack_adapters(model, resolve_checkpoint(args.run), specs)
     engine = Engine(model, tok, max_batch=args.max_batch, num_experts_per_tok=args.num_experts_per_tok,
                     compile=args.compile)
+    engine.adapter_select = select
+    _chat_template(engine, args.run)
     if args.warmup or args.compile:  # compiling on a request's time would stall every client for seconds
         from moelab.infer.warmup import warmup
 
@@ -63,8 +77,24 @@ def run(args) -> int:
     host, port = sock.getsockname()[:2]
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"moelab serve: warning: listening on {args.host} without an API key", file=sys.stderr)
-    app = create_app(engine, name, api_key=api_key, max_queue=args.max_queue, max_body_bytes=max_body)
+    app = create_app(engine, name, api_key=api_key, max_queue=args.max_queue, max_body_bytes=max_body,
+                     adapters=adapters)
     print(f"moelab serve: model {name!r} on http://{host}:{port}/v1 (max batch {args.max_batch})", file=sys.stderr,
           flush=True)
     make_server(app, sock, args.log_level).run(sockets=[sock])
     return 0
+
+
+def _adapter_spec(text: str) -> tuple[str, str]:
+    name, sep, run = text.partition("=")
+    if not sep or not name or not run:
+        raise UserError(f"--adapter: expected NAME=RUN, got {text!r}")
+    return name, run
+
+
+def _chat_template(engine, run) -> None:
+    """The chat template stored with the model's tokenizer, for /v1/chat/completions."""
+    from moelab.checkpoint import resolve_checkpoint
+    from moelab.data.chat_template import ChatTemplate
+
+    engine.chat_template = ChatTemplate.load(resolve_checkpoint(run) / "tokenizer")

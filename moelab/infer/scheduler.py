@@ -42,6 +42,7 @@ class Request:
     params: SamplingParams
     on_event: Callable[[Event], None] | None = None
     sample_index: int = 0  # offsets the seed, so n samples of one seeded prompt differ
+    adapter: int = 0  # LoRA slot of the model (0 = the base) when several adapters are served
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     # Filled in by the engine.
     output_ids: list[int] = field(default_factory=list)
@@ -97,6 +98,8 @@ class Engine:
         self.max_len = min(max_len or self.context, self.context)
         self.prefill_tokens = prefill_tokens  # padded prompt tokens per prefill forward
         self.eod_id = getattr(tokenizer, "eod_id", None)
+        self.stop_ids = {self.eod_id}  # tokens that end a generation (chat adds its end-of-turn marker)
+        self.adapter_select = None  # multi-adapter serving: moelab.finetune.lora.AdapterSelect of the model
         self.device = next(model.parameters()).device
         self._restore = enter_decoding(model, num_experts_per_tok)
         self.cache = KVCache.for_model(model, max_batch, self.max_len)
@@ -135,10 +138,10 @@ class Engine:
             raise UserError(f"prompt: token ids must be in [0, {vocab}), got {bad[:3]}")
 
     def submit(self, prompt_ids: list[int], params: SamplingParams,
-               on_event: Callable[[Event], None] | None = None, sample_index: int = 0) -> Request:
+               on_event: Callable[[Event], None] | None = None, sample_index: int = 0, adapter: int = 0) -> Request:
         params.validate()
         self.check(prompt_ids, params)
-        req = Request(list(prompt_ids), params, on_event, sample_index)
+        req = Request(list(prompt_ids), params, on_event, sample_index, adapter)
         req.submitted_at = time.perf_counter()
         req._stream = TextStream(self.tokenizer, req.prompt_ids, params.stop)
         req._generator = params.generator(self.device, sample_index)
@@ -246,6 +249,7 @@ class Engine:
         if any(pad):
             mask = torch.tensor([[0] * p + [1] * (longest - p) for p in pad], device=self.device)
         positions, attn_mask = self.cache.prefill(slice(b0, b0 + n), pad, longest)
+        self._select_adapters(group)
         logits = self.model(idx, mask=mask, positions=positions, cache=self.cache, attn_mask=attn_mask,
                             last_only=True).logits
         self._running.extend(group)
@@ -256,6 +260,7 @@ class Engine:
         b = len(self._running)
         idx = torch.tensor(self._next, device=self.device)[:, None]
         positions, attn_mask = self.cache.extend(slice(0, b))
+        self._select_adapters(self._running)
         try:
             logits = self._decoder(idx, positions=positions, cache=self.cache, attn_mask=attn_mask).logits
         except Exception as e:
@@ -284,7 +289,7 @@ class Engine:
             req.output_ids.append(tok)
             self._next[b0 + i] = tok
             reason = None
-            if tok == self.eod_id:
+            if tok in self.stop_ids:
                 text, reason = req._stream.flush(), "stop"
             else:
                 text = req._stream.push(tok)
@@ -300,6 +305,11 @@ class Engine:
                 self._emit(Event(req, text, [tok]))
         for row in reversed(finished):
             self._retire(row)
+
+    def _select_adapters(self, rows: list[Request]) -> None:
+        """Tell the model's LoRA modules which adapter slot each row of the next forward uses."""
+        if self.adapter_select is not None:
+            self.adapter_select.batch = torch.tensor([r.adapter for r in rows], device=self.device)
 
     def _retire(self, row: int) -> None:
         last = len(self._running) - 1

@@ -1,6 +1,7 @@
 """The HTTP layer: an OpenAI-compatible FastAPI app over the continuous-batching engine.
 
-Routes: POST /v1/completions (JSON or server-sent events), GET /v1/models[/{id}], GET /health,
+Routes: POST /v1/completions and /v1/chat/completions (`chat.py`; JSON or server-sent events),
+GET /v1/models[/{id}], GET /health,
 GET /metrics (Prometheus text). The app only validates, tokenizes, submits to the `Engine` and
 relays its events; every error leaves as an OpenAI-style JSON body with a 4xx/5xx status (counted in
 /metrics as requests{status="http_NNN"}), and a client that goes away has its requests cancelled so
@@ -72,6 +73,20 @@ def _too_large(limit: int) -> APIError:
                     code="request_too_large")
 
 
+async def read_json_body(request: Request, limit: int):
+    """The parsed JSON body (at most `limit` bytes; APIError 413/400 otherwise); None when the client went
+    away while sending it."""
+    raw = await _read_body(request, limit)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, or an int of over 4300 digits
+        raise APIError(400, f"request body is not valid JSON ({str(e)[:200]})") from None
+    except RecursionError:
+        raise APIError(400, "request body is not valid JSON (nested too deeply)") from None
+
+
 async def _read_body(request: Request, limit: int) -> bytes | None:
     """The body, at most `limit` bytes (413 past it); None when the client went away while sending it."""
     chunks, size = [], 0
@@ -87,12 +102,21 @@ async def _read_body(request: Request, limit: int) -> bytes | None:
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_queue: int = 256,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """The app; its lifespan starts the engine thread and shuts it down."""
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, adapters: dict[str, int] | None = None) -> FastAPI:
+    """The app; its lifespan starts the engine thread and shuts it down. `adapters`: LoRA adapter name ->
+    slot of the engine's model (`moelab serve BASE --adapter name=RUN`), chosen by a request's `model`."""
     if api_key == "":
         raise UserError(EMPTY_KEY)
     metrics = ServerMetrics(engine)
     created = int(time.time())
+    slots = {model_name: 0, **(adapters or {})}
+
+    def slot_of(name: str) -> int:
+        if name not in slots:
+            served = ", ".join(f"`{n}`" for n in slots)
+            raise APIError(404, f"The model `{name}` does not exist (this server serves {served}).",
+                           param="model", code="model_not_found")
+        return slots[name]
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -146,32 +170,24 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     @app.get("/v1/models")
     async def models(request: Request):
         authorize(request)
-        return {"object": "list", "data": [model_card(model_name, engine.max_len, created)]}
+        return {"object": "list", "data": [model_card(name, engine.max_len, created) for name in slots]}
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request):
         authorize(request)
-        if model_id != model_name:
+        if model_id not in slots:
             raise APIError(404, f"The model `{model_id}` does not exist.", param="model", code="model_not_found")
-        return model_card(model_name, engine.max_len, created)
+        return model_card(model_id, engine.max_len, created)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         authorize(request)
-        raw = await _read_body(request, max_body_bytes)
-        if raw is None:  # the client hung up mid-body: nobody to answer, nothing to log
+        body = await read_json_body(request, max_body_bytes)
+        if body is None:  # the client hung up mid-body: nobody to answer, nothing to log
             metrics.rejected(499)
             return Response(status_code=499)
-        try:
-            body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, or an int of over 4300 digits
-            raise APIError(400, f"request body is not valid JSON ({str(e)[:200]})") from None
-        except RecursionError:
-            raise APIError(400, "request body is not valid JSON (nested too deeply)") from None
         req = parse_completion_request(body)
-        if req.model != model_name:
-            raise APIError(404, f"The model `{req.model}` does not exist (this server serves `{model_name}`).",
-                           param="model", code="model_not_found")
+        slot = slot_of(req.model)
         if engine.num_waiting + req.n * len(req.prompts) > max_queue:  # before tokenizing: no work when full
             raise APIError(429, f"server overloaded: {engine.num_waiting} requests already waiting",
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -185,15 +201,18 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             loop.call_soon_threadsafe(events.put_nowait, ev)
 
         try:
-            handles = [engine.submit(ids, params, on_event) for ids, params, _ in jobs]
+            handles = [engine.submit(ids, params, on_event, adapter=slot) for ids, params, _ in jobs]
         except RuntimeError:
             raise APIError(503, "server is shutting down", type="server_error") from None
         rid, echo = new_id(), [e for _, _, e in jobs]
         if req.stream:
-            return StreamingResponse(_sse(request, engine, handles, events, rid, model_name, echo, req, metrics),
+            return StreamingResponse(_sse(request, engine, handles, events, rid, req.model, echo, req, metrics),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await _collect(request, engine, handles, events, rid, model_name, echo)
+        return await _collect(request, engine, handles, events, rid, req.model, echo)
 
+    from moelab.infer.chat import add_chat_route
+
+    add_chat_route(app, engine, authorize, slot_of, metrics, max_queue, max_body_bytes)  # /v1/chat/completions
     return app
 
 

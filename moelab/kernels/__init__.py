@@ -4,8 +4,11 @@ An expert backend runs the routed part of an MoE layer, from routing decisions t
 weighted sum of its experts' outputs:
 
     backend.moe(x [T, D], gate_up [E, 2F, D], down [E, D, F], topk_ids [T, K], weights [T, K] fp32,
-                keep [T, K] bool or None) -> [T, D] fp32
-    backend.sorted_experts(x_sorted [N, D], gate_up, down, counts [E]) -> [N, D]
+                keep [T, K] bool or None, lora=None) -> [T, D] fp32
+    backend.sorted_experts(x_sorted [N, D], gate_up, down, counts [E], lora=None) -> [N, D]
+
+`lora` (optional, `kernels/lora.py`): per-expert low-rank deltas on both expert matmuls, run by the
+backend with the same grouping as the base weights (LoRA fine-tuning, multi-adapter serving).
 
 The second entry point is for callers that sort rows themselves (expert parallelism receives rows from
 other ranks already grouped by expert). Backends:
@@ -52,11 +55,12 @@ class AutoBackend:
             self._chosen[key] = GroupedMMBackend(_grouped_mm_align()) if use_mm else CpuBucketsBackend()
         return self._chosen[key]
 
-    def moe(self, x, gate_up, down, topk_ids, weights, keep=None):
-        return self.resolve(x.device, compute_dtype(x)).moe(x, gate_up, down, topk_ids, weights, keep)
+    def moe(self, x, gate_up, down, topk_ids, weights, keep=None, lora=None):
+        return self.resolve(x.device, compute_dtype(x)).moe(x, gate_up, down, topk_ids, weights, keep, lora=lora)
 
-    def sorted_experts(self, x_sorted, gate_up, down, counts):
-        return self.resolve(x_sorted.device, compute_dtype(x_sorted)).sorted_experts(x_sorted, gate_up, down, counts)
+    def sorted_experts(self, x_sorted, gate_up, down, counts, lora=None):
+        return self.resolve(x_sorted.device, compute_dtype(x_sorted)).sorted_experts(x_sorted, gate_up, down, counts,
+                                                                                      lora=lora)
 
 
 def build_expert_backend(name: str, d_model: int, expert_dim: int):

@@ -275,8 +275,11 @@ class CpuBucketsBackend:
 
     name = "cpu_buckets"
 
-    def moe(self, x, gate_up, down, topk_ids, weights, keep=None):
-        """x [T, D] -> [T, D] fp32, the routed experts' weighted sum per token."""
+    def moe(self, x, gate_up, down, topk_ids, weights, keep=None, lora=None):
+        """x [T, D] -> [T, D] fp32, the routed experts' weighted sum per token; `lora`: optional
+        low-rank expert deltas (`kernels/lora.py`), run bucket by bucket like the base weights."""
+        if lora is not None:
+            return self._moe_lora(x, gate_up, down, topk_ids, weights, keep, lora)
         if not torch.is_grad_enabled() and (torch.compiler.is_compiling() or x.shape[0] <= FEW_TOKENS):
             # A compiled decode step runs it as one opaque operator, at any batch size: the sort
             # dispatch reads expert counts on the host, which would break the graph.
@@ -287,6 +290,20 @@ class CpuBucketsBackend:
         y = grouped_swiglu(dispatch(x.to(dtype), plan), gate_up, down, plan.counts)  # [N, D]
         return combine(y, weights, plan)
 
-    def sorted_experts(self, x_sorted, gate_up, down, counts: torch.Tensor) -> torch.Tensor:
+    def _moe_lora(self, x, gate_up, down, topk_ids, weights, keep, lora):
+        from moelab.kernels.lora_buckets import lora_grouped_swiglu
+
+        dtype = compute_dtype(x)
+        plan = plan_dispatch(topk_ids, keep, gate_up.shape[0], row_grid(dtype, x.device))
+        row_adapter = lora.token_adapter[plan.src] if lora.multi else None
+        with torch.autocast(x.device.type, enabled=False):  # every operand is cast to `dtype` explicitly
+            y = lora_grouped_swiglu(dispatch(x.to(dtype), plan), gate_up, down, plan.counts, lora, row_adapter)
+            return combine(y, weights, plan)
+
+    def sorted_experts(self, x_sorted, gate_up, down, counts: torch.Tensor, lora=None) -> torch.Tensor:
         """Rows already sorted by expert, `counts` [E] rows each, no padding -> [N, D]."""
+        if lora is not None:
+            from moelab.kernels.lora_buckets import lora_grouped_swiglu
+
+            return lora_grouped_swiglu(x_sorted.to(compute_dtype(x_sorted)), gate_up, down, counts.tolist(), lora)
         return grouped_swiglu(x_sorted, gate_up, down, counts.tolist())

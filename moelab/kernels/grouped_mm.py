@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from moelab.kernels.common import compute_dtype
+from moelab.kernels.lora import ExpertLoRA, delta_rows
 
 
 @dataclass
@@ -119,16 +120,35 @@ class _WeightedSwiGLU(torch.autograd.Function):
 
 
 def grouped_swiglu_mm(x_sorted: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor,
-                      row_weights: torch.Tensor | None = None) -> torch.Tensor:
+                      row_weights: torch.Tensor | None = None, lora: ExpertLoRA | None = None,
+                      row_adapter: torch.Tensor | None = None) -> torch.Tensor:
     """Each expert's SwiGLU on its group of rows (groups end at `offs`), optionally scaling each row by
-    `row_weights` [N] between the matmuls. Weights [E, 2F, D] / [E, D, F] are used transposed in place."""
+    `row_weights` [N] between the matmuls. Weights [E, 2F, D] / [E, D, F] are used transposed in place.
+    `lora`: low-rank expert deltas as two more grouped matmuls over the same groups (`kernels/lora.py`);
+    `row_adapter` [N] when serving several adapters (then rows gather their own A and B)."""
     h = torch._grouped_mm(x_sorted, gate_up.transpose(1, 2), offs=offs)  # [N, 2F]
+    if lora is not None:
+        h = h + _lora_delta(x_sorted, lora.gu_a, lora.gu_b, lora, offs, row_adapter)
     if row_weights is None:
         f = h.shape[-1] // 2
         a = F.silu(h[:, :f]) * h[:, f:]
     else:
         a = _WeightedSwiGLU.apply(h, row_weights)
-    return torch._grouped_mm(a, down.transpose(1, 2), offs=offs)  # [N, D]
+    y = torch._grouped_mm(a, down.transpose(1, 2), offs=offs)  # [N, D]
+    if lora is not None:  # linear in a, so the row weight already inside a scales the delta too
+        y = y + _lora_delta(a, lora.dn_a, lora.dn_b, lora, offs, row_adapter)
+    return y
+
+
+def _lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lora: ExpertLoRA, offs: torch.Tensor,
+                row_adapter: torch.Tensor | None) -> torch.Tensor:
+    """s * (x A_e^T) B_e^T per group e: two grouped matmuls with the base's offsets (no host read)."""
+    if row_adapter is not None:
+        rows = torch.arange(x.shape[0], device=x.device)
+        expert = torch.searchsorted(offs, rows.to(offs.dtype), right=True).clamp_(max=a.shape[1] - 1)
+        return delta_rows(x, a, b, lora, expert, row_adapter)
+    t = torch._grouped_mm(lora.drop(x), a.transpose(1, 2), offs=offs)  # [N, r]
+    return torch._grouped_mm(t, b.transpose(1, 2), offs=offs) * lora.scale
 
 
 def aligned_for_grouped_mm(d_model: int, expert_dim: int) -> bool:
@@ -145,19 +165,24 @@ class GroupedMMBackend:
     def __init__(self, align: int = 1):
         self.align = align
 
-    def moe(self, x, gate_up, down, topk_ids, weights, keep=None):
-        """x [T, D] -> [T, D] fp32, the routed experts' weighted sum per token."""
+    def moe(self, x, gate_up, down, topk_ids, weights, keep=None, lora=None):
+        """x [T, D] -> [T, D] fp32, the routed experts' weighted sum per token; `lora`: optional
+        low-rank expert deltas (`kernels/lora.py`)."""
         dtype = compute_dtype(x)
         plan = plan_on_device(topk_ids, keep, gate_up.shape[0], self.align)
         with torch.autocast(x.device.type, enabled=False):
             xs = _GatherRows.apply(x.to(dtype), plan.src, plan.pos)  # [N, D]
             w = torch.cat([weights.reshape(-1).float(), weights.new_zeros(1, dtype=torch.float32)])
-            ys = grouped_swiglu_mm(xs, gate_up.to(dtype), down.to(dtype), plan.offs, w.index_select(0, plan.assignment))
+            lora = lora.cast(dtype) if lora is not None else None
+            row_adapter = lora.token_adapter[plan.src] if lora is not None and lora.multi else None
+            ys = grouped_swiglu_mm(xs, gate_up.to(dtype), down.to(dtype), plan.offs, w.index_select(0, plan.assignment),
+                                   lora, row_adapter)
             return _SumRows.apply(ys, plan.pos, plan.tok)
 
-    def sorted_experts(self, x_sorted, gate_up, down, counts: torch.Tensor) -> torch.Tensor:
+    def sorted_experts(self, x_sorted, gate_up, down, counts: torch.Tensor, lora=None) -> torch.Tensor:
         """Rows already sorted by expert, `counts` [E] rows each, no padding -> [N, D]."""
         dtype = compute_dtype(x_sorted)
         offs = torch.cumsum(counts, 0).to(torch.int32)
         with torch.autocast(x_sorted.device.type, enabled=False):
-            return grouped_swiglu_mm(x_sorted.to(dtype), gate_up.to(dtype), down.to(dtype), offs)
+            lora = lora.cast(dtype) if lora is not None else None
+            return grouped_swiglu_mm(x_sorted.to(dtype), gate_up.to(dtype), down.to(dtype), offs, lora=lora)

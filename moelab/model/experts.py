@@ -23,6 +23,7 @@ class ExpertFFN(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(num_experts, 2 * expert_dim, d_model))
         self.down = nn.Parameter(torch.empty(num_experts, d_model, expert_dim))
         self.backend = build_expert_backend(backend, d_model, expert_dim)
+        self.lora = None  # fine-tuning: a module whose `deltas()` gives the backend low-rank deltas (moelab.finetune)
 
     @property
     def num_experts(self) -> int:
@@ -31,4 +32,6 @@ class ExpertFFN(nn.Module):
     def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor,
                 keep: torch.Tensor | None = None) -> torch.Tensor:
         """x [T, D], topk_ids/weights [T, K] (weights 0 where dropped), keep [T, K] or None -> [T, D] fp32."""
+        if self.lora is not None:
+            return self.backend.moe(x, self.gate_up, self.down, topk_ids, weights, keep, lora=self.lora.deltas(x))
         return self.backend.moe(x, self.gate_up, self.down, topk_ids, weights, keep)

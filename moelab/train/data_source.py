@@ -161,4 +161,10 @@ def open_source(cfg: Config):
     if not cfg.data.path:
         raise UserError("data.path: no dataset given; prepare one with `moelab prepare` and set data.path "
                         "(e.g. --set data.path=data/stdlib)")
+    from moelab.data.chat import is_chat_dataset
+
+    if is_chat_dataset(cfg.data.path):  # `prepare --format chat`: padded rows with a loss mask
+        from moelab.train.chat_source import ChatSource
+
+        return ChatSource(cfg)
     return DatasetSource(cfg)

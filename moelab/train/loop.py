@@ -145,6 +145,9 @@ class Trainer:
         self.model = Transformer(cfg.model).to(self.device)
         if init_from is not None:
             self._init_from(Path(init_from))
+        from moelab.finetune.adapters import setup_trainer
+
+        self.finetune = setup_trainer(self, init_from)  # freezes / adds LoRA per `finetune:` (docs/finetune.md)
         if cfg.train.activation_checkpointing:
             enable_activation_checkpointing(self.model)
         self.model = parallelize(self.model, self.par)  # FSDP2 + expert parallel under torchrun, else a no-op
@@ -183,6 +186,8 @@ class Trainer:
 
     def _weight_problems(self, weights: dict[str, torch.Tensor]) -> str | None:
         own = self.model.state_dict()
+        if getattr(self, "finetune", None) is not None:  # a LoRA run's checkpoints hold its adapters only
+            own = self.finetune.own_state(own)
         if self.cfg.model.tie_embeddings:
             own.pop("lm_head.weight", None)
         missing = sorted(set(own) - set(weights))
@@ -194,6 +199,8 @@ class Trainer:
         return None
 
     def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        if getattr(self, "finetune", None) is not None and self.finetune.load(self.model, weights):
+            return
         load_full_model_state(self.model, weights)  # ties the LM head; scatters shards when sharded
 
     def _start_new(self) -> None:
@@ -451,6 +458,8 @@ class Trainer:
             st["best_val_loss"] = val_loss
         path = state.step_dir(self.run_dir, self.step)
         weights, optim = gather_train_state(self.model, self.optimizer)  # full tensors; collective if sharded
+        if self.finetune.adapter_only:
+            weights = self.finetune.own_state(weights if weights is not None else self.model.state_dict())
         if self.is_main:
             state.save_train_checkpoint(path, self.model, cfg, self.run_dir / "tokenizer", self.optimizer, st,
                                         weights=weights, optim_state=optim)

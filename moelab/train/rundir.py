@@ -31,7 +31,8 @@ from moelab.fileio import remove_dir, write_file_atomic
 # fast it computes, never the numbers of a step already taken. Anything else must match the run's.
 RESUME_MAY_CHANGE = ("train.steps", "train.max_seconds", "train.compile", "train.activation_checkpointing",
                      "train.peak_flops", "train.max_bad_steps", "train.device", "log.", "eval.", "checkpoint.",
-                     "parallel.")  # checkpoints hold full tensors: any mesh resumes any other
+                     "parallel.",  # checkpoints hold full tensors: any mesh resumes any other
+                     "finetune.base")  # a LoRA run resumes on the base pinned in its own config.yaml
 
 
 def resolve_config(config, overrides=()) -> tuple[Config, str | None]:
