@@ -16,6 +16,7 @@ import logging
 import socket
 import time
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -108,6 +109,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         if req.model != model_name:
             raise APIError(404, f"The model `{req.model}` does not exist (this server serves `{model_name}`).",
                            param="model", code="model_not_found")
+        if req.return_routing and not (engine.record_routing and not req.stream):
+            why = "streaming" if engine.record_routing else "this server (start it with --record-routing)"
+            raise APIError(400, f"return_routing is not available with {why}", param="return_routing")
         jobs = _jobs(engine, req)
         if engine.num_waiting + len(jobs) > max_queue:
             raise APIError(429, f"server overloaded: {engine.num_waiting} requests already waiting",
@@ -128,7 +132,12 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         if req.stream:
             return StreamingResponse(_sse(request, engine, handles, events, rid, model_name, echo, req),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await _collect(request, engine, handles, events, rid, model_name, echo)
+        body = await _collect(request, engine, handles, events, rid, model_name, echo)
+        if req.return_routing and isinstance(body, dict):
+            for c, h in zip(body["choices"], handles, strict=True):
+                c["moelab_routing"] = {"ids": torch.cat(h.routing).tolist() if h.routing else [],
+                                       "weights": torch.cat(h.routing_weights).tolist() if h.routing else []}
+        return body
 
     return app
 
