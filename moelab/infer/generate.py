@@ -77,6 +77,7 @@ class Completion:
     routing: torch.Tensor | None = None
     routing_weights: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    logprobs: list[float] | None = None  # of each generated token at the sampling temperature
 
 
 def _completion(req, routing: bool, logits: bool) -> Completion:
@@ -85,6 +86,8 @@ def _completion(req, routing: bool, logits: bool) -> Completion:
         c.routing, c.routing_weights = torch.cat(req.routing), torch.cat(req.routing_weights)
     if logits and req.logits:
         c.logits = torch.stack(req.logits)
+    if logits:
+        c.logprobs = list(req.logprobs)
     return c
 
 
@@ -131,13 +134,14 @@ def generate(model, tokenizer, prompts: str | Sequence[str], max_new_tokens: int
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop: Sequence[str] | str | None = None, num_experts_per_tok: int | None = None,
              max_batch: int | None = None, compile: bool = False, return_routing: bool = False,
-             return_logits: bool = False, deterministic: bool = False):
+             return_logits: bool | str = False, deterministic: bool = False):
     """Complete each prompt (a string -> a string, a list -> a list). temperature 0 is greedy; prompt i
     draws from a generator seeded with seed + i; the output ends before the first `stop` string or
     the end-of-document token. `num_experts_per_tok` overrides the routed experts per token;
     `compile` runs the decode steps through torch.compile (faster per token after a 10-30 s compile
     on first use; see `scheduler.compiled_decoder`). `return_routing` / `return_logits`: return
-    `Completion`s (text, token ids, the routing per token and MoE layer, the logits) instead of text.
+    `Completion`s (text, token ids, the routing per token and MoE layer, the logits and the drawn
+    tokens' log-probabilities; return_logits="logprobs" keeps only the latter) instead of text.
     `deterministic`: batch-invariant decoding -- a prompt's tokens and logits do not depend on the
     other prompts or its place among them (one sequence per forward; slower, see docs/rl.md)."""
     single = isinstance(prompts, str)

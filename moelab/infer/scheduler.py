@@ -57,6 +57,7 @@ class Request:
     routing: list[torch.Tensor] = field(default_factory=list)
     routing_weights: list[torch.Tensor] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # of each drawn token, at its temperature (0 -> 1)
     _stream: TextStream | None = None
     _generator: torch.Generator | None = None
 
@@ -306,8 +307,12 @@ class Engine:
         tokens = next_tokens(logits, [r.params for r in reqs], [r._generator for r in reqs]).tolist()
         if self.record_logits:
             kept = logits.float().cpu()
-            for req, row in zip(reqs, kept, strict=True):
-                req.logits.append(row)
+            temps = torch.tensor([[r.params.temperature or 1.0] for r in reqs])
+            lps = (kept / temps).log_softmax(-1).gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
+            for req, row, lp in zip(reqs, kept, lps, strict=True):
+                req.logprobs.append(lp)
+                if self.record_logits != "logprobs":  # "logprobs": keep only the drawn tokens' (RL rollouts)
+                    req.logits.append(row)
         now = time.perf_counter()
         finished = []
         for i, (req, tok) in enumerate(zip(reqs, tokens, strict=True)):
