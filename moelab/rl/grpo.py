@@ -11,7 +11,9 @@ The importance ratio is taken against the rollout's own log-probs, so every diff
 policy that sampled and the policy that is trained -- the routing mismatch replay removes included --
 shows up in it (and in the clip fraction). Telemetry per step: reward, KL, clip fraction, and the share
 of (token, MoE layer) pairs whose training-time expert set differs from the rollout's
-(`rl/routing_mismatch`; 0 with replay) and whose router's own top-k differs (`rl/router_drift`).
+(`rl/routing_mismatch`, drops included; 0 with replay) and whose router's own top-k choice differs
+from the rollout's choice (`rl/router_drift`, capacity drops ignored: how far replay's forced routing
+is from what the current router would pick).
 
 The policy is any module with the Transformer's forward; parameters that do not require grad are not
 trained, so a LoRA-wrapped model (base frozen) plugs in through `RLTrainer(model=...)`.
@@ -101,9 +103,13 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return torch.log_softmax(logits.float() / temperature, -1).gather(-1, targets[..., None])[..., 0]
 
 
-def routing_mismatch(used: torch.Tensor, rollout: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+def routing_mismatch(used: torch.Tensor, rollout: torch.Tensor, valid: torch.Tensor,
+                     choice_only: bool = False) -> torch.Tensor:
     """Share of valid (token, layer) pairs whose expert set differs. used/rollout [B, S, L, K] encoded
-    ids (a dropped assignment counts as a different expert); valid [B, S] bool."""
+    ids: a dropped assignment counts as a different expert, unless `choice_only` (compare what the
+    routers chose, whatever capacity then dropped); valid [B, S] bool."""
+    if choice_only:
+        used, rollout = torch.where(used < 0, -1 - used, used), torch.where(rollout < 0, -1 - rollout, rollout)
     same = (used.sort(-1).values == rollout.sort(-1).values).all(-1)  # [B, S, L]
     n = valid.sum() * used.shape[2]
     return (~same & valid[..., None]).sum() / n.clamp_min(1)
@@ -300,7 +306,7 @@ class RLTrainer:
                     "rl/clip_fraction": float((clipped * loss_mask).sum() / ntok),
                     "rl/ratio_mean": float((ratio * loss_mask).sum() / ntok),
                     "rl/routing_mismatch": float(routing_mismatch(used, routing, valid)) if layers else 0.0,
-                    "rl/router_drift": float(routing_mismatch(natural, routing, valid)) if layers else 0.0,
+                    "rl/router_drift": float(routing_mismatch(natural, routing, valid, True)) if layers else 0.0,
                     "rl/completion_tokens": float(loss_mask.sum() / len(outs)),
                     "grad_norm": float(gnorm),
                 }

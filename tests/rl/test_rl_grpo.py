@@ -62,7 +62,7 @@ def test_grpo_steps_report_routing_mismatch(tmp_path, replay):
             assert r["rl/routing_mismatch"] == 0.0
             assert abs(r["rl/ratio_mean"] - 1) < 1e-3  # the trained policy is the one that sampled
         else:
-            assert r["rl/routing_mismatch"] > 0 and r["rl/routing_mismatch"] == r["rl/router_drift"]
+            assert r["rl/routing_mismatch"] > 0 and r["rl/router_drift"] <= r["rl/routing_mismatch"]
 
 
 def test_resume_is_exact(tmp_path):
