@@ -1,11 +1,12 @@
 """`moelab bench rl`: GRPO on the arithmetic task from a tiny base model pre-trained here, routing replay
 on vs off with the same seeds and budget; plus what deterministic mode costs.
 
-1. Pre-train a tiny MoE on `a+b=c` lines (byte tokenizer, a minute or two of CPU). The base config has
-   a training capacity factor, as MoE pre-training commonly does, and generation runs without drops
-   (eval_capacity_factor 4 = T slots per expert, more than any token can fill): the
-   training forward then drops assignments the rollout used -- the train/rollout routing mismatch that
-   replay removes (in fp32 on CPU, numerics alone rarely flip a top-k choice).
+1. Pre-train a tiny MoE on `a+b=c` lines (byte tokenizer, about a minute of CPU). The base config has
+   a capacity factor (1.25, also at generation: eval_capacity_factor unset), so which assignments are
+   dropped depends on which tokens share a forward -- a decode step's batch at rollout, the whole padded
+   batch in training. Without replay the training forward therefore drops other assignments than the
+   rollout did: the train/rollout routing mismatch replay removes (in fp32 on CPU, numerics alone
+   rarely flip a top-k choice; in bf16 or across kernels they do).
 2. GRPO from that model twice, replay on and off: reward curve, routing mismatch, clip fraction, and
    held-out greedy exact match before and after.
 3. Deterministic mode: training step time and batched generation throughput with it off and on.
@@ -15,13 +16,16 @@ Results: JSON + a plot (reward and mismatch curves); numbers are copied into BEN
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
 
 def add_arguments(p):
     p.add_argument("--work-dir", default="benchmarks/rl-work", help="dataset, base model and RL runs")
-    p.add_argument("--pretrain-seconds", type=float, default=60.0, help="base model training budget (default 60)")
+    p.add_argument("--pretrain-steps", type=int, default=600,
+                   help="base model training steps (default 600: about a minute on one core; a step count, not a "
+                        "time budget, so the base model does not depend on the machine's load)")
     p.add_argument("--steps", type=int, default=150, help="GRPO steps per arm (default 150)")
     p.add_argument("--prompts-per-step", type=int, default=16)
     p.add_argument("--group-size", type=int, default=8)
@@ -33,15 +37,14 @@ def add_arguments(p):
     p.add_argument("--plot", default="benchmarks/rl.png")
 
 
-def base_config(data_dir: Path, seconds: float, deterministic: bool = False) -> dict:
+def base_config(data_dir: Path, steps: int, deterministic: bool = False) -> dict:
     return {
         "model": {"vocab_size": 264, "d_model": 96, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 192,
                   "max_seq_len": 64, "moe": {"num_experts": 8, "top_k": 2, "expert_dim": 96, "capacity_factor": 1.25,
-                                             "eval_capacity_factor": 4.0,
                                              "load_balance_coef": 0.01}},
         "data": {"path": str(data_dir), "seq_len": 64},
-        "train": {"steps": 100000, "batch_size": 32, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 50, "seed": 0,
-                  "peak_flops": 1.0e11, "max_seconds": seconds, "schedule": "constant",
+        "train": {"steps": steps, "batch_size": 32, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 50, "seed": 0,
+                  "peak_flops": 1.0e11, "schedule": "constant",
                   "deterministic": deterministic},
         "eval": {"every": 0, "batches": 4},
         "checkpoint": {"every": 0, "keep_last": 1, "keep_best": False},
@@ -49,7 +52,7 @@ def base_config(data_dir: Path, seconds: float, deterministic: bool = False) -> 
     }
 
 
-def _pretrain(work: Path, seconds: float, seed: int) -> Path:
+def _pretrain(work: Path, steps: int, seed: int) -> Path:
     from moelab.data import prepare
     from moelab.rl.tasks import task_text
     from moelab.train import train
@@ -61,7 +64,7 @@ def _pretrain(work: Path, seconds: float, seed: int) -> Path:
         prepare([str(work / "corpus")], "byte", data_dir, val_fraction=0.05, doc_boundary="line", workers=0)
     run = work / "base"
     if not (run / "checkpoints").is_dir():
-        train(base_config(data_dir.resolve(), seconds), run_dir=run, progress=False)
+        train(base_config(data_dir.resolve(), steps), run_dir=run, progress=False)
     return run
 
 
@@ -77,8 +80,8 @@ def _determinism_cost(work: Path, base: Path, threads: int) -> dict:
 
     out: dict = {}
     for det in (False, True):
-        cfg = base_config((work / "data").resolve(), 1e9, det)
-        cfg["train"].update(steps=30, max_seconds=None)
+        cfg = base_config((work / "data").resolve(), 30, det)
+        shutil.rmtree(work / f"det-{det}", ignore_errors=True)
         r = train(cfg, run_dir=work / f"det-{det}", progress=False)
         out[f"train_s_per_step_{'on' if det else 'off'}"] = r.last_record["elapsed_s"] / 30
         torch.use_deterministic_algorithms(False)
@@ -103,16 +106,13 @@ def run(args) -> int:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    base = _pretrain(work, args.pretrain_seconds, args.seed)
+    base = _pretrain(work, args.pretrain_steps, args.seed)
     results: dict = {"pretrain_s": time.perf_counter() - t0, "threads": args.threads, "arms": {}}
     print(f"base model pre-trained in {results['pretrain_s']:.0f}s", flush=True)
     for replay in (True, False):
         name = "replay" if replay else "no_replay"
         run_dir = work / f"rl-{name}"
-        if run_dir.exists():
-            import shutil
-
-            shutil.rmtree(run_dir)
+        shutil.rmtree(run_dir, ignore_errors=True)
         cfg = RLConfig(init_from=str(base), run_dir=str(run_dir), task="arithmetic", steps=args.steps,
                        prompts_per_step=args.prompts_per_step, group_size=args.group_size, max_new_tokens=4,
                        lr=args.lr, replay=replay, seed=args.seed, checkpoint_every=args.steps,
