@@ -32,8 +32,8 @@ def enable(device: torch.device | str | None = None) -> None:
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
     if device is not None and torch.device(device).type == "cuda":
-        # TF32 matmuls are deterministic but a different result from fp32; keep whatever was chosen, only
-        # make sure the choice does not depend on heuristics at run time.
+        # fp16 GEMMs may otherwise reduce in fp16 with a split chosen by heuristics; fp32 accumulation
+        # is the same every run (TF32 is left as configured: it is deterministic, just less precise).
         torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
 
 
