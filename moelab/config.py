@@ -228,6 +228,7 @@ class TrainConfig:
     peak_flops: float | None = None  # device matmul FLOP/s for MFU; None = measured once at start
     max_bad_steps: int = 5  # abort after this many non-finite steps in a row (each one is skipped)
     max_seconds: float | None = None  # stop (and checkpoint) once training has run this long; None = no limit
+    deterministic: bool = False  # bit-reproducible run to run (moelab/determinism.py; docs/rl.md)
 
     def validate(self, prefix: str = "train") -> list[str]:
         p = []

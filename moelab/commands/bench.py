@@ -19,6 +19,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "quality": ("moelab.bench.quality", "val bits/byte of dense vs MoE vs transformers' Mixtral for equal wall-clock"),
     "distributed": ("moelab.bench.distributed", "training tokens/s on 1 vs 2 processes (dp=2, ep=2) under torchrun"),
     "offload": ("moelab.bench.offload", "resident memory generating with memory-mapped experts vs weight bytes"),
+    "rl": ("moelab.bench.rl", "GRPO on arithmetic from a tiny base model: routing replay on vs off; determinism cost"),
     "plan": ("moelab.bench.plan", "the memory planner's estimate vs measured peak memory of a training step"),
     "finetune": ("moelab.finetune.bench", "full vs LoRA-on-experts vs router-only instruction tuning: exact match, "
                  "trainable params, optimizer memory, wall time"),

@@ -41,6 +41,8 @@ def add_arguments(p):
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--max-batch", type=int, default=None, help="rows decoded together (default: all prompts)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    p.add_argument("--deterministic", action="store_true",
+                   help="batch-invariant: each prompt's output is what it gets alone (slower, docs/rl.md)")
     add_sampling_arguments(p)
 
 
@@ -108,7 +110,8 @@ def run(args) -> int:
                 print(piece, end="", flush=True)
             print()
         return 0
-    texts = generate(model, tok, prompts, seed=args.seed, max_batch=args.max_batch, **kw)
+    texts = generate(model, tok, prompts, seed=args.seed, max_batch=args.max_batch,
+                     deterministic=args.deterministic, **kw)
     for i, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
         if args.json:
             print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False))

@@ -30,6 +30,12 @@ def add_arguments(p):
                         "requests choose one with their `model` field and share one continuous batch")
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the run directory name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--record-routing", action="store_true",
+                   help="record each request's routing so a request may ask for it (\"return_routing\": true; "
+                        "RL rollouts, docs/rl.md)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="batch-invariant decoding: a request's tokens and logits do not depend on the other "
+                        "requests (one sequence per forward; slower, docs/rl.md)")
     add_sampling_arguments(p)  # (--threads defaults to the number of cores minus one here)
 
 
@@ -63,7 +69,7 @@ def run(args) -> int:
         specs = dict(_adapter_spec(a) for a in args.adapter)
         select, adapters = stack_adapters(model, resolve_checkpoint(args.run), specs)
     engine = Engine(model, tok, max_batch=args.max_batch, num_experts_per_tok=args.num_experts_per_tok,
-                    compile=args.compile)
+                    compile=args.compile, record_routing=args.record_routing, batch_invariant=args.deterministic)
     engine.adapter_select = select
     _chat_template(engine, args.run)
     if args.warmup or args.compile:  # compiling on a request's time would stall every client for seconds

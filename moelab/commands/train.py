@@ -27,6 +27,8 @@ def add_arguments(p):
     p.add_argument("--restart", action="store_true",
                    help="delete the run in --run-dir (checkpoints, metrics, config) and start it over")
     p.add_argument("--init-from", metavar="CKPT", help="start from this checkpoint's (or run's) weights")
+    p.add_argument("--deterministic", action="store_true",
+                   help="bit-reproducible training (same as --set train.deterministic=true; docs/rl.md)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar; one line per log step")
 
 
@@ -46,7 +48,8 @@ def run(args) -> int:
     if args.resume and args.init_from:
         raise UserError("--resume and --init-from exclude each other (resume continues a run; init-from starts one)")
     result = train(config, run_dir=args.run_dir, resume=args.resume, init_from=args.init_from,
-                   overrides=args.overrides, progress=False if args.no_progress else None, restart=args.restart)
+                   overrides=[*args.overrides, *(["train.deterministic=true"] if args.deterministic else [])],
+                   progress=False if args.no_progress else None, restart=args.restart)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for everyone
         return 0
     rec = result.last_record

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,6 +63,35 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     return model, tokenizer
 
 
+@dataclass
+class Completion:
+    """One prompt's result from `generate(..., return_routing=True)` (or `return_logits=True`).
+    routing / routing_weights: [P + N - 1, L, K] for the P prompt tokens and every generated token but
+    the last (the tokens the model was fed), L = MoE layers in order; ids encoded as in
+    `moe.RoutingRecord` (a dropped assignment is -1 - expert). Pass `routing` (padded to the batch) to
+    `model(..., routing=...)` to replay it. logits: [N, V] fp32, the logits each token was drawn from."""
+
+    text: str
+    prompt_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str | None
+    routing: torch.Tensor | None = None
+    routing_weights: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    logprobs: list[float] | None = None  # of each generated token at the sampling temperature
+
+
+def _completion(req, routing: bool, logits: bool) -> Completion:
+    c = Completion(req.text, list(req.prompt_ids), list(req.output_ids), req.finish_reason)
+    if routing and req.routing:
+        c.routing, c.routing_weights = torch.cat(req.routing), torch.cat(req.routing_weights)
+    if logits and req.logits:
+        c.logits = torch.stack(req.logits)
+    if logits:
+        c.logprobs = list(req.logprobs)
+    return c
+
+
 def _prompt_ids(tokenizer, prompt) -> list[int]:
     if isinstance(prompt, str):
         check_text(prompt, "prompt")
@@ -79,17 +109,21 @@ def _prompt_ids(tokenizer, prompt) -> list[int]:
 
 
 def _requests(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop,
-              num_experts_per_tok, max_batch, compile, on_event=None) -> tuple[Engine, list]:
+              num_experts_per_tok, max_batch, compile, on_event=None, record_routing=False,
+              record_logits=False, deterministic=False) -> tuple[Engine, list]:
     params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, list(stop or [])).validate()
     ids = [_prompt_ids(tokenizer, p) for p in prompts]
     if not ids:
         raise UserError("prompts: expected at least one prompt, got none")
     longest = max(len(i) for i in ids) + max_new_tokens
+    if deterministic:  # the cache's size is part of every attention read's layout: make it the batch's no more
+        longest = model.cfg.max_seq_len
     # The cache is sized to what these prompts need; when that exceeds the context, it is the context
     # and the engine's checks name it.
     engine = Engine(model, tokenizer, max_batch=max_batch or len(ids),
                     max_len=min(longest, model.cfg.max_seq_len), num_experts_per_tok=num_experts_per_tok,
-                    compile=compile)
+                    compile=compile, record_routing=record_routing, record_logits=record_logits,
+                    batch_invariant=deterministic)
     try:
         reqs = [engine.submit(p, params, on_event, sample_index=i) for i, p in enumerate(ids)]
     except BaseException:
@@ -101,22 +135,32 @@ def _requests(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top
 def generate(model, tokenizer, prompts: str | Sequence[str], max_new_tokens: int = 64, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop: Sequence[str] | str | None = None, num_experts_per_tok: int | None = None,
-             max_batch: int | None = None, compile: bool = False) -> str | list[str]:
+             max_batch: int | None = None, compile: bool = False, return_routing: bool = False,
+             return_logits: bool | str = False, deterministic: bool = False):
     """Complete each prompt (a string -> a string, a list -> a list). temperature 0 is greedy; prompt i
     draws from a generator seeded with seed + i; the output ends before the first `stop` string or
     the end-of-document token. `num_experts_per_tok` overrides the routed experts per token;
     `compile` runs the decode steps through torch.compile (faster per token after a 10-30 s compile
-    on first use; see `scheduler.compiled_decoder`)."""
+    on first use; see `scheduler.compiled_decoder`). `return_routing` / `return_logits`: return
+    `Completion`s (text, token ids, the routing per token and MoE layer, the logits and the drawn
+    tokens' log-probabilities; return_logits="logprobs" keeps only the latter) instead of text.
+    `deterministic`: batch-invariant decoding -- a prompt's tokens and logits do not depend on the
+    other prompts or its place among them (one sequence per forward; slower, see docs/rl.md)."""
     single = isinstance(prompts, str)
     batch = [prompts] if single else list(prompts)
     engine, reqs = _requests(model, tokenizer, batch, max_new_tokens, temperature, top_k, top_p, seed,
-                             [stop] if isinstance(stop, str) else stop, num_experts_per_tok, max_batch, compile)
+                             [stop] if isinstance(stop, str) else stop, num_experts_per_tok, max_batch, compile,
+                             record_routing=return_routing, record_logits=return_logits,
+                             deterministic=deterministic)
     try:
         while engine.step():
             pass
     finally:
         engine.close()
-    texts = [r.text for r in reqs]
+    if return_routing or return_logits:
+        texts = [_completion(r, return_routing, return_logits) for r in reqs]
+    else:
+        texts = [r.text for r in reqs]
     return texts[0] if single else texts
 
 

@@ -51,6 +51,9 @@ class CompletionRequest(BaseModel):
     stream_options: StreamOptions | None = None
     echo: bool = False
     user: str | None = None
+    # Extension: each choice gets `moelab_routing` (expert ids per token fed to the model and MoE layer,
+    # see moelab.infer.generate.Completion); needs a server started with --record-routing, no streaming.
+    return_routing: bool = False
     # Accepted only at their no-op values.
     logprobs: int | None = None
     best_of: int | None = None

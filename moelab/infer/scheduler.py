@@ -53,6 +53,13 @@ class Request:
     first_token_at: float | None = None
     finished_at: float | None = None
     cancelled: bool = False
+    # Filled in only when the engine records them (`record_routing` / `record_logits`): per token fed
+    # to the model (prompt, then every generated token but the last), [n, L, K] chunks of encoded
+    # expert ids and gate weights (see `moe.RoutingRecord`); per generated token, logits [V] fp32.
+    routing: list[torch.Tensor] = field(default_factory=list)
+    routing_weights: list[torch.Tensor] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # of each drawn token, at its temperature (0 -> 1)
     _stream: TextStream | None = None
     _generator: torch.Generator | None = None
 
@@ -88,8 +95,13 @@ def compiled_decoder(model):
 
 class Engine:
     def __init__(self, model, tokenizer, max_batch: int = 8, max_len: int | None = None,
-                 num_experts_per_tok: int | None = None, prefill_tokens: int = 4096, compile: bool = False):
-        """`compile`: run decode steps through torch.compile (see `compiled_decoder`); prefill stays eager."""
+                 num_experts_per_tok: int | None = None, prefill_tokens: int = 4096, compile: bool = False,
+                 record_routing: bool = False, record_logits: bool = False, batch_invariant: bool = False):
+        """`compile`: run decode steps through torch.compile (see `compiled_decoder`); prefill stays eager.
+        `record_routing` / `record_logits`: keep each request's routing / logits (`Request`).
+        `batch_invariant`: every forward holds one sequence (prefill alone, unpadded; decode row by row),
+        so a request's logits cannot depend on the other requests or its row -- the deterministic
+        mode's generation half (docs/rl.md, "Deterministic mode": costs the batching speed-up)."""
         if max_batch < 1:
             raise UserError(f"max_batch: expected >= 1, got {max_batch}")
         self.model, self.tokenizer = model, tokenizer
@@ -102,6 +114,10 @@ class Engine:
         self.adapter_select = None  # multi-adapter serving: moelab.finetune.lora.AdapterSelect of the model
         self.device = next(model.parameters()).device
         self._restore = enter_decoding(model, num_experts_per_tok)
+        self.record_routing, self.record_logits, self.batch_invariant = record_routing, record_logits, batch_invariant
+        if record_routing:
+            self._restore = _recording(model, self._restore)
+            compile = False  # the record is a Python side effect a compiled graph would not keep
         self.cache = KVCache.for_model(model, max_batch, self.max_len)
         self.cache.row_slots = compile
         self._decoder = compiled_decoder(model) if compile else model
@@ -229,7 +245,7 @@ class Engine:
         """Consecutive requests share a prefill while the padded group still fits each one's budget."""
         groups: list[list[Request]] = []
         for req in reqs:
-            g = groups[-1] if groups else None
+            g = groups[-1] if groups and not self.batch_invariant else None
             if g is not None:
                 longest = max(len(req.prompt_ids), *(len(r.prompt_ids) for r in g))
                 fits = all(longest + r.params.max_new_tokens <= self.max_len for r in [*g, req])
@@ -252,12 +268,22 @@ class Engine:
         self._select_adapters(group)
         logits = self.model(idx, mask=mask, positions=positions, cache=self.cache, attn_mask=attn_mask,
                             last_only=True).logits
+        self._record(group, pad)
         self._running.extend(group)
         self._next.extend([0] * n)
         self._accept(b0, logits[:, -1])
 
     def _decode(self) -> None:
         b = len(self._running)
+        if self.batch_invariant:
+            rows = []
+            for i in range(b):
+                positions, attn_mask = self.cache.extend(slice(i, i + 1))
+                idx = torch.tensor([[self._next[i]]], device=self.device)
+                rows.append(self.model(idx, positions=positions, cache=self.cache, attn_mask=attn_mask).logits[:, -1])
+                self._record(self._running[i:i + 1], [0])
+            self._accept(0, torch.cat(rows))
+            return
         idx = torch.tensor(self._next, device=self.device)[:, None]
         positions, attn_mask = self.cache.extend(slice(0, b))
         self._select_adapters(self._running)
@@ -272,7 +298,21 @@ class Engine:
                         str(e).strip().splitlines()[0] if str(e).strip() else "")
             self._decoder = self.model
             logits = self.model(idx, positions=positions, cache=self.cache, attn_mask=attn_mask).logits
+        self._record(self._running, [0] * b)
         self._accept(0, logits[:, -1])
+
+    def _record(self, reqs: list[Request], pad: list[int]) -> None:
+        """Append the routing of the forward just run to each request (row i of it is reqs[i], whose
+        first pad[i] positions were padding)."""
+        if not self.record_routing:
+            return
+        recs = [layer.recorded for layer in self.model.moe_layers.values()]
+        n = len(reqs)
+        ids = torch.stack([r.ids.view(n, -1, r.ids.shape[-1]) for r in recs], 2).cpu()  # [n, s, L, K]
+        w = torch.stack([r.weights.view(n, -1, r.weights.shape[-1]) for r in recs], 2).cpu()
+        for i, req in enumerate(reqs):
+            req.routing.append(ids[i, pad[i]:])
+            req.routing_weights.append(w[i, pad[i]:])
 
     def _accept(self, b0: int, logits: torch.Tensor) -> None:
         """Sample the next token of rows b0.. from logits [n, V]; emit events; retire finished rows."""
@@ -281,6 +321,14 @@ class Engine:
             raise UserError("the model's logits are not finite (NaN or inf): its weights are broken (a diverged "
                             "or corrupted checkpoint?); refusing to generate from it")
         tokens = next_tokens(logits, [r.params for r in reqs], [r._generator for r in reqs]).tolist()
+        if self.record_logits:
+            kept = logits.float().cpu()
+            temps = torch.tensor([[r.params.temperature or 1.0] for r in reqs])
+            lps = (kept / temps).log_softmax(-1).gather(1, torch.tensor(tokens)[:, None])[:, 0].tolist()
+            for req, row, lp in zip(reqs, kept, lps, strict=True):
+                req.logprobs.append(lp)
+                if self.record_logits != "logprobs":  # "logprobs": keep only the drawn tokens' (RL rollouts)
+                    req.logits.append(row)
         now = time.perf_counter()
         finished = []
         for i, (req, tok) in enumerate(zip(reqs, tokens, strict=True)):
@@ -336,3 +384,17 @@ class Engine:
                 event.request.on_event(event)
             except Exception:  # a listener's bug must not stop the other requests
                 log.exception("event listener failed")
+
+
+def _recording(model, restore: Callable[[], None]) -> Callable[[], None]:
+    """Turn routing records on in every MoE layer; the returned function turns them off, then `restore`s."""
+    layers = list(model.moe_layers.values())
+    for layer in layers:
+        layer.record_routing = True
+
+    def undo() -> None:
+        for layer in layers:
+            layer.record_routing, layer.recorded = False, None
+        restore()
+
+    return undo

@@ -22,6 +22,7 @@ import logging
 import socket
 import time
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -188,6 +189,9 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             return Response(status_code=499)
         req = parse_completion_request(body)
         slot = slot_of(req.model)
+        if req.return_routing and not (engine.record_routing and not req.stream):
+            why = "streaming" if engine.record_routing else "this server (start it with --record-routing)"
+            raise APIError(400, f"return_routing is not available with {why}", param="return_routing")
         if engine.num_waiting + req.n * len(req.prompts) > max_queue:  # before tokenizing: no work when full
             raise APIError(429, f"server overloaded: {engine.num_waiting} requests already waiting",
                            type="rate_limit_error", code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
@@ -208,7 +212,12 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
         if req.stream:
             return StreamingResponse(_sse(request, engine, handles, events, rid, req.model, echo, req, metrics),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        return await _collect(request, engine, handles, events, rid, req.model, echo)
+        body = await _collect(request, engine, handles, events, rid, req.model, echo)
+        if req.return_routing and isinstance(body, dict):
+            for c, h in zip(body["choices"], handles, strict=True):
+                c["moelab_routing"] = {"ids": torch.cat(h.routing).tolist() if h.routing else [],
+                                       "weights": torch.cat(h.routing_weights).tolist() if h.routing else []}
+        return body
 
     from moelab.infer.chat import add_chat_route
 

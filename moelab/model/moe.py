@@ -70,6 +70,31 @@ def capacity_keep(topk_ids: torch.Tensor, priority: torch.Tensor, num_experts: i
     return torch.empty_like(kept_sorted).scatter_(0, order, kept_sorted).view_as(topk_ids)
 
 
+@dataclass
+class RoutingRecord:
+    """The routing one MoE layer used in its last forward, kept when `MoELayer.record_routing` is on
+    (generation records rollouts with it; RL compares training against them). Ids are encoded for
+    replay: an assignment dropped by capacity (or not picked by an expert-choice expert) is stored as
+    -1 - expert, so replaying it drops the same assignment and still knows the expert for the weight
+    rule. `natural`: what the router itself would pick (equal to `ids` unless the routing was forced)."""
+
+    ids: torch.Tensor  # [T, K] int64, encoded as above
+    weights: torch.Tensor  # [T, K] fp32 gate weights used (0 where dropped)
+    natural: torch.Tensor  # [T, K] int64, encoded
+
+
+def encode_ids(ids: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+    return ids if keep is None else torch.where(keep, ids, -1 - ids)
+
+
+def decode_ids(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Encoded ids -> (expert ids >= 0, keep mask or None when nothing is dropped)."""
+    dropped = ids < 0
+    if not bool(dropped.any()):
+        return ids, None
+    return torch.where(dropped, -1 - ids, ids), ~dropped
+
+
 class LocalBatch:
     """Balance statistics describe this process's tokens. Data-parallel training swaps in one that sums
     the expert counts over every rank, so f_i and the logged loads are the global batch's."""
@@ -88,6 +113,8 @@ class MoELayer(nn.Module):
         # Generation turns this off: a decode step never reads RoutingStats or aux losses, which cost
         # dozens of small ops per layer; forward then returns None in their place.
         self.record_stats = True
+        self.record_routing = False  # keep a RoutingRecord of each forward in `self.recorded`
+        self.recorded: RoutingRecord | None = None
         self.shared = None
         self.shared_gate = None
         if cfg.num_shared_experts:
@@ -104,21 +131,39 @@ class MoELayer(nn.Module):
             return None
         return expert_capacity(cf, num_tokens, self.router.top_k, self.cfg.num_experts)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RoutingStats | None]:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                forced: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                ) -> tuple[torch.Tensor, RoutingStats | None]:
         """x [B, S, D], mask [B, S] (1 = real token) -> (y [B, S, D], RoutingStats or None when
-        `record_stats` is off)."""
+        `record_stats` is off). `forced` = (ids [B, S, K] encoded as in RoutingRecord, weights [B, S, K]
+        or None) replays a routing: no top-k selection and no capacity (drops are in the ids); weights
+        None = the router's rule at those ids (trainable), else these fixed weights."""
         shape = x.shape
         x = x.reshape(-1, shape[-1])  # [T, D]
         tmask = mask.reshape(-1) if mask is not None else None
-        r: Routing = self.router(x)
-        keep = r.keep
-        cap = self.capacity(x.shape[0])
-        if cap is not None:
-            keep = capacity_keep(r.topk_ids, r.topk_weights, self.cfg.num_experts, cap, keep)
+        natural = None
+        if forced is None:
+            r: Routing = self.router(x)
+            keep = r.keep
+            cap = self.capacity(x.shape[0])
+            if cap is not None:
+                keep = capacity_keep(r.topk_ids, r.topk_weights, self.cfg.num_experts, cap, keep)
+        else:
+            ids, keep = decode_ids(forced[0].reshape(-1, forced[0].shape[-1]))
+            r = self.router.replay(x, ids)
+            if forced[1] is not None:
+                r.topk_weights = forced[1].reshape(ids.shape).detach().float()
+            if self.record_routing:
+                with torch.no_grad():
+                    own = self.router.select(x, r.logits.detach())
+                    natural = encode_ids(own.topk_ids, own.keep)
         if tmask is not None:  # padding tokens take no expert slot
             real = tmask.bool()[:, None].expand_as(r.topk_ids)
             keep = real if keep is None else keep & real
         weights = r.topk_weights if keep is None else r.topk_weights * keep
+        if self.record_routing:
+            used = encode_ids(r.topk_ids, keep).detach()
+            self.recorded = RoutingRecord(used, weights.detach(), used if natural is None else natural)
 
         y = self.experts(x, r.topk_ids, weights, keep)  # [T, D] fp32
         if self.shared is not None:

@@ -53,6 +53,22 @@ class Router(nn.Module):
     def select(self, x: torch.Tensor, z: torch.Tensor) -> Routing:
         raise NotImplementedError
 
+    def replay(self, x: torch.Tensor, ids: torch.Tensor) -> Routing:
+        """Routing replay: the experts are `ids` [T, K] (forced, e.g. recorded at rollout), the weights
+        this router's own rule evaluated at those ids, differentiable through the logits (so the router
+        keeps learning). Noise (noisy_topk, gumbel) is never drawn: a replayed routing reproduces the
+        noise-free (eval) forward the rollout ran."""
+        z = self.logits(x)
+        with torch.autocast(x.device.type, enabled=False):
+            w, probs = self.replay_weights(z, ids)
+            return Routing(ids, w, z, probs)
+
+    def replay_weights(self, z: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [T, K] at the forced ids, probs [T, E] for the balancing losses). Default: the
+        softmax_topk rule (softmax over all experts, gathered, then `_finish`)."""
+        p = z.softmax(dim=-1)
+        return self._finish(p.gather(-1, ids)), p
+
     def _finish(self, w: torch.Tensor) -> torch.Tensor:
         if self.normalize:
             w = w / w.sum(dim=-1, keepdim=True).clamp_min(1e-20)
@@ -76,6 +92,9 @@ class TopKSoftmaxRouter(Router):
         w = v.softmax(dim=-1) * self.scale
         return Routing(ids, w, z, z.softmax(dim=-1))
 
+    def replay_weights(self, z, ids):
+        return z.gather(-1, ids).softmax(dim=-1) * self.scale, z.softmax(dim=-1)
+
 
 class SigmoidRouter(Router):
     """Sigmoid scores (DeepSeek-V3). An optional per-expert `bias` changes only which experts are
@@ -93,6 +112,10 @@ class SigmoidRouter(Router):
         ids = sel.topk(self.top_k, dim=-1).indices
         w = s.gather(-1, ids)
         return Routing(ids, self._finish(w), z, s / s.sum(dim=-1, keepdim=True))
+
+    def replay_weights(self, z, ids):  # the bias only ever chose experts; the weights never saw it
+        s = z.sigmoid()
+        return self._finish(s.gather(-1, ids)), s / s.sum(dim=-1, keepdim=True)
 
     @torch.no_grad()
     def update_bias(self, tokens_per_expert: torch.Tensor, rate: float) -> None:
@@ -118,6 +141,9 @@ class NoisyTopKRouter(Router):
         v, ids = h.topk(self.top_k, dim=-1)
         return Routing(ids, v.softmax(dim=-1) * self.scale, z, z.softmax(dim=-1))
 
+    def replay_weights(self, z, ids):  # the noise-free rule (what eval mode computes)
+        return z.gather(-1, ids).softmax(dim=-1) * self.scale, z.softmax(dim=-1)
+
 
 class GumbelRouter(Router):
     """Gumbel-softmax routing: y = softmax((z + g) / tau), g ~ Gumbel(0, 1) in training; top-k of y.
@@ -135,6 +161,9 @@ class GumbelRouter(Router):
         y = (h / self.tau).softmax(dim=-1)
         w, ids = y.topk(self.top_k, dim=-1)
         return Routing(ids, self._finish(w), z, z.softmax(dim=-1))
+
+    def replay_weights(self, z, ids):  # the noise-free rule (what eval mode computes)
+        return self._finish((z / self.tau).softmax(dim=-1).gather(-1, ids)), z.softmax(dim=-1)
 
 
 class ExpertChoiceRouter(Router):
@@ -163,6 +192,13 @@ class ExpertChoiceRouter(Router):
         keep = torch.zeros_like(p, dtype=torch.bool).scatter_(0, chosen, True)
         ids = torch.arange(e, device=z.device).expand(t, e)
         return Routing(ids, p * keep * self.scale, z, p, keep)
+
+    def replay_weights(self, z, ids):
+        """Replay is token choice at the forced ids (the eval rule): there is no batch-wide choice to
+        replay, and generation -- where rollouts come from -- routes by token choice."""
+        p = z.softmax(dim=-1)
+        w = p.gather(-1, ids)
+        return w / w.sum(-1, keepdim=True) * self.scale, p
 
 
 ROUTER_CLASSES = {

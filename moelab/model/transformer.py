@@ -37,11 +37,11 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.ffn = MoELayer(cfg.d_model, cfg.moe) if is_moe else SwiGLU(cfg.d_model, cfg.ffn_dim)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, attn_mask=None):
+    def forward(self, x, cos, sin, mask=None, cache=None, attn_mask=None, forced=None):
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, attn_mask)
         h = self.ffn_norm(x)
         if isinstance(self.ffn, MoELayer):
-            y, stats = self.ffn(h, mask)
+            y, stats = self.ffn(h, mask) if forced is None else self.ffn(h, mask, forced)
             return x + y, stats
         return x + self.ffn(h), None
 
@@ -96,14 +96,20 @@ class Transformer(nn.Module):
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cache=None, attn_mask: torch.Tensor | None = None, last_only: bool = False,
-                return_logits: bool = True) -> ModelOutput:
+                return_logits: bool = True, routing: torch.Tensor | None = None,
+                routing_weights: torch.Tensor | None = None) -> ModelOutput:
         """idx [B, S] token ids; targets [B, S] (-100 = ignore); mask [B, S] (1 = real token, used to
         keep padding out of routing and its losses); positions [B, S] for RoPE (default 0..S-1);
         cache / attn_mask for incremental decoding (see `Attention`); last_only: logits [B, 1, V] of
         the last position only (a generation prefill needs no more, and the LM head over every
         prompt position is a sizeable share of its FLOPs); return_logits=False with targets: only the
-        losses, from the fused LM head + cross-entropy (`lm_loss.py`), and `logits` is None."""
+        losses, from the fused LM head + cross-entropy (`lm_loss.py`), and `logits` is None.
+        routing [B, S, L, K] int (L = MoE layers in layer order; a dropped assignment as -1 - expert,
+        see `moe.RoutingRecord`) replays a recorded routing instead of choosing top-k; its gate weights
+        are the router's rule at those experts (the router still learns) unless `routing_weights`
+        [B, S, L, K] fixes them (docs/rl.md, "Routing replay")."""
         b, s = idx.shape
+        forced = None if routing is None else check_routing(self, idx, routing, routing_weights)
         if positions is None:
             cos, sin = self.rope_cos[:s][None, None], self.rope_sin[:s][None, None]
         else:
@@ -111,7 +117,10 @@ class Transformer(nn.Module):
         x = self.embed(idx)
         routing: dict[int, RoutingStats] = {}
         for i, block in enumerate(self.layers):
-            x, stats = block(x, cos, sin, mask, cache, attn_mask)
+            if forced is not None and i in forced:
+                x, stats = block(x, cos, sin, mask, cache, attn_mask, forced[i])
+            else:
+                x, stats = block(x, cos, sin, mask, cache, attn_mask)
             if stats is not None:
                 routing[i] = stats
         if last_only:
@@ -148,3 +157,31 @@ class Transformer(nn.Module):
         for layer in self.moe_layers.values():
             if hasattr(layer.router, name):
                 setattr(layer.router, name, value)
+
+
+def check_routing(model: Transformer, idx: torch.Tensor, routing: torch.Tensor,
+                  weights: torch.Tensor | None) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+    """A forced routing -> {layer index: (ids [B, S, K], weights or None)}; UserError (one line) when it
+    does not fit the model and the batch."""
+    from moelab.errors import UserError
+
+    moe = model.moe_layers
+    b, s = idx.shape
+    if not moe:
+        raise UserError("routing: the model has no MoE layers to replay a routing into")
+    e = min(layer.cfg.num_experts for layer in moe.values())
+    if not isinstance(routing, torch.Tensor) or routing.dim() != 4 or tuple(routing.shape[:3]) != (b, s, len(moe)) \
+            or not 1 <= routing.shape[3] <= e:
+        got = tuple(routing.shape) if isinstance(routing, torch.Tensor) else type(routing).__name__
+        raise UserError(f"routing: expected expert ids of shape [batch={b}, seq={s}, moe_layers={len(moe)}, "
+                        f"k in 1..{e}], got {got}")
+    if routing.dtype.is_floating_point or routing.dtype == torch.bool:
+        raise UserError(f"routing: expected integer expert ids, got {routing.dtype}")
+    if bool(((routing < -e) | (routing >= e)).any()):
+        raise UserError(f"routing: expert ids must be in [0, {e}) (or -1 - id for a dropped assignment)")
+    if weights is not None and (not isinstance(weights, torch.Tensor) or weights.shape != routing.shape):
+        got = tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
+        raise UserError(f"routing_weights: expected the routing's shape {tuple(routing.shape)}, got {got}")
+    routing = routing.to(device=idx.device, dtype=torch.long)
+    return {i: (routing[:, :, j], None if weights is None else weights[:, :, j].to(idx.device))
+            for j, i in enumerate(moe)}

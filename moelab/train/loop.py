@@ -126,6 +126,10 @@ class Trainer:
         self.par = init_parallel(cfg.parallel, cfg.model, cfg.train.device)
         self.device = self.par.device if self.par.distributed else resolve_device(cfg.train.device)
         use_device(self.device)  # cuda:N: streams, generators and compiled kernels go to the same device
+        if cfg.train.deterministic:
+            from moelab import determinism
+
+            determinism.enable(self.device)
         self.rows = self.par.local_batch(cfg.train.batch_size)  # this rank's slice of each global batch
         self.is_main = self.par.is_main  # only rank 0 writes the run directory
         self.show_progress = self.show_progress and self.is_main

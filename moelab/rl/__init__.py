@@ -1,0 +1,1 @@
+"""Reinforcement-learning fine-tuning (GRPO) with routing replay; see docs/rl.md."""
