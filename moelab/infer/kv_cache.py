@@ -25,6 +25,11 @@ class KVCache:
         shape = (n_layers, max_batch, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        if self.k.device.type == "cuda":
+            # Fixed addresses: a compiled decode step replayed as a CUDA graph may then write into the
+            # cache in place (without this, inductor skipped the graphs: "mutated inputs").
+            torch._dynamo.mark_static_address(self.k)
+            torch._dynamo.mark_static_address(self.v)
         self.max_batch, self.max_len = max_batch, max_len
         # Decode steps always in the general form (one slot per row, a mask), even when every row is at
         # the same length: a compiled step then needs one graph instead of one per special case.

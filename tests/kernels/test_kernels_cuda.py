@@ -36,6 +36,8 @@ def test_grouped_mm_on_cuda_equals_reference(align, t, e, k, d, f):
 def test_layer_forward_and_backward_never_sync_with_the_host():
     torch.manual_seed(0)
     layer = MoELayer(256, MoEConfig(num_experts=16, top_k=4, expert_dim=128, capacity_factor=1.25)).to(DEV)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.05)
     x = torch.randn(4, 128, 256, device=DEV, requires_grad=True)
     mask = torch.ones(4, 128, dtype=torch.long, device=DEV)
     with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -54,6 +56,8 @@ def test_layer_forward_and_backward_never_sync_with_the_host():
 def test_compiled_layer_on_cuda_matches_eager():
     torch.manual_seed(0)
     layer = MoELayer(256, MoEConfig(num_experts=8, top_k=2, expert_dim=256)).to(DEV)
+    for p in layer.parameters():  # (built with torch.empty: the model's init_weights is not run here)
+        torch.nn.init.normal_(p, 0.0, 0.05)
     x = torch.randn(2, 256, 256, device=DEV)
     compiled = torch.compile(layer, fullgraph=True)
     with torch.autocast("cuda", dtype=torch.bfloat16):
