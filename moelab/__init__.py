@@ -4,8 +4,6 @@ The stable public API. `load`, `generate`, `stream_generate` and the interop ent
 first use, so `import moelab` does not pull in the server or converters.
 """
 
-__version__ = "0.1.0"
-
 from moelab.config import Config, DataConfig, ModelConfig, MoEConfig, TrainConfig, load_config  # noqa: E402
 from moelab.errors import ConfigError, UserError  # noqa: E402
 from moelab.model import ModelOutput, MoELayer, RoutingStats, Transformer  # noqa: E402
@@ -14,6 +12,7 @@ from moelab.tokenizer import ByteTokenizer, SentencePieceTokenizer, Tokenizer  #
 # `moelab.train(config)` is the training function; binding it here, after the subpackage import, keeps the
 # name pointing at the function (later `import moelab.train.x` does not rebind an imported package).
 from moelab.train import train  # noqa: E402
+from moelab.version import __version__ as __version__  # noqa: E402
 
 _LAZY = {
     "load": ("moelab.infer", "load"),

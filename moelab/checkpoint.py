@@ -14,6 +14,7 @@ reader never sees a half-written checkpoint under its final name.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -157,9 +158,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
 
     ckpt = resolve_checkpoint(path)
     cfg = read_config(ckpt)
-    if cfg.finetune.is_lora:  # adapters over a base: loaded and merged (moelab/finetune/adapters.py)
-        from moelab.finetune.adapters import load_adapter_model
-
+    if cfg.finetune.is_lora:  # adapters over a base: loaded and merged (see moelab/finetune/adapters.py)
         return load_adapter_model(ckpt, cfg, device)
     model = Transformer(cfg.model)
     state = load_state(ckpt / "model.safetensors")
@@ -172,4 +171,55 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     if missing or unexpected:
         raise UserError(f"{ckpt / 'model.safetensors'}: weights do not match config.yaml "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model.to(device).eval(), cfg, ckpt
+
+
+# ----------------------------------------------------------------------------------------------------
+# LoRA runs: adapter checkpoints over a base (written by moelab/finetune/adapters.py)
+
+
+def fingerprint(ckpt: Path) -> str:
+    """sha256 of a checkpoint's model.safetensors (streamed)."""
+    h = hashlib.sha256()
+    with open(Path(ckpt) / "model.safetensors", "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def check_base(base: str | None, expected: str | None, what: str) -> Path:
+    """The base checkpoint directory, verified against the fingerprint the adapters were trained on."""
+    if not base:
+        raise UserError(f"{what}: finetune.mode=lora needs a base model (--init-from BASE or finetune.base)")
+    if not Path(base).exists():
+        raise UserError(f"{what}: base checkpoint {base} not found (the adapters need the model they were trained on)")
+    ckpt = resolve_checkpoint(base)
+    fp = fingerprint(ckpt)
+    if expected and fp != expected:
+        raise UserError(f"{what}: base checkpoint {ckpt} is not the one the adapters were trained on "
+                        f"(fingerprint {fp[:12]}, expected {expected[:12]}); refusing to load")
+    return ckpt
+
+
+def load_adapter_model(ckpt: Path, cfg, device="cpu", merge: bool = True):
+    """(model, cfg, ckpt) for an adapter checkpoint: base + adapters, merged unless merge=False."""
+    from moelab.finetune.config import FinetuneConfig
+    from moelab.finetune.lora import apply_finetune, merge_lora, trainable_names
+
+    base = check_base(cfg.finetune.base, cfg.finetune.base_fingerprint, f"adapter checkpoint {ckpt}")
+    model, base_cfg, _ = load_model(base, "cpu")  # a base is a plain checkpoint
+    if dataclasses.asdict(base_cfg.model) != dataclasses.asdict(cfg.model):
+        raise UserError(f"adapter checkpoint {ckpt}: base {base} has a different model config than the adapters")
+    apply_finetune(model, cfg.finetune)
+    weights = load_state(ckpt / "model.safetensors")
+    want = set(trainable_names(model))
+    if set(weights) != want:
+        raise UserError(f"{ckpt / 'model.safetensors'}: adapter tensors do not match finetune.lora "
+                        f"(missing {sorted(want - set(weights))[:3]}, unexpected {sorted(set(weights) - want)[:3]})")
+    model.load_state_dict(weights, strict=False)
+    if merge:
+        merge_lora(model)
+        cfg = dataclasses.replace(cfg, finetune=FinetuneConfig())
+    for p in model.parameters():
+        p.requires_grad_(True)
     return model.to(device).eval(), cfg, ckpt

@@ -12,9 +12,9 @@ import importlib
 import pkgutil
 import sys
 
-from moelab import __version__
 from moelab.errors import UserError
 from moelab.runtime import tune_cpu_allocator
+from moelab.version import __version__
 
 
 def _command_modules():

@@ -62,3 +62,12 @@ def check_on_device(module: nn.Module, device: torch.device, what: str = "model"
     bad = misplaced(module, device)
     if bad:
         raise RuntimeError(f"{what}: {len(bad)} tensors are not on {device}: {', '.join(bad[:3])}")
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU batch on `device`. For CUDA through pinned memory and a non-blocking copy, so the transfer
+    overlaps the previous step's kernels (the caching host allocator keeps the pinned buffer alive until
+    the copy is done)."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)

@@ -18,7 +18,7 @@ line end, so this gives the ids of a whole-text encode, faster. (A SentencePiece
 have such pieces; it still round-trips exactly, its ids may differ slightly from a whole-text encode.)
 
 Training (`train_sentencepiece`, `train_tokenizer`) lives in moelab/data/tokenizer_training.py, as it reads
-corpora; the names are still importable from here.
+corpora.
 """
 
 from __future__ import annotations
@@ -220,13 +220,6 @@ class Tokenizer:
                             f"got {meta.get('vocab_size')!r}")
         return tok
 
-    @classmethod
-    def train(cls, texts: Iterable[str], vocab_size: int, **kwargs) -> SentencePieceTokenizer:
-        """Train a SentencePiece tokenizer on an iterable of texts (see `train_sentencepiece`)."""
-        from moelab.data.tokenizer_training import train_sentencepiece
-
-        return train_sentencepiece(texts, vocab_size, **kwargs)
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, eod_id={self.eod_id}, " \
                f"fingerprint={self.fingerprint[:12]})"
@@ -354,16 +347,3 @@ class SentencePieceTokenizer(Tokenizer):
 
     def _model_bytes(self) -> bytes:
         return self._model
-
-
-_TRAINING = ("train_sentencepiece", "train_tokenizer", "training_sentences", "check_training_args", "LINE_END")
-
-
-def __getattr__(name: str):
-    # Training lives in moelab.data.tokenizer_training (it reads corpora); imported on first use because
-    # moelab.data itself imports this module.
-    if name in _TRAINING:
-        from moelab.data import tokenizer_training
-
-        return getattr(tokenizer_training, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

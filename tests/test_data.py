@@ -15,8 +15,9 @@ from moelab.config import DataConfig
 from moelab.data import TokenDataset, load_meta, prepare, resolve_inputs, stdlib_files
 from moelab.data import corpus as corpus_mod
 from moelab.data import preparation as prepare_mod
+from moelab.data.tokenizer_training import train_sentencepiece
 from moelab.errors import UserError
-from moelab.tokenizer import EOD, ByteTokenizer, Tokenizer, train_sentencepiece
+from moelab.tokenizer import EOD, ByteTokenizer, Tokenizer
 
 BYTE = ByteTokenizer()
 

@@ -272,16 +272,6 @@ def test_train_tokenizer_samples_large_corpora(tmp_path):
     assert Tokenizer.load(tmp_path / "tok").fingerprint == tok.fingerprint
 
 
-def test_training_names_still_importable_from_tokenizer_module():
-    # moelab.train.demo and external scripts import them from here (they live in moelab.data now).
-    from moelab.tokenizer import train_sentencepiece as a
-    from moelab.tokenizer import train_tokenizer as b
-
-    assert a is train_sentencepiece and b is train_tokenizer
-    with pytest.raises(AttributeError):
-        moelab.tokenizer.no_such_name  # noqa: B018
-
-
 def test_tokenizer_trains_on_a_sampled_corpus_of_one_very_long_line(tmp_path):
     """Sampled 1 MB blocks used to be cut to whole lines: inside one long line nothing was left, and
     training said `expected some text to train on, got none`."""

@@ -185,7 +185,7 @@ def prepare(inputs: Sequence[str | Path], tokenizer: Tokenizer | str | Path, out
             progress: bool = False) -> dict:
     """Tokenize the corpus named by `inputs` (files, directories, globs, "stdlib") into `out`; returns the
     meta.json contents. `workers=None` picks in-process for small corpora, else one per core."""
-    from moelab import __version__
+    from moelab.version import __version__
 
     if not 0 <= val_fraction < 1:
         raise UserError(f"--val-fraction: expected 0 <= F < 1, got {val_fraction}")

@@ -11,40 +11,14 @@ export, analyze) works on an adapter run; `load_adapter_model(merge=False)` keep
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 from pathlib import Path
 
 import torch
 
+from moelab.checkpoint import check_base, fingerprint, load_adapter_model  # noqa: F401  (public here too)
 from moelab.errors import UserError
 from moelab.finetune.config import FinetuneConfig
-from moelab.finetune.lora import apply_finetune, merge_lora, parameter_counts, trainable_names
-
-
-def fingerprint(ckpt: Path) -> str:
-    """sha256 of a checkpoint's model.safetensors (streamed)."""
-    h = hashlib.sha256()
-    with open(Path(ckpt) / "model.safetensors", "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def check_base(base: str | None, expected: str | None, what: str) -> Path:
-    """The base checkpoint directory, verified against the fingerprint the adapters were trained on."""
-    from moelab.checkpoint import resolve_checkpoint
-
-    if not base:
-        raise UserError(f"{what}: finetune.mode=lora needs a base model (--init-from BASE or finetune.base)")
-    if not Path(base).exists():
-        raise UserError(f"{what}: base checkpoint {base} not found (the adapters need the model they were trained on)")
-    ckpt = resolve_checkpoint(base)
-    fp = fingerprint(ckpt)
-    if expected and fp != expected:
-        raise UserError(f"{what}: base checkpoint {ckpt} is not the one the adapters were trained on "
-                        f"(fingerprint {fp[:12]}, expected {expected[:12]}); refusing to load")
-    return ckpt
+from moelab.finetune.lora import apply_finetune, parameter_counts, trainable_names
 
 
 class TrainerFinetune:
@@ -92,29 +66,6 @@ def setup_trainer(trainer, init_from: str | Path | None) -> TrainerFinetune:
     counts = apply_finetune(trainer.model, ft)
     keys = trainable_names(trainer.model) if ft.is_lora else None
     return TrainerFinetune(ft, keys, counts)
-
-
-def load_adapter_model(ckpt: Path, cfg, device="cpu", merge: bool = True):
-    """(model, cfg, ckpt) for an adapter checkpoint: base + adapters, merged unless merge=False."""
-    from moelab.checkpoint import load_model, load_state
-
-    base = check_base(cfg.finetune.base, cfg.finetune.base_fingerprint, f"adapter checkpoint {ckpt}")
-    model, base_cfg, _ = load_model(base, "cpu")
-    if dataclasses.asdict(base_cfg.model) != dataclasses.asdict(cfg.model):
-        raise UserError(f"adapter checkpoint {ckpt}: base {base} has a different model config than the adapters")
-    apply_finetune(model, cfg.finetune)
-    weights = load_state(ckpt / "model.safetensors")
-    want = set(trainable_names(model))
-    if set(weights) != want:
-        raise UserError(f"{ckpt / 'model.safetensors'}: adapter tensors do not match finetune.lora "
-                        f"(missing {sorted(want - set(weights))[:3]}, unexpected {sorted(set(weights) - want)[:3]})")
-    model.load_state_dict(weights, strict=False)
-    if merge:
-        merge_lora(model)
-        cfg = dataclasses.replace(cfg, finetune=FinetuneConfig())
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return model.to(device).eval(), cfg, ckpt
 
 
 def merge_run(run: str | Path, out: str | Path) -> Path:

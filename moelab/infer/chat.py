@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from moelab.data.chat_template import ChatEncoder, ChatTemplate, check_messages
 from moelab.errors import UserError
+from moelab.infer.http import RETRY_AFTER_S, ClientWatch, raise_if_failed, read_json_body
 from moelab.infer.protocol import MAX_STOP, APIError, StreamOptions, usage
 from moelab.infer.sampling import SamplingParams, wrap_seed
 
@@ -82,7 +83,6 @@ def _body(rid, created, model, choices, use=None, chunk=False) -> dict:
 
 
 def add_chat_route(app, engine, authorize, slot_of, metrics, max_queue: int, max_body_bytes: int) -> None:
-    from moelab.infer.server import RETRY_AFTER_S, _raise_if_failed, _Watch, read_json_body
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -125,7 +125,7 @@ def add_chat_route(app, engine, authorize, slot_of, metrics, max_queue: int, max
         except RuntimeError:
             raise APIError(503, "server is shutting down", type="server_error") from None
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        watch = _Watch(request, engine, handles, events)
+        watch = ClientWatch(request, engine, handles, events)
         if req.stream:
             return StreamingResponse(_sse(watch, handles, events, rid, created, req),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -137,7 +137,7 @@ def add_chat_route(app, engine, authorize, slot_of, metrics, max_queue: int, max
             for h in handles:
                 if not h.done:
                     engine.cancel(h)
-        _raise_if_failed(handles)
+        raise_if_failed(handles)
         choices = [{"index": i, "message": {"role": "assistant", "content": h.text}, "logprobs": None,
                     "finish_reason": h.finish_reason} for i, h in enumerate(handles)]
         return _body(rid, created, req.model, choices,

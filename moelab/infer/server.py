@@ -26,9 +26,16 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from moelab.errors import UserError
+from moelab.infer.http import (
+    DEFAULT_MAX_BODY_BYTES,
+    RETRY_AFTER_S,
+    BodyLimit,
+    ClientWatch,
+    raise_if_failed,
+    read_json_body,
+)
 from moelab.infer.metrics import ServerMetrics
 from moelab.infer.protocol import (
     APIError,
@@ -45,61 +52,7 @@ from moelab.infer.scheduler import Engine, Event
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
-DISCONNECT_POLL_S = 0.25
-DEFAULT_MAX_BODY_BYTES = 4 << 20  # ~1M tokens of text: far more than any context, far less than memory
 EMPTY_KEY = "--api-key: empty (an unset variable?); pass a key, or leave the option out to serve without one"
-RETRY_AFTER_S = 1  # a full queue drains in about a generation's time
-
-
-class BodyLimit:
-    """ASGI middleware: 413 for a declared body over the limit, before anything reads it."""
-
-    def __init__(self, app, limit: int, metrics: ServerMetrics):
-        self.app, self.limit, self.metrics = app, limit, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length")
-            if length is not None and (not length.isdigit() or int(length) > self.limit):
-                err = _too_large(self.limit) if length.isdigit() else APIError(400, "bad Content-Length header")
-                self.metrics.rejected(err.status)
-                response = JSONResponse(err.body(), status_code=err.status, headers={"Connection": "close"})
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-def _too_large(limit: int) -> APIError:
-    return APIError(413, f"request body is larger than this server accepts ({limit} bytes; see --max-body-bytes)",
-                    code="request_too_large")
-
-
-async def read_json_body(request: Request, limit: int):
-    """The parsed JSON body (at most `limit` bytes; APIError 413/400 otherwise); None when the client went
-    away while sending it."""
-    raw = await _read_body(request, limit)
-    if raw is None:
-        return None
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, or an int of over 4300 digits
-        raise APIError(400, f"request body is not valid JSON ({str(e)[:200]})") from None
-    except RecursionError:
-        raise APIError(400, "request body is not valid JSON (nested too deeply)") from None
-
-
-async def _read_body(request: Request, limit: int) -> bytes | None:
-    """The body, at most `limit` bytes (413 past it); None when the client went away while sending it."""
-    chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit)
-            chunks.append(chunk)
-    except ClientDisconnect:
-        return None
-    return b"".join(chunks)
 
 
 def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_queue: int = 256,
@@ -260,37 +213,8 @@ def _jobs(engine: Engine, req: CompletionRequest) -> list[tuple[list[int], Sampl
     return jobs
 
 
-class _Watch:
-    """Relays engine events, checking every DISCONNECT_POLL_S whether the client is still there (events
-    may arrive every few milliseconds, so the check cannot wait for a quiet moment)."""
-
-    def __init__(self, request: Request, engine: Engine, handles, events: asyncio.Queue):
-        self.request, self.engine, self.handles, self.events = request, engine, handles, events
-        self.checked = time.monotonic()
-
-    async def next(self) -> Event | None:
-        """The next event, or None once the client has gone (its requests are then cancelled)."""
-        while True:
-            if time.monotonic() - self.checked >= DISCONNECT_POLL_S:
-                self.checked = time.monotonic()
-                if await self.request.is_disconnected():
-                    for h in self.handles:
-                        self.engine.cancel(h)
-                    return None
-            try:
-                return await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                continue
-
-
-def _raise_if_failed(handles) -> None:
-    failed = [h for h in handles if h.finish_reason == "error"]
-    if failed:
-        raise APIError(500, failed[0].error or "generation failed", type="server_error")
-
-
 async def _collect(request, engine, handles, events, rid, model_name, echo) -> dict:
-    watch = _Watch(request, engine, handles, events)
+    watch = ClientWatch(request, engine, handles, events)
     try:
         while not all(h.done for h in handles):
             if await watch.next() is None:
@@ -299,7 +223,7 @@ async def _collect(request, engine, handles, events, rid, model_name, echo) -> d
         for h in handles:
             if not h.done:
                 engine.cancel(h)
-    _raise_if_failed(handles)
+    raise_if_failed(handles)
     choices = [choice(i, echo[i] + h.text, h.finish_reason) for i, h in enumerate(handles)]
     return completion_body(rid, int(time.time()), model_name, choices,
                            usage(sum(len(h.prompt_ids) for h in handles), sum(len(h.output_ids) for h in handles)))
@@ -312,7 +236,7 @@ async def _sse(request, engine, handles, events, rid, model_name, echo, req: Com
     def chunk(choices: list[dict], use: dict | None = None) -> str:
         return f"data: {json.dumps(completion_body(rid, created, model_name, choices, use))}\n\n"
 
-    watch = _Watch(request, engine, handles, events)
+    watch = ClientWatch(request, engine, handles, events)
     try:
         for i, text in enumerate(echo):
             if text:

@@ -37,14 +37,21 @@ def warmup(model, tokenizer, max_batch: int = 1, new_tokens: int = 4, compile: b
     prompts. With `compile`, through compiled decode steps, so both graphs a compiled engine uses
     (batch 1, batch > 1) are built before the first request.
     Returns {"experts": count, "seconds": wall time}."""
-    from moelab.infer.generate import generate
+    from moelab.infer.sampling import SamplingParams
+    from moelab.infer.scheduler import Engine
 
     t0 = time.perf_counter()
     experts = touch_experts(model)
     token = getattr(tokenizer, "eod_id", None) or 0
+    params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
     for b in sorted({1, max_batch}):  # in a cache of max_batch rows, as the serving engine's (a compiled
         # graph is specialised on a cache of one row)
-        generate(model, tokenizer, [[token] * 8] * b, max_new_tokens=new_tokens, temperature=0,
-                 max_batch=max_batch, compile=compile)
+        engine = Engine(model, tokenizer, max_batch=max_batch, max_len=8 + new_tokens, compile=compile)
+        try:
+            for _ in range(b):
+                engine.submit([token] * 8, params)
+            while engine.step():
+                pass
+        finally:
+            engine.close()
     return {"experts": experts, "seconds": time.perf_counter() - t0}
-

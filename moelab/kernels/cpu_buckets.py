@@ -28,14 +28,14 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from moelab.kernels.buckets import Bucket, MatmulCosts, _rows, _weights, _with_zero_row, plan_buckets
 from moelab.kernels.common import compute_dtype
 from moelab.kernels.few_tokens import few_tokens_moe
+from moelab.kernels.lora_buckets import lora_grouped_swiglu
 from moelab.kernels.sort_dispatch import combine, dispatch, plan_dispatch
 
 # Up to this many tokens without autograd (decoding), experts run straight from their stacked weights:
@@ -63,99 +63,6 @@ def row_grid(dtype: torch.dtype, device: torch.device) -> Callable[[int], int] |
     return grid_rows if device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) else None
 
 
-@dataclass(frozen=True)
-class MatmulCosts:
-    """What the bucketing trades, measured on this project's CPU (2 cores; a GPU's are guesses that
-    only need the right order of magnitude: launches are cheap next to its FLOPs)."""
-
-    call_s: float  # fixed cost of one matmul call
-    flops: float  # matmul throughput, FLOP/s
-    copy_bytes: float  # memory copy bandwidth, B/s
-
-    @staticmethod
-    def of(dtype: torch.dtype, device: torch.device) -> MatmulCosts:
-        if device.type != "cpu":
-            return MatmulCosts(10e-6, 50e12, 1e12)
-        if dtype in (torch.bfloat16, torch.float16):  # oneDNN: ~50 us before the first FLOP
-            return MatmulCosts(50e-6, 700e9, 10e9)
-        return MatmulCosts(20e-6, 150e9, 10e9)  # MKL
-
-    def in_rows(self, d: int, f: int, elem_bytes: int) -> tuple[float, float, float]:
-        """(per bucket call, per gathered expert, per gathered row) costs, in units of one row's
-        forward + backward through one expert (18 D F FLOPs, 6 matmul calls)."""
-        row_s = 18 * d * f / self.flops
-        call = 6 * self.call_s / row_s
-        gather_expert = 3 * f * d * 12 / self.copy_bytes / row_s  # gather + cast weights, put their grads
-        gather_row = 4 * 2 * d * elem_bytes / self.copy_bytes / row_s  # x, y, dy, dx rows moved
-        return call, gather_expert, gather_row
-
-
-@dataclass
-class Bucket:
-    experts: list[int]  # ascending expert ids run by one bmm
-    rows: int  # C: rows per expert in the bmm
-    first_row: int | None  # where the bucket starts in x_sorted when it is one contiguous [E_b, C] run
-    index: torch.Tensor | None  # [E_b * C] rows of x_sorted to gather (N = a zero row); None if contiguous
-
-
-def plan_buckets(counts: list[int], call_rows: float, gather_rows: float = 0.0, gather_frac: float = 0.0,
-                 device=None, binary: bool = False) -> list[Bucket]:
-    """Group active experts into buckets, minimising the work in rows: padded rows, `call_rows` per
-    bmm call, and for a bucket of several experts (gathered) `gather_rows` per expert plus
-    `gather_frac` per row. Over the loads sorted in descending order, the best split into runs is a
-    small dynamic programme: best[j] = min_i best[i] + cost(run i..j-1), a run costing
-    calls(n) * call_rows + n * c_i - (S_j - S_i) [+ n * gather_rows + gather_frac * n * c_i if n > 1].
-    `binary`: a bucket of n experts runs as bmm calls over power-of-two batches (popcount(n) calls),
-    so that batch sizes come from a small set too (see `dispatch.row_grid`)."""
-    starts, s = [], 0
-    for c in counts:
-        starts.append(s)
-        s += c
-    active = sorted((e for e, c in enumerate(counts) if c), key=lambda e: -counts[e])
-    c = np.array([counts[e] for e in active], dtype=np.float64)  # descending loads
-    m = len(active)
-    prefix = np.concatenate([[0.0], np.cumsum(c)])
-    sizes = np.arange(m + 1)
-    calls = np.array([bin(k).count("1") for k in sizes]) if binary else np.ones(m + 1)
-    best, cut = np.zeros(m + 1), np.zeros(m + 1, dtype=np.int64)
-    for j in range(1, m + 1):
-        n = j - sizes[:j]
-        cost = best[:j] + calls[n] * call_rows + n * c[:j] - (prefix[j] - prefix[:j])
-        cost += (n > 1) * (n * gather_rows + gather_frac * n * c[:j])
-        cut[j] = int(cost.argmin())
-        best[j] = cost[cut[j]]
-    groups: list[tuple[list[int], int]] = []
-    j = m
-    while j > 0:
-        i = int(cut[j])
-        groups.append((active[i:j], counts[active[i]]))
-        j = i
-    buckets = []
-    for experts, rows in groups:
-        experts.sort()
-        contiguous = all(counts[e] == rows for e in experts) and experts == list(range(experts[0], experts[-1] + 1))
-        if contiguous:
-            buckets.append(Bucket(experts, rows, starts[experts[0]], None))
-            continue
-        r = np.arange(rows)
-        first = np.array([starts[e] for e in experts])[:, None]
-        idx = np.where(r < np.array([counts[e] for e in experts])[:, None], first + r, s)  # s = N: the zero row
-        buckets.append(Bucket(experts, rows, None, torch.from_numpy(idx.reshape(-1)).to(device)))
-    return buckets
-
-
-def _with_zero_row(x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([x, x.new_zeros(1, x.shape[1])])
-
-
-def _rows(x: torch.Tensor, x_pad: torch.Tensor | None, b: Bucket) -> torch.Tensor:
-    """This bucket's rows of x [N, D] as [E_b, C, D]."""
-    n = len(b.experts)
-    if b.index is None:
-        return x[b.first_row:b.first_row + n * b.rows].view(n, b.rows, -1)
-    return x_pad.index_select(0, b.index).view(n, b.rows, -1)
-
-
 def _bmm_rows(out: torch.Tensor, b: Bucket, a: torch.Tensor, w: torch.Tensor, binary: bool) -> None:
     """out [N + 1, D] (row N a dump for padding) <- a @ w ([E_b, C, D]) at this bucket's rows."""
     n = a.shape[0]
@@ -163,14 +70,6 @@ def _bmm_rows(out: torch.Tensor, b: Bucket, a: torch.Tensor, w: torch.Tensor, bi
         _bmm(a, w, binary, out[b.first_row:b.first_row + n * b.rows].view(n, b.rows, -1))
     else:
         out.index_copy_(0, b.index, _bmm(a, w, binary).view(n * b.rows, -1))
-
-
-def _weights(w: torch.Tensor, b: Bucket, dtype: torch.dtype) -> torch.Tensor:
-    """[E_b, ...] weights of the bucket's experts in the compute dtype."""
-    e0, e1 = b.experts[0], b.experts[-1] + 1
-    if e1 - e0 == len(b.experts):
-        return w[e0:e1].to(dtype)
-    return w.index_select(0, torch.tensor(b.experts, device=w.device)).to(dtype)
 
 
 def _put_weights(buf: torch.Tensor, b: Bucket, value: torch.Tensor) -> None:
@@ -291,8 +190,6 @@ class CpuBucketsBackend:
         return combine(y, weights, plan)
 
     def _moe_lora(self, x, gate_up, down, topk_ids, weights, keep, lora):
-        from moelab.kernels.lora_buckets import lora_grouped_swiglu
-
         dtype = compute_dtype(x)
         plan = plan_dispatch(topk_ids, keep, gate_up.shape[0], row_grid(dtype, x.device))
         row_adapter = lora.token_adapter[plan.src] if lora.multi else None
@@ -303,7 +200,5 @@ class CpuBucketsBackend:
     def sorted_experts(self, x_sorted, gate_up, down, counts: torch.Tensor, lora=None) -> torch.Tensor:
         """Rows already sorted by expert, `counts` [E] rows each, no padding -> [N, D]."""
         if lora is not None:
-            from moelab.kernels.lora_buckets import lora_grouped_swiglu
-
-            return lora_grouped_swiglu(x_sorted.to(compute_dtype(x_sorted)), gate_up, down, counts.tolist(), lora)
+                return lora_grouped_swiglu(x_sorted.to(compute_dtype(x_sorted)), gate_up, down, counts.tolist(), lora)
         return grouped_swiglu(x_sorted, gate_up, down, counts.tolist())

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moelab.kernels.cpu_buckets import MatmulCosts, _rows, _weights, _with_zero_row, plan_buckets
+from moelab.kernels.buckets import MatmulCosts, _rows, _weights, _with_zero_row, plan_buckets
 from moelab.kernels.lora import ExpertLoRA, delta_bmm, delta_rows
 
 

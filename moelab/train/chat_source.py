@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from moelab.data.chat import load_split
+from moelab.device import to_device
 from moelab.errors import UserError
 from moelab.model.lm_loss import IGNORE_INDEX
-from moelab.train.data_source import to_device
 
 
 class ChatSource:

@@ -14,17 +14,9 @@ from pathlib import Path
 import torch
 
 from moelab.config import Config
+from moelab.device import to_device
 from moelab.errors import UserError
 from moelab.fileio import write_dir_atomic
-
-
-def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A CPU batch on `device`. For CUDA through pinned memory and a non-blocking copy, so the transfer
-    overlaps the previous step's kernels (the caching host allocator keeps the pinned buffer alive until
-    the copy is done)."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 class InMemorySource:

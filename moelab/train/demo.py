@@ -75,8 +75,8 @@ def run_demo(run_dir: str | Path | None = None, inputs=("stdlib",), overrides=()
              samples: bool = True, minutes: float | None = 2.5) -> Path:
     """Run the demo; `minutes` is the training budget (steps are fitted to it; None = train.steps)."""
     from moelab.data import prepare
+    from moelab.data.tokenizer_training import train_tokenizer
     from moelab.model import Transformer
-    from moelab.tokenizer import train_tokenizer
     from moelab.train import train
 
     t_start = time.perf_counter()

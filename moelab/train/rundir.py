@@ -140,7 +140,7 @@ def write_config(cfg: Config, run_dir: Path) -> None:
 
 
 def write_run_info(run_dir: Path, info: dict) -> None:
-    from moelab import __version__
+    from moelab.version import __version__
 
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "run.json"

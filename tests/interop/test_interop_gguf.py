@@ -13,6 +13,7 @@ from interop_helpers import SHAKESPEARE, greedy, ml_logits, moelab_checkpoint
 
 from moelab.checkpoint import load_model
 from moelab.config import MoEConfig
+from moelab.data.tokenizer_training import train_sentencepiece
 from moelab.interop.gguf import TOLERANCES, llama_cpp_available, permute_rope
 from moelab.model.layers import apply_rope, rope_cache
 from moelab.tokenizer import ByteTokenizer, Tokenizer
@@ -38,7 +39,7 @@ PROMPT = "First Citizen:\nBefore we proceed any further, hear me speak."
 
 @pytest.fixture(scope="module")
 def sp_tokenizer(tmp_path_factory, shakespeare_text):
-    tok = Tokenizer.train([shakespeare_text[:200_000]], 400)
+    tok = train_sentencepiece([shakespeare_text[:200_000]], 400)
     return tok.save(tmp_path_factory.mktemp("tok") / "tokenizer")
 
 

@@ -7,6 +7,7 @@ from interop_helpers import SHAKESPEARE, moelab_checkpoint
 
 from moelab.checkpoint import load_model
 from moelab.config import MoEConfig
+from moelab.data.tokenizer_training import train_sentencepiece
 from moelab.interop.hf_config import HF_DEFAULTS
 from moelab.tokenizer import ByteTokenizer, Tokenizer
 
@@ -22,7 +23,7 @@ def text():
 
 @pytest.fixture(scope="module")
 def sp_dir(tmp_path_factory, text):
-    return Tokenizer.train([text[:200_000]], 500).save(tmp_path_factory.mktemp("sp") / "tokenizer")
+    return train_sentencepiece([text[:200_000]], 500).save(tmp_path_factory.mktemp("sp") / "tokenizer")
 
 
 def test_hf_defaults_match_transformers_classes():
