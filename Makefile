@@ -9,7 +9,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean bench
+.PHONY: demo test test-fast lint install clean bench
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV_FLAGS) $(VENV)
@@ -27,6 +27,10 @@ lint: $(STAMP)
 
 test: lint
 	$(BIN)/python -m pytest tests
+
+# The inner loop: everything but the end-to-end tests marked `slow` (CI runs `make test`, all of them).
+test-fast: lint
+	$(BIN)/python -m pytest tests -m "not slow and not cuda"
 
 bench: $(STAMP)
 	$(BIN)/moelab bench layer --json benchmarks/layer.json

@@ -255,7 +255,7 @@ def run(args) -> int:
     import torch
 
     from moelab.device import resolve_device
-    from moelab.infer.prepare import decode_layout
+    from moelab.infer.decoding import decode_layout
 
     if args.preset:
         for key, value in PRESETS[args.preset].items():

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from moelab.errors import UserError
-from moelab.infer.prepare import decode_layout
+from moelab.infer.decoding import decode_layout
 from moelab.infer.sampling import SamplingParams, check_text
 from moelab.infer.scheduler import Engine, Event
 
@@ -30,7 +30,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
          warmup: bool = False):
     """(model in eval mode, tokenizer) from a run directory (its newest checkpoint) or a checkpoint
-    directory. Weights are laid out for decoding (see `prepare.decode_layout`); `warmup` runs every
+    directory. Weights are laid out for decoding (see `decoding.decode_layout`); `warmup` runs every
     expert and a short generation once so the first request does not pay for it."""
     from moelab.checkpoint import check_tokenizer, load_model, resolve_checkpoint
     from moelab.device import check_on_device, resolve_device, use_device

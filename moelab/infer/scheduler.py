@@ -28,9 +28,9 @@ from dataclasses import dataclass, field
 import torch
 
 from moelab.errors import UserError
+from moelab.infer.decoding import enter_decoding
 from moelab.infer.detok import TextStream
 from moelab.infer.kv_cache import KVCache
-from moelab.infer.prepare import enter_decoding
 from moelab.infer.sampling import SamplingParams, next_tokens
 
 log = logging.getLogger(__name__)

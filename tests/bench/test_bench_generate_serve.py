@@ -6,6 +6,8 @@ import pytest
 
 from moelab.cli import main
 
+pytestmark = pytest.mark.slow  # end to end (subprocesses, torchrun, transformers, benchmarks)
+
 TOY = """model:
   vocab_size: 300
   d_model: 32

@@ -1,6 +1,10 @@
 import json
 
+import pytest
+
 from moelab.cli import main
+
+pytestmark = pytest.mark.slow  # end to end (subprocesses, torchrun, transformers, benchmarks)
 
 
 def test_bench_layer_writes_json_with_ratios(tmp_path, capsys):

@@ -17,6 +17,8 @@ from moelab.infer.generate import generate, load
 from moelab.model import Transformer
 from moelab.tokenizer import ByteTokenizer
 
+pytestmark = pytest.mark.slow  # end to end (subprocesses, torchrun, transformers, benchmarks)
+
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):

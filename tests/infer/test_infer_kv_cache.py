@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from moelab.infer.decoding import decode_layout, decoding
 from moelab.infer.kv_cache import KVCache
-from moelab.infer.prepare import decode_layout, decoding
 
 ATOL = 2e-5
 

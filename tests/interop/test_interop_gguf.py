@@ -18,6 +18,8 @@ from moelab.interop.gguf import TOLERANCES, llama_cpp_available, permute_rope
 from moelab.model.layers import apply_rope, rope_cache
 from moelab.tokenizer import ByteTokenizer, Tokenizer
 
+pytestmark = pytest.mark.slow  # end to end (subprocesses, torchrun, transformers, benchmarks)
+
 gguf = pytest.importorskip("gguf")
 
 MOE = dict(num_experts=4, top_k=2, expert_dim=32)

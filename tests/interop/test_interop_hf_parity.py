@@ -10,6 +10,8 @@ from interop_helpers import greedy, hf_logits, hf_model, ml_logits, moelab_check
 from moelab.checkpoint import load_model
 from moelab.interop.hf import read_hf_model
 
+pytestmark = pytest.mark.slow  # end to end (subprocesses, torchrun, transformers, benchmarks)
+
 pytest.importorskip("transformers")
 
 ARCHS = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"]

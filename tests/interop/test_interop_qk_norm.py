@@ -11,6 +11,8 @@ from moelab.model import Transformer
 from moelab.model.counting import count_params
 from moelab.model.layers import FullQKNormAttention, HeadQKNormAttention
 
+pytestmark = pytest.mark.slow  # end to end (subprocesses, torchrun, transformers, benchmarks)
+
 
 @pytest.mark.parametrize("qk_norm,cls", [("head", HeadQKNormAttention), ("full", FullQKNormAttention)])
 def test_qk_norm_model_counts_and_decodes(qk_norm, cls):

@@ -8,6 +8,8 @@ from moelab.checkpoint import load_model
 from moelab.config import MoEConfig
 from moelab.interop.upcycle import parse_layers, upcycle_model
 
+pytestmark = pytest.mark.slow  # end to end (subprocesses, torchrun, transformers, benchmarks)
+
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_upcycled_hf_dense_model_equals_dense_logits(arch, tmp_path, cli):

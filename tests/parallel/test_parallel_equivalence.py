@@ -8,6 +8,8 @@ import pytest
 import torch
 from parallel_harness import spawn, tiny_config, train
 
+pytestmark = pytest.mark.slow  # end to end (subprocesses, torchrun, transformers, benchmarks)
+
 STEPS = 10
 
 

@@ -14,6 +14,8 @@ import yaml
 from moelab.cli import main
 from moelab.data import prepare
 
+pytestmark = pytest.mark.slow  # end to end (subprocesses, torchrun, transformers, benchmarks)
+
 CFG = {
     "model": {"vocab_size": 264, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 64,
               "max_seq_len": 32, "moe": {"num_experts": 4, "top_k": 2, "expert_dim": 32}},

@@ -3,11 +3,14 @@
 import json
 import shutil
 
+import pytest
 from conftest import read_metrics, tiny_cfg, write_yaml
 
 from moelab.cli import main
 from moelab.data import prepare
 from moelab.tokenizer import ByteTokenizer
+
+pytestmark = pytest.mark.slow  # end to end (subprocesses, torchrun, transformers, benchmarks)
 
 
 def _err(capsys) -> list[str]:

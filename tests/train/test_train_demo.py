@@ -1,8 +1,11 @@
 """`moelab demo` end to end on a toy corpus and a shrunken model (the real demo takes ~3 minutes)."""
 
+import pytest
 from conftest import toy_corpus
 
 from moelab.cli import main
+
+pytestmark = pytest.mark.slow  # end to end (subprocesses, torchrun, transformers, benchmarks)
 
 SMALL = ["model.vocab_size=300", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
          "model.ffn_dim=64", "model.moe.expert_dim=32", "model.moe.num_experts=4", "data.seq_len=32",
