@@ -2,7 +2,7 @@
 
 A process per measurement gives each variant its own peak RSS and a clean allocator. `python -m
 moelab.bench.train_worker SPEC_JSON` prints one JSON line. Variants:
-- `moelab`: the real trainer step (`Trainer._train_step`: schedules, accumulation, clipping, AdamW,
+- `moelab`: the real trainer step (`Trainer.train_step`: schedules, accumulation, clipping, AdamW,
   telemetry accumulation) on tokens in memory;
 - `hf`: transformers' `MixtralForCausalLM` of the same shape, with the same data, loss (cross-entropy
   + router aux loss), AdamW groups and hyperparameters, gradient clipping and LR schedule.
@@ -144,7 +144,7 @@ def throughput(spec: dict) -> dict:
     data = InMemorySource(tokens[:360_000], tokens[360_000:], s, b, v, seed=cfg.train.seed)
     if spec["impl"] == "moelab":
         trainer = _moelab_trainer(cfg, data)
-        step, impl = trainer._train_step, f"moelab ({_experts_kernel(trainer)} experts)"
+        step, impl = trainer.train_step, f"moelab ({_experts_kernel(trainer)} experts)"
     else:
         hf = HFStep(cfg, data)
         step, impl = hf, f"transformers ({hf.implementation})"

@@ -286,7 +286,7 @@ class Trainer:
         stop, finished = None, False
         try:
             while self.step < cfg.train.steps and stop is None:
-                self._train_step()
+                self.train_step()
                 bar.update()
                 if cfg.train.max_seconds is not None and self.elapsed >= cfg.train.max_seconds:
                     stop = "max_seconds"
@@ -317,7 +317,9 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def _train_step(self) -> None:
+    def train_step(self) -> None:
+        """One optimizer step (all micro-batches), its counters and telemetry; no eval, log or checkpoint
+        (`run` does those around it). Public so benchmarks and tests time exactly what training runs."""
         cfg, model, opt = self.cfg, self.model, self.optimizer
         t0 = time.perf_counter()
         sched = schedules.at_step(self.step, cfg)

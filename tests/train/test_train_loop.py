@@ -100,14 +100,14 @@ def test_nan_step_is_skipped_and_counted(toy_data, tmp_path, capsys):
     t = Trainer(tiny_cfg(toy_data, train={"steps": 6}, checkpoint={"every": 0}), tmp_path / "run")
     _poison(t, {2})
     snapshots = []
-    step = t._train_step
+    step = t.train_step
 
     def watched():
         before = {n: p.detach().clone() for n, p in t.model.named_parameters()}
         step()
         snapshots.append(all(torch.equal(before[n], p) for n, p in t.model.named_parameters()))
 
-    t._train_step = watched
+    t.train_step = watched
     result = t.run()
     assert snapshots == [False, False, True, False, False, False]  # only the poisoned step left weights alone
     recs = read_metrics(tmp_path / "run")
