@@ -10,6 +10,7 @@ Overrides may omit the `model.` prefix for the model's own sub-sections: `--set 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -428,11 +429,23 @@ def apply_overrides(data: dict, overrides: typing.Sequence[str], cls: type = Con
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = (), cls: type = Config):
-    """Load a `Config` from YAML (or defaults when path is None) with `--set` style overrides."""
-    data = read_yaml(path) if path is not None else {}
+def load_config(config: Any = None, overrides: typing.Sequence[str] = (), cls: type = Config):
+    """A `Config` from a YAML path, a dict, an existing config object (copied) or None (the defaults),
+    with `--set` style overrides applied on top and every problem reported at once."""
+    if isinstance(config, cls):
+        if not overrides:
+            return config
+        config = dataclasses.asdict(config)
+    if isinstance(config, dict):
+        data, source = copy.deepcopy(config), None  # overrides edit nested dicts in place
+    elif config is None:
+        data, source = {}, None
+    elif isinstance(config, (str, Path)):
+        data, source = read_yaml(config), str(config)
+    else:
+        raise TypeError(f"config must be a {cls.__name__}, a dict or a YAML path, got {type(config).__name__}")
     apply_overrides(data, overrides, cls)
-    return from_dict(cls, data, source=str(path) if path is not None else None)
+    return from_dict(cls, data, source=source)
 
 
 def save_config(cfg: Any, path: str | Path) -> None:

@@ -76,3 +76,20 @@ def test_cli_reports_one_line_per_problem(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and all(line.startswith("moelab info: error: ") for line in err)
     assert "Traceback" not in "".join(err)
+
+
+def test_load_config_takes_a_path_a_dict_or_a_config_and_never_edits_its_input(tmp_path):
+    from moelab.config import Config, load_config
+
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  moe:\n    top_k: 1\n")
+    from_path = load_config(path, ["moe.num_experts=4"])
+    data = {"model": {"moe": {"top_k": 1}}}
+    from_dict_ = load_config(data, ["moe.num_experts=4"])
+    assert data == {"model": {"moe": {"top_k": 1}}}  # the caller's dict is untouched
+    from_cfg = load_config(from_dict_, ["train.lr=0.5"])
+    assert from_path == from_dict_ and from_cfg.model == from_dict_.model and from_cfg.train.lr == 0.5
+    assert from_dict_.train.lr != 0.5 and load_config(from_cfg) is from_cfg
+    assert load_config() == Config()
+    with pytest.raises(TypeError, match="YAML path"):
+        load_config(42)

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from moelab.config import load_config
 from moelab.device import check_on_device, resolve_device, use_device
 from moelab.errors import UserError
 from moelab.fileio import pause_for_test, warn
@@ -113,7 +114,8 @@ def compile_blocks(model: Transformer, device: torch.device, dtype: torch.dtype)
 class Trainer:
     def __init__(self, config, run_dir=None, *, resume=False, init_from=None, overrides=(), progress=None,
                  data=None, restart=False):
-        cfg, name = rundir.resolve_config(config, overrides)
+        cfg = load_config(config, overrides)
+        name = Path(config).stem if isinstance(config, (str, Path)) else None
         if resume and run_dir is None and name is None:
             raise UserError("--resume needs --run-dir (or a config file whose name gives runs/<name>)")
         self.run_dir = Path(run_dir) if run_dir is not None else rundir.default_run_dir(name)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from moelab.config import Config, from_dict, load_config, read_yaml
+from moelab.config import Config, from_dict, read_yaml
 from moelab.errors import UserError
 from moelab.fileio import remove_dir, write_file_atomic
 
@@ -33,24 +33,6 @@ RESUME_MAY_CHANGE = ("train.steps", "train.max_seconds", "train.compile", "train
                      "train.peak_flops", "train.max_bad_steps", "train.device", "log.", "eval.", "checkpoint.",
                      "parallel.",  # checkpoints hold full tensors: any mesh resumes any other
                      "finetune.base")  # a LoRA run resumes on the base pinned in its own config.yaml
-
-
-def resolve_config(config, overrides=()) -> tuple[Config, str | None]:
-    """(Config, name) from a Config, a dict, or a YAML path (+ `--set` overrides)."""
-    if isinstance(config, Config):
-        if overrides:
-            from moelab.config import apply_overrides
-
-            data = apply_overrides(dataclasses.asdict(config), list(overrides))
-            return from_dict(Config, data), None
-        return config, None
-    if isinstance(config, dict):
-        from moelab.config import apply_overrides
-
-        return from_dict(Config, apply_overrides(dict(config), list(overrides))), None
-    if isinstance(config, (str, Path)):
-        return load_config(config, overrides), Path(config).stem
-    raise TypeError(f"config must be a Config, a dict or a YAML path, got {type(config).__name__}")
 
 
 def holds_run(run_dir: Path) -> bool:
