@@ -152,26 +152,60 @@ def load_state(file: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{file}: cannot read safetensors ({str(e).splitlines()[0]})") from None
 
 
-def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, Config, checkpoint dir) from a checkpoint or run directory."""
+def state_problems(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor]) -> str | None:
+    """What keeps `state` from loading into a model whose state dict is `own` (missing or unexpected
+    names, shape mismatches), or None. The one key check every loader uses."""
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if not (missing or unexpected or shapes):
+        return None
+    parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
+             f"shape mismatches {shapes[:3]}" if shapes else ""]
+    return ", ".join(p for p in parts if p)
+
+
+def own_state_names(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A model's state dict as a checkpoint stores it: a tied LM head is stored once, as the embedding."""
+    own = dict(model.state_dict())
+    if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
+        own.pop("lm_head.weight", None)
+    return own
+
+
+def build_model(cfg: Config, state: dict[str, torch.Tensor], device: str | torch.device = "cpu",
+                where: str = "weights", swap=None):
+    """A `Transformer` of `cfg.model` holding `state`: built on the meta device (no memory, no random
+    init of weights that are about to be replaced) and loaded with `assign=True`. `swap(model)` may
+    replace modules before loading (offloaded experts). Raises UserError naming what does not fit."""
     from moelab.model import Transformer
 
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    if swap is not None:
+        swap(model)
+    problems = state_problems(own_state_names(model), state)
+    if problems:
+        raise UserError(f"{where}: weights do not match config.yaml ({problems})")
+    model.load_state_dict(state, strict=False, assign=True)
+    if cfg.model.tie_embeddings:
+        model.lm_head.weight = model.embed.weight
+    model.init_buffers(device)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:  # a non-persistent buffer init_buffers does not know: a bug, not bad input
+        raise RuntimeError(f"build_model: {left[:3]} not loaded and not rebuilt by init_buffers()")
+    return model.to(device)
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, Config, checkpoint dir) from a checkpoint or run directory."""
     ckpt = resolve_checkpoint(path)
     cfg = read_config(ckpt)
     if cfg.finetune.is_lora:  # adapters over a base: loaded and merged (see moelab/finetune/adapters.py)
         return load_adapter_model(ckpt, cfg, device)
-    model = Transformer(cfg.model)
     state = load_state(ckpt / "model.safetensors")
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False)
-    except RuntimeError as e:  # shape mismatch
-        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), str(e).splitlines()[0])
-        raise UserError(f"{ckpt / 'model.safetensors'}: weights do not match config.yaml ({detail})") from None
-    missing = [k for k in missing if not (cfg.model.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise UserError(f"{ckpt / 'model.safetensors'}: weights do not match config.yaml "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-    return model.to(device).eval(), cfg, ckpt
+    return build_model(cfg, state, device, str(ckpt / "model.safetensors")).eval(), cfg, ckpt
 
 
 # ----------------------------------------------------------------------------------------------------

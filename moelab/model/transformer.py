@@ -58,9 +58,7 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rope_cache(cfg.max_seq_len, cfg.hdim, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_buffers()
         self.init_weights()
 
     @property
@@ -92,6 +90,20 @@ class Transformer(nn.Module):
         for layer in self.moe_layers.values():
             if hasattr(layer.router, "update_bias"):
                 layer.router.bias.zero_()
+
+    def init_buffers(self, device: torch.device | str | None = None) -> None:
+        """(Re)make the buffers no checkpoint holds: the RoPE tables, and the routers' selection biases
+        when they are not persistent (`moe.router_bias` off). A model built on the meta device and loaded
+        with `load_state_dict(..., assign=True)` gets its real ones here (`checkpoint.build_model`)."""
+        cfg = self.cfg
+        device = torch.device(device) if device is not None else self.embed.weight.device
+        cos, sin = rope_cache(cfg.max_seq_len, cfg.hdim, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos.to(device), persistent=False)
+        self.register_buffer("rope_sin", sin.to(device), persistent=False)
+        for layer in self.moe_layers.values():
+            router = layer.router
+            if "bias" in router._buffers and "bias" in router._non_persistent_buffers_set:
+                router.register_buffer("bias", torch.zeros(router.num_experts, device=device), persistent=False)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
                 mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,

@@ -52,30 +52,10 @@ class OffloadedExperts(nn.Module):
         return y
 
 
-def _restore_buffers(model: nn.Module) -> None:
-    """Non-persistent buffers are not in checkpoints; after `to_empty` they hold garbage."""
-    from moelab.model.layers import rope_cache
-    from moelab.model.router import Router
-
-    cfg = model.cfg
-    model.rope_cos, model.rope_sin = rope_cache(cfg.max_seq_len, cfg.hdim, cfg.rope_theta)
-    known = {"rope_cos", "rope_sin"}
-    for name, module in model.named_modules():
-        if isinstance(module, Router) and "bias" in module._buffers and "bias" in module._non_persistent_buffers_set:
-            module.bias.zero_()
-            known.add(f"{name}.bias")
-    for name, module in model.named_modules():
-        for b in module._non_persistent_buffers_set:
-            full = f"{name}.{b}" if name else b
-            if full not in known:
-                raise RuntimeError(f"offload loader does not know how to rebuild non-persistent buffer {full!r}")
-
-
 def load_offloaded(path: str | Path, placement: str = "lru:64", device: str | torch.device = "cpu",
                    dtype: torch.dtype | None = None, remap_bytes: int = 64 << 20):
     """(model in eval mode, Config, placement) for a checkpoint or run directory."""
-    from moelab.checkpoint import read_config, resolve_checkpoint
-    from moelab.model import Transformer
+    from moelab.checkpoint import build_model, read_config, resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
     cfg = read_config(ckpt)
@@ -88,22 +68,15 @@ def load_offloaded(path: str | Path, placement: str = "lru:64", device: str | to
     if missing:
         raise UserError(f"{ckpt / 'model.safetensors'}: no expert weights for MoE layers {missing}")
     policy = build_placement(placement, store, ids, device, dtype)
-    with torch.device("meta"):
-        model = Transformer(cfg.model)
-    for i, layer in model.moe_layers.items():
-        layer.experts = OffloadedExperts(i, cfg.model.moe.num_experts, policy)
-    model.to_empty(device=device)
-    _restore_buffers(model)
+
+    def offload_experts(model):
+        for i, layer in model.moe_layers.items():
+            layer.experts = OffloadedExperts(i, cfg.model.moe.num_experts, policy)
+
     state = store.read_rest()
     if cfg.model.tie_embeddings:
         state.pop("lm_head.weight", None)
-    missing_keys, unexpected = model.load_state_dict(state, strict=False)
-    missing_keys = [k for k in missing_keys if not (cfg.model.tie_embeddings and k == "lm_head.weight")]
-    if missing_keys or unexpected:
-        raise UserError(f"{ckpt / 'model.safetensors'}: weights do not match config.yaml "
-                        f"(missing {missing_keys[:3]}, unexpected {unexpected[:3]})")
-    if cfg.model.tie_embeddings:
-        model.lm_head.weight = model.embed.weight  # to_empty made two tensors of the tied one
+    model = build_model(cfg, state, device, str(ckpt / "model.safetensors"), swap=offload_experts)
     if dtype is not None:
         model.to(dtype)
     return model.eval(), cfg, policy

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from moelab.checkpoint import own_state_names, state_problems
 from moelab.config import load_config
 from moelab.device import check_on_device, resolve_device, use_device
 from moelab.errors import UserError
@@ -191,18 +192,10 @@ class Trainer:
         self._load_weights(weights)
 
     def _weight_problems(self, weights: dict[str, torch.Tensor]) -> str | None:
-        own = self.model.state_dict()
+        own = own_state_names(self.model)
         if getattr(self, "finetune", None) is not None:  # a LoRA run's checkpoints hold its adapters only
             own = self.finetune.own_state(own)
-        if self.cfg.model.tie_embeddings:
-            own.pop("lm_head.weight", None)
-        missing = sorted(set(own) - set(weights))
-        unexpected = sorted(set(weights) - set(own))
-        shapes = [f"{k} {tuple(weights[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-                  if k in weights and weights[k].shape != v.shape]
-        if missing or unexpected or shapes:
-            return f"missing {missing[:3]}, unexpected {unexpected[:3]}, shape mismatches {shapes[:3]}"
-        return None
+        return state_problems(own, weights)
 
     def _load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         if getattr(self, "finetune", None) is not None and self.finetune.load(self.model, weights):

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from tests.train.conftest import TINY, one_thread, tiny_cfg, toy_corpus, toy_data  # noqa: F401
+from tests.train.conftest import one_thread, toy_data  # noqa: F401
+from tests.train.train_helpers import TINY, tiny_cfg, toy_corpus  # noqa: F401
 
 
 @pytest.fixture(scope="session")

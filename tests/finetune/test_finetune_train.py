@@ -9,7 +9,7 @@ from moelab.checkpoint import load_model, read_config, resolve_checkpoint
 from moelab.errors import UserError
 from moelab.finetune.adapters import load_adapter_model, merge_run
 from moelab.train import Trainer
-from tests.train.conftest import tiny_cfg
+from tests.train.train_helpers import tiny_cfg
 
 
 def ft_cfg(data, mode, shared=1, **lora):

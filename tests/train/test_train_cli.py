@@ -4,7 +4,7 @@ import json
 import shutil
 
 import pytest
-from conftest import read_metrics, tiny_cfg, write_yaml
+from train_helpers import read_metrics, tiny_cfg, write_yaml
 
 from moelab.cli import main
 from moelab.data import prepare

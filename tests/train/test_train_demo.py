@@ -1,7 +1,7 @@
 """`moelab demo` end to end on a toy corpus and a shrunken model (the real demo takes ~3 minutes)."""
 
 import pytest
-from conftest import toy_corpus
+from train_helpers import toy_corpus
 
 from moelab.cli import main
 

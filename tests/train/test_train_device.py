@@ -3,8 +3,8 @@
 import sys
 
 import torch
-from conftest import tiny_cfg
 from device_checks import assert_on_device
+from train_helpers import tiny_cfg
 
 from moelab.parallel import init_parallel
 from moelab.train.loop import Trainer

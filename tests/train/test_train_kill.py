@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics, tiny_cfg, write_yaml
 from safetensors.torch import load_file
+from train_helpers import read_metrics, tiny_cfg, write_yaml
 
 from moelab.checkpoint import is_complete
 from moelab.fileio import PAUSE_ENV

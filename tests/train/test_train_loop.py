@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import read_metrics, tiny_cfg
+from train_helpers import read_metrics, tiny_cfg
 
 from moelab.checkpoint import load_model, resolve_checkpoint
 from moelab.train import Trainer, TrainingDiverged, train

@@ -2,7 +2,7 @@
 
 import sys
 
-from conftest import read_metrics, tiny_cfg
+from train_helpers import read_metrics, tiny_cfg
 
 from moelab.train.loop import Trainer
 from moelab.train.telemetry import mfu_fields

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import read_metrics, tiny_cfg, write_yaml
+from train_helpers import read_metrics, tiny_cfg, write_yaml
 
 from moelab.errors import UserError
 from moelab.train import train

@@ -6,7 +6,7 @@ import random
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_cfg
+from train_helpers import tiny_cfg
 
 from moelab.config import Config, from_dict
 from moelab.model import Transformer
