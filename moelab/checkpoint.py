@@ -174,6 +174,18 @@ def own_state_names(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return own
 
 
+def assign_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load a checked `state` into a model built on the meta device: the tensors become the parameters
+    (no copy), in the model's own dtypes (a bf16 file gives an fp32 model, as a copying load would), and a
+    tied LM head is tied again."""
+    own = model.state_dict()
+    state = {k: v.to(own[k].dtype) if v.is_floating_point() and v.dtype != own[k].dtype else v
+             for k, v in state.items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
+        model.lm_head.weight = model.embed.weight
+
+
 def build_model(cfg: Config, state: dict[str, torch.Tensor], device: str | torch.device = "cpu",
                 where: str = "weights", swap=None):
     """A `Transformer` of `cfg.model` holding `state`: built on the meta device (no memory, no random
@@ -188,9 +200,7 @@ def build_model(cfg: Config, state: dict[str, torch.Tensor], device: str | torch
     problems = state_problems(own_state_names(model), state)
     if problems:
         raise UserError(f"{where}: weights do not match config.yaml ({problems})")
-    model.load_state_dict(state, strict=False, assign=True)
-    if cfg.model.tie_embeddings:
-        model.lm_head.weight = model.embed.weight
+    assign_state(model, state)
     model.init_buffers(device)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # a non-persistent buffer init_buffers does not know: a bug, not bad input

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from moelab import fileio
-from moelab.checkpoint import COMPLETE, atomic_dir, load_model
+from moelab.checkpoint import COMPLETE, assign_state, atomic_dir, load_model, own_state_names, state_problems
 from moelab.config import Config, DataConfig, ModelConfig
 from moelab.errors import UserError
 from moelab.interop import hf_tokenizer
@@ -87,11 +87,13 @@ def read_hf_model(hf_dir: str | Path):
     if tied_head is not None and not torch.equal(tied_head.to(state["embed.weight"].dtype), state["embed.weight"]):
         raise UserError(f"{hf_dir}: lm_head.weight differs from model.embed_tokens.weight but "
                         "tie_word_embeddings=true")
-    model = Transformer(cfg)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (cfg.tie_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:  # the weight map and the model disagree: a bug, not bad input
-        raise RuntimeError(f"weight map out of sync with the model: missing {missing}, unexpected {unexpected}")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    problems = state_problems(own_state_names(model), state)
+    if problems:  # the weight map and the model disagree: a bug, not bad input
+        raise RuntimeError(f"weight map out of sync with the model: {problems}")
+    assign_state(model, state)
+    model.init_buffers("cpu")
     return model.eval(), cfg, spec, notes
 
 
