@@ -44,6 +44,7 @@ from moelab.train.telemetry import (
     TensorBoard,
     Window,
     _sync,
+    mean_experts_per_token,
     measure_matmul_peak,
     merge_micro,
     mfu_fields,
@@ -363,7 +364,7 @@ class Trainer:
         if ok:
             acc["grad_norm"] = gnorm.detach()
             self.window.add({k: v for k, v in acc.items()})
-        flops = self.tokens_per_step * self._flops_per_token(sched.top_k)
+        flops = self.tokens_per_step * self._step_flops_per_token(sched.top_k, acc)
         self.step += 1
         self.tokens += self.tokens_per_step
         self.flops += flops
@@ -392,6 +393,20 @@ class Trainer:
             m = dataclasses.replace(m, moe=dataclasses.replace(m.moe, top_k=k))
             self._fpt[k] = flops_per_token(m, self.cfg.data.seq_len)["train"]
         return self._fpt[k]
+
+    def _step_flops_per_token(self, k: int, acc: dict) -> float:
+        """Adaptive routers (top-p, null experts): FLOPs follow this step's measured mean experts per
+        token (FLOPs are linear in k); fixed top-k keeps the config's k, so capacity drops do not
+        change existing runs' MFU."""
+        from moelab.model.dynamic_config import adaptive
+
+        if not adaptive(self.cfg.model.moe):
+            return self._flops_per_token(k)
+        mean_k = mean_experts_per_token(acc)
+        if mean_k is None:
+            return self._flops_per_token(k)
+        f0 = self._flops_per_token(0)
+        return f0 + mean_k * (self._flops_per_token(1) - f0)
 
     @torch.no_grad()
     def _evaluate(self) -> dict:

@@ -49,7 +49,10 @@ def aux_coef_scale(step: int, cfg: Config) -> float:
 def aux_coefs(step: int, cfg: Config) -> dict[str, float]:
     """Scheduled coefficient of every aux loss (name -> coef), from the moe config's `*_coef` values."""
     scale = aux_coef_scale(step, cfg)
-    return {name: scale * getattr(cfg.model.moe, attr) for name, (_, attr) in AUX_LOSSES.items()}
+    from moelab.model.dynamic_losses import EXTRA_AUX_LOSSES
+
+    both = {**AUX_LOSSES, **EXTRA_AUX_LOSSES}
+    return {name: scale * getattr(cfg.model.moe, attr) for name, (_, attr) in both.items()}
 
 
 def top_k(step: int, cfg: Config) -> int:
