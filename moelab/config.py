@@ -286,6 +286,8 @@ class ScheduleConfig:
     top_k_start: int | None = None  # dense-to-sparse: experts per token at step 0; None = moe.top_k
     top_k_steps: int | None = None  # reaches moe.top_k (linearly, rounded) at this step; None = half the run
     grow_at: list[int] = field(default_factory=list)  # optimizer steps at which every MoE layer doubles its experts
+    grow_anneal_steps: int = 50  # after growing, k runs at 2k (loss-continuous) and anneals back to k over these
+    grow_noise: float = 0.01  # noise on the copies, relative to each tensor's std (moelab/grow.py)
 
     def validate(self, prefix: str = "schedule") -> list[str]:
         p = []

@@ -174,6 +174,7 @@ class Trainer:
         self.window = Window()
         self.last_ckpt: Path | None = None
         self._fpt: dict[int, int] = {}
+        self.base_experts = (cfg.model.moe.num_experts, cfg.model.moe.num_null_experts)  # grow_at changes these
 
     # ------------------------------------------------------------------------------------------------
     # Setup
@@ -238,7 +239,10 @@ class Trainer:
             if self.is_main:  # every bad one is newer: set aside so it is neither newest nor counted in rotation
                 for b, why in bad:
                     state.set_aside(b, why)
-                rundir.write_config(self.cfg, self.run_dir)  # resume may extend train.steps or change logging
+                from moelab.grow import with_experts  # the run's config keeps the experts it starts with
+
+                rundir.write_config(with_experts(self.cfg, *self.base_experts), self.run_dir)  # resume may extend
+                # train.steps or change logging
                 rundir.write_run_info(self.run_dir, {"init_from": None, "resumed_from": str(ckpt)})
             self.last_ckpt = ckpt
             return
@@ -246,6 +250,9 @@ class Trainer:
 
     def _load_checkpoint(self, ckpt: Path) -> None:
         weights, st, optim = state.read_train_state(ckpt)
+        grown = sum(g < int(st["step"]) for g in self.cfg.schedule.grow_at)  # growths this checkpoint has seen
+        while self.cfg.model.moe.num_experts < self.base_experts[0] * 2 ** grown:
+            self._grow(measure=False)  # structure only: the checkpoint's weights and moments replace it
         problems = self._weight_problems(weights)
         if problems:
             raise state.BadCheckpoint(f"weights do not fit the run's model ({problems})")
@@ -321,8 +328,17 @@ class Trainer:
     def _train_step(self) -> None:
         cfg, model, opt = self.cfg, self.model, self.optimizer
         t0 = time.perf_counter()
+        if self.step in cfg.schedule.grow_at:
+            self._grow()
+            model, opt = self.model, self.optimizer
         sched = schedules.at_step(self.step, cfg)
         schedules.apply(model, sched, cfg)
+        if cfg.schedule.grow_at:  # k' = 2k right after a growth, annealed back (moelab/grow.py)
+            from moelab.grow import anneal_top_k
+
+            s = cfg.schedule
+            sched.top_k = anneal_top_k(self.step, sched.top_k, 2.0, s.grow_at, s.grow_anneal_steps)
+            model.set_router_attr("top_k", sched.top_k)
         lr = lr_at(self.step, cfg.train)
         set_lr(opt, lr)
         accum = cfg.train.grad_accum
@@ -394,6 +410,27 @@ class Trainer:
             self._fpt[k] = flops_per_token(m, self.cfg.data.seq_len)["train"]
         return self._fpt[k]
 
+    def _grow(self, measure: bool = True) -> None:
+        """Double every MoE layer's experts (schedule.grow_at) and carry the optimizer state over; with
+        `measure`, the val loss right before and right after goes into the next metrics record."""
+        from moelab.grow import grow_model, grow_optimizer_state
+
+        if self.par.distributed or self.finetune.adapter_only:
+            raise UserError("schedule.grow_at: growing experts needs a single-process, full-weight run")
+        before = self._evaluate().get("val/loss") if measure else None
+        e = self.cfg.model.moe.num_experts
+        optim = state.optimizer_state(self.optimizer)
+        grown = grow_model(self.model, 2 * e, self.cfg.schedule.grow_noise, seed=self.cfg.train.seed + self.step)
+        self.optimizer = build_optimizer(self.model, self.cfg.train)
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        state.load_optimizer_state(self.optimizer, grow_optimizer_state(optim, grown, e))
+        self._fpt.clear()  # router sizes changed
+        if measure:
+            self.model.set_router_attr("top_k", 2 * self.cfg.model.moe.top_k)
+            after = self._evaluate().get("val/loss")
+            self.grow_record = {"grow/experts": 2 * e, "grow/val_loss_before": before, "grow/val_loss_after": after}
+            self.grow_record["grow/rel_change"] = (after - before) / before if before and after is not None else None
+
     def _step_flops_per_token(self, k: int, acc: dict) -> float:
         """Adaptive routers (top-p, null experts): FLOPs follow this step's measured mean experts per
         token (FLOPs are linear in k); fixed top-k keeps the config's k, so capacity drops do not
@@ -445,6 +482,8 @@ class Trainer:
         if self.cfg.schedule.aux_coef_steps:
             rec["aux_coef_scale"] = schedules.aux_coef_scale(self.step - 1, self.cfg)
         rec.update(val)
+        rec.update(getattr(self, "grow_record", None) or {})
+        self.grow_record = None
         if stop:
             rec["stopped"] = stop
         self.window = Window()
