@@ -145,6 +145,11 @@ class Trainer:
             raise UserError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the dataset's tokenizer "
                             f"vocabulary ({self.data.vocab_size}); set model.vocab_size >= {self.data.vocab_size}")
         self.data.check_token_ids(cfg.model.vocab_size)  # before anything is written (else an IndexError mid-run)
+        self.multitask = bool(cfg.model.moe.num_tasks) and hasattr(self.data, "train")
+        if self.multitask:  # task (source) ids for the routers, from meta.json's per-source ranges
+            from moelab.train.task_ids import attach_tasks
+
+            attach_tasks(self.data, cfg.model.moe.num_tasks)
 
         torch.manual_seed(cfg.train.seed)
         self.model = Transformer(cfg.model).to(self.device)
@@ -346,8 +351,9 @@ class Trainer:
         for _ in range(accum):
             x, y = self.data.train_batch(self.device)
             x, y = x[self.rows], y[self.rows]
+            tasks = self.data.tasks(self.device)[self.rows] if self.multitask else None
             with self._autocast():
-                out = model(x, y, return_logits=False)
+                out = model(x, y, return_logits=False, tasks=tasks)
             loss = out.ce_loss + model.aux_loss(out.aux_losses, sched.coefs)
             scaled = loss / accum
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
@@ -453,8 +459,9 @@ class Trainer:
         nats, count = 0.0, 0
         bs = self.cfg.eval.batch_size or self.cfg.train.batch_size
         for x, y in self.data.val_batches(bs, self.cfg.eval.batches, self.device):
+            tasks = self.data.tasks(self.device) if self.multitask else None
             with self._autocast():
-                out = self.model(x, y, return_logits=False)
+                out = self.model(x, y, return_logits=False, tasks=tasks)
             n = int((y != -100).sum())
             nats += float(out.ce_loss) * n
             count += n

@@ -51,8 +51,9 @@ def aux_coefs(step: int, cfg: Config) -> dict[str, float]:
     scale = aux_coef_scale(step, cfg)
     from moelab.model.dynamic_losses import EXTRA_AUX_LOSSES
 
-    both = {**AUX_LOSSES, **EXTRA_AUX_LOSSES}
-    return {name: scale * getattr(cfg.model.moe, attr) for name, (_, attr) in both.items()}
+    moe = cfg.model.moe  # the extra losses exist (and have a coefficient) only when turned on
+    both = {**AUX_LOSSES, **{n: v for n, v in EXTRA_AUX_LOSSES.items() if getattr(moe, v[1]) > 0}}
+    return {name: scale * getattr(moe, attr) for name, (_, attr) in both.items()}
 
 
 def top_k(step: int, cfg: Config) -> int:

@@ -116,7 +116,7 @@ class Window:
         """Add one good optimizer step's values (scalars or [E] count vectors)."""
         for key, v in values.items():
             v = v.detach().float()
-            self.sums[key] = self.sums[key] + v if key in self.sums else v.clone()
+            self.sums[key] = padded_add(self.sums[key], v) if key in self.sums else v.clone()
         self.steps += 1
 
     def summary(self) -> dict:
@@ -202,7 +202,16 @@ def merge_micro(acc: dict[str, torch.Tensor], values: dict[str, torch.Tensor], s
     for key, v in values.items():
         is_count = key.endswith(("/counts", "/dropped", "/assignments", "/k_hist"))
         v = v.float() if is_count else v.float() * scale
-        acc[key] = acc[key] + v if key in acc else v
+        acc[key] = padded_add(acc[key], v) if key in acc else v
+
+
+def padded_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a + b, zero-padding the shorter of two 1-D vectors: a window can span a change of length (the
+    top-k schedule changes the experts-per-token histogram's K + 1, growing appends experts to counts)."""
+    if a.dim() == 1 and b.dim() == 1 and a.numel() != b.numel():
+        n = max(a.numel(), b.numel())
+        a, b = torch.nn.functional.pad(a, (0, n - a.numel())), torch.nn.functional.pad(b, (0, n - b.numel()))
+    return a + b
 
 
 # ----------------------------------------------------------------------------------------------------
