@@ -301,8 +301,11 @@ class ScheduleConfig:
         for name in ("gumbel_tau_steps", "aux_coef_steps", "top_k_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 p.append(f"{prefix}.{name}: expected >= 0, got {getattr(self, name)}")
-        if not isinstance(self.grow_at, list) or not all(isinstance(s, int) and s > 0 for s in self.grow_at):
+        if isinstance(self.grow_at, list) and not all(isinstance(s, int) and s > 0 for s in self.grow_at):
             p.append(f"{prefix}.grow_at: expected a list of positive optimizer steps, got {self.grow_at!r}")
+        if self.grow_anneal_steps < 0 or self.grow_noise < 0:
+            p.append(f"{prefix}.grow_anneal_steps / grow_noise: expected >= 0, got {self.grow_anneal_steps} / "
+                     f"{self.grow_noise}")
         return p
 
     def check_model(self, model: ModelConfig, prefix: str = "schedule") -> list[str]:
@@ -311,6 +314,8 @@ class ScheduleConfig:
         if self.gumbel_tau_end is not None and moe.router != "gumbel":
             p.append(f"{prefix}.gumbel_tau_end: temperature annealing needs model.moe.router=gumbel, "
                      f"router is {moe.router!r}")
+        if self.grow_at and moe.router in ("hierarchical", "expert_choice"):
+            p.append(f"{prefix}.grow_at: growing experts does not support router {moe.router!r}")
         if self.top_k_start is not None:
             if moe.router == "expert_choice":
                 p.append(f"{prefix}.top_k_start: expert_choice routing has no per-token top-k to anneal")

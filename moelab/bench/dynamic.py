@@ -23,7 +23,8 @@ VARIANTS = ("top2", "top_p", "null", "grow", "grow_diversity", "hierarchical", "
 
 
 def add_arguments(p):
-    p.add_argument("--steps", type=int, default=300, help="optimizer steps per variant (default 300)")
+    p.add_argument("--steps", type=int, default=500, help="optimizer steps per variant (default 500)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared CPU's neighbours)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--work-dir", default="benchmarks/dynamic-work", help="corpus, dataset and runs")
     p.add_argument("--json", dest="json_out", default="benchmarks/dynamic.json")
@@ -70,9 +71,9 @@ def base_config(data_dir: Path, steps: int, seed: int) -> dict:
         "model": {"vocab_size": 264, "d_model": 64, "n_layers": 2, "n_heads": 4, "ffn_dim": 128, "max_seq_len": 64,
                   "moe": {"num_experts": 8, "top_k": 2, "expert_dim": 64}},
         "data": {"path": str(data_dir), "seq_len": 64},
-        "train": {"steps": steps, "batch_size": 16, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 20, "seed": seed,
+        "train": {"steps": steps, "batch_size": 8, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 20, "seed": seed,
                   "peak_flops": 1.0e11},
-        "eval": {"every": 0, "batches": 16},
+        "eval": {"every": 0, "batches": 8},
         "checkpoint": {"every": 0, "keep_last": 1, "keep_best": False},
         "log": {"every": 10, "progress": False, "tensorboard": False},
     }
@@ -108,7 +109,7 @@ def measure(run_dir: Path, data_dir: Path) -> dict:
     from moelab.analysis.run import load_held_out
     from moelab.analysis.trace import summarise
     from moelab.checkpoint import load_model
-    from moelab.model.dynamic_losses import expert_output_similarity
+    from moelab.model.dynamic_losses import expert_diversity, expert_output_similarity
 
     model, cfg, _ = load_model(run_dir, "cpu")
     held, _ = load_held_out(data_dir, "val", cfg.data.seq_len, 16384, "input")
@@ -132,6 +133,15 @@ def measure(run_dir: Path, data_dir: Path) -> dict:
         "expert_output_similarity": expert_output_similarity(first.experts.gate_up, first.experts.down, x),
     }
     out["mi_over_chance"] = out["mi_bits"] - out["mi_chance_bits"]
+    gu, dn = first.experts.gate_up.detach(), first.experts.down.detach()
+    out["weight_cos2"] = float(expert_diversity(gu, dn))  # what the diversity loss measures
+    e = gu.shape[0]
+    if "grow" in run_dir.name:  # the split halves: expert i and its copy i + E/2
+        h = e // 2
+        out["sibling_output_similarity"] = sum(
+            expert_output_similarity(gu[[i, i + h]], dn[[i, i + h]], x) for i in range(h)) / h
+        out["sibling_weight_cos2"] = sum(float(expert_diversity(gu[[i, i + h]], dn[[i, i + h]])) for i in range(h)) / h
+    out["loss_by_domain"] = _loss_by_domain(model, held, cfg.data.seq_len, [Path(d["name"]).name for d in s["domains"]])
     if "group_mutual_information" in layers[0]:
         out["group_mi_bits"] = sum(lay["group_mutual_information"] for lay in layers) / len(layers)
         out["group_mi_chance_bits"] = sum(lay["group_mi_chance"] for lay in layers) / len(layers)
@@ -139,11 +149,33 @@ def measure(run_dir: Path, data_dir: Path) -> dict:
     return out
 
 
+def _loss_by_domain(model, held, seq_len: int, names: list[str]) -> dict:
+    """Held-out nats per token of each domain (which domains are hard: do they get more experts?)."""
+    import torch
+    import torch.nn.functional as F
+
+    n = held.tokens.numel() // seq_len * seq_len
+    win, dom = held.tokens[:n].view(-1, seq_len), held.domain_ids[:n].view(-1, seq_len)
+    tot, cnt = torch.zeros(len(names), dtype=torch.float64), torch.zeros(len(names), dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        for b in range(0, win.shape[0], 16):
+            x = win[b:b + 16]
+            ce = F.cross_entropy(model(x[:, :-1]).logits.float().transpose(1, 2), x[:, 1:], reduction="none")
+            d = dom[b:b + 16, 1:].reshape(-1)
+            tot.index_add_(0, d, ce.reshape(-1).double())
+            cnt.index_add_(0, d, torch.ones_like(d, dtype=torch.float64))
+    return {name: float(t / c) if c else None for name, t, c in zip(names, tot, cnt, strict=False)}
+
+
 def run(args) -> int:
+    import torch
+
     from moelab.bench import write_results
     from moelab.data.preparation import prepare
     from moelab.train.loop import train
 
+    torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
     data_dir = work / "data"
     if not (data_dir / "meta.json").is_file():

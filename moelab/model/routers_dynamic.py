@@ -34,6 +34,7 @@ class TopPRouter(Router):
 
     def __init__(self, d_model: int, cfg, use_top_p: bool = True):
         super().__init__(d_model, cfg)
+        self.uses_top_p = use_top_p
         self.top_p = cfg.top_p if use_top_p else 1.0  # run-time attribute: inference may override it
         self.num_real = cfg.num_experts
         if cfg.num_null_experts:  # the gate scores the null experts too
@@ -104,3 +105,19 @@ def build_dynamic_router(d_model: int, cfg, classes: dict) -> Router:
     if cfg.num_tasks:
         router.task_embed = nn.Embedding(cfg.num_tasks, d_model)
     return router
+
+
+def set_routing_top_p(model, p: float | None) -> None:
+    """Inference override of a top-p router's mass (`moelab generate --routing-top-p`); with
+    `--num-experts-per-tok` (k_max) it trades quality for speed like a fixed k does."""
+    from moelab.errors import UserError
+
+    if p is None:
+        return
+    if not 0 < p <= 1:
+        raise UserError(f"--routing-top-p: expected 0 < P <= 1, got {p}")
+    routers = [layer.router for layer in model.moe_layers.values()]
+    if not routers or not all(getattr(r, "uses_top_p", False) for r in routers):
+        raise UserError("--routing-top-p: the model's router is not top_p (model.moe.router)")
+    for r in routers:
+        r.top_p = p

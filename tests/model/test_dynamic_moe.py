@@ -190,3 +190,18 @@ def test_experts_per_token_histogram_and_fields():
 def test_config_errors_are_one_line(kw, message):
     problems = MoEConfig(**kw).validate()
     assert len(problems) == 1 and problems[0].startswith(message) and "\n" not in problems[0]
+
+
+def test_routing_top_p_override():
+    from moelab.errors import UserError
+    from moelab.model.routers_dynamic import set_routing_top_p
+
+    base = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=4, ffn_dim=64)
+    m = Transformer(ModelConfig(**base, moe=MoEConfig(router="top_p", top_k=4, top_p=0.9, expert_dim=16)))
+    set_routing_top_p(m, 0.01)  # below any single expert's mass: one expert per token
+    x = torch.randint(0, 64, (2, 8))
+    assert m.eval()(x).routing[0].experts_per_token.tolist() == [0.0, 16.0, 0.0, 0.0, 0.0]
+    with pytest.raises(UserError, match="--routing-top-p: the model's router is not top_p"):
+        set_routing_top_p(Transformer(ModelConfig(**base, moe=MoEConfig(expert_dim=16))), 0.5)
+    with pytest.raises(UserError, match="expected 0 < P <= 1"):
+        set_routing_top_p(m, 1.5)

@@ -131,3 +131,17 @@ def test_grow_cli_grow_and_shrink(toy_data, tmp_path, capsys):
     assert "quality cost" in capsys.readouterr().out
     assert main(["grow", str(tmp_path / "run"), str(tmp_path / "x"), "--experts", "99"]) == 2
     assert "--experts must be in" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("schedule.grow_at=[0]", "schedule.grow_at: expected a list of positive optimizer steps"),
+    ("schedule.grow_noise=-1", "schedule.grow_anneal_steps / grow_noise: expected >= 0"),
+    ("moe.router=hierarchical", "schedule.grow_at: growing experts does not support router 'hierarchical'"),
+])
+def test_grow_config_errors_are_one_line(override, message):
+    from moelab.config import load_config
+    from moelab.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["schedule.grow_at=[5]", override])
+    assert str(e.value).count("\n") == 0 and message in str(e.value)
