@@ -189,3 +189,27 @@ def with_experts(cfg, num_experts: int, num_null_experts: int):
     out = copy.deepcopy(cfg)
     out.model.moe.num_experts, out.model.moe.num_null_experts = num_experts, num_null_experts
     return out
+
+
+def grow_trainer(self, measure: bool = True) -> None:
+    """The trainer (`self`) doubles every MoE layer's experts mid-run and rebuilds its optimizer with the
+    state carried over; with `measure`, the val loss right before and after (at 2k) goes into the next
+    metrics record."""
+    from moelab.train import state
+    from moelab.train.optim import build_optimizer
+
+    if self.par.distributed or self.finetune.adapter_only:
+        raise UserError("schedule.grow_at: growing experts needs a single-process, full-weight run")
+    before = self._evaluate().get("val/loss") if measure else None
+    e = self.cfg.model.moe.num_experts
+    optim = state.optimizer_state(self.optimizer)
+    grown = grow_model(self.model, 2 * e, self.cfg.schedule.grow_noise, seed=self.cfg.train.seed + self.step)
+    self.optimizer = build_optimizer(self.model, self.cfg.train)
+    self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+    state.load_optimizer_state(self.optimizer, grow_optimizer_state(optim, grown, e))
+    self._fpt.clear()  # router sizes changed
+    if measure:
+        self.model.set_router_attr("top_k", 2 * self.cfg.model.moe.top_k)
+        after = self._evaluate().get("val/loss")
+        self.grow_record = {"grow/experts": 2 * e, "grow/val_loss_before": before, "grow/val_loss_after": after}
+        self.grow_record["grow/rel_change"] = (after - before) / before if before and after is not None else None

@@ -417,35 +417,17 @@ class Trainer:
         return self._fpt[k]
 
     def _grow(self, measure: bool = True) -> None:
-        """Double every MoE layer's experts (schedule.grow_at) and carry the optimizer state over; with
-        `measure`, the val loss right before and right after goes into the next metrics record."""
-        from moelab.grow import grow_model, grow_optimizer_state
+        """Double every MoE layer's experts (schedule.grow_at); see `moelab.grow.grow_trainer`."""
+        from moelab.grow import grow_trainer
 
-        if self.par.distributed or self.finetune.adapter_only:
-            raise UserError("schedule.grow_at: growing experts needs a single-process, full-weight run")
-        before = self._evaluate().get("val/loss") if measure else None
-        e = self.cfg.model.moe.num_experts
-        optim = state.optimizer_state(self.optimizer)
-        grown = grow_model(self.model, 2 * e, self.cfg.schedule.grow_noise, seed=self.cfg.train.seed + self.step)
-        self.optimizer = build_optimizer(self.model, self.cfg.train)
-        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        state.load_optimizer_state(self.optimizer, grow_optimizer_state(optim, grown, e))
-        self._fpt.clear()  # router sizes changed
-        if measure:
-            self.model.set_router_attr("top_k", 2 * self.cfg.model.moe.top_k)
-            after = self._evaluate().get("val/loss")
-            self.grow_record = {"grow/experts": 2 * e, "grow/val_loss_before": before, "grow/val_loss_after": after}
-            self.grow_record["grow/rel_change"] = (after - before) / before if before and after is not None else None
+        grow_trainer(self, measure)
 
     def _step_flops_per_token(self, k: int, acc: dict) -> float:
-        """Adaptive routers (top-p, null experts): FLOPs follow this step's measured mean experts per
-        token (FLOPs are linear in k); fixed top-k keeps the config's k, so capacity drops do not
-        change existing runs' MFU."""
+        """Adaptive routers (top-p, null experts): FLOPs at this step's measured mean experts per token
+        (linear in k); fixed top-k keeps the config's k, so capacity drops leave existing runs' MFU alone."""
         from moelab.model.dynamic_config import adaptive
 
-        if not adaptive(self.cfg.model.moe):
-            return self._flops_per_token(k)
-        mean_k = mean_experts_per_token(acc)
+        mean_k = mean_experts_per_token(acc) if adaptive(self.cfg.model.moe) else None
         if mean_k is None:
             return self._flops_per_token(k)
         f0 = self._flops_per_token(0)

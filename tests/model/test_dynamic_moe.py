@@ -1,6 +1,8 @@
 """Dynamic and structured MoE: top-p and null-expert routers, hierarchical routing, the extra aux
 losses -- slow references and properties, every backend, config errors, counting, telemetry."""
 
+import json
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -205,3 +207,17 @@ def test_routing_top_p_override():
         set_routing_top_p(Transformer(ModelConfig(**base, moe=MoEConfig(expert_dim=16))), 0.5)
     with pytest.raises(UserError, match="expected 0 < P <= 1"):
         set_routing_top_p(m, 1.5)
+
+
+def test_info_mean_k(tmp_path, capsys):
+    from moelab.cli import main
+    from tests.conftest import REPO
+
+    cfg = str(REPO / "configs" / "tiny.yaml")
+    assert main(["info", cfg, "--set", "moe.router=top_p", "--set", "moe.top_k=4", "--mean-k", "1.5", "--json"]) == 0
+    at = json.loads(capsys.readouterr().out)
+    assert main(["info", cfg, "--set", "moe.router=top_p", "--set", "moe.top_k=4", "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert at["active_k"] == 1.5 and at["flops_per_token"]["train"] < full["flops_per_token"]["train"]
+    assert main(["info", cfg, "--mean-k", "9"]) == 2
+    assert "--mean-k: expected 0 <= K <= moe.top_k=2" in capsys.readouterr().err
