@@ -27,7 +27,8 @@ __all__ = ["Config", "ModelConfig", "MoEConfig", "DataConfig", "TrainConfig", "S
            "CheckpointConfig", "LogConfig", "ParallelConfig", "load_config", "save_config", "from_dict",
            "read_yaml", "apply_overrides", "parse_override"]
 
-ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid", "noisy_topk", "gumbel", "expert_choice")
+ROUTERS = ("softmax_topk", "topk_softmax", "sigmoid", "noisy_topk", "gumbel", "expert_choice", "top_p",
+           "hierarchical")
 QK_NORMS = ("none", "head", "full")
 
 
@@ -61,6 +62,15 @@ class MoEConfig:
     z_loss_coef: float = 0.001
     cv_coef: float = 0.0
     variance_coef: float = 0.0
+    # Dynamic and structured MoE (moelab/model/routers_dynamic.py, docs/model.md "Dynamic MoE").
+    top_p: float = 0.7  # router top_p: smallest expert set whose probability mass reaches p, at most top_k
+    num_null_experts: int = 0  # softmax_topk/top_p: zero experts; a slot routed to one costs nothing
+    num_groups: int = 1  # router hierarchical: G groups of num_experts / G experts ...
+    top_groups: int = 1  # ... of which each token's group router picks this many
+    num_tasks: int = 0  # > 0: a learned task embedding (source id) is added to the router input
+    group_balance_coef: float = 0.0  # hierarchical: switch-style balance over groups
+    task_balance_coef: float = 0.0  # num_tasks > 0: load balance computed per task, then averaged
+    diversity_coef: float = 0.0  # expert diversity: mean squared cosine between experts' weights
 
     @staticmethod
     def upgrade_legacy(data: dict) -> dict:
@@ -103,7 +113,9 @@ class MoEConfig:
         for name in ("load_balance_coef", "z_loss_coef", "cv_coef", "variance_coef", "bias_update_rate"):
             if getattr(self, name) < 0:
                 p.append(f"{prefix}.{name}: expected >= 0, got {getattr(self, name)}")
-        return p
+        from moelab.model.dynamic_config import validate_dynamic
+
+        return p + validate_dynamic(self, prefix)
 
 
 @dataclass
@@ -274,6 +286,9 @@ class ScheduleConfig:
     aux_coef_steps: int = 0  # ... after this many steps (0 = always 1.0)
     top_k_start: int | None = None  # dense-to-sparse: experts per token at step 0; None = moe.top_k
     top_k_steps: int | None = None  # reaches moe.top_k (linearly, rounded) at this step; None = half the run
+    grow_at: list[int] = field(default_factory=list)  # optimizer steps at which every MoE layer doubles its experts
+    grow_anneal_steps: int = 50  # after growing, k runs at 2k (loss-continuous) and anneals back to k over these
+    grow_noise: float = 0.01  # noise on the copies, relative to each tensor's std (moelab/grow.py)
 
     def validate(self, prefix: str = "schedule") -> list[str]:
         p = []
@@ -287,6 +302,11 @@ class ScheduleConfig:
         for name in ("gumbel_tau_steps", "aux_coef_steps", "top_k_steps"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 p.append(f"{prefix}.{name}: expected >= 0, got {getattr(self, name)}")
+        if isinstance(self.grow_at, list) and not all(isinstance(s, int) and s > 0 for s in self.grow_at):
+            p.append(f"{prefix}.grow_at: expected a list of positive optimizer steps, got {self.grow_at!r}")
+        if self.grow_anneal_steps < 0 or self.grow_noise < 0:
+            p.append(f"{prefix}.grow_anneal_steps / grow_noise: expected >= 0, got {self.grow_anneal_steps} / "
+                     f"{self.grow_noise}")
         return p
 
     def check_model(self, model: ModelConfig, prefix: str = "schedule") -> list[str]:
@@ -295,6 +315,8 @@ class ScheduleConfig:
         if self.gumbel_tau_end is not None and moe.router != "gumbel":
             p.append(f"{prefix}.gumbel_tau_end: temperature annealing needs model.moe.router=gumbel, "
                      f"router is {moe.router!r}")
+        if self.grow_at and moe.router in ("hierarchical", "expert_choice"):
+            p.append(f"{prefix}.grow_at: growing experts does not support router {moe.router!r}")
         if self.top_k_start is not None:
             if moe.router == "expert_choice":
                 p.append(f"{prefix}.top_k_start: expert_choice routing has no per-token top-k to anneal")

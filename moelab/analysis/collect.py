@@ -21,6 +21,7 @@ class HeldOut:
     tokens: torch.Tensor  # [N] int64 token ids in stream order
     domain_ids: torch.Tensor | None = None  # [N] index into `domains`
     domains: list[str] = field(default_factory=list)
+    task_ids: torch.Tensor | None = None  # [N] multi-task models: each token's task (moelab/train/task_ids.py)
 
 
 def span_ids(num_tokens: int, spans: list[tuple[int, int]]) -> torch.Tensor:
@@ -62,7 +63,10 @@ def collect_routing(model, held: HeldOut, seq_len: int, batch_size: int = 8,
     try:
         for b in range(0, n_win, batch_size):
             x = windows[b:b + batch_size].to(device)
-            out = model(x)
+            tasks = None
+            if held.task_ids is not None and model.cfg.moe.num_tasks:
+                tasks = held.task_ids[:n].view(n_win, seq_len)[b:b + batch_size].to(device)
+            out = model(x, tasks=tasks)
             for i, st in out.routing.items():
                 ids[i].append(st.topk_ids.cpu())
                 keeps[i].append(st.keep.cpu() if st.keep is not None else None)
@@ -90,4 +94,6 @@ def collect_routing(model, held: HeldOut, seq_len: int, batch_size: int = 8,
         domain_ids=held.domain_ids[:n].clone() if held.domain_ids is not None else None,
         domain_names=list(held.domains),
         vocab_size=model.cfg.vocab_size,
+        num_groups=first.cfg.num_groups if first.cfg.router == "hierarchical" else 1,
+        task_ids=held.task_ids[:n].clone() if held.task_ids is not None and model.cfg.moe.num_tasks else None,
     )

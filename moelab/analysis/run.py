@@ -78,13 +78,16 @@ def load_held_out(data_dir: str | Path, split: str, seq_len: int, max_tokens: in
     starts = np.linspace(0, total - seq_len, n_win).astype(np.int64)  # evenly spread, non-overlapping
     idx = (starts[:, None] + np.arange(seq_len)).reshape(-1)
     tokens = torch.from_numpy(ds.tokens[idx].astype(np.int64))
+    from moelab.train.task_ids import token_tasks
+
+    tasks = torch.from_numpy(token_tasks(ds.meta, split, total)[idx])
     spans = group_sources(ds.meta.get("sources") or [], split, grouping)
     if not spans:
-        return HeldOut(tokens), ds
+        return HeldOut(tokens, task_ids=tasks), ds
     span = span_ids(total, [(lo, hi) for _, lo, hi in spans])[torch.from_numpy(idx)]  # [N]
     domain_names = list(dict.fromkeys(name for name, _, _ in spans))  # one id per name, first-seen order
     span_domain = torch.tensor([domain_names.index(name) for name, _, _ in spans])
-    return HeldOut(tokens, span_domain[span], domain_names), ds
+    return HeldOut(tokens, span_domain[span], domain_names, tasks), ds
 
 
 def token_labeller(tok) -> Callable[[int], str]:

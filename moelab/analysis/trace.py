@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moelab.analysis import stats
+from moelab.analysis import dynamic, stats
 
 
 @dataclass
@@ -30,6 +30,8 @@ class RoutingTrace:
     domain_ids: torch.Tensor | None = None  # [N] index into domain_names
     domain_names: list[str] = field(default_factory=list)
     vocab_size: int = 0
+    num_groups: int = 1  # hierarchical routers: groups of consecutive experts
+    task_ids: torch.Tensor | None = None  # [N] multi-task runs: each token's task id
 
 
 def _tolist(x):
@@ -58,6 +60,7 @@ def summarise(trace: RoutingTrace, decode: Callable[[int], str] | None = None, t
         rec["router_entropy_nats"] = lt.entropy_nats
         rec["max_router_entropy_nats"] = math.log(e)
         rec["coactivation"] = stats.coactivation(lt.topk_ids, e, lt.keep).tolist()
+        rec.update(dynamic.layer_stats(lt, trace))  # experts per token, groups, tasks
         if dom is not None and m:
             joint = stats.domain_expert_counts(lt.topk_ids, dom, m, e, lt.keep)
             rec["domain_distribution"] = stats.row_distribution(joint).tolist()
@@ -101,6 +104,7 @@ def format_summary(analysis: dict) -> str:
     if has_mi:
         lines.append(f"  sources: {len(analysis['domains'])}, H(source) = {analysis['domain_entropy']:.3f} bits "
                      "(I(src;exp) = H(source) would mean perfect specialisation)")
+    lines += dynamic.format_lines(analysis)
     for t in analysis.get("transitions", []):
         lines.append(f"  layer {t['from']} -> {t['to']}: next first-choice expert predicted with "
                      f"{100 * t['accuracy']:.1f}% accuracy (majority baseline {100 * t['baseline']:.1f}%), "

@@ -19,6 +19,8 @@ def add_sampling_arguments(p) -> None:
     """Flags shared with `moelab serve`'s defaults and the benchmarks."""
     p.add_argument("--num-experts-per-tok", type=int, default=None, metavar="K",
                    help="route each token to K experts instead of the trained top-k (speed vs quality)")
+    p.add_argument("--routing-top-p", type=float, default=None, metavar="P",
+                   help="top_p routers: probability mass of experts per token instead of the trained moe.top_p")
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="cast the weights (default: as stored)")
@@ -98,6 +100,10 @@ def run(args) -> int:
     check_device(args.device)
     set_threads(args.threads)
     model, tok = load(args.run, args.device, args.dtype, warmup=args.warmup)
+    if getattr(args, "routing_top_p", None) is not None:
+        from moelab.model.routers_dynamic import set_routing_top_p
+
+        set_routing_top_p(model, args.routing_top_p)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
               stop=args.stop, num_experts_per_tok=args.num_experts_per_tok, compile=args.compile)
     if args.stream:

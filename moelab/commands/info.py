@@ -23,6 +23,9 @@ def add_arguments(p):
                    help="dtype for weight and gradient bytes (default float32)")
     p.add_argument("--seq-len", type=int, default=None, help="context for attention FLOPs (default data.seq_len)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
+    p.add_argument("--mean-k", type=float, default=None, metavar="K",
+                   help="experts per token for active parameters and FLOPs: an adaptive router's measured mean "
+                        "(metrics.jsonl moe/<i>/k_mean); default moe.top_k (k_max for top_p / null experts)")
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -43,7 +46,11 @@ def _bytes(n: int) -> str:
 
 def run(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    info = summary(cfg.model, args.dtype, args.seq_len or cfg.data.seq_len)
+    if args.mean_k is not None and not 0 <= args.mean_k <= cfg.model.moe.top_k:
+        from moelab.errors import UserError
+
+        raise UserError(f"--mean-k: expected 0 <= K <= moe.top_k={cfg.model.moe.top_k}, got {args.mean_k}")
+    info = summary(cfg.model, args.dtype, args.seq_len or cfg.data.seq_len, args.mean_k)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -55,7 +62,8 @@ def run(args) -> int:
         ("  attention", f"{p['attention']:,}", ""),
         ("  dense FFN", f"{p['dense_ffn']:,}", ""),
         ("  routed experts (all)", f"{p['routed_experts']:,}",
-         f"{info['num_experts']} experts, top-{info['top_k']}, MoE layers {info['moe_layers']}"),
+         f"{info['num_experts']} experts, top-{info['top_k']}, MoE layers {info['moe_layers']}"
+         + (f", mean k {info['active_k']:g}" if args.mean_k is not None else "")),
         ("  routed experts (active)", f"{p['active_routed_experts']:,}", ""),
         ("  shared experts", f"{p['shared_experts']:,}", ""),
         ("  routers", f"{p['routers']:,}", ""),

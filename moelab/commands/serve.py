@@ -59,6 +59,10 @@ def run(args) -> int:
     # whose thread lost its core to the event loop spins in barriers (many-fold slower decode steps).
     set_threads(args.threads if args.threads is not None else max(1, (os.cpu_count() or 1) - 1))
     model, tok = load(args.run, args.device, args.dtype)
+    if getattr(args, "routing_top_p", None) is not None:
+        from moelab.model.routers_dynamic import set_routing_top_p
+
+        set_routing_top_p(model, args.routing_top_p)
     adapters, select = {}, None
     if args.adapter:
         from moelab.checkpoint import resolve_checkpoint

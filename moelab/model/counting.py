@@ -31,7 +31,9 @@ class ParamCount:
     lm_head: int  # 0 when tied
 
 
-def count_params(cfg: ModelConfig) -> ParamCount:
+def count_params(cfg: ModelConfig, active_k: float | None = None) -> ParamCount:
+    """`active_k`: experts per token for the active count (an adaptive router's measured mean k;
+    default moe.top_k, which is k_max for those routers)."""
     d, hd, m = cfg.d_model, cfg.hdim, cfg.moe
     n_moe = len(cfg.moe_layer_ids())
     n_dense = cfg.n_layers - n_moe
@@ -41,10 +43,12 @@ def count_params(cfg: ModelConfig) -> ParamCount:
     attention = attn * cfg.n_layers
     dense_ffn = 3 * d * cfg.ffn_dim * n_dense
     routed = 3 * d * m.expert_dim * m.num_experts * n_moe
-    active_routed = 3 * d * m.expert_dim * m.top_k * n_moe
+    active_routed = round(3 * d * m.expert_dim * (m.top_k if active_k is None else active_k) * n_moe)
     shared_w = (m.shared_expert_dim or m.expert_dim) * m.num_shared_experts
     shared = (3 * d * shared_w + (d if m.shared_expert_gate and shared_w else 0)) * n_moe
-    router = d * m.num_experts * (2 if m.router == "noisy_topk" else 1) * n_moe
+    gates = (m.num_experts + m.num_null_experts) * (2 if m.router == "noisy_topk" else 1)
+    gates += m.num_groups if m.router == "hierarchical" else 0  # the group gate
+    router = (d * gates + d * m.num_tasks) * n_moe  # + the task embedding
     norms = d * (2 * cfg.n_layers + 1)
     if cfg.qk_norm == "head":
         norms += 2 * hd * cfg.n_layers
@@ -58,10 +62,11 @@ def count_params(cfg: ModelConfig) -> ParamCount:
                       norms, lm_head)
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> dict[str, int]:
-    """Forward ('inference') and training FLOPs per token at context `seq_len`."""
+def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, active_k: float | None = None) -> dict[str, int]:
+    """Forward ('inference') and training FLOPs per token at context `seq_len` (`active_k`: see
+    `count_params`; the task embedding is a lookup, counted as a matmul here: negligible)."""
     s = seq_len or cfg.max_seq_len
-    pc = count_params(cfg)
+    pc = count_params(cfg, active_k)
     matmul_params = pc.active - pc.embedding - pc.norms + (pc.embedding if cfg.tie_embeddings else 0)
     fwd = 2 * matmul_params + 4 * cfg.n_layers * s * cfg.n_heads * cfg.hdim
     return {"inference": fwd, "train": 3 * fwd}
@@ -76,11 +81,13 @@ def memory_bytes(cfg: ModelConfig, dtype: str = "float32") -> dict[str, int]:
     return {"weights": n * b, "grads": n * b, "adamw_state": adam}
 
 
-def summary(cfg: ModelConfig, dtype: str = "float32", seq_len: int | None = None) -> dict:
-    pc = count_params(cfg)
+def summary(cfg: ModelConfig, dtype: str = "float32", seq_len: int | None = None,
+            active_k: float | None = None) -> dict:
+    pc = count_params(cfg, active_k)
     return {
         "params": asdict(pc),
-        "flops_per_token": flops_per_token(cfg, seq_len),
+        "flops_per_token": flops_per_token(cfg, seq_len, active_k),
+        "active_k": active_k if active_k is not None else (cfg.moe.top_k if cfg.moe_layer_ids() else 0),
         "memory_bytes": memory_bytes(cfg, dtype),
         "dtype": dtype,
         "seq_len": seq_len or cfg.max_seq_len,

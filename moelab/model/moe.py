@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from moelab.config import MoEConfig
+from moelab.model.dynamic_losses import extra_aux_losses
 from moelab.model.experts import ExpertFFN
 from moelab.model.layers import SwiGLU
 from moelab.model.losses import AUX_LOSSES, expert_counts, router_entropy
@@ -41,6 +42,7 @@ class RoutingStats:
     topk_ids: torch.Tensor  # [T, K]
     keep: torch.Tensor | None  # [T, K] kept assignments, None when all are kept
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # unweighted, with grad
+    experts_per_token: torch.Tensor | None = None  # [K + 1] real tokens using 0..K kept experts
 
     @property
     def dropped_fraction(self) -> float:
@@ -180,6 +182,7 @@ class MoELayer(nn.Module):
             kept = expert_counts(r.topk_ids, self.cfg.num_experts, keep, tmask) if keep is not None else routed
             routed, kept = self.batch.sum_counts(torch.stack([routed, kept]))  # [2, E]: one reduction
         aux = {name: fn(r, tmask, routed) for name, (fn, _) in AUX_LOSSES.items()}
+        aux.update(extra_aux_losses(self, r, tmask))  # only those whose coefficient is > 0
         with torch.no_grad():
             return RoutingStats(
                 tokens_per_expert=kept,
@@ -189,4 +192,14 @@ class MoELayer(nn.Module):
                 topk_ids=r.topk_ids.detach(),
                 keep=keep,
                 aux_losses=aux,
+                experts_per_token=experts_per_token_hist(r.topk_ids, keep, tmask),
             )
+
+
+def experts_per_token_hist(topk_ids: torch.Tensor, keep: torch.Tensor | None, tmask) -> torch.Tensor:
+    """[K + 1] fp32: how many real tokens used 0, 1, ..., K kept experts (adaptive routers, null experts
+    and capacity drops make it vary; fixed top-k without drops is all at K)."""
+    t, k = topk_ids.shape
+    n = keep.sum(-1) if keep is not None else torch.full((t,), k, device=topk_ids.device)
+    w = torch.ones(t, device=topk_ids.device) if tmask is None else tmask.reshape(-1).float()
+    return torch.zeros(k + 1, device=topk_ids.device).index_add_(0, n.long(), w)

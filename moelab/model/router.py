@@ -12,7 +12,7 @@ losses are where bf16 rounding decides which expert wins (ST-MoE "selective prec
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ class Routing:
     logits: torch.Tensor  # [T, E] fp32, raw router logits (z-loss uses these)
     probs: torch.Tensor  # [T, E] fp32, score distribution for balancing losses
     keep: torch.Tensor | None = None  # [T, K] bool; None = every assignment is kept
+    extra: dict = field(default_factory=dict)  # router-specific tensors the extra aux losses read (groups, tasks)
 
 
 class Router(nn.Module):
@@ -43,7 +44,15 @@ class Router(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(x.device.type, enabled=False):
-            return F.linear(x.float(), self.weight.float())
+            return F.linear(self.router_input(x), self.weight.float())
+
+    def router_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x in fp32, plus the task embedding of each token when the model is multi-task
+        (`moe.num_tasks`; `task_ids` [T] is set per forward by the Transformer, None = no task known)."""
+        emb, tasks = getattr(self, "task_embed", None), getattr(self, "task_ids", None)
+        if emb is None or tasks is None:
+            return x.float()
+        return x.float() + emb(tasks.reshape(-1)).float()
 
     def forward(self, x: torch.Tensor) -> Routing:
         z = self.logits(x)
@@ -212,4 +221,6 @@ ROUTER_CLASSES = {
 
 
 def build_router(d_model: int, cfg: MoEConfig) -> Router:
-    return ROUTER_CLASSES[cfg.router](d_model, cfg)
+    from moelab.model.routers_dynamic import build_dynamic_router
+
+    return build_dynamic_router(d_model, cfg, ROUTER_CLASSES)

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.config import Config, ModelConfig
+from moelab.model.dynamic_losses import coef_attr
 from moelab.model.layers import RMSNorm, SwiGLU, build_attention, rope_cache
 from moelab.model.lm_loss import IGNORE_INDEX, linear_cross_entropy
-from moelab.model.losses import AUX_LOSSES
 from moelab.model.moe import MoELayer, RoutingStats
 
 
@@ -109,7 +109,7 @@ class Transformer(nn.Module):
                 mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cache=None, attn_mask: torch.Tensor | None = None, last_only: bool = False,
                 return_logits: bool = True, routing: torch.Tensor | None = None,
-                routing_weights: torch.Tensor | None = None) -> ModelOutput:
+                routing_weights: torch.Tensor | None = None, tasks: torch.Tensor | None = None) -> ModelOutput:
         """idx [B, S] token ids; targets [B, S] (-100 = ignore); mask [B, S] (1 = real token, used to
         keep padding out of routing and its losses); positions [B, S] for RoPE (default 0..S-1);
         cache / attn_mask for incremental decoding (see `Attention`); last_only: logits [B, 1, V] of
@@ -119,8 +119,12 @@ class Transformer(nn.Module):
         routing [B, S, L, K] int (L = MoE layers in layer order; a dropped assignment as -1 - expert,
         see `moe.RoutingRecord`) replays a recorded routing instead of choosing top-k; its gate weights
         are the router's rule at those experts (the router still learns) unless `routing_weights`
-        [B, S, L, K] fixes them (docs/rl.md, "Routing replay")."""
+        [B, S, L, K] fixes them (docs/rl.md, "Routing replay"). tasks [B, S] int: each token's task
+        (source) id for multi-task routers (`moe.num_tasks`); None = no task embedding."""
         b, s = idx.shape
+        if self.cfg.moe.num_tasks:
+            for layer in self.moe_layers.values():
+                layer.router.task_ids = tasks
         forced = None if routing is None else check_routing(self, idx, routing, routing_weights)
         if positions is None:
             cos, sin = self.rope_cos[:s][None, None], self.rope_sin[:s][None, None]
@@ -141,9 +145,9 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         h = self.norm(x)
         out = ModelOutput(logits=None, routing=routing)
-        if routing:
+        if routing:  # every layer computes the same losses (the extra ones only when their coef > 0)
             out.aux_losses = {name: torch.stack([r.aux_losses[name] for r in routing.values()]).mean()
-                              for name in AUX_LOSSES}
+                              for name in next(iter(routing.values())).aux_losses}
         if targets is None or return_logits:
             out.logits = self.lm_head(h)
         if targets is not None:
@@ -159,7 +163,7 @@ class Transformer(nn.Module):
         """sum_name coef * loss, coefficients from the MoE config unless given (trainer schedules)."""
         total = 0.0
         for name, value in aux_losses.items():
-            coef = coefs[name] if coefs is not None else getattr(self.cfg.moe, AUX_LOSSES[name][1])
+            coef = coefs[name] if coefs is not None else getattr(self.cfg.moe, coef_attr(name))
             if coef:
                 total = total + coef * value
         return total

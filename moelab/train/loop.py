@@ -46,6 +46,7 @@ from moelab.train.telemetry import (
     TensorBoard,
     Window,
     _sync,
+    mean_experts_per_token,
     measure_matmul_peak,
     merge_micro,
     mfu_fields,
@@ -147,6 +148,11 @@ class Trainer:
             raise UserError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the dataset's tokenizer "
                             f"vocabulary ({self.data.vocab_size}); set model.vocab_size >= {self.data.vocab_size}")
         self.data.check_token_ids(cfg.model.vocab_size)  # before anything is written (else an IndexError mid-run)
+        self.multitask = bool(cfg.model.moe.num_tasks) and hasattr(self.data, "train")
+        if self.multitask:  # task (source) ids for the routers, from meta.json's per-source ranges
+            from moelab.train.task_ids import attach_tasks
+
+            attach_tasks(self.data, cfg.model.moe.num_tasks)
 
         torch.manual_seed(cfg.train.seed)
         self.model = Transformer(cfg.model).to(self.device)
@@ -176,6 +182,7 @@ class Trainer:
         self.window = Window()
         self.last_ckpt: Path | None = None
         self._fpt: dict[int, int] = {}
+        self.base_experts = (cfg.model.moe.num_experts, cfg.model.moe.num_null_experts)  # grow_at changes these
 
     # ------------------------------------------------------------------------------------------------
     # Setup
@@ -232,7 +239,10 @@ class Trainer:
             if self.is_main:  # every bad one is newer: set aside so it is neither newest nor counted in rotation
                 for b, why in bad:
                     state.set_aside(b, why)
-                rundir.write_config(self.cfg, self.run_dir)  # resume may extend train.steps or change logging
+                from moelab.grow import with_experts  # the run's config keeps the experts it starts with
+
+                rundir.write_config(with_experts(self.cfg, *self.base_experts), self.run_dir)  # resume may extend
+                # train.steps or change logging
                 rundir.write_run_info(self.run_dir, {"init_from": None, "resumed_from": str(ckpt)})
             self.last_ckpt = ckpt
             return
@@ -240,6 +250,9 @@ class Trainer:
 
     def _load_checkpoint(self, ckpt: Path) -> None:
         weights, st, optim = state.read_train_state(ckpt)
+        grown = sum(g < int(st["step"]) for g in self.cfg.schedule.grow_at)  # growths this checkpoint has seen
+        while self.cfg.model.moe.num_experts < self.base_experts[0] * 2 ** grown:
+            self._grow(measure=False)  # structure only: the checkpoint's weights and moments replace it
         problems = self._weight_problems(weights)
         if problems:
             raise state.BadCheckpoint(f"weights do not fit the run's model ({problems})")
@@ -317,8 +330,17 @@ class Trainer:
         (`run` does those around it). Public so benchmarks and tests time exactly what training runs."""
         cfg, model, opt = self.cfg, self.model, self.optimizer
         t0 = time.perf_counter()
+        if self.step in cfg.schedule.grow_at:
+            self._grow()
+            model, opt = self.model, self.optimizer
         sched = schedules.at_step(self.step, cfg)
         schedules.apply(model, sched, cfg)
+        if cfg.schedule.grow_at:  # k' = 2k right after a growth, annealed back (moelab/grow.py)
+            from moelab.grow import anneal_top_k
+
+            s = cfg.schedule
+            sched.top_k = anneal_top_k(self.step, sched.top_k, 2.0, s.grow_at, s.grow_anneal_steps)
+            model.set_router_attr("top_k", sched.top_k)
         lr = lr_at(self.step, cfg.train)
         set_lr(opt, lr)
         accum = cfg.train.grad_accum
@@ -326,8 +348,9 @@ class Trainer:
         for _ in range(accum):
             x, y = self.data.train_batch(self.device)
             x, y = x[self.rows], y[self.rows]
+            tasks = self.data.tasks(self.device)[self.rows] if self.multitask else None
             with self._autocast():
-                out = model(x, y, return_logits=False)
+                out = model(x, y, return_logits=False, tasks=tasks)
             loss = out.ce_loss + model.aux_loss(out.aux_losses, sched.coefs)
             scaled = loss / accum
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
@@ -360,7 +383,7 @@ class Trainer:
         if ok:
             acc["grad_norm"] = gnorm.detach()
             self.window.add({k: v for k, v in acc.items()})
-        flops = self.tokens_per_step * self._flops_per_token(sched.top_k)
+        flops = self.tokens_per_step * self._step_flops_per_token(sched.top_k, acc)
         self.step += 1
         self.tokens += self.tokens_per_step
         self.flops += flops
@@ -390,6 +413,23 @@ class Trainer:
             self._fpt[k] = flops_per_token(m, self.cfg.data.seq_len)["train"]
         return self._fpt[k]
 
+    def _grow(self, measure: bool = True) -> None:
+        """Double every MoE layer's experts (schedule.grow_at); see `moelab.grow.grow_trainer`."""
+        from moelab.grow import grow_trainer
+
+        grow_trainer(self, measure)
+
+    def _step_flops_per_token(self, k: int, acc: dict) -> float:
+        """Adaptive routers (top-p, null experts): FLOPs at this step's measured mean experts per token
+        (linear in k); fixed top-k keeps the config's k, so capacity drops leave existing runs' MFU alone."""
+        from moelab.model.dynamic_config import adaptive
+
+        mean_k = mean_experts_per_token(acc) if adaptive(self.cfg.model.moe) else None
+        if mean_k is None:
+            return self._flops_per_token(k)
+        f0 = self._flops_per_token(0)
+        return f0 + mean_k * (self._flops_per_token(1) - f0)
+
     @torch.no_grad()
     def _evaluate(self) -> dict:
         """Mean cross-entropy over the same `eval.batches` val batches every time, and bits per byte:
@@ -398,8 +438,9 @@ class Trainer:
         nats, count = 0.0, 0
         bs = self.cfg.eval.batch_size or self.cfg.train.batch_size
         for x, y in self.data.val_batches(bs, self.cfg.eval.batches, self.device):
+            tasks = self.data.tasks(self.device) if self.multitask else None
             with self._autocast():
-                out = self.model(x, y, return_logits=False)
+                out = self.model(x, y, return_logits=False, tasks=tasks)
             n = int((y != -100).sum())
             nats += float(out.ce_loss) * n
             count += n
@@ -427,6 +468,8 @@ class Trainer:
         if self.cfg.schedule.aux_coef_steps:
             rec["aux_coef_scale"] = schedules.aux_coef_scale(self.step - 1, self.cfg)
         rec.update(val)
+        rec.update(getattr(self, "grow_record", None) or {})
+        self.grow_record = None
         if stop:
             rec["stopped"] = stop
         self.window = Window()

@@ -116,7 +116,7 @@ class Window:
         """Add one good optimizer step's values (scalars or [E] count vectors)."""
         for key, v in values.items():
             v = v.detach().float()
-            self.sums[key] = self.sums[key] + v if key in self.sums else v.clone()
+            self.sums[key] = padded_add(self.sums[key], v) if key in self.sums else v.clone()
         self.steps += 1
 
     def summary(self) -> dict:
@@ -142,6 +142,7 @@ class Window:
             for key, v in self.sums.items():
                 if key.startswith(f"moe/{i}/aux/"):
                     rec[key] = float(v) / n
+            rec.update(k_fields(self.sums.get(f"moe/{i}/k_hist"), f"moe/{i}/"))
         return rec
 
     def state_dict(self) -> dict:
@@ -166,16 +167,51 @@ def step_values(ce_loss: torch.Tensor, aux: dict[str, torch.Tensor], loss: torch
         out[f"moe/{i}/entropy"] = st.entropy
         for name, v in st.aux_losses.items():
             out[f"moe/{i}/aux/{name}"] = v.detach()
+        if st.experts_per_token is not None:
+            out[f"moe/{i}/k_hist"] = st.experts_per_token
     return out
+
+
+def k_fields(hist: torch.Tensor | None, prefix: str) -> dict:
+    """Experts per token from a [K + 1] histogram of tokens: `k_mean` and `k_dist` (share of tokens
+    using 0..K experts)."""
+    if hist is None:
+        return {}
+    h = hist.double()
+    total = float(h.sum())
+    if total <= 0:
+        return {}
+    return {f"{prefix}k_mean": float((h * torch.arange(h.numel(), dtype=h.dtype, device=h.device)).sum()) / total,
+            f"{prefix}k_dist": (h / total).tolist()}
+
+
+def mean_experts_per_token(values: dict) -> float | None:
+    """Kept experts per token averaged over MoE layers, from one step's `moe/<i>/k_hist` values (what
+    adaptive routers' FLOPs follow; one host read)."""
+    hists = [v for k, v in values.items() if k.endswith("/k_hist")]
+    if not hists:
+        return None
+    h = torch.stack(hists).double()  # [L, K + 1]
+    k = (h * torch.arange(h.shape[1], dtype=h.dtype, device=h.device)).sum(1) / h.sum(1).clamp_min(1.0)
+    return float(k.mean())
 
 
 def merge_micro(acc: dict[str, torch.Tensor], values: dict[str, torch.Tensor], scale: float) -> None:
     """acc += values, with losses and per-micro-batch means scaled by `scale` (1 / grad_accum) and
     counts summed as they are."""
     for key, v in values.items():
-        is_count = key.endswith(("/counts", "/dropped", "/assignments"))
+        is_count = key.endswith(("/counts", "/dropped", "/assignments", "/k_hist"))
         v = v.float() if is_count else v.float() * scale
-        acc[key] = acc[key] + v if key in acc else v
+        acc[key] = padded_add(acc[key], v) if key in acc else v
+
+
+def padded_add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a + b, zero-padding the shorter of two 1-D vectors: a window can span a change of length (the
+    top-k schedule changes the experts-per-token histogram's K + 1, growing appends experts to counts)."""
+    if a.dim() == 1 and b.dim() == 1 and a.numel() != b.numel():
+        n = max(a.numel(), b.numel())
+        a, b = torch.nn.functional.pad(a, (0, n - a.numel())), torch.nn.functional.pad(b, (0, n - b.numel()))
+    return a + b
 
 
 # ----------------------------------------------------------------------------------------------------
