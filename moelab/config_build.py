@@ -50,7 +50,9 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
     if origin is Literal:
         if value in get_args(tp):
             return value
-        problems.append(f"{where}: expected one of {list(get_args(tp))}, got {value!r}")
+        options = [str(a) for a in get_args(tp)]
+        hint = did_you_mean(str(value), options)
+        problems.append(f"{where}: expected one of {', '.join(options)}, got {value!r}{hint}")
         return value
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):

@@ -28,7 +28,8 @@ from moelab.model.dynamic_losses import extra_aux_losses
 from moelab.model.experts import ExpertFFN
 from moelab.model.layers import SwiGLU
 from moelab.model.losses import AUX_LOSSES, expert_counts, router_entropy
-from moelab.model.router import Routing, build_router
+from moelab.model.router import Routing
+from moelab.model.router_registry import build_router
 
 
 @dataclass

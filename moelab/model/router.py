@@ -208,19 +208,3 @@ class ExpertChoiceRouter(Router):
         p = z.softmax(dim=-1)
         w = p.gather(-1, ids)
         return w / w.sum(-1, keepdim=True) * self.scale, p
-
-
-ROUTER_CLASSES = {
-    "softmax_topk": SoftmaxTopKRouter,
-    "topk_softmax": TopKSoftmaxRouter,
-    "sigmoid": SigmoidRouter,
-    "noisy_topk": NoisyTopKRouter,
-    "gumbel": GumbelRouter,
-    "expert_choice": ExpertChoiceRouter,
-}
-
-
-def build_router(d_model: int, cfg: MoEConfig) -> Router:
-    from moelab.model.routers_dynamic import build_dynamic_router
-
-    return build_dynamic_router(d_model, cfg, ROUTER_CLASSES)

@@ -91,22 +91,6 @@ class HierarchicalRouter(Router):
             return Routing(ids, self._finish(joint.gather(-1, ids)), z, joint, extra={"group_probs": gp})
 
 
-def build_dynamic_router(d_model: int, cfg, classes: dict) -> Router:
-    """The router for `cfg`: a dynamic one when asked for, else the classic class; plus a task embedding
-    (N(0, init_std) like every router weight; `num_tasks`) on any router."""
-    if cfg.router == "top_p":
-        router = TopPRouter(d_model, cfg)
-    elif cfg.router == "softmax_topk" and cfg.num_null_experts:
-        router = TopPRouter(d_model, cfg, use_top_p=False)
-    elif cfg.router == "hierarchical":
-        router = HierarchicalRouter(d_model, cfg)
-    else:
-        router = classes[cfg.router](d_model, cfg)
-    if cfg.num_tasks:
-        router.task_embed = nn.Embedding(cfg.num_tasks, d_model)
-    return router
-
-
 def set_routing_top_p(model, p: float | None) -> None:
     """Inference override of a top-p router's mass (`moelab generate --routing-top-p`); with
     `--num-experts-per-tok` (k_max) it trades quality for speed like a fixed k does."""

@@ -28,7 +28,7 @@ def test_layer_stats_by_domain_groups_and_tasks():
 
 def test_multitask_training_and_analysis(tmp_path):
     from moelab.analysis.run import analyze_run
-    from tests.train.conftest import tiny_cfg
+    from tests.train.train_helpers import tiny_cfg
 
     for name, text in (("a", "1+2=3\n" * 400), ("b", "hello world. " * 300)):
         (tmp_path / name).mkdir()

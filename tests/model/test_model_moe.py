@@ -202,3 +202,9 @@ def test_reference_moe_handles_unused_experts():
     y = reference_moe(x, gate_up, down, ids, torch.ones(4, 1))
     h = x @ gate_up[0].t()
     torch.testing.assert_close(y, (torch.nn.functional.silu(h[:, :4]) * h[:, 4:]) @ down[0].t())
+
+
+def test_every_router_name_has_a_class_and_every_class_a_name():
+    from moelab.model.router_registry import ROUTER_CLASSES
+
+    assert tuple(ROUTER_CLASSES) == ROUTERS
