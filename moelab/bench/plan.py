@@ -64,7 +64,7 @@ def measure_train_peak(model_cfg: dict, micro_batch: int, seq_len: int, activati
     torch.manual_seed(0)
     model = Transformer(cfg.model)
     if activation_checkpointing:
-        from moelab.train.loop import enable_activation_checkpointing
+        from moelab.parallel.compute import enable_activation_checkpointing
 
         enable_activation_checkpointing(model)
     opt = build_optimizer(model, cfg.train)

@@ -86,6 +86,22 @@ def coef_attr(name: str) -> str:
     return (AUX_LOSSES.get(name) or EXTRA_AUX_LOSSES[name])[1]
 
 
+def total_loss(ce_loss: torch.Tensor, aux_losses: dict[str, torch.Tensor], coefs: dict[str, float]) -> torch.Tensor:
+    """ce + sum_name coefs[name] * aux_losses[name]: the one place the training loss is assembled (the
+    model with its config's coefficients, the trainer with the scheduled ones, through the same call)."""
+    total = ce_loss
+    for name, value in aux_losses.items():
+        coef = coefs.get(name, 0.0)
+        if coef:
+            total = total + coef * value
+    return total
+
+
+def config_coefs(moe_cfg, names) -> dict[str, float]:
+    """The `*_coef` values of `moe_cfg` for the aux losses `names` (unscheduled)."""
+    return {name: getattr(moe_cfg, coef_attr(name)) for name in names}
+
+
 @torch.no_grad()
 def expert_output_similarity(gate_up: torch.Tensor, down: torch.Tensor, x: torch.Tensor) -> float:
     """Mean over expert pairs i != j of |cos(y_i(x), y_j(x))|, averaged over the tokens x [T, D]: every

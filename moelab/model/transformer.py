@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moelab.config import Config, ModelConfig
-from moelab.model.dynamic_losses import coef_attr
+from moelab.model.dynamic_losses import config_coefs, total_loss
 from moelab.model.layers import RMSNorm, SwiGLU, build_attention, rope_cache
 from moelab.model.lm_loss import IGNORE_INDEX, linear_cross_entropy
 from moelab.model.moe import MoELayer, RoutingStats
@@ -23,7 +23,7 @@ from moelab.model.moe import MoELayer, RoutingStats
 @dataclass
 class ModelOutput:
     logits: torch.Tensor | None  # [B, S, V]; None when forward(..., return_logits=False)
-    loss: torch.Tensor | None = None  # ce_loss + sum_name coef_name * aux_losses[name]
+    loss: torch.Tensor | None = None  # ce_loss + sum_name coef_name * aux_losses[name] (`total_loss`)
     ce_loss: torch.Tensor | None = None  # token-mean cross-entropy over targets != -100
     aux_losses: dict[str, torch.Tensor] = field(default_factory=dict)  # mean over MoE layers, unweighted
     routing: dict[int, RoutingStats] = field(default_factory=dict)  # layer index -> what its router did
@@ -109,7 +109,8 @@ class Transformer(nn.Module):
                 mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
                 cache=None, attn_mask: torch.Tensor | None = None, last_only: bool = False,
                 return_logits: bool = True, routing: torch.Tensor | None = None,
-                routing_weights: torch.Tensor | None = None, tasks: torch.Tensor | None = None) -> ModelOutput:
+                routing_weights: torch.Tensor | None = None, tasks: torch.Tensor | None = None,
+                aux_coefs: dict[str, float] | None = None) -> ModelOutput:
         """idx [B, S] token ids; targets [B, S] (-100 = ignore); mask [B, S] (1 = real token, used to
         keep padding out of routing and its losses); positions [B, S] for RoPE (default 0..S-1);
         cache / attn_mask for incremental decoding (see `Attention`); last_only: logits [B, 1, V] of
@@ -120,7 +121,8 @@ class Transformer(nn.Module):
         see `moe.RoutingRecord`) replays a recorded routing instead of choosing top-k; its gate weights
         are the router's rule at those experts (the router still learns) unless `routing_weights`
         [B, S, L, K] fixes them (docs/rl.md, "Routing replay"). tasks [B, S] int: each token's task
-        (source) id for multi-task routers (`moe.num_tasks`); None = no task embedding."""
+        (source) id for multi-task routers (`moe.num_tasks`); None = no task embedding. aux_coefs: the
+        aux losses' coefficients in `loss` (default: the config's; the trainer passes its scheduled ones)."""
         b, s = idx.shape
         if self.cfg.moe.num_tasks:
             for layer in self.moe_layers.values():
@@ -156,17 +158,9 @@ class Transformer(nn.Module):
                                               targets.reshape(-1), ignore_index=IGNORE_INDEX)
             else:
                 out.ce_loss = linear_cross_entropy(h.reshape(b * s, -1), self.lm_head.weight, targets.reshape(-1))
-            out.loss = out.ce_loss + self.aux_loss(out.aux_losses)
+            coefs = aux_coefs if aux_coefs is not None else config_coefs(self.cfg.moe, out.aux_losses)
+            out.loss = total_loss(out.ce_loss, out.aux_losses, coefs)
         return out
-
-    def aux_loss(self, aux_losses: dict[str, torch.Tensor], coefs: dict[str, float] | None = None):
-        """sum_name coef * loss, coefficients from the MoE config unless given (trainer schedules)."""
-        total = 0.0
-        for name, value in aux_losses.items():
-            coef = coefs[name] if coefs is not None else getattr(self.cfg.moe, coef_attr(name))
-            if coef:
-                total = total + coef * value
-        return total
 
     def set_router_attr(self, name: str, value) -> None:
         """Change a run-time router setting (e.g. `tau` for Gumbel, `top_k`) on every MoE layer."""

@@ -34,6 +34,7 @@ import torch
 
 from moelab.errors import UserError
 from moelab.infer.generate import generate
+from moelab.model.dynamic_losses import config_coefs, total_loss
 from moelab.rl import tasks
 from moelab.train import state
 from moelab.train.telemetry import MetricsLog
@@ -287,7 +288,7 @@ class RLTrainer:
                     kl = ((torch.exp(d) - d - 1) * loss_mask).sum() / ntok
                     loss = loss + cfg.kl_coef * kl
                 if out.aux_losses:
-                    loss = loss + model.aux_loss(out.aux_losses)
+                    loss = total_loss(loss, out.aux_losses, config_coefs(self.model_cfg.model.moe, out.aux_losses))
                 if not torch.isfinite(loss):
                     raise UserError(f"step {self.step + 1}: non-finite RL loss; lower --lr (the last checkpoint "
                                     "is intact)")

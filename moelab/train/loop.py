@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import math
 import time
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from moelab.parallel import (
     load_full_optimizer_state,
     parallelize,
 )
+from moelab.parallel.compute import compile_blocks, enable_activation_checkpointing
 from moelab.train import rundir, schedules, state
 from moelab.train.data_source import open_source
 from moelab.train.optim import build_optimizer, lr_at, set_lr
@@ -78,39 +78,6 @@ def train(config, run_dir: str | Path | None = None, resume: bool = False, init_
     with another source (see data_source.py), e.g. tokens in memory. Returns where things were written."""
     return Trainer(config, run_dir, resume=resume, init_from=init_from, overrides=overrides,
                    progress=progress, data=data, restart=restart).run()
-
-
-def enable_activation_checkpointing(model: Transformer) -> None:
-    """Recompute each block's activations during backward instead of keeping them (less memory, about
-    one more forward of compute). Wraps the block's forward in place, so parameter names do not change.
-    Non-reentrant checkpointing restores the RNG state, so Gumbel/noisy routers recompute the same draw."""
-    from torch.utils.checkpoint import checkpoint
-
-    for block in model.layers:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-
-
-def compile_blocks(model: Transformer, device: torch.device, dtype: torch.dtype) -> int:
-    """torch.compile in place (names unchanged). A block whose MoE layer runs a backend with static
-    shapes and no host sync (`grouped_mm`: on a GPU in bf16) is compiled whole, router and experts
-    included; elsewhere only attention and dense feed-forwards are, since a host-planned dispatch has
-    data-dependent shapes (tokens per expert change every step) that would recompile or break the
-    graph at every layer. Returns the number of blocks compiled whole."""
-    from moelab.kernels import backend_name
-    from moelab.model.experts import ExpertFFN
-    from moelab.model.moe import MoELayer
-
-    whole = 0
-    for block in model.layers:
-        ffn = block.ffn
-        sync_free = isinstance(ffn, MoELayer) and isinstance(ffn.experts, ExpertFFN) and \
-            backend_name(ffn.experts.backend, device, dtype) == "grouped_mm"
-        if not isinstance(ffn, MoELayer) or sync_free:
-            block.compile(dynamic=False)
-            whole += 1
-        else:
-            block.attn.compile(dynamic=False)
-    return whole
 
 
 class Trainer:
@@ -345,13 +312,16 @@ class Trainer:
         set_lr(opt, lr)
         accum = cfg.train.grad_accum
         acc: dict[str, torch.Tensor] = {}
+        counts: dict[int, torch.Tensor] = {}  # layer -> kept assignments per expert, all micro-batches
         for _ in range(accum):
             x, y = self.data.train_batch(self.device)
             x, y = x[self.rows], y[self.rows]
             tasks = self.data.tasks(self.device)[self.rows] if self.multitask else None
             with self._autocast():
-                out = model(x, y, return_logits=False, tasks=tasks)
-            loss = out.ce_loss + model.aux_loss(out.aux_losses, sched.coefs)
+                out = model(x, y, return_logits=False, tasks=tasks, aux_coefs=sched.coefs)
+            loss = out.loss
+            for i, st in out.routing.items():  # this step's loads, for the aux-loss-free bias update
+                counts[i] = st.tokens_per_expert if i not in counts else counts[i] + st.tokens_per_expert
             scaled = loss / accum
             (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             merge_micro(acc, step_values(out.ce_loss, out.aux_losses, loss, out.routing), 1.0 / accum)
@@ -366,8 +336,7 @@ class Trainer:
         ok = loss_ok and bool(torch.isfinite(gnorm))
         if ok:
             (self.scaler.step(opt) if self.scaler is not None else opt.step())
-            if schedules.uses_bias_update(cfg):
-                counts = {int(k.split("/")[1]): v for k, v in acc.items() if k.endswith("/counts")}
+            if schedules.uses_bias_update(cfg):  # counts already summed over ranks (`MoELayer.batch`)
                 schedules.update_router_bias(model, counts, cfg.model.moe.bias_update_rate)
             self.bad_in_row = 0
         else:

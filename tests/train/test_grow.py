@@ -111,8 +111,8 @@ def test_adaptive_k_training_logs_k_and_uses_measured_flops(toy_data, tmp_path):
     recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     r = recs[-1]
     assert 1.0 <= r["moe/0/k_mean"] <= 3.0 and len(r["moe/0/k_dist"]) == 4
-    from moelab.model.counting import flops_per_token
     from moelab.config import load_config
+    from moelab.model.counting import flops_per_token
 
     c = load_config(cfg)
     f3 = flops_per_token(c.model, 32)["train"]

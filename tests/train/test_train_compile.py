@@ -4,7 +4,7 @@ import torch
 
 from moelab.config import ModelConfig, MoEConfig
 from moelab.model import Transformer
-from moelab.train.loop import compile_blocks
+from moelab.parallel.compute import compile_blocks
 
 
 def _model(backend: str) -> Transformer:

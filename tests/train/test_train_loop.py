@@ -91,6 +91,7 @@ def _poison(trainer, bad_steps):
         out = forward(*args, **kwargs)
         if trainer.step in bad_steps and trainer.model.training:
             out.ce_loss = out.ce_loss * float("nan")
+            out.loss = out.loss * float("nan")  # the trainer optimises the model's own total loss
         return out
 
     trainer.model.forward = poisoned
@@ -137,7 +138,7 @@ def test_bf16_autocast_and_activation_checkpointing_train(toy_data, tmp_path):
 def test_activation_checkpointing_gives_the_same_gradients(tmp_path):
     from moelab.config import Config, from_dict
     from moelab.model import Transformer
-    from moelab.train.loop import enable_activation_checkpointing
+    from moelab.parallel.compute import enable_activation_checkpointing
 
     cfg = from_dict(Config, tiny_cfg(model={"moe": {"router": "gumbel"}}))
     x = torch.randint(0, 257, (2, 32))
