@@ -201,7 +201,7 @@ def build_model(cfg: Config, state: dict[str, torch.Tensor], device: str | torch
     if problems:
         raise UserError(f"{where}: weights do not match config.yaml ({problems})")
     assign_state(model, state)
-    model.init_buffers(device)
+    model.init_buffers("cpu")  # (then moved with the rest: `device` may itself be meta, in tests)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:  # a non-persistent buffer init_buffers does not know: a bug, not bad input
         raise RuntimeError(f"build_model: {left[:3]} not loaded and not rebuilt by init_buffers()")

@@ -41,5 +41,5 @@ def test_qk_norm_is_validated():
     from moelab.config import from_dict
     from moelab.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="model.qk_norm: expected one of none, head, full, got 'qwen'"):
+    with pytest.raises(ConfigError, match="qk_norm: expected one of none, head, full, got 'qwen'"):
         from_dict(ModelConfig, {"qk_norm": "qwen"})
