@@ -152,7 +152,7 @@ def run(args) -> int:
                          "trainable_params": counts["trainable"],
                          "total_params": counts["total"], "trainable_frac": counts["trainable"] / counts["total"],
                          "optimizer_bytes": opt_bytes, "wall_s": wall,
-                         "tokens_per_s": trainer.tokens / max(trainer.elapsed, 1e-9)}
+                         "tokens_per_s": trainer.progress.tokens / max(trainer.progress.elapsed_s, 1e-9)}
     full_opt = results["full"]["optimizer_bytes"]
     for name in variants:
         results[name]["optimizer_vs_full"] = results[name]["optimizer_bytes"] / full_opt

@@ -80,6 +80,27 @@ def train(config, run_dir: str | Path | None = None, resume: bool = False, init_
                    progress=progress, data=data, restart=restart).run()
 
 
+@dataclass
+class TrainProgress:
+    """Where a run is, saved in every checkpoint and restored as a whole on resume (the field names are
+    train_state.json's keys)."""
+
+    step: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    elapsed_s: float = 0.0  # seconds spent in training steps (eval and checkpoint writes excluded)
+    skipped: int = 0  # steps skipped for non-finite values
+    bad_in_row: int = 0
+    best_val_loss: float | None = None
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state(cls, st: dict) -> TrainProgress:
+        return cls(**{f.name: st[f.name] for f in dataclasses.fields(cls)})
+
+
 class Trainer:
     def __init__(self, config, run_dir=None, *, resume=False, init_from=None, overrides=(), progress=None,
                  data=None, restart=False):
@@ -139,13 +160,7 @@ class Trainer:
             compile_blocks(self.model, self.device, self.dtype)
 
         self.tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
-        self.step = 0
-        self.tokens = 0
-        self.flops = 0.0
-        self.elapsed = 0.0  # seconds spent in training steps (eval and checkpoint writes excluded)
-        self.skipped = 0
-        self.bad_in_row = 0
-        self.best_val: float | None = None
+        self.progress = TrainProgress()
         self.window = Window()
         self.last_ckpt: Path | None = None
         self._fpt: dict[int, int] = {}
@@ -231,9 +246,7 @@ class Trainer:
         else:
             state.load_optimizer_state(self.optimizer, optim)  # raises before changing anything on a mismatch
         self._load_weights(weights)
-        self.step, self.tokens, self.flops = int(st["step"]), int(st["tokens"]), float(st["flops"])
-        self.elapsed, self.skipped, self.bad_in_row = float(st["elapsed_s"]), int(st["skipped"]), int(st["bad_in_row"])
-        self.best_val = st["best_val_loss"]
+        self.progress = TrainProgress.from_state(st)
         self.window.load_state_dict(st["window"], self.device)
         self.data.load_state_dict(st["data"])
         if self.scaler is not None and st.get("scaler"):
@@ -253,24 +266,24 @@ class Trainer:
         self._peak_rechecked = cfg.train.peak_flops is not None  # a stated peak is not re-measured
         metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         if self.is_main:
-            metrics.truncate_after(self.step)
+            metrics.truncate_after(self.progress.step)
         tb = TensorBoard(self.run_dir / "tb", cfg.log.tensorboard and self.is_main,
-                         purge_step=self.step + 1 if self.resume else None)
-        bar = Progress(cfg.train.steps, self.step, self.show_progress)
+                         purge_step=self.progress.step + 1 if self.resume else None)
+        bar = Progress(cfg.train.steps, self.progress.step, self.show_progress)
         last: dict = {}
         stop, finished = None, False
         try:
-            while self.step < cfg.train.steps and stop is None:
+            while self.progress.step < cfg.train.steps and stop is None:
                 self.train_step()
                 bar.update()
-                if cfg.train.max_seconds is not None and self.elapsed >= cfg.train.max_seconds:
+                if cfg.train.max_seconds is not None and self.progress.elapsed_s >= cfg.train.max_seconds:
                     stop = "max_seconds"
-                end = self.step >= cfg.train.steps or stop is not None
-                do_ckpt = end or (cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0)
-                do_eval = end or (cfg.eval.every and self.step % cfg.eval.every == 0) or \
+                end = self.progress.step >= cfg.train.steps or stop is not None
+                do_ckpt = end or (cfg.checkpoint.every and self.progress.step % cfg.checkpoint.every == 0)
+                do_eval = end or (cfg.eval.every and self.progress.step % cfg.eval.every == 0) or \
                     (do_ckpt and cfg.checkpoint.keep_best)
                 val = self._evaluate() if do_eval else {}
-                if do_eval or self.step % cfg.log.every == 0:
+                if do_eval or self.progress.step % cfg.log.every == 0:
                     last = self._record(val, stop)
                     if self.is_main:
                         metrics.write(last)
@@ -285,7 +298,12 @@ class Trainer:
             tb.close()
             self.par.close(finished)
         best = state.best_target(self.run_dir)
-        return TrainResult(self.run_dir, self.step, self.last_ckpt, best, last, self.skipped)
+        return TrainResult(self.run_dir, self.progress.step, self.last_ckpt, best, last, self.progress.skipped)
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken so far (`progress.step`)."""
+        return self.progress.step
 
     def _autocast(self):
         if self.dtype == torch.float32:
@@ -297,18 +315,18 @@ class Trainer:
         (`run` does those around it). Public so benchmarks and tests time exactly what training runs."""
         cfg, model, opt = self.cfg, self.model, self.optimizer
         t0 = time.perf_counter()
-        if self.step in cfg.schedule.grow_at:
+        if self.progress.step in cfg.schedule.grow_at:
             self._grow()
             model, opt = self.model, self.optimizer
-        sched = schedules.at_step(self.step, cfg)
+        sched = schedules.at_step(self.progress.step, cfg)
         schedules.apply(model, sched, cfg)
         if cfg.schedule.grow_at:  # k' = 2k right after a growth, annealed back (moelab/grow.py)
             from moelab.grow import anneal_top_k
 
             s = cfg.schedule
-            sched.top_k = anneal_top_k(self.step, sched.top_k, 2.0, s.grow_at, s.grow_anneal_steps)
+            sched.top_k = anneal_top_k(self.progress.step, sched.top_k, 2.0, s.grow_at, s.grow_anneal_steps)
             model.set_router_attr("top_k", sched.top_k)
-        lr = lr_at(self.step, cfg.train)
+        lr = lr_at(self.progress.step, cfg.train)
         set_lr(opt, lr)
         accum = cfg.train.grad_accum
         acc: dict[str, torch.Tensor] = {}
@@ -338,14 +356,14 @@ class Trainer:
             (self.scaler.step(opt) if self.scaler is not None else opt.step())
             if schedules.uses_bias_update(cfg):  # counts already summed over ranks (`MoELayer.batch`)
                 schedules.update_router_bias(model, counts, cfg.model.moe.bias_update_rate)
-            self.bad_in_row = 0
+            self.progress.bad_in_row = 0
         else:
             if self.scaler is not None:
                 self.scaler.step(opt)  # sees the inf gradients and skips; update() lowers the scale
-            self.skipped += 1
+            self.progress.skipped += 1
             self.window.skipped += 1
             # fp16 overflows are the GradScaler's business; a non-finite loss is the model's
-            self.bad_in_row += 1 if (self.scaler is None or not loss_ok) else 0
+            self.progress.bad_in_row += 1 if (self.scaler is None or not loss_ok) else 0
         if self.scaler is not None:
             self.scaler.update()
         opt.zero_grad(set_to_none=True)
@@ -353,25 +371,25 @@ class Trainer:
             acc["grad_norm"] = gnorm.detach()
             self.window.add({k: v for k, v in acc.items()})
         flops = self.tokens_per_step * self._step_flops_per_token(sched.top_k, acc)
-        self.step += 1
-        self.tokens += self.tokens_per_step
-        self.flops += flops
+        self.progress.step += 1
+        self.progress.tokens += self.tokens_per_step
+        self.progress.flops += flops
         self.lr = lr
         self.sched = sched
         _sync(self.device)  # CUDA runs ahead of the host: the step's time is the device's
         dt = time.perf_counter() - t0
-        self.elapsed += dt
+        self.progress.elapsed_s += dt
         self.window.seconds += dt
         self.window.tokens += self.tokens_per_step
         self.window.flops += flops
         if not ok:
             what = "loss" if not loss_ok else "gradient norm"
-            warn(f"step {self.step}: non-finite {what}; step skipped ({self.skipped} skipped so far)")
-            if self.bad_in_row >= cfg.train.max_bad_steps:
+            warn(f"step {self.progress.step}: non-finite {what}; step skipped ({self.progress.skipped} skipped so far)")
+            if self.progress.bad_in_row >= cfg.train.max_bad_steps:
                 hint = f"resume from {self.last_ckpt} with a lower train.lr" if self.last_ckpt else "lower train.lr"
                 raise TrainingDiverged(
-                    f"training diverged: {self.bad_in_row} non-finite steps in a row (train.max_bad_steps="
-                    f"{cfg.train.max_bad_steps}) at step {self.step}; {hint}, keep train.grad_clip > 0, "
+                    f"training diverged: {self.progress.bad_in_row} non-finite steps in a row (train.max_bad_steps="
+                    f"{cfg.train.max_bad_steps}) at step {self.progress.step}; {hint}, keep train.grad_clip > 0, "
                     "or train in float32")
 
     def _flops_per_token(self, k: int) -> int:
@@ -421,7 +439,8 @@ class Trainer:
 
     def _record(self, val: dict, stop: str | None) -> dict:
         w = self.window
-        rec = {"step": self.step, "tokens": self.tokens, "elapsed_s": self.elapsed, "flops": self.flops}
+        p = self.progress
+        rec = {"step": p.step, "tokens": p.tokens, "elapsed_s": p.elapsed_s, "flops": p.flops}
         rec.update(w.summary())
         if w.steps == 0:  # every step of the window was skipped: say so rather than drop the keys
             rec.update({"train/loss": None, "train/ce_loss": None, "grad_norm": None})
@@ -429,13 +448,13 @@ class Trainer:
         rec["tokens_per_s"] = w.tokens / w.seconds if w.seconds > 0 else None
         rec.update(self._mfu(w.flops, w.seconds))
         rec["peak_mem_bytes"] = peak_memory_bytes(self.device)
-        rec["skipped_steps"] = self.skipped
+        rec["skipped_steps"] = self.progress.skipped
         if self.cfg.schedule.top_k_start is not None:
             rec["top_k"] = self.sched.top_k
         if self.cfg.schedule.gumbel_tau_end is not None:
             rec["gumbel_tau"] = self.sched.tau
         if self.cfg.schedule.aux_coef_steps:
-            rec["aux_coef_scale"] = schedules.aux_coef_scale(self.step - 1, self.cfg)
+            rec["aux_coef_scale"] = schedules.aux_coef_scale(self.progress.step - 1, self.cfg)
         rec.update(val)
         rec.update(getattr(self, "grow_record", None) or {})
         self.grow_record = None
@@ -458,18 +477,17 @@ class Trainer:
     def _save(self, val_loss: float | None) -> None:
         cfg = self.cfg
         st = {
-            "step": self.step, "tokens": self.tokens, "flops": self.flops, "elapsed_s": self.elapsed,
-            "skipped": self.skipped, "bad_in_row": self.bad_in_row,
-            "best_val_loss": self.best_val, "val_loss": val_loss,
+            **self.progress.state_dict(), "val_loss": val_loss,
             "tokenizer_fingerprint": self.data.fingerprint,
             "window": self.window.state_dict(), "data": self.data.state_dict(),
             "rng": state.rng_state(self.device),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
-        is_best = val_loss is not None and (self.best_val is None or val_loss < self.best_val)
+        best = self.progress.best_val_loss
+        is_best = val_loss is not None and (best is None or val_loss < best)
         if is_best:
             st["best_val_loss"] = val_loss
-        path = state.step_dir(self.run_dir, self.step)
+        path = state.step_dir(self.run_dir, self.progress.step)
         weights, optim = gather_train_state(self.model, self.optimizer)  # full tensors; collective if sharded
         if self.finetune.adapter_only:
             weights = self.finetune.own_state(weights if weights is not None else self.model.state_dict())
@@ -481,5 +499,5 @@ class Trainer:
             state.rotate(self.run_dir, cfg.checkpoint.keep_last, current=path)
         self.par.barrier()  # no rank runs ahead of a checkpoint it may need to resume from
         if is_best:
-            self.best_val = val_loss
+            self.progress.best_val_loss = val_loss
         self.last_ckpt = path
