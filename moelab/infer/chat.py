@@ -104,7 +104,7 @@ def add_chat_route(app, engine, authorize, slot_of, metrics, max_queue: int, max
         for j in range(req.n):
             params = SamplingParams(max_tokens, 1.0 if req.temperature is None else req.temperature, None,
                                     None if req.top_p is None or req.top_p >= 1 else req.top_p,
-                                    None if req.seed is None else wrap_seed(req.seed + j), req.stop)
+                                    None if req.seed is None else wrap_seed(req.seed + j), list(req.stop or []))
             try:
                 params.validate("request")
                 engine.check(ids, params)

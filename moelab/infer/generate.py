@@ -81,7 +81,7 @@ class Completion:
     logprobs: list[float] | None = None  # of each generated token at the sampling temperature
 
 
-def _completion(req, routing: bool, logits: bool) -> Completion:
+def _completion(req, routing: bool, logits: bool | str) -> Completion:
     c = Completion(req.text, list(req.prompt_ids), list(req.output_ids), req.finish_reason)
     if routing and req.routing:
         c.routing, c.routing_weights = torch.cat(req.routing), torch.cat(req.routing_weights)

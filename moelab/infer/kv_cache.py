@@ -105,11 +105,11 @@ class KVCache:
         # were functionalised into copies of the whole cache buffer, slower than eager decoding.
         compiling = torch.compiler.is_compiling()
         if isinstance(self._slots, int):
-            write = torch.ops.moelab.kv_write if compiling else write_slots
-            write(self.k, self.v, k, v, layer_idx, r0, self._slots)
+            write_one = torch.ops.moelab.kv_write if compiling else write_slots
+            write_one(self.k, self.v, k, v, layer_idx, r0, self._slots)
         else:
-            write = torch.ops.moelab.kv_write_rows if compiling else write_row_slots
-            write(self.k, self.v, k, v, layer_idx, r0, self._row_idx, self._slots)
+            write_rows = torch.ops.moelab.kv_write_rows if compiling else write_row_slots
+            write_rows(self.k, self.v, k, v, layer_idx, r0, self._row_idx, self._slots)
         rows = slice(r0, r0 + k.shape[0])
         return self.k[layer_idx, rows, :, :self._kv_len], self.v[layer_idx, rows, :, :self._kv_len]
 

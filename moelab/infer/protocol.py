@@ -97,8 +97,8 @@ class CompletionRequest(BaseModel):
         if isinstance(p, str):
             return [p]
         if p and isinstance(p[0], int):
-            return [list(p)]
-        return list(p)
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
 
 
 _UNION_TAGS = ("str", "int", "float", "bool", "none")

@@ -231,7 +231,7 @@ class Engine:
             return bool(admitted or self._running or self._waiting)
 
     def _admit(self) -> list[Request]:
-        out = []
+        out: list[Request] = []
         with self._cond:
             while self._waiting and len(self._running) + len(out) < self.max_batch:
                 req = self._waiting.popleft()
@@ -337,14 +337,16 @@ class Engine:
             req.output_ids.append(tok)
             self._next[b0 + i] = tok
             reason = None
+            stream = req._stream
+            assert stream is not None  # made when the request was admitted
             if tok in self.stop_ids:
-                text, reason = req._stream.flush(), "stop"
+                text, reason = stream.flush(), "stop"
             else:
-                text = req._stream.push(tok)
-                if req._stream.stopped:
+                text = stream.push(tok)
+                if stream.stopped:
                     reason = "stop"
                 elif len(req.output_ids) >= req.params.max_new_tokens:
-                    text, reason = text + req._stream.flush(), "length"
+                    text, reason = text + stream.flush(), "length"
             req.text += text
             if reason is not None:
                 self._finish(req, reason, text, [tok])

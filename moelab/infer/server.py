@@ -178,7 +178,7 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     return app
 
 
-def _jobs(engine: Engine, req: CompletionRequest) -> list[tuple[list[int], SamplingParams, str]]:
+def _jobs(engine: Engine, req: CompletionRequest) -> list[tuple[list[int], SamplingParams, str | None]]:
     """(prompt ids, sampling params, echo text) per choice, all checked before anything is submitted."""
     tok = engine.tokenizer
     jobs = []
@@ -213,7 +213,7 @@ def _jobs(engine: Engine, req: CompletionRequest) -> list[tuple[list[int], Sampl
     return jobs
 
 
-async def _collect(request, engine, handles, events, rid, model_name, echo) -> dict:
+async def _collect(request, engine, handles, events, rid, model_name, echo) -> dict | Response:
     watch = ClientWatch(request, engine, handles, events)
     try:
         while not all(h.done for h in handles):

@@ -53,22 +53,22 @@ def plan_buckets(counts: list[int], call_rows: float, gather_rows: float = 0.0, 
     small dynamic programme: best[j] = min_i best[i] + cost(run i..j-1), a run costing
     calls(n) * call_rows + n * c_i - (S_j - S_i) [+ n * gather_rows + gather_frac * n * c_i if n > 1].
     `binary`: a bucket of n experts runs as bmm calls over power-of-two batches (popcount(n) calls),
-    so that batch sizes come from a small set too (see `dispatch.row_grid`)."""
+    so that batch sizes come from a small set too (see `cpu_buckets.row_grid`)."""
     starts, s = [], 0
     for c in counts:
         starts.append(s)
         s += c
     active = sorted((e for e, c in enumerate(counts) if c), key=lambda e: -counts[e])
-    c = np.array([counts[e] for e in active], dtype=np.float64)  # descending loads
+    loads = np.array([counts[e] for e in active], dtype=np.float64)  # descending
     m = len(active)
-    prefix = np.concatenate([[0.0], np.cumsum(c)])
+    prefix = np.concatenate([[0.0], np.cumsum(loads)])
     sizes = np.arange(m + 1)
     calls = np.array([bin(k).count("1") for k in sizes]) if binary else np.ones(m + 1)
     best, cut = np.zeros(m + 1), np.zeros(m + 1, dtype=np.int64)
     for j in range(1, m + 1):
         n = j - sizes[:j]
-        cost = best[:j] + calls[n] * call_rows + n * c[:j] - (prefix[j] - prefix[:j])
-        cost += (n > 1) * (n * gather_rows + gather_frac * n * c[:j])
+        cost = best[:j] + calls[n] * call_rows + n * loads[:j] - (prefix[j] - prefix[:j])
+        cost += (n > 1) * (n * gather_rows + gather_frac * n * loads[:j])
         cut[j] = int(cost.argmin())
         best[j] = cost[cut[j]]
     groups: list[tuple[list[int], int]] = []
@@ -99,7 +99,9 @@ def _rows(x: torch.Tensor, x_pad: torch.Tensor | None, b: Bucket) -> torch.Tenso
     """This bucket's rows of x [N, D] as [E_b, C, D]."""
     n = len(b.experts)
     if b.index is None:
+        assert b.first_row is not None  # a contiguous bucket knows where it starts
         return x[b.first_row:b.first_row + n * b.rows].view(n, b.rows, -1)
+    assert x_pad is not None  # gathered buckets read the zero-padded copy
     return x_pad.index_select(0, b.index).view(n, b.rows, -1)
 
 

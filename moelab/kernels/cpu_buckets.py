@@ -67,6 +67,7 @@ def _bmm_rows(out: torch.Tensor, b: Bucket, a: torch.Tensor, w: torch.Tensor, bi
     """out [N + 1, D] (row N a dump for padding) <- a @ w ([E_b, C, D]) at this bucket's rows."""
     n = a.shape[0]
     if b.index is None:  # straight into place
+        assert b.first_row is not None
         _bmm(a, w, binary, out[b.first_row:b.first_row + n * b.rows].view(n, b.rows, -1))
     else:
         out.index_copy_(0, b.index, _bmm(a, w, binary).view(n * b.rows, -1))

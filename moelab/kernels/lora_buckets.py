@@ -32,8 +32,8 @@ def lora_grouped_swiglu(x_sorted: torch.Tensor, gate_up: torch.Tensor, down: tor
     outs, rows = [], []
     for b in buckets:
         e_b, c = len(b.experts), b.rows
-        idx = b.index if b.index is not None else torch.arange(b.first_row, b.first_row + e_b * c,
-                                                               device=x_sorted.device)
+        start = b.first_row if b.first_row is not None else 0  # (first_row is set when index is None)
+        idx = b.index if b.index is not None else torch.arange(start, start + e_b * c, device=x_sorted.device)
         experts = torch.tensor(b.experts, device=x_sorted.device)
         xb = _rows(x_sorted, x_pad, b)  # [E_b, C, D]
         h = torch.bmm(xb, _weights(gate_up, b, dtype).transpose(1, 2))  # [E_b, C, 2F]

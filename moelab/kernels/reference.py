@@ -37,7 +37,7 @@ def reference_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, to
 
 def _delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lora: ExpertLoRA, e: int, tok: torch.Tensor):
     """s * (x A_e^T) B_e^T, the plain LoRA formula (per row's adapter when serving several)."""
-    if lora.multi:
+    if lora.token_adapter is not None:  # several adapters (`lora.multi`)
         ad = lora.token_adapter[tok]
         return delta_rows(x, a, b, lora, torch.full_like(ad, e), ad)
     return (lora.drop(x) @ a[e].t()) @ b[e].t() * lora.scale

@@ -46,8 +46,8 @@ def task_balance(probs: torch.Tensor, topk_ids: torch.Tensor, keep, task_ids: to
     for t in range(num_tasks):
         m = real * (tasks == t)
         terms.append((switch_load_balance(probs, topk_ids, keep, m), (m.sum() > 0).float()))
-    num = sum(v * present for v, present in terms)
-    return num / sum(present for _, present in terms).clamp_min(1.0)
+    num = torch.stack([v * present for v, present in terms]).sum()
+    return num / torch.stack([present for _, present in terms]).sum().clamp_min(1.0)
 
 
 def _diversity(layer, r, mask):

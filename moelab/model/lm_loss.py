@@ -48,6 +48,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 nll += ((m + total.log() - zt) * valid[i:j]).sum()
                 e.mul_((scale[i:j] / total)[:, None])
                 e.scatter_add_(1, tgt[i:j, None], -scale[i:j, None])
+                assert grad is not None  # (need_grad)
                 grad[i:j] = e
             ctx.save_for_backward(hc, wc, grad)
             ctx.h_dtype, ctx.w_dtype = h.dtype, weight.dtype

@@ -203,4 +203,7 @@ def experts_per_token_hist(topk_ids: torch.Tensor, keep: torch.Tensor | None, tm
     t, k = topk_ids.shape
     n = keep.sum(-1) if keep is not None else torch.full((t,), k, device=topk_ids.device)
     w = torch.ones(t, device=topk_ids.device) if tmask is None else tmask.reshape(-1).float()
-    return torch.zeros(k + 1, device=topk_ids.device).index_add_(0, n.long(), w)
+    # a [T, K + 1] comparison summed, not a scatter into K + 1 bins: deterministic, and inductor's CPU
+    # code generator failed on that tiny atomic scatter inside a compiled layer
+    one_hot = n.long()[:, None] == torch.arange(k + 1, device=topk_ids.device)
+    return (one_hot.float() * w[:, None]).sum(0)

@@ -34,6 +34,8 @@ class Routing:
 class Router(nn.Module):
     """Base: a bias-free linear gate `weight` [E, D] computed in fp32, then a selection rule."""
 
+    task_ids: torch.Tensor | None = None  # [B, S] tokens' task ids, set per forward by multi-task models
+
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__()
         self.num_experts = cfg.num_experts
@@ -109,6 +111,8 @@ class SigmoidRouter(Router):
     """Sigmoid scores (DeepSeek-V3). An optional per-expert `bias` changes only which experts are
     chosen, never the weights; it is a buffer updated outside autograd from the load error
     (auxiliary-loss-free balancing, arXiv 2408.15664)."""
+
+    bias: torch.Tensor
 
     def __init__(self, d_model: int, cfg: MoEConfig):
         super().__init__(d_model, cfg)

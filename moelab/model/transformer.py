@@ -18,6 +18,7 @@ from moelab.model.dynamic_losses import config_coefs, total_loss
 from moelab.model.layers import RMSNorm, SwiGLU, build_attention, rope_cache
 from moelab.model.lm_loss import IGNORE_INDEX, linear_cross_entropy
 from moelab.model.moe import MoELayer, RoutingStats
+from moelab.model.router import SigmoidRouter
 
 
 @dataclass
@@ -47,6 +48,9 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
+    rope_cos: torch.Tensor  # [max_seq_len, head_dim] buffers made by init_buffers
+    rope_sin: torch.Tensor
+
     def __init__(self, cfg: ModelConfig | Config):
         super().__init__()
         cfg = cfg.model if isinstance(cfg, Config) else cfg
@@ -88,7 +92,7 @@ class Transformer(nn.Module):
             else:
                 nn.init.normal_(p, 0.0, std)
         for layer in self.moe_layers.values():
-            if hasattr(layer.router, "update_bias"):
+            if isinstance(layer.router, SigmoidRouter):
                 layer.router.bias.zero_()
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
@@ -133,23 +137,23 @@ class Transformer(nn.Module):
         else:
             cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
         x = self.embed(idx)
-        routing: dict[int, RoutingStats] = {}
+        layer_stats: dict[int, RoutingStats] = {}
         for i, block in enumerate(self.layers):
             if forced is not None and i in forced:
                 x, stats = block(x, cos, sin, mask, cache, attn_mask, forced[i])
             else:
                 x, stats = block(x, cos, sin, mask, cache, attn_mask)
             if stats is not None:
-                routing[i] = stats
+                layer_stats[i] = stats
         if last_only:
             if targets is not None:
                 raise ValueError("last_only=True gives no logits to compute a loss over every target with")
             x = x[:, -1:]
         h = self.norm(x)
-        out = ModelOutput(logits=None, routing=routing)
-        if routing:  # every layer computes the same losses (the extra ones only when their coef > 0)
-            out.aux_losses = {name: torch.stack([r.aux_losses[name] for r in routing.values()]).mean()
-                              for name in next(iter(routing.values())).aux_losses}
+        out = ModelOutput(logits=None, routing=layer_stats)
+        if layer_stats:  # every layer computes the same losses (the extra ones only when their coef > 0)
+            out.aux_losses = {name: torch.stack([r.aux_losses[name] for r in layer_stats.values()]).mean()
+                              for name in next(iter(layer_stats.values())).aux_losses}
         if targets is None or return_logits:
             out.logits = self.lm_head(h)
         if targets is not None:
