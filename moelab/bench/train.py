@@ -43,10 +43,9 @@ def add_arguments(p):
 
 
 def config_path(name: str) -> Path:
-    p = Path(name)
-    if p.suffix in (".yaml", ".yml") or p.exists():
-        return p
-    return Path(__file__).resolve().parents[2] / "configs" / f"{name}.yaml"
+    from moelab.presets import preset_path
+
+    return preset_path(name)
 
 
 def run_worker(spec: dict) -> dict:

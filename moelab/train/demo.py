@@ -16,8 +16,9 @@ import torch
 
 from moelab.config import load_config
 from moelab.errors import UserError
+from moelab.presets import PRESET_DIR
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
+DEMO_CONFIG = PRESET_DIR / "demo.yaml"
 PROMPTS = ["import os\n", "def ", "class "]
 
 

@@ -1,6 +1,5 @@
 """Every shipped preset parses, builds and gets a complete optimizer; dense baselines match active params."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -8,9 +7,10 @@ import torch
 from moelab.config import load_config
 from moelab.model import Transformer
 from moelab.model.counting import count_params
+from moelab.presets import PRESET_DIR, preset_names
 from moelab.train.optim import param_groups
 
-CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
+CONFIGS = [PRESET_DIR / f"{name}.yaml" for name in preset_names()]
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
