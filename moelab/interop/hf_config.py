@@ -4,7 +4,7 @@ Reading follows transformers' own defaults (5.23 class defaults, checked by a te
 setting moelab cannot express (sliding windows, RoPE scaling, qkv clipping, other activations).
 Writing emits the fields both transformers 4.x and 5.x read: `rope_theta` next to
 `rope_parameters`, `num_experts` next to `num_local_experts`, `torch_dtype` next to `dtype`
-(moe_spec.md section 6.9).
+(docs/interop.md).
 """
 
 from __future__ import annotations

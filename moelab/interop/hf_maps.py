@@ -9,7 +9,7 @@ An architecture is an `ArchSpec` (a row of data). `weight_map(cfg, spec)` expand
 - `ZeroTensor`: an HF tensor moelab lacks (e.g. an o_proj bias). It is written as zeros; on import
   it must be all zeros, because any other value is a feature moelab cannot express.
 Exports write the legacy per-expert names: transformers 4.x reads only those and 5.x converts them
-on load (moe_spec.md section 1.0).
+on load (docs/interop.md, "Architectures").
 """
 
 from __future__ import annotations

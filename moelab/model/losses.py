@@ -11,9 +11,10 @@ collapsed while another compensates):
   assignments instead (sum_i f_i = k) and pools all layers, so its balanced value is k and its
   collapsed value E: HF coefficient alpha == moelab coefficient k * alpha, layer pooling aside.
 - `router_z_loss`: mean_t logsumexp(z_t)^2 (ST-MoE, arXiv 2202.08906). 0 only when logsumexp = 0.
-- `load_cv`: std/mean of the soft expert load sum_t p_ti (differentiable, seed 002's std/mean).
-  Balanced = 0; one expert takes everything = sqrt(E - 1) (population std).
-- `usage_variance`: population variance of the mean usage P_i (seed 003). Balanced = 0; one expert
+- `load_cv`: std/mean of the soft expert load sum_t p_ti (differentiable; the coefficient-of-variation
+  loss of Shazeer et al. 2017, arXiv 1701.06538). Balanced = 0; one expert takes everything =
+  sqrt(E - 1) (population std).
+- `usage_variance`: population variance of the mean usage P_i. Balanced = 0; one expert
   takes everything = (E - 1) / E^2.
 """
 
