@@ -148,6 +148,16 @@ class Tokenizer:
         out.append(self._decode_plain(run))
         return "".join(out)
 
+    def byte_lengths(self) -> np.ndarray:
+        """[vocab_size] int64: the UTF-8 bytes of text each id stands for (0 for special tokens), so the
+        bytes a window of targets covers is a sum (what bits per byte divides by)."""
+        out = np.zeros(self.vocab_size, dtype=np.int64)
+        specials = set(self._specials.values())
+        for i in range(self.vocab_size):
+            if i not in specials:
+                out[i] = len(self._decode_plain([i]).encode("utf-8"))
+        return out
+
     def _encode(self, text: str) -> list[int]:
         raise NotImplementedError
 
@@ -250,6 +260,9 @@ class ByteTokenizer(Tokenizer):
     def _decode_plain(self, ids: list[int]) -> str:
         return bytes(ids).decode("utf-8", errors="replace")
 
+    def byte_lengths(self) -> np.ndarray:
+        return (np.arange(self.vocab_size) < 256).astype(np.int64)  # one byte per id; specials none
+
     def _model_bytes(self) -> bytes:
         return b""
 
@@ -344,6 +357,16 @@ class SentencePieceTokenizer(Tokenizer):
 
     def _decode_plain(self, ids: list[int]) -> str:
         return self._sp.decode(ids) if ids else ""
+
+    def byte_lengths(self) -> np.ndarray:
+        # from the pieces: decoding one id alone would turn a lone byte piece into U+FFFD (3 bytes)
+        sp, out = self._sp, np.zeros(self.vocab_size, dtype=np.int64)
+        for i in range(self.vocab_size):
+            if sp.is_byte(i):
+                out[i] = 1
+            elif not (sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i)):
+                out[i] = len(sp.id_to_piece(i).replace(SP_SPACE, " ").encode("utf-8"))
+        return out
 
     def _model_bytes(self) -> bytes:
         return self._model

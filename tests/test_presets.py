@@ -1,9 +1,9 @@
 """Shipped presets are package data: found by name from anywhere, not through the repository layout."""
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from moelab.errors import UserError
 from moelab.presets import PRESET_DIR, preset_names, preset_path

@@ -283,3 +283,11 @@ def test_tokenizer_trains_on_a_sampled_corpus_of_one_very_long_line(tmp_path):
     tok = train_tokenizer([str(tmp_path / "one.txt")], tmp_path / "tok", 300, sample_mb=1.0)
     assert tok.training["bytes_seen"] > 1_000_000
     assert tok.decode(tok.encode("gamma délta 日本語")) == "gamma délta 日本語"
+
+
+def test_sentencepiece_byte_lengths_add_up_to_the_text(sp_tok):
+    """What bits per byte divides by: the bytes a window of ids stands for (issue 19)."""
+    lengths = sp_tok.byte_lengths()
+    for text in ("def f(x):\n    return x + 1\n", "héllo wörld ▁ 你好\n"):
+        assert int(lengths[sp_tok.encode(text)].sum()) == len(text.encode("utf-8"))
+    assert all(lengths[i] == 0 for i in sp_tok.special_tokens.values())

@@ -19,7 +19,7 @@ try:
     from matplotlib.colors import TwoSlopeNorm
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import EngFormatter, MaxNLocator
 except ImportError:  # the optional `analysis` extra
     raise UserError("plots need matplotlib, which is not installed: pip install 'moelab[analysis]'") from None
 
@@ -97,6 +97,11 @@ def training_curves(records: list[dict]) -> Figure | None:
     return fig
 
 
+# The soft `cv` aux loss (std/mean of router probabilities, what gradients see) is not the hard load CV of
+# the balance panel (std/mean of the tokens each expert got): distinct titles so the two are not confused.
+AUX_TITLES = {"cv": "cv aux loss (soft: router probs)"}
+
+
 def aux_curves(records: list[dict]) -> Figure | None:
     """Each auxiliary loss (mean over MoE layers, unweighted) against the step, one panel per loss."""
     keys = [k for k in runlog.keys_with_prefix(records, "train/aux/") if runlog.series(records, k)[0]]
@@ -106,7 +111,8 @@ def aux_curves(records: list[dict]) -> Figure | None:
     for ax, key in zip(axes, keys, strict=False):
         xs, ys = runlog.series(records, key)
         ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3)
-        ax.set_title(key.removeprefix("train/aux/"), fontsize=10)
+        name = key.removeprefix("train/aux/")
+        ax.set_title(AUX_TITLES.get(name, name), fontsize=10)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     return fig
@@ -142,8 +148,9 @@ def balance_over_time(records: list[dict]) -> Figure | None:
     if not layers:
         return None
     fig, axes = _grid(3, ncols=3, panel=(4.2, 2.8), title="Balance over training")
-    for ax, (metric, title) in zip(axes, [("cv", "load CV (0 = balanced)"), ("dead", "dead experts"),
-                                          ("dropped_frac", "dropped fraction")], strict=False):
+    panels = [("cv", "hard load CV: tokens per expert (0 = balanced)"), ("dead", "dead experts"),
+              ("dropped_frac", "dropped fraction")]
+    for ax, (metric, title) in zip(axes, panels, strict=False):
         top = 0.0
         for layer in layers:
             xs, ys = runlog.series(records, f"moe/{layer}/{metric}")
@@ -225,12 +232,22 @@ def specialisation_summary(analysis: dict) -> Figure:
     ax = axes[0]
     x = np.arange(len(layers))
     if analysis.get("domains") and len(analysis["domains"]) > 1:
-        ax.bar(x - 0.2, [lay["mutual_information"] for lay in layers], 0.4, label="I(source; expert)")
-        ax.bar(x + 0.2, [lay["mi_chance"] for lay in layers], 0.4, label="shuffled sources (chance)")
+        bars = [("mutual_information", "I(source; expert)"), ("mi_token_null", "null: shuffled within token"),
+                ("mi_untrained", "untrained model"), ("mi_chance", "null: shuffled sources")]
+        bars = [(k, lab) for k, lab in bars if all(lay.get(k) is not None for lay in layers)]
+        w = 0.8 / len(bars)
+        top = max([analysis["domain_entropy"]] + [lay[k] for lay in layers for k, _ in bars])
+        for j, (key, label) in enumerate(bars):
+            vals = [lay[key] for lay in layers]
+            # a chance level of 0.0002 bits is an invisible bar on a scale of bits: draw at least a sliver
+            # (outlined) and print every value on its bar
+            drawn = ax.bar(x - 0.4 + w * (j + 0.5), [max(v, 0.01 * top) for v in vals], w, label=label,
+                           edgecolor="k", linewidth=0.5)
+            ax.bar_label(drawn, labels=[f"{v:.2g}" for v in vals], fontsize=6, rotation=90, padding=2)
         ax.axhline(analysis["domain_entropy"], color="k", ls="--", lw=1, label="H(source): perfect")
         ax.set_ylabel("bits")
-        ax.set_ylim(0, 1.35 * max([analysis["domain_entropy"]] + [lay["mutual_information"] for lay in layers]))
-        ax.legend(fontsize=7, loc="upper right", ncol=2)
+        ax.set_ylim(0, 1.45 * top)
+        ax.legend(fontsize=6, loc="upper right", ncol=2)
     else:
         ax.text(0.5, 0.5, "one source only:\nno domain specialisation to measure", ha="center", va="center",
                 transform=ax.transAxes)
@@ -280,5 +297,8 @@ def compare_curves(runs: list[dict]) -> Figure:
         ax.set_xlabel(label)
         ax.set_ylabel("val bits per byte")
         ax.grid(alpha=0.3)
+        if x != "elapsed_s":  # millions of tokens / 1e15 FLOPs: short labels ("2M"), few of them, never touching
+            ax.xaxis.set_major_formatter(EngFormatter(sep=""))
+            ax.xaxis.set_major_locator(MaxNLocator(4))
     axes[0].legend(fontsize=8)
     return fig

@@ -136,7 +136,9 @@ def _training(records: list[dict], figs: Figures) -> str:
 
 def _token(t: dict) -> str:
     text = t.get("text", f"#{t['id']}")
-    text = text.replace(" ", "\u2423").replace("\n", "\\n").replace("\t", "\\t") or "\u2205"
+    text = text.replace(" ", "\u2423").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t") or "\u2205"
+    # any other control character (a CRLF or binary corpus) would break the table row: show its code
+    text = "".join(f"\\x{ord(c):02x}" if ord(c) < 32 or ord(c) == 127 else c for c in text)
     return f'<code class=tok title="id {t["id"]}, {t["count"]}x, {100 * t["share"]:.0f}% of its uses">{_e(text)}</code>'
 
 
@@ -148,7 +150,8 @@ def _analysis(a: dict, figs: Figures) -> str:
     head = ["layer", "load CV", "max util", "min util", "dead experts (ids)", "load entropy / max",
             "router entropy (nats)", "dropped"]
     if has_mi:
-        head += ["I(source; expert) bits", "chance", "I / H(source)"]
+        head += ["I(source; expert) bits", "null: shuffled sources", "null: shuffled within token",
+                 "I above token null", "untrained model", "I / H(source)"]
     rows = []
     for lay in a["layers"]:
         r = [lay["layer"], _fmt(lay["cv"]), _fmt(lay["max_utilisation"], 3), _fmt(lay["min_utilisation"], 3),
@@ -157,15 +160,19 @@ def _analysis(a: dict, figs: Figures) -> str:
              f"{_fmt(lay['router_entropy_nats'], 3)} of {_fmt(lay['max_router_entropy_nats'], 3)}",
              _fmt(lay["dropped_fraction"], 3)]
         if has_mi:
-            r += [_fmt(lay["mutual_information"]), _fmt(lay["mi_chance"]), _fmt(lay["mi_normalised"], 3)]
+            r += [_fmt(lay["mutual_information"]), _fmt(lay["mi_chance"]), _fmt(lay.get("mi_token_null")),
+                  _fmt(lay.get("mi_above_token_null")), _fmt(lay.get("mi_untrained")), _fmt(lay["mi_normalised"], 3)]
         rows.append(r)
     parts.append(_table(head, rows, left=0))
     parts.append(figs.html("analysis_utilisation", plots.utilisation_heatmap(a),
                            "Expert utilisation per MoE layer on held-out data (1 = fair share 1/E)."))
     parts.append(figs.html("analysis_specialisation", plots.specialisation_summary(a),
-                           "Left: mutual information between a token's source file and its experts, against the "
-                           "value with shuffled sources (finite-sample chance level) and H(source) (perfect "
-                           "specialisation). Right: accuracy of predicting a token's first-choice expert in the next "
+                           "Left: mutual information between a token's source file and its experts, against two "
+                           "nulls: sources shuffled only among occurrences of the same token (what token identity "
+                           "alone explains: read specialisation as the excess over this), sources shuffled freely "
+                           "(finite-sample chance), the same tokens through an untrained model (for scale), and "
+                           "H(source) (perfect specialisation). "
+                           "Right: accuracy of predicting a token's first-choice expert in the next "
                            "MoE layer from this layer's, fitted and scored on disjoint halves of the tokens."))
     if has_mi:
         parts.append("<h3>Sources</h3>" + _table(["source", "tokens"], [[_e(d["name"]), _fmt(d["tokens"])]

@@ -150,13 +150,26 @@ def analyze_run(run_dir: str | Path, data_dir: str | Path | None = None, tokens:
     ds.check_vocab(cfg.model.vocab_size)
     tok = _tokenizer(ckpt, run_dir, ds)
     trace = collect_routing(model, held, seq_len, batch_size, dev, progress)
+    untrained = None
+    if held.domain_ids is not None and len(held.domains) > 1:  # for scale: MI from token identity alone
+        untrained = collect_routing(_untrained_twin(model, cfg, dev), held, seq_len, batch_size, dev)
     analysis = {"run": str(run_dir.resolve()), "checkpoint": str(ckpt.resolve()), "data": str(Path(data_dir).resolve()),
                 "split": split, "seq_len": seq_len, "router": cfg.model.moe.router,
-                **summarise(trace, token_labeller(tok) if tok is not None else None, top_n)}
+                **summarise(trace, token_labeller(tok) if tok is not None else None, top_n, untrained=untrained)}
     owner = owning_run(ckpt, run_dir)
     out = owner / REPORT_DIR
     write_file_atomic(out / "analysis.json", json.dumps(analysis, indent=1).encode("utf-8"))
     return analysis, write_report(owner, analysis)
+
+
+def _untrained_twin(model, cfg, dev):
+    """The same architecture freshly initialised with the run's seed (what training started from), in the
+    trained model's dtype."""
+    from moelab.model import Transformer
+
+    torch.manual_seed(cfg.train.seed)
+    dtype = next(model.parameters()).dtype
+    return Transformer(cfg.model).to(device=dev, dtype=dtype).eval()
 
 
 def owning_run(ckpt: Path, given: Path) -> Path:

@@ -138,6 +138,27 @@ def shuffled_mutual_information(topk_ids: torch.Tensor, domain_ids: torch.Tensor
     return sum(vals) / len(vals)
 
 
+def token_conditioned_mutual_information(topk_ids: torch.Tensor, domain_ids: torch.Tensor, token_ids: torch.Tensor,
+                                         num_domains: int, num_experts: int, keep: torch.Tensor | None = None,
+                                         repeats: int = 5, seed: int = 0) -> float:
+    """Mean I(domain; expert) after permuting the domain labels only among occurrences of the same token.
+    Experts follow token identity even untrained, and domains differ in their tokens, so a plain shuffle
+    (`shuffled_mutual_information`) credits the router with specialisation that is only token frequency:
+    this null keeps each token's domain mix and removes everything else, so MI above it is what routing
+    knows about the domain beyond the token itself (context)."""
+    g = torch.Generator().manual_seed(seed)
+    dom, tok = domain_ids.reshape(-1), token_ids.reshape(-1).long()
+    by_token = torch.argsort(tok, stable=True)  # positions grouped by token, in stream order
+    vals = []
+    for _ in range(repeats):
+        shuffled = torch.randperm(tok.numel(), generator=g).to(tok.device)
+        mixed = shuffled[torch.argsort(tok[shuffled], stable=True)]  # grouped by token, random within a group
+        new = torch.empty_like(dom)
+        new[by_token] = dom[mixed]  # each position gets the domain of a random occurrence of its own token
+        vals.append(mutual_information(domain_expert_counts(topk_ids, new, num_domains, num_experts, keep)))
+    return sum(vals) / len(vals)
+
+
 def token_expert_counts(token_ids: torch.Tensor, topk_ids: torch.Tensor, vocab_size: int, num_experts: int,
                         keep: torch.Tensor | None = None) -> torch.Tensor:
     """[V, E] kept assignments of each vocabulary token to each expert."""

@@ -101,7 +101,7 @@ def run(args) -> int:
     if not text.is_file():
         raise UserError(f"--data {text}: no such file")
     work = Path(args.work_dir)
-    data_dir = work / "data"
+    data_dir = work / f"data-{text.stem}"  # one per corpus: a shared name would reuse another --data's tokens
     if not (data_dir / "meta.json").is_file():
         prepare([str(text)], "byte", data_dir, val_fraction=0.05, doc_boundary="blank", workers=0)
     base = base_config(data_dir.resolve(), args.dtype)
@@ -184,8 +184,8 @@ def _plot(results: dict, path: Path) -> None:
         ax.set_ylabel("val bits per byte")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"tinyshakespeare, byte-level, equal wall-clock budget ({results['budget_s'] / 60:.0f} min, "
-                 f"{results['dtype']})")
+    fig.suptitle(f"{Path(results['data']).name}, byte-level, equal wall-clock budget "
+                 f"({results['budget_s'] / 60:.0f} min, {results['dtype']})")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -84,13 +84,14 @@ def run(args) -> int:
     peaks = {dt: measure_matmul_peak(dt, str(device), 2.0, n=n) for dt in args.dtypes}
     results: dict = {"peak_matmul_flops": peaks, "configs": {}, "method": __doc__.strip().splitlines()[0],
                      "device": str(device), "memory": "cuda max_memory_allocated" if device.type == "cuda" else "RSS"}
-    for name in args.config:
-        cfg = load_config(config_path(name), [*args.overrides, "data.path=null", "log.progress=false",
-                                              "train.peak_flops=1.0", "checkpoint.every=0",
-                                              f"train.device={device}"])
-        fpt = flops_per_token(cfg.model, cfg.data.seq_len)["train"]
-        runs: dict[str, list[dict]] = {}
-        for rep in range(args.repeats):
+    cfgs = {name: load_config(config_path(name), [*args.overrides, "data.path=null", "log.progress=false",
+                                                  "train.peak_flops=1.0", "checkpoint.every=0",
+                                                  f"train.device={device}"]) for name in args.config}
+    # every config's variants in each round (not config after config): a MoE and its dense twin then see
+    # the same machine load, which is what their ratio needs on a shared machine
+    all_runs: dict[str, dict[str, list[dict]]] = {name: {} for name in cfgs}
+    for rep in range(args.repeats):
+        for name, cfg in cfgs.items():
             for dtype in args.dtypes:
                 for impl in impls:
                     variant = dataclasses.asdict(cfg)
@@ -98,9 +99,12 @@ def run(args) -> int:
                     spec = {"impl": impl, "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
                             "config": variant}
                     r = run_worker(spec)
-                    runs.setdefault(f"{impl}/{dtype}", []).append(r)
+                    all_runs[name].setdefault(f"{impl}/{dtype}", []).append(r)
                     print(f"[{name} round {rep + 1}/{args.repeats}] {impl:6s} {dtype:8s} "
                           f"{r['tokens_per_s']:8.0f} tok/s  memory {r['peak_rss_bytes'] / 2**20:6.0f} MiB", flush=True)
+    for name, cfg in cfgs.items():
+        fpt = flops_per_token(cfg.model, cfg.data.seq_len)["train"]
+        runs = all_runs[name]
         summary = {}
         for key, rs in runs.items():
             dtype = key.split("/")[1]
@@ -118,8 +122,30 @@ def run(args) -> int:
                                     cfg.data.seq_len * cfg.train.grad_accum, "variants": summary, "ratios": ratios,
                                     "target_speed_ratio": TARGETS.get(Path(name).stem)}
         _print_table(name, summary, ratios, TARGETS.get(Path(name).stem))
+    results["moe_over_dense"] = _dense_twins(results["configs"], all_runs)
     write_results(args.json_out, results)
     return 0
+
+
+def _dense_twins(configs: dict, all_runs: dict) -> dict:
+    """For each config X measured with its dense twin X-dense (same active FLOPs): step-time ratio MoE /
+    dense per dtype, the ratio of medians and the median of per-round ratios (rounds ran side by side)."""
+    out = {}
+    for name in configs:
+        twin = f"{Path(name).stem}-dense"
+        if twin not in configs:
+            continue
+        for key, rs in all_runs[name].items():
+            if key.startswith("moelab/") and key in all_runs[twin]:
+                moe = [r["tokens_per_s"] for r in rs]
+                dense = [r["tokens_per_s"] for r in all_runs[twin][key]]
+                per_round = [d / m for m, d in zip(moe, dense, strict=False)]
+                r = {"step_time_ratio": statistics.median(dense) / statistics.median(moe),
+                     "median_round_ratio": statistics.median(per_round), "rounds": per_round}
+                out[f"{name}/{key.split('/')[1]}"] = r
+                print(f"{name} vs {twin} ({key.split('/')[1]}): MoE step time / dense = {r['step_time_ratio']:.3f} "
+                      f"(median of per-round ratios {r['median_round_ratio']:.3f})")
+    return out
 
 
 def _print_table(name: str, summary: dict, ratios: dict, target: float | None) -> None:

@@ -174,8 +174,12 @@ def quality_hf(spec: dict) -> dict:
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     train_ds = TokenDataset.from_config(cfg.data, "train", seed=cfg.train.seed)
-    val_ds = TokenDataset(cfg.data.path, "val", cfg.data.seq_len)
-    bpt = val_ds.meta["splits"]["val"]["bytes_per_token"]
+    from moelab.train.data_source import DatasetSource
+
+    val_src = DatasetSource(cfg)  # the trainer's validation: windows spread over the split, bytes per window
+    cpu, n_val = torch.device("cpu"), cfg.eval.batch_size or cfg.train.batch_size
+    val_tokens = sum(int((y != -100).sum()) for _, y in val_src.val_batches(n_val, cfg.eval.batches, cpu))
+    val_bytes = sum(val_src.target_bytes(y) for _, y in val_src.val_batches(n_val, cfg.eval.batches, cpu))
 
     class Source:
         def train_batch(self, device):
@@ -189,9 +193,9 @@ def quality_hf(spec: dict) -> dict:
         elapsed += time.perf_counter() - t0
         out_of_time = bool(spec.get("max_seconds")) and elapsed >= spec["max_seconds"]
         if step % spec["eval_every"] == 0 or step == cfg.train.steps or out_of_time:
-            val = hf.val_loss(val_ds.iter_val(cfg.eval.batch_size or cfg.train.batch_size, cfg.eval.batches))
+            val = hf.val_loss(val_src.val_batches(n_val, cfg.eval.batches, cpu))
             curve.append({"step": step, "elapsed_s": elapsed, "tokens": step * cfg.train.batch_size * cfg.data.seq_len,
-                          "val/loss": val, "val/bpb": val / math.log(2) / bpt})
+                          "val/loss": val, "val/bpb": val * val_tokens / math.log(2) / val_bytes})
         if out_of_time:
             break
     return {"impl": f"transformers ({hf.implementation})", "curve": curve,

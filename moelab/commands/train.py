@@ -54,8 +54,11 @@ def run(args) -> int:
         return 0
     rec = result.last_record
     summary = [f"step {result.step}"]
+    if rec.get("stopped") == "max_seconds":  # else "done: step 51" reads like train.steps was 51
+        summary[0] += f" (stopped early: train.max_seconds reached after {rec.get('elapsed_s', 0):.0f} s of training)"
     if rec.get("val/loss") is not None:
-        summary.append(f"val loss {rec['val/loss']:.4f} ({rec['val/bpb']:.3f} bits/byte)")
+        bpb = f" ({rec['val/bpb']:.3f} bits/byte)" if rec.get("val/bpb") is not None else ""
+        summary.append(f"val loss {rec['val/loss']:.4f}{bpb}")
     if result.skipped_steps:
         summary.append(f"{result.skipped_steps} non-finite steps skipped")
     print(f"done: {', '.join(summary)}")

@@ -211,7 +211,7 @@ def _pieces_file(blocks: Iterator[str]) -> Iterator[tuple[str, bool]]:
 def _pieces_line(blocks: Iterator[str]) -> Iterator[tuple[str, bool]]:
     for line in _lines(blocks):
         if line.endswith("\n"):
-            text = line[:-1]
+            text = line[:-1].removesuffix("\r")  # a CRLF file's line ends are "\r\n": both end the document
             if text.strip():
                 yield text, True
         else:  # part of an overlong line; the rest follows

@@ -7,7 +7,9 @@ A batch is `batch_size` windows of seq_len + 1 tokens: x = window[:-1], y = wind
   visited once per epoch in a seeded order. The order is the affine permutation i -> (a i + b) mod W with
   a coprime to W, drawn per epoch: O(1) memory whatever the number of windows W, and consecutive windows
   of a batch land far apart in the corpus. The state is (epoch, position).
-- Validation (`iter_val`): the non-overlapping windows at 0, seq_len, 2 seq_len, ..., in order.
+- Validation (`iter_val`): the non-overlapping windows at 0, seq_len, 2 seq_len, ..., in order; with
+  `spread`, a cap of max_batches takes windows evenly spaced over the whole split instead of its start
+  (a split is stored source by source, so its first windows can miss whole domains).
 """
 
 from __future__ import annotations
@@ -235,12 +237,17 @@ class TokenDataset:
             return self._epoch + self._position / self.num_windows
         return self._drawn * self.seq_len / len(self.tokens)
 
-    def iter_val(self, batch_size: int, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def iter_val(self, batch_size: int, max_batches: int | None = None,
+                 spread: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Non-overlapping windows in order (every token is predicted at most once); the last batch may be
-        smaller. Stops after `max_batches` when given."""
+        smaller. Stops after `max_batches` when given, or with `spread` takes max_batches * batch_size
+        windows evenly spaced over the split (the same ones every call)."""
         if batch_size < 1:
             raise UserError(f"batch_size: expected >= 1, got {batch_size}")
         starts = np.arange(0, len(self.tokens) - self.seq_len, self.seq_len, dtype=np.int64)
+        if spread and max_batches is not None and max_batches * batch_size < len(starts):
+            pick = np.linspace(0, len(starts) - 1, max(1, max_batches * batch_size)).round().astype(np.int64)
+            starts = starts[np.unique(pick)]
         for j, i in enumerate(range(0, len(starts), batch_size)):
             if max_batches is not None and j >= max_batches:
                 return

@@ -39,7 +39,7 @@ import numpy as np
 
 from moelab.data.corpus import BadFile, CorpusStats, Source, iter_pieces, report_skips, resolve_inputs, skipped_summary
 from moelab.errors import UserError
-from moelab.fileio import describe, write_dir_atomic
+from moelab.fileio import describe, warn, write_dir_atomic
 from moelab.tokenizer import ByteTokenizer, Tokenizer
 
 FORMAT = 1
@@ -227,7 +227,28 @@ def prepare(inputs: Sequence[str | Path], tokenizer: Tokenizer | str | Path, out
 
     write_dir_atomic(Path(out), write, overwrite, marker=META_FILE)
     report_skips(stats)
+    check_vocab_fits(Path(out), meta)
     return meta
+
+
+def check_vocab_fits(data_dir: Path, meta: dict, chunk: int = 1 << 24) -> int:
+    """Warn when the vocabulary is far too large for the corpus: when more than a quarter of the ids
+    (and over 1000) occur at most once in the train split, their embedding rows are trained on (nearly)
+    nothing and the model wastes capacity on them. Returns the number of such ids."""
+    vocab, info = meta["tokenizer"]["vocab_size"], meta["splits"]["train"]
+    if vocab < 1000 or not info["tokens"]:
+        return 0
+    tokens = np.memmap(data_dir / info["file"], dtype=np.dtype(meta["dtype"]), mode="r", shape=(info["tokens"],))
+    hist = np.zeros(vocab, dtype=np.int64)
+    for i in range(0, len(tokens), chunk):
+        hist += np.bincount(np.asarray(tokens[i:i + chunk]), minlength=vocab)[:vocab]
+    rare = int((hist <= 1).sum())
+    if rare > max(1000, vocab // 4):
+        common = int((hist >= 10).sum())
+        warn(f"the tokenizer's vocabulary ({vocab:,} ids) is far too large for this corpus "
+             f"({info['tokens']:,} train tokens): {rare:,} ids occur at most once and only {common:,} occur 10+ "
+             f"times; retrain the tokenizer with a smaller --vocab-size (about {max(256, common):,} or less)")
+    return rare
 
 
 def _progress(total: int, enabled: bool):

@@ -16,7 +16,7 @@ only active experts' weights are cast, once per forward, and backward reuses the
 Why a row grid (`row_grid`): CPU bf16 matmuls run on oneDNN, which JIT-builds a kernel for every new
 shape (counted with ONEDNN_VERBOSE: creating kernels took longer than running them when row counts
 changed every step and every expert; bf16 expert matmuls ran at ~100 GFLOP/s instead of ~800).
-Rounding each expert's rows up to a grid of ~40 sizes (multiples of 32, then steps of 2^(1/4)) keeps
+Rounding each expert's rows up to a grid (multiples of 32 up to 1024, then coarser, see `_grid`) keeps
 the kernels in oneDNN's cache; bmm batch sizes are kept to powers of two for the same reason. fp32
 runs on MKL, which has no such cost, so fp32 does not pad.
 
@@ -44,9 +44,12 @@ FEW_TOKENS = 8
 
 
 def _grid(limit: int = 1 << 22) -> list[int]:
-    sizes = list(range(32, 257, 32))
+    # Multiples of 32 up to 1024 rows, 64 up to 2048, then steps of 2^(1/8): a training step's experts hold
+    # T K / E rows each (~512 on `tiny`), where steps of 2^(1/4) padded 12-19% of the expert FLOPs; the rows
+    # of a run stay in a narrow band, so oneDNN still sees a handful of shapes.
+    sizes = list(range(32, 1025, 32)) + list(range(1088, 2049, 64))
     while sizes[-1] < limit:
-        sizes.append(32 * math.ceil(sizes[-1] * 2 ** 0.25 / 32))
+        sizes.append(64 * math.ceil(sizes[-1] * 2 ** 0.125 / 64))
     return sizes
 
 
@@ -54,7 +57,8 @@ _GRID = _grid()
 
 
 def grid_rows(c: int) -> int:
-    """The smallest grid size >= c (0 stays 0): at most 1/8 padding up to 256 rows, 19% above."""
+    """The smallest grid size >= c (0 stays 0): at most 31 rows of padding up to 1024 rows, 63 up to
+    2048, 9% above."""
     return _GRID[bisect.bisect_left(_GRID, c)] if c else 0
 
 
@@ -96,13 +100,13 @@ def _bmm(a: torch.Tensor, b: torch.Tensor, binary: bool, out: torch.Tensor | Non
     return out
 
 
-def _swiglu_grads(da: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+def _swiglu_grads(da: torch.Tensor, h: torch.Tensor, silu_g: torch.Tensor) -> torch.Tensor:
     """d h [..., 2F] from d a, for a = silu(g) * u with h = [g | u]: d g = silu'(g) * da * u (aten's
-    fused silu_backward), d u = da * silu(g)."""
+    fused silu_backward), d u = da * silu(g) (`silu_g`, already computed for a)."""
     f = h.shape[-1] // 2
     g, u = h[..., :f], h[..., f:]
     dh = torch.empty_like(h)
-    torch.mul(da, F.silu(g), out=dh[..., f:])
+    torch.mul(da, silu_g, out=dh[..., f:])
     dh[..., :f] = torch.ops.aten.silu_backward(da * u, g)
     return dh
 
@@ -154,10 +158,11 @@ class _GroupedSwiGLU(torch.autograd.Function):
         binary = ctx.binary
         for b, (xb, h, w_gu, w_dn) in zip(buckets, ctx.saved, strict=True):
             dyb = _rows(dy, dy_pad, b)  # [E_b, C, D]
-            a = F.silu(h[..., :f]) * h[..., f:]  # recomputed: cheaper than keeping [N, F]
+            silu_g = F.silu(h[..., :f])  # recomputed: cheaper than keeping [N, F]; reused for d u
+            a = silu_g * h[..., f:]
             da = _bmm(dyb, w_dn, binary)  # [E_b, C, F]
             _put_weights(d_down, b, _bmm(dyb.transpose(1, 2), a, binary))  # [E_b, D, F]
-            dh = _swiglu_grads(da, h)
+            dh = _swiglu_grads(da, h, silu_g)
             _bmm_rows(dx, b, dh, w_gu, binary)  # [E_b, C, D]
             _put_weights(d_gate_up, b, _bmm(dh.transpose(1, 2), xb, binary))  # [E_b, 2F, D]
         ctx.saved = None

@@ -182,8 +182,11 @@ class MoELayer(nn.Module):
             routed = expert_counts(r.topk_ids, self.cfg.num_experts, r.keep, tmask)
             kept = expert_counts(r.topk_ids, self.cfg.num_experts, keep, tmask) if keep is not None else routed
             routed, kept = self.batch.sum_counts(torch.stack([routed, kept]))  # [2, E]: one reduction
-        aux = {name: fn(r, tmask, routed) for name, (fn, _) in AUX_LOSSES.items()}
-        aux.update(extra_aux_losses(self, r, tmask))  # only those whose coefficient is > 0
+        # only the losses training weighs: one with coefficient 0 (cv and variance by default) would add a
+        # dozen small ops forward and backward per layer and step for a number nobody uses (the hard load
+        # CV is logged from the counts anyway); schedules only scale coefficients, so 0 stays 0
+        aux = {name: fn(r, tmask, routed) for name, (fn, coef) in AUX_LOSSES.items() if getattr(self.cfg, coef)}
+        aux.update(extra_aux_losses(self, r, tmask))  # likewise only those whose coefficient is > 0
         with torch.no_grad():
             return RoutingStats(
                 tokens_per_expert=kept,

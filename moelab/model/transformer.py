@@ -151,7 +151,7 @@ class Transformer(nn.Module):
             x = x[:, -1:]
         h = self.norm(x)
         out = ModelOutput(logits=None, routing=layer_stats)
-        if layer_stats:  # every layer computes the same losses (the extra ones only when their coef > 0)
+        if layer_stats:  # layers compute the losses with a non-zero coefficient (the same in every layer)
             out.aux_losses = {name: torch.stack([r.aux_losses[name] for r in layer_stats.values()]).mean()
                               for name in next(iter(layer_stats.values())).aux_losses}
         if targets is None or return_logits:

@@ -3,6 +3,8 @@
 Both give the trainer the same small surface: `train_batch(device)`, `val_batches(batch_size, n,
 device)`, `state_dict()` / `load_state_dict()` (the sampler position, for exact resume), `vocab_size`,
 `fingerprint` (of the tokenizer), `bytes_per_token` (for bits per byte) and `copy_tokenizer(dst)`.
+A source may add `target_bytes(y)`: the text bytes a batch of targets covers, so bits per byte divides
+by the bytes actually evaluated rather than the split's average (domains differ by 4x in bytes/token).
 """
 
 from __future__ import annotations
@@ -81,12 +83,19 @@ class DatasetSource:
         self.train = TokenDataset.from_config(cfg.data, "train", seed=cfg.train.seed)
         self.batch_size = cfg.train.batch_size
         self.tokenizer_dir = self.train.tokenizer_dir
-        self.train.load_tokenizer()  # the dataset's own tokenizer must be the one that made its tokens
+        tok = self.train.load_tokenizer()  # the dataset's own tokenizer must be the one that made its tokens
         val_info = self.train.meta["splits"]["val"]
         self.val = None
         if val_info["tokens"] > cfg.data.seq_len + 1:
             self.val = TokenDataset(cfg.data.path, "val", cfg.data.seq_len)
         self.bytes_per_token = val_info.get("bytes_per_token") or self.train.meta["splits"]["train"]["bytes_per_token"]
+        self._byte_table = None
+        if self.val is not None:
+            self._byte_table = torch.from_numpy(tok.byte_lengths()).double()
+            # calibrated so the whole split adds up to the bytes prepare counted (a SentencePiece piece's
+            # bytes can differ slightly from its text's: normalisation); 1.0 for byte tokenizers
+            counted = float(_split_bytes(self.val.tokens, self._byte_table))
+            self._byte_scale = self.bytes_per_token * len(self.val) / counted if counted > 0 else 1.0
 
     @property
     def vocab_size(self) -> int:
@@ -116,8 +125,14 @@ class DatasetSource:
     def val_batches(self, batch_size: int, n: int, device: torch.device):
         if self.val is None:
             return
-        for x, y in self.val.iter_val(batch_size, n):
+        for x, y in self.val.iter_val(batch_size, n, spread=True):
             yield to_device(x, device), to_device(y, device)
+
+    def target_bytes(self, y: torch.Tensor) -> float:
+        """Text bytes the target ids `y` stand for (-100 = ignored)."""
+        y = y.detach().cpu().reshape(-1)
+        y = y[y >= 0]
+        return float(self._byte_table[y].sum()) * self._byte_scale
 
     def state_dict(self) -> dict:
         return self.train.state_dict()
@@ -146,6 +161,16 @@ class DatasetSource:
                                 f"(the dataset's tokenizer has {self.vocab_size} ids, model.vocab_size is "
                                 f"{model_vocab}); the dataset is corrupt or was not made by its tokenizer: "
                                 "prepare it again")
+
+
+def _split_bytes(tokens, table: torch.Tensor, chunk: int = 1 << 24) -> float:
+    """Sum of table[id] over a memory-mapped token array, in chunks (a histogram, then one dot)."""
+    import numpy as np
+
+    hist = np.zeros(len(table), dtype=np.int64)
+    for i in range(0, len(tokens), chunk):
+        hist += np.bincount(np.asarray(tokens[i:i + chunk]), minlength=len(table))[:len(table)]
+    return float(torch.from_numpy(hist).double() @ table)
 
 
 def open_source(cfg: Config):

@@ -46,19 +46,38 @@ def show(title: str, prompts: list[str], texts: list[str]) -> None:
         print(repr(p + t)[1:-1][:160])
 
 
-def fit_steps(model, cfg, seconds: float) -> int:
-    """Optimizer steps that fit in `seconds` on this machine: two timed forward+backward passes of one
-    micro-batch (after a warm-up), plus 10% for the optimizer and telemetry. Capped by train.steps."""
-    x = torch.randint(0, cfg.model.vocab_size, (cfg.train.batch_size, cfg.data.seq_len))
+# Fewer optimizer steps than this do not get a model of this size past `0x0x0x...` (a busy 2-core machine
+# fitted 42 steps of batch 16 into the budget once): below it the demo trades batch size for steps.
+MIN_STEPS = 200
+
+
+def step_seconds(model, cfg, batch_size: int) -> float:
+    """Seconds per optimizer step at `batch_size`: the fastest of five timed forward+backward passes after
+    a warm-up, plus 15% for the optimizer and telemetry. The fastest: on a busy 2-core machine single
+    passes ran up to 10x slower than the steady state training then reached (a median priced 40 steps
+    into a budget that held 400); `train.max_seconds` guards the other direction."""
+    x = torch.randint(0, cfg.model.vocab_size, (batch_size, cfg.data.seq_len))
     model.train()
     times = []
-    for _ in range(3):
+    for _ in range(6):
         t0 = time.perf_counter()
         model(x, x).loss.backward()
         times.append(time.perf_counter() - t0)
     model.zero_grad(set_to_none=True)
-    step_s = min(times[1:]) * cfg.train.grad_accum * 1.1
-    return min(cfg.train.steps, max(20, int(seconds / step_s)))
+    return min(times[1:]) * cfg.train.grad_accum * 1.15
+
+
+def fit_budget(model, cfg, seconds: float) -> tuple[int, int, float]:
+    """(steps, batch size, seconds per step) for a training budget of `seconds`: train.steps at
+    train.batch_size if they fit; else, while fewer than MIN_STEPS fit, halve the batch (down to 4):
+    on a slow or busy machine many small steps learn more than a few large ones."""
+    batch = cfg.train.batch_size
+    while True:
+        step_s = step_seconds(model, cfg, batch)
+        steps = min(cfg.train.steps, max(20, int(seconds / step_s)))
+        if steps >= min(MIN_STEPS, cfg.train.steps) or batch <= 4:
+            return steps, batch, step_s
+        batch //= 2
 
 
 def report_step(run_dir: Path) -> Path | None:
@@ -67,7 +86,7 @@ def report_step(run_dir: Path) -> Path | None:
     from moelab.analysis.run import analyze_run
     from moelab.analysis.trace import format_summary
 
-    analysis, report = analyze_run(run_dir, tokens=32768)
+    analysis, report = analyze_run(run_dir, tokens=16384)  # (traced twice: trained and untrained for scale)
     print("\n" + format_summary(analysis))
     return report
 
@@ -105,12 +124,17 @@ def run_demo(run_dir: str | Path | None = None, inputs=("stdlib",), overrides=()
     before = Transformer(cfg.model).eval()
     if samples:
         show("samples before training", PROMPTS, sample(before, tok))
+    eta = ""
     if minutes is not None:
-        steps = fit_steps(before, cfg, minutes * 60)
+        steps, batch, step_s = fit_budget(before, cfg, minutes * 60)
         every = max(10, steps // 8)
-        overrides += [f"train.steps={steps}", f"eval.every={every}", f"log.every={min(cfg.log.every, every)}"]
+        # max_seconds: if the machine gets busier than when it was measured, stop at 1.3x the budget
+        # (the run says so) rather than overrun it
+        overrides += [f"train.steps={steps}", f"train.batch_size={batch}", f"eval.every={every}",
+                      f"log.every={min(cfg.log.every, every)}", f"train.max_seconds={max(1.0, minutes * 60 * 1.3):.1f}"]
         cfg = load_config(config, overrides)
-    print(f"\n[3/4] training {cfg.train.steps} steps of {config.name} (progress below; metrics in "
+        eta = f", batch {batch}: ~{step_s:.2f} s per step measured now, ETA {steps * step_s / 60:.1f} min"
+    print(f"\n[3/4] training {cfg.train.steps} steps of {config.name}{eta} (progress below; metrics in "
           f"{run / 'metrics.jsonl'})")
     result = train(config, run_dir=run, overrides=overrides)
     rec = result.last_record
@@ -120,7 +144,8 @@ def run_demo(run_dir: str | Path | None = None, inputs=("stdlib",), overrides=()
     if samples:
         show("samples after training", PROMPTS, sample(model, tok))
     report = report_step(run)
-    print(f"\n[4/4] done in {time.perf_counter() - t_start:.0f} s: step {result.step}, "
+    stopped = " (stopped early at train.max_seconds: the machine got busier)" if rec.get("stopped") else ""
+    print(f"\n[4/4] done in {time.perf_counter() - t_start:.0f} s: step {result.step}{stopped}, "
           f"val loss {rec['val/loss']:.3f} ({rec['val/bpb']:.3f} bits per byte)")
     print(f"  run directory: {run}")
     print(f"  metrics:       {run / 'metrics.jsonl'}")

@@ -422,11 +422,13 @@ class Trainer:
 
     @torch.no_grad()
     def _evaluate(self) -> dict:
-        """Mean cross-entropy over the same `eval.batches` val batches every time, and bits per byte:
-        nats/token / ln 2 / bytes per token, comparable across tokenizers."""
+        """Mean cross-entropy over the same `eval.batches` val batches every time (spread over the whole
+        split by the source), and bits per byte: total nats / ln 2 / the text bytes of the targets evaluated
+        (`target_bytes`; the split's average bytes per token only for sources without it)."""
         self.model.eval()
-        nats, count = 0.0, 0
+        nats, count, nbytes = 0.0, 0, 0.0
         bs = self.cfg.eval.batch_size or self.cfg.train.batch_size
+        target_bytes = getattr(self.data, "target_bytes", None)
         for x, y in self.data.val_batches(bs, self.cfg.eval.batches, self.device):
             tasks = self.data.tasks(self.device) if self.multitask else None
             with self._autocast():
@@ -434,11 +436,11 @@ class Trainer:
             n = int((y != -100).sum())
             nats += float(out.ce_loss) * n
             count += n
+            nbytes += target_bytes(y) if target_bytes is not None else n * self.data.bytes_per_token
         self.model.train()
         if count == 0:
             return {}
-        val = nats / count
-        return {"val/loss": val, "val/bpb": val / math.log(2) / self.data.bytes_per_token}
+        return {"val/loss": nats / count, "val/bpb": nats / math.log(2) / nbytes if nbytes > 0 else None}
 
     def _record(self, val: dict, stop: str | None) -> dict:
         w = self.window

@@ -32,3 +32,16 @@ def test_demo_runs_end_to_end_and_never_overwrites(tmp_path, monkeypatch, capsys
     assert (tmp_path / "runs" / "demo-2" / "metrics.jsonl").is_file()
     assert main(args + ["--run-dir", str(run)]) == 2  # an explicit existing run directory is refused
     assert "already holds a run" in capsys.readouterr().err
+
+
+def test_demo_budget_trades_batch_for_steps_on_a_slow_machine(monkeypatch):
+    """A busy machine fitted 42 steps of batch 16 once (samples `0x0x0x...`): below MIN_STEPS the demo
+    halves the batch until enough steps fit (issue 19)."""
+    from moelab.config import load_config
+    from moelab.train import demo
+
+    cfg = load_config(demo.DEMO_CONFIG)
+    monkeypatch.setattr(demo, "step_seconds", lambda model, cfg, batch: batch / 16)  # 1 s per step at 16
+    assert demo.fit_budget(None, cfg, 100) == (200, 8, 0.5)
+    assert demo.fit_budget(None, cfg, 1000) == (600, 16, 1.0)  # fast enough: the config's batch, steps capped
+    assert demo.fit_budget(None, cfg, 10)[1] == 4  # never below batch 4
