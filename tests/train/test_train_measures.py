@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_cfg, write_yaml
+from train_helpers import tiny_cfg, write_yaml
 
 from moelab.analysis import stats
 from moelab.data import prepare
