@@ -148,7 +148,7 @@ def balance_over_time(records: list[dict]) -> Figure | None:
     if not layers:
         return None
     fig, axes = _grid(3, ncols=3, panel=(4.2, 2.8), title="Balance over training")
-    panels = [("cv", "hard load CV: tokens per expert (0 = balanced)"), ("dead", "dead experts"),
+    panels = [("load_cv", "hard load CV: tokens per expert (0 = balanced)"), ("dead", "dead experts"),
               ("dropped_frac", "dropped fraction")]
     for ax, (metric, title) in zip(axes, panels, strict=False):
         top = 0.0

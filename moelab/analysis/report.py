@@ -154,7 +154,7 @@ def _analysis(a: dict, figs: Figures) -> str:
                  "I above token null", "untrained model", "I / H(source)"]
     rows = []
     for lay in a["layers"]:
-        r = [lay["layer"], _fmt(lay["cv"]), _fmt(lay["max_utilisation"], 3), _fmt(lay["min_utilisation"], 3),
+        r = [lay["layer"], _fmt(lay["load_cv"]), _fmt(lay["max_utilisation"], 3), _fmt(lay["min_utilisation"], 3),
              _e(f"{len(lay['dead'])} ({', '.join(map(str, lay['dead']))})" if lay["dead"] else "0"),
              _fmt(lay["load_entropy"] / lay["max_load_entropy"], 3),
              f"{_fmt(lay['router_entropy_nats'], 3)} of {_fmt(lay['max_router_entropy_nats'], 3)}",
@@ -202,8 +202,8 @@ def _analysis(a: dict, figs: Figures) -> str:
 
 # What the report reads from analysis.json; anything else in it is optional (older or hand-edited files).
 ANALYSIS_KEYS = ("tokens", "num_experts", "top_k", "layers")
-LAYER_KEYS = ("layer", "fraction", "utilisation", "cv", "max_utilisation", "min_utilisation", "dead", "load_entropy",
-              "max_load_entropy", "router_entropy_nats", "max_router_entropy_nats", "dropped_fraction",
+LAYER_KEYS = ("layer", "fraction", "utilisation", "load_cv", "max_utilisation", "min_utilisation", "dead",
+              "load_entropy", "max_load_entropy", "router_entropy_nats", "max_router_entropy_nats", "dropped_fraction",
               "coactivation", "top_tokens")
 
 
@@ -219,6 +219,8 @@ def analysis_problem(a) -> str | None:
     for i, lay in enumerate(a["layers"]):
         if not isinstance(lay, dict):
             return f"layers[{i}]: expected a JSON object"
+        if "cv" in lay and "load_cv" not in lay:  # written before the hard load CV got its own name
+            lay["load_cv"] = lay.pop("cv")
         missing = [k for k in LAYER_KEYS if k not in lay]
         if missing:
             return f"layers[{i}]: missing {', '.join(map(repr, missing))}"

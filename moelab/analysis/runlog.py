@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 from moelab.errors import UserError
@@ -36,7 +37,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         if not isinstance(rec, dict) or not isinstance(rec.get("step"), int) or isinstance(rec["step"], bool):
             shown = line[:60].decode("utf-8", errors="replace")
             raise UserError(f"{path}:{n}: expected a JSON object with an integer 'step', got {shown!r}")
-        records.append(rec)
+        records.append(_renamed(rec))
     if not records and torn is not None:
         raise UserError(f"{path}: no complete training records: line {torn}, the only one, is cut off or not "
                         "JSON (a run killed while writing its first record?)")
@@ -44,6 +45,16 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         raise UserError(f"{path}: no training records yet (the file is empty); train for at least one "
                         "log step (log.every) first")
     return records
+
+
+_OLD_LOAD_CV = re.compile(r"^moe/(\d+)/cv$")
+
+
+def _renamed(rec: dict) -> dict:
+    """Runs logged before the hard load CV got its own name (`moe/<i>/cv`) read as today's."""
+    for key in [k for k in rec if _OLD_LOAD_CV.match(k)]:
+        rec.setdefault(key[:-2] + "load_cv", rec.pop(key))
+    return rec
 
 
 def _number(v) -> float | None:

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from moelab.model.losses import hard_load_cv
+
 
 def _kept(topk_ids: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
     """[N, K] float weights: 1 for a kept assignment, 0 for a dropped one."""
@@ -44,11 +46,7 @@ def utilisation(counts: torch.Tensor) -> torch.Tensor:
     return load_fractions(counts) * counts.numel()
 
 
-def load_cv(counts: torch.Tensor) -> float:
-    """Coefficient of variation of the expert counts (population std / mean): 0 = balanced,
-    sqrt(E - 1) = one expert takes everything. Same definition as the `moe/<i>/cv` training metric."""
-    mean = counts.double().mean()
-    return float(counts.double().std(unbiased=False) / mean) if mean > 0 else 0.0
+load_cv = hard_load_cv  # (the one definition, shared with the training metric `moe/<i>/load_cv`)
 
 
 def dead_experts(counts: torch.Tensor) -> list[int]:
@@ -252,7 +250,7 @@ def layer_balance(topk_ids: torch.Tensor, num_experts: int, keep: torch.Tensor |
         "counts": counts,
         "fraction": load_fractions(counts),
         "utilisation": util,
-        "cv": load_cv(counts),
+        "load_cv": hard_load_cv(counts),
         "max_utilisation": float(util.max()),
         "min_utilisation": float(util.min()),
         "dead": dead_experts(counts),

@@ -99,13 +99,13 @@ def format_summary(analysis: dict) -> str:
     e = analysis["num_experts"]
     lines = [f"routing on {analysis['tokens']:,} held-out tokens, {e} experts, top-{analysis['top_k']}"]
     has_mi = len(analysis.get("domains", [])) > 1
-    head = f"  {'layer':>5} {'CV':>6} {'max util':>8} {'min util':>8} {'dead':>5} {'load H/max':>10} " \
+    head = f"  {'layer':>5} {'load CV':>7} {'max util':>8} {'min util':>8} {'dead':>5} {'load H/max':>10} " \
            f"{'router H':>8} {'dropped':>7}"
     if has_mi:
         head += f" {'I(src;exp)':>10} {'chance':>7} {'tok-null':>8} {'untrained':>9}"
     lines.append(head)
     for lay in analysis["layers"]:
-        row = (f"  {lay['layer']:>5} {lay['cv']:>6.3f} {lay['max_utilisation']:>8.2f} {lay['min_utilisation']:>8.2f} "
+        row = (f"  {lay['layer']:>5} {lay['load_cv']:>7.3f} {lay['max_utilisation']:>8.2f} {lay['min_utilisation']:>8.2f} "
                f"{len(lay['dead']):>5} {lay['load_entropy'] / lay['max_load_entropy']:>10.3f} "
                f"{lay['router_entropy_nats']:>8.3f} {lay['dropped_fraction']:>7.3f}")
         if has_mi:

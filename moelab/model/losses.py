@@ -38,6 +38,16 @@ def expert_counts(topk_ids: torch.Tensor, num_experts: int, keep: torch.Tensor |
     return torch.zeros(num_experts, device=topk_ids.device).index_add_(0, topk_ids.reshape(-1), w.reshape(-1))
 
 
+def hard_load_cv(counts: torch.Tensor) -> float:
+    """Coefficient of variation of the expert counts (population std / mean), a metric, not a loss:
+    0 = balanced, sqrt(E - 1) = one expert takes everything. Logged in training as `moe/<i>/load_cv`
+    and reported by `moelab analyze` under the same name; the differentiable `cv` aux loss
+    (`load_cv` below) is its soft counterpart over router probabilities."""
+    c = counts.double()
+    mean = c.mean()
+    return float(c.std(unbiased=False) / mean) if mean > 0 else 0.0
+
+
 def mean_probs(probs: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """P_i: mean router probability per expert over real tokens [E]."""
     if mask is None:  # (also keeps a ones-weighted reduction out of compiled graphs: Triton 3.6 failed on it)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from moelab.fileio import write_file_atomic
+from moelab.model.losses import hard_load_cv
 
 # ----------------------------------------------------------------------------------------------------
 # Hardware numbers
@@ -130,9 +131,8 @@ class Window:
             counts = self.sums[f"moe/{i}/counts"].double()
             total = float(counts.sum())
             load = (counts / total if total > 0 else counts).tolist()
-            mean = total / counts.numel()
             rec[f"moe/{i}/load"] = load
-            rec[f"moe/{i}/cv"] = float(counts.std(unbiased=False)) / mean if mean > 0 else 0.0
+            rec[f"moe/{i}/load_cv"] = hard_load_cv(counts)
             rec[f"moe/{i}/max_load"] = max(load)
             rec[f"moe/{i}/min_load"] = min(load)
             rec[f"moe/{i}/dead"] = int((counts == 0).sum())

@@ -45,7 +45,7 @@ def metrics_records(num_layers: list[int], num_experts: int = 4, steps=range(10,
             load = (skew / skew.sum()).tolist()
             mean = 1 / num_experts
             r.update({f"moe/{i}/load": load, f"moe/{i}/max_load": max(load), f"moe/{i}/min_load": min(load),
-                      f"moe/{i}/cv": float(torch.tensor(load).std(unbiased=False)) / mean, f"moe/{i}/dead": 0,
+                      f"moe/{i}/load_cv": float(torch.tensor(load).std(unbiased=False)) / mean, f"moe/{i}/dead": 0,
                       f"moe/{i}/entropy": math.log(num_experts) - 0.1, f"moe/{i}/dropped_frac": 0.0,
                       f"moe/{i}/aux/load_balance": 1.1})
         recs.append(r)

@@ -22,7 +22,7 @@ def test_balance_by_hand():
     assert b["fraction"].tolist() == [0.5, 0.25, 0.125, 0.125]
     assert b["utilisation"].tolist() == [2.0, 1.0, 0.5, 0.5]
     # mean 2, deviations 2, 0, -1, -1 -> population var 6/4
-    assert b["cv"] == pytest.approx(math.sqrt(1.5) / 2)
+    assert b["load_cv"] == pytest.approx(math.sqrt(1.5) / 2)
     assert b["max_utilisation"] == 2.0 and b["min_utilisation"] == 0.5
     assert b["dead"] == []
     # 0.5*1 + 0.25*2 + 2 * 0.125*3 bits

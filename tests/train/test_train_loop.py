@@ -21,7 +21,7 @@ def test_loss_falls_and_run_dir_layout(toy_data, tmp_path):
     last = recs[-1]
     assert last["tokens"] == 30 * 4 * 32 and last["flops"] > 0 and last["elapsed_s"] > 0
     for key in ("train/loss", "train/aux/load_balance", "train/aux/z_loss", "lr", "grad_norm", "tokens_per_s", "mfu",
-                "peak_mem_bytes", "moe/0/cv", "moe/1/entropy", "moe/1/dead", "moe/0/dropped_frac",
+                "peak_mem_bytes", "moe/0/load_cv", "moe/1/entropy", "moe/1/dead", "moe/0/dropped_frac",
                 "moe/0/aux/load_balance", "moe/0/max_load", "moe/0/min_load"):
         assert key in last, key
     assert sum(last["moe/0/load"]) == pytest.approx(1.0) and len(last["moe/0/load"]) == 4

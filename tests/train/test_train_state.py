@@ -85,7 +85,7 @@ def test_window_summary_on_hand_counts():
     assert s["moe/3/load"] == [0.5, 0.25, 0.25, 0.0]
     assert (s["moe/3/max_load"], s["moe/3/min_load"], s["moe/3/dead"]) == (0.5, 0.0, 1)
     counts = np.array([8.0, 4.0, 4.0, 0.0])
-    assert s["moe/3/cv"] == pytest.approx(counts.std() / counts.mean())
+    assert s["moe/3/load_cv"] == pytest.approx(counts.std() / counts.mean())
     assert s["moe/3/dropped_frac"] == pytest.approx(1 / 17)
     assert s["moe/3/entropy"] == 0.75 and s["moe/3/aux/z_loss"] == 1.0
     restored = Window()
