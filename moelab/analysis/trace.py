@@ -105,8 +105,8 @@ def format_summary(analysis: dict) -> str:
         head += f" {'I(src;exp)':>10} {'chance':>7} {'tok-null':>8} {'untrained':>9}"
     lines.append(head)
     for lay in analysis["layers"]:
-        row = (f"  {lay['layer']:>5} {lay['load_cv']:>7.3f} {lay['max_utilisation']:>8.2f} {lay['min_utilisation']:>8.2f} "
-               f"{len(lay['dead']):>5} {lay['load_entropy'] / lay['max_load_entropy']:>10.3f} "
+        row = (f"  {lay['layer']:>5} {lay['load_cv']:>7.3f} {lay['max_utilisation']:>8.2f} "
+               f"{lay['min_utilisation']:>8.2f} {len(lay['dead']):>5} {lay['load_entropy'] / lay['max_load_entropy']:>10.3f} "
                f"{lay['router_entropy_nats']:>8.3f} {lay['dropped_fraction']:>7.3f}")
         if has_mi:
             row += f" {lay['mutual_information']:>10.4f} {lay['mi_chance']:>7.4f}"
