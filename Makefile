@@ -24,6 +24,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check moelab tests
+	$(BIN)/ruff format --check moelab tests
 	$(BIN)/mypy
 
 test: lint

@@ -37,6 +37,7 @@ def atomic_dir(final: Path, write: Callable[[Path], None], overwrite: bool = Tru
     """Call write(tmp_dir), mark it complete and move it into place atomically (`fileio.write_dir_atomic`).
     By default `final` is a name the caller owns (a checkpoint step) and whatever is there is replaced; a
     user-named output passes `overwrite` and `marker=COMPLETE` (replace only what moelab wrote)."""
+
     def write_complete(tmp: Path) -> None:
         write(tmp)
         (tmp / COMPLETE).write_text("ok\n")
@@ -56,8 +57,14 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def write_model(path: Path, model: torch.nn.Module, cfg: Config, tokenizer_dir: str | Path | None = None,
-                extra: dict | None = None, weights: dict[str, torch.Tensor] | None = None) -> None:
+def write_model(
+    path: Path,
+    model: torch.nn.Module,
+    cfg: Config,
+    tokenizer_dir: str | Path | None = None,
+    extra: dict | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> None:
     """Write weights, config and tokenizer into an existing directory (no atomicity here). `weights`
     replaces `model`'s own state (e.g. full tensors gathered from a sharded model)."""
     path = Path(path)
@@ -97,13 +104,20 @@ def check_tokenizer(ckpt: Path, tokenizer) -> None:
     """Refuse a tokenizer other than the one the model was trained with (its ids would mean other text)."""
     want = trained_tokenizer(ckpt)
     if want is not None and want != tokenizer.fingerprint:
-        raise UserError(f"{ckpt}/tokenizer: tokenizer {tokenizer.fingerprint[:12]} ({tokenizer.kind}, vocab "
-                        f"{tokenizer.vocab_size}) is not the one the model was trained with ({want[:12]}); "
-                        "restore the checkpoint's own tokenizer/")
+        raise UserError(
+            f"{ckpt}/tokenizer: tokenizer {tokenizer.fingerprint[:12]} ({tokenizer.kind}, vocab "
+            f"{tokenizer.vocab_size}) is not the one the model was trained with ({want[:12]}); "
+            "restore the checkpoint's own tokenizer/"
+        )
 
 
-def save_checkpoint(path: str | Path, model: torch.nn.Module, cfg: Config,
-                    tokenizer_dir: str | Path | None = None, extra: dict | None = None) -> Path:
+def save_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    cfg: Config,
+    tokenizer_dir: str | Path | None = None,
+    extra: dict | None = None,
+) -> Path:
     """Atomically write a model checkpoint directory."""
     return atomic_dir(Path(path), lambda tmp: write_model(tmp, model, cfg, tokenizer_dir, extra))
 
@@ -118,8 +132,9 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     if not ck.is_dir():
         return []
     # symlinks (RUN/checkpoints/best) name a checkpoint already listed under its own name
-    found = [p for p in ck.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".")
-             and is_complete(p)]
+    found = [
+        p for p in ck.iterdir() if p.is_dir() and not p.is_symlink() and not p.name.startswith(".") and is_complete(p)
+    ]
     return sorted(found, key=lambda p: (int("".join(c for c in p.name if c.isdigit()) or 0), p.name))
 
 
@@ -134,8 +149,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path  # hand-made or imported checkpoint without the COMPLETE marker
     found = list_checkpoints(path)
     if not found:
-        raise UserError(f"{path}: no complete checkpoint found (expected model.safetensors + config.yaml, "
-                        "or a run directory with checkpoints/)")
+        raise UserError(
+            f"{path}: no complete checkpoint found (expected model.safetensors + config.yaml, "
+            "or a run directory with checkpoints/)"
+        )
     return found[-1]
 
 
@@ -157,12 +174,18 @@ def state_problems(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor])
     names, shape mismatches), or None. The one key check every loader uses."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
-              if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
     if not (missing or unexpected or shapes):
         return None
-    parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {unexpected[:3]}" if unexpected else "",
-             f"shape mismatches {shapes[:3]}" if shapes else ""]
+    parts = [
+        f"missing {missing[:3]}" if missing else "",
+        f"unexpected {unexpected[:3]}" if unexpected else "",
+        f"shape mismatches {shapes[:3]}" if shapes else "",
+    ]
     return ", ".join(p for p in parts if p)
 
 
@@ -179,15 +202,17 @@ def assign_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None
     (no copy), in the model's own dtypes (a bf16 file gives an fp32 model, as a copying load would), and a
     tied LM head is tied again."""
     own = model.state_dict()
-    state = {k: v.to(own[k].dtype) if v.is_floating_point() and v.dtype != own[k].dtype else v
-             for k, v in state.items()}
+    state = {
+        k: v.to(own[k].dtype) if v.is_floating_point() and v.dtype != own[k].dtype else v for k, v in state.items()
+    }
     model.load_state_dict(state, strict=False, assign=True)
     if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
         model.lm_head.weight = model.embed.weight
 
 
-def build_model(cfg: Config, state: dict[str, torch.Tensor], device: str | torch.device = "cpu",
-                where: str = "weights", swap=None):
+def build_model(
+    cfg: Config, state: dict[str, torch.Tensor], device: str | torch.device = "cpu", where: str = "weights", swap=None
+):
     """A `Transformer` of `cfg.model` holding `state`: built on the meta device (no memory, no random
     init of weights that are about to be replaced) and loaded with `assign=True`. `swap(model)` may
     replace modules before loading (offloaded experts). Raises UserError naming what does not fit."""
@@ -240,8 +265,10 @@ def check_base(base: str | None, expected: str | None, what: str) -> Path:
     ckpt = resolve_checkpoint(base)
     fp = fingerprint(ckpt)
     if expected and fp != expected:
-        raise UserError(f"{what}: base checkpoint {ckpt} is not the one the adapters were trained on "
-                        f"(fingerprint {fp[:12]}, expected {expected[:12]}); refusing to load")
+        raise UserError(
+            f"{what}: base checkpoint {ckpt} is not the one the adapters were trained on "
+            f"(fingerprint {fp[:12]}, expected {expected[:12]}); refusing to load"
+        )
     return ckpt
 
 
@@ -258,8 +285,10 @@ def load_adapter_model(ckpt: Path, cfg, device="cpu", merge: bool = True):
     weights = load_state(ckpt / "model.safetensors")
     want = set(trainable_names(model))
     if set(weights) != want:
-        raise UserError(f"{ckpt / 'model.safetensors'}: adapter tensors do not match finetune.lora "
-                        f"(missing {sorted(want - set(weights))[:3]}, unexpected {sorted(set(weights) - want)[:3]})")
+        raise UserError(
+            f"{ckpt / 'model.safetensors'}: adapter tensors do not match finetune.lora "
+            f"(missing {sorted(want - set(weights))[:3]}, unexpected {sorted(set(weights) - want)[:3]})"
+        )
     model.load_state_dict(weights, strict=False)
     if merge:
         merge_lora(model)

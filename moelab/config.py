@@ -23,13 +23,29 @@ from moelab.config_build import from_dict, parse_override, read_yaml
 from moelab.errors import ConfigError
 from moelab.finetune.config import FinetuneConfig
 
-__all__ = ["Config", "ModelConfig", "MoEConfig", "DataConfig", "TrainConfig", "ScheduleConfig", "EvalConfig",
-           "CheckpointConfig", "LogConfig", "ParallelConfig", "load_config", "save_config", "from_dict",
-           "read_yaml", "apply_overrides", "parse_override"]
+__all__ = [
+    "Config",
+    "ModelConfig",
+    "MoEConfig",
+    "DataConfig",
+    "TrainConfig",
+    "ScheduleConfig",
+    "EvalConfig",
+    "CheckpointConfig",
+    "LogConfig",
+    "ParallelConfig",
+    "load_config",
+    "save_config",
+    "from_dict",
+    "read_yaml",
+    "apply_overrides",
+    "parse_override",
+]
 
 # The router names; `model/router_registry.py` maps each to its class (a test keeps the two equal).
-RouterName = Literal["softmax_topk", "topk_softmax", "sigmoid", "noisy_topk", "gumbel", "expert_choice", "top_p",
-                     "hierarchical"]
+RouterName = Literal[
+    "softmax_topk", "topk_softmax", "sigmoid", "noisy_topk", "gumbel", "expert_choice", "top_p", "hierarchical"
+]
 ROUTERS = typing.get_args(RouterName)
 QKNorm = Literal["none", "head", "full"]
 QK_NORMS = typing.get_args(QKNorm)
@@ -95,8 +111,10 @@ class MoEConfig:
         if self.expert_dim < 1:
             p.append(f"{prefix}.expert_dim: expected >= 1, got {self.expert_dim}")
         if self.expert_backend == "grouped_mm" and (self.expert_dim % 8 or self.expert_dim < 1):
-            p.append(f"{prefix}.expert_backend: grouped_mm needs expert_dim a multiple of 8 (16-byte rows), "
-                     f"got {self.expert_dim}")
+            p.append(
+                f"{prefix}.expert_backend: grouped_mm needs expert_dim a multiple of 8 (16-byte rows), "
+                f"got {self.expert_dim}"
+            )
         for name in ("capacity_factor", "eval_capacity_factor"):
             v = getattr(self, name)
             if v is not None and v <= 0:
@@ -108,8 +126,10 @@ class MoEConfig:
         if self.router_bias and self.router != "sigmoid":
             p.append(f"{prefix}.router_bias: only the sigmoid router has a selection bias, router is {self.router!r}")
         if self.router == "expert_choice" and self.capacity_factor is None:
-            p.append(f"{prefix}.capacity_factor: expert_choice routing needs a capacity factor (tokens per "
-                     "expert = cf * T / E), got null")
+            p.append(
+                f"{prefix}.capacity_factor: expert_choice routing needs a capacity factor (tokens per "
+                "expert = cf * T / E), got null"
+            )
         for name in ("load_balance_coef", "z_loss_coef", "cv_coef", "variance_coef", "bias_update_rate"):
             if getattr(self, name) < 0:
                 p.append(f"{prefix}.{name}: expected >= 0, got {getattr(self, name)}")
@@ -179,8 +199,10 @@ class ModelConfig:
             p.append(f"{prefix}.head_dim: RoPE needs an even head dimension, got {self.hdim}")
         p += _validate_layers(self.moe.layers, self.n_layers, f"{prefix}.moe.layers")
         if self.moe.expert_backend == "grouped_mm" and self.d_model % 8:
-            p.append(f"{prefix}.moe.expert_backend: grouped_mm needs d_model a multiple of 8 (16-byte rows), "
-                     f"got {self.d_model}")
+            p.append(
+                f"{prefix}.moe.expert_backend: grouped_mm needs d_model a multiple of 8 (16-byte rows), "
+                f"got {self.d_model}"
+            )
         return p + self.moe.validate(f"{prefix}.moe")
 
 
@@ -265,8 +287,6 @@ class TrainConfig:
         return p
 
 
-
-
 @dataclass
 class ScheduleConfig:
     """Routing knobs that change with the optimizer step (see docs/training.md). Each anneals from a
@@ -295,24 +315,30 @@ class ScheduleConfig:
         if isinstance(self.grow_at, list) and not all(isinstance(s, int) and s > 0 for s in self.grow_at):
             p.append(f"{prefix}.grow_at: expected a list of positive optimizer steps, got {self.grow_at!r}")
         if self.grow_anneal_steps < 0 or self.grow_noise < 0:
-            p.append(f"{prefix}.grow_anneal_steps / grow_noise: expected >= 0, got {self.grow_anneal_steps} / "
-                     f"{self.grow_noise}")
+            p.append(
+                f"{prefix}.grow_anneal_steps / grow_noise: expected >= 0, got {self.grow_anneal_steps} / "
+                f"{self.grow_noise}"
+            )
         return p
 
     def check_model(self, model: ModelConfig, prefix: str = "schedule") -> list[str]:
         p = []
         moe = model.moe
         if self.gumbel_tau_end is not None and moe.router != "gumbel":
-            p.append(f"{prefix}.gumbel_tau_end: temperature annealing needs model.moe.router=gumbel, "
-                     f"router is {moe.router!r}")
+            p.append(
+                f"{prefix}.gumbel_tau_end: temperature annealing needs model.moe.router=gumbel, "
+                f"router is {moe.router!r}"
+            )
         if self.grow_at and moe.router in ("hierarchical", "expert_choice"):
             p.append(f"{prefix}.grow_at: growing experts does not support router {moe.router!r}")
         if self.top_k_start is not None:
             if moe.router == "expert_choice":
                 p.append(f"{prefix}.top_k_start: expert_choice routing has no per-token top-k to anneal")
             elif not moe.top_k <= self.top_k_start <= moe.num_experts:
-                p.append(f"{prefix}.top_k_start: expected between model.moe.top_k={moe.top_k} and "
-                         f"model.moe.num_experts={moe.num_experts}, got {self.top_k_start}")
+                p.append(
+                    f"{prefix}.top_k_start: expected between model.moe.top_k={moe.top_k} and "
+                    f"model.moe.num_experts={moe.num_experts}, got {self.top_k_start}"
+                )
         return p
 
 
@@ -366,8 +392,6 @@ class LogConfig:
         return []
 
 
-
-
 @dataclass
 class ParallelConfig:
     """Multi-process training under torchrun (see docs/scale-out.md). World size = dp * ep; every rank
@@ -412,8 +436,10 @@ class Config:
         if not p and self.data.seq_len > self.model.max_seq_len:
             p.append(f"data.seq_len: {self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}")
         if not p and self.model.moe_layer_ids() and self.model.moe.num_experts % self.parallel.ep:
-            p.append(f"parallel.ep: {self.parallel.ep} does not divide model.moe.num_experts="
-                     f"{self.model.moe.num_experts} (each expert-parallel rank holds num_experts / ep experts)")
+            p.append(
+                f"parallel.ep: {self.parallel.ep} does not divide model.moe.num_experts="
+                f"{self.model.moe.num_experts} (each expert-parallel rank holds num_experts / ep experts)"
+            )
         return p
 
     def to_dict(self) -> dict:

@@ -29,8 +29,15 @@ from pathlib import Path
 
 from moelab.errors import UserError
 
-_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
-               bool: "a boolean", type(None): "null"}
+_JSON_TYPES = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    int: "a number",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
 # Errors from the machine rather than from moelab: reported in one line instead of a traceback.
 _ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 _KINDS = ("tmp", "old", "trash")
@@ -79,8 +86,14 @@ def describe(path: Path) -> str:
         return "nothing (no such file or directory)"
     except OSError as e:
         return f"something unreadable ({e.strerror or e})"
-    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISREG, "a file"), (stat.S_ISFIFO, "a named pipe (FIFO)"),
-             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")]
+    kinds = [
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISREG, "a file"),
+        (stat.S_ISFIFO, "a named pipe (FIFO)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    ]
     return next((what for test, what in kinds if test(mode)), "a special file")
 
 
@@ -270,8 +283,9 @@ def check_output_dir(final: Path, overwrite: bool, marker: str | None, empty_ok:
     if not overwrite:
         raise UserError(f"{final}: output directory already exists (pass --overwrite to replace it)")
     if marker is not None and any(final.iterdir()) and not (final / marker).is_file():
-        raise UserError(f"{final}: refusing to replace it: expected an empty directory or one holding {marker}, "
-                        "got other files")
+        raise UserError(
+            f"{final}: refusing to replace it: expected an empty directory or one holding {marker}, got other files"
+        )
 
 
 def _make_tmp_dir(final: Path) -> Path:
@@ -285,8 +299,13 @@ def _make_tmp_dir(final: Path) -> Path:
     raise UserError(f"{final}: could not create a temporary directory next to it")
 
 
-def write_dir_atomic(final: Path, write: Callable[[Path], None], overwrite: bool = False,
-                     marker: str | None = None, empty_ok: bool = False) -> Path:
+def write_dir_atomic(
+    final: Path,
+    write: Callable[[Path], None],
+    overwrite: bool = False,
+    marker: str | None = None,
+    empty_ok: bool = False,
+) -> Path:
     """Call write(tmp) in a hidden temporary sibling, fsync everything in it, then rename it into place, so
     `final` never holds a partial result: an interrupted or failed write leaves `final` as it was (a kill -9
     can leave the temporary behind, never a half-written `final`, and the next write deletes it). An

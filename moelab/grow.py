@@ -38,8 +38,10 @@ def check_growable(model, new_e: int) -> int:
     e = cfg.num_experts
     if cfg.router in ("hierarchical", "expert_choice"):
         raise UserError(f"grow: router {cfg.router!r} is not supported (groups / expert choice change meaning)")
-    if any(getattr(layer.experts, "lora", None) is not None or not hasattr(layer.experts, "gate_up")
-           for layer in layers.values()):
+    if any(
+        getattr(layer.experts, "lora", None) is not None or not hasattr(layer.experts, "gate_up")
+        for layer in layers.values()
+    ):
         raise UserError("grow: experts must be plain (no LoRA adapters, expert parallel or offload)")
     if not e < new_e <= 2 * e:
         raise UserError(f"grow: --experts must be in ({e}, {2 * e}] to grow a {e}-expert model, got {new_e}")
@@ -106,8 +108,14 @@ def grow_optimizer_state(optim_state: dict, grown: dict[str, torch.Tensor], old_
     out = {"param_groups": optim_state["param_groups"], "state": {}}
     for name, st in optim_state["state"].items():
         if name in grown:
-            st = {k: (_rows(v, old_e, grown[name].to(v.device)).clone()
-                      if isinstance(v, torch.Tensor) and v.dim() > 0 else v) for k, v in st.items()}
+            st = {
+                k: (
+                    _rows(v, old_e, grown[name].to(v.device)).clone()
+                    if isinstance(v, torch.Tensor) and v.dim() > 0
+                    else v
+                )
+                for k, v in st.items()
+            }
         out["state"][name] = st
     return out
 

@@ -30,8 +30,22 @@ from moelab.model.counting import DTYPE_BYTES, count_params
 
 OFFLOADS = ("none", "optimizer", "experts")
 BACKWARD_WORKSPACE = 0.75  # gradient temporaries of the block in backward, as a fraction of its activations
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(text: str) -> int:
@@ -140,9 +154,18 @@ class Plan:
         return asdict(self)
 
 
-def train_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, *, dtype: str = "float32", devices: int = 1,
-                 ep: int = 1, offload: str = "none", activation_checkpointing: bool = False,
-                 grad_accum: int = 1) -> TrainMemory:
+def train_memory(
+    cfg: ModelConfig,
+    micro_batch: int,
+    seq_len: int,
+    *,
+    dtype: str = "float32",
+    devices: int = 1,
+    ep: int = 1,
+    offload: str = "none",
+    activation_checkpointing: bool = False,
+    grad_accum: int = 1,
+) -> TrainMemory:
     b = DTYPE_BYTES[dtype]
     opt_per_param = 8 + (4 if b < 4 else 0)  # two fp32 moments, + fp32 master weights for 16-bit training
     shapes = layer_shapes(cfg)
@@ -206,12 +229,28 @@ def train_memory(cfg: ModelConfig, micro_batch: int, seq_len: int, *, dtype: str
     peak_ckpt = peak_for(ckpt_acts, True)
     step = persistent + grads_dev  # optimizer step: weights, state and all gradients
     peak = max(peak_ckpt if activation_checkpointing else peak_plain, step)
-    return TrainMemory(micro_batch, int(weights_dev), int(grads_dev), int(opt_dev), int(sum(acts) + head_act),
-                       int(sum(ckpt_acts) + one_block + head_act), int(working), int(peak), int(host))
+    return TrainMemory(
+        micro_batch,
+        int(weights_dev),
+        int(grads_dev),
+        int(opt_dev),
+        int(sum(acts) + head_act),
+        int(sum(ckpt_acts) + one_block + head_act),
+        int(working),
+        int(peak),
+        int(host),
+    )
 
 
-def inference_memory(cfg: ModelConfig, *, dtype: str = "bfloat16", batch: int = 1, context: int | None = None,
-                     offload: str = "none", expert_cache: int | None = None) -> InferenceMemory:
+def inference_memory(
+    cfg: ModelConfig,
+    *,
+    dtype: str = "bfloat16",
+    batch: int = 1,
+    context: int | None = None,
+    offload: str = "none",
+    expert_cache: int | None = None,
+) -> InferenceMemory:
     b = DTYPE_BYTES[dtype]
     context = context or cfg.max_seq_len
     shapes = layer_shapes(cfg)
@@ -228,8 +267,17 @@ def inference_memory(cfg: ModelConfig, *, dtype: str = "bfloat16", batch: int = 
     else:
         cache, weights, host = 0, total * b, 0
     kv = kv_tok * batch * context
-    return InferenceMemory(int(weights), int(cache), int(kv_tok), int(kv), int(acts),
-                           int(weights + cache + kv + acts), int(host), batch, context)
+    return InferenceMemory(
+        int(weights),
+        int(cache),
+        int(kv_tok),
+        int(kv),
+        int(acts),
+        int(weights + cache + kv + acts),
+        int(host),
+        batch,
+        context,
+    )
 
 
 def _largest(fits, hi: int = 1 << 20) -> int:
@@ -249,10 +297,22 @@ def _largest(fits, hi: int = 1 << 20) -> int:
     return lo
 
 
-def plan(cfg: ModelConfig, *, devices: int = 1, device_memory: int, dtype: str = "bfloat16", offload: str = "none",
-         activation_checkpointing: bool = False, micro_batch: int = 1, seq_len: int | None = None, ep: int = 1,
-         grad_accum: int = 1, batch: int = 1, context: int | None = None,
-         expert_cache: int | None = None) -> Plan:
+def plan(
+    cfg: ModelConfig,
+    *,
+    devices: int = 1,
+    device_memory: int,
+    dtype: str = "bfloat16",
+    offload: str = "none",
+    activation_checkpointing: bool = False,
+    micro_batch: int = 1,
+    seq_len: int | None = None,
+    ep: int = 1,
+    grad_accum: int = 1,
+    batch: int = 1,
+    context: int | None = None,
+    expert_cache: int | None = None,
+) -> Plan:
     if dtype not in DTYPE_BYTES:
         raise UserError(f"--dtype: expected one of float32, bfloat16, float16, got {dtype!r}")
     if offload not in OFFLOADS:
@@ -269,20 +329,42 @@ def plan(cfg: ModelConfig, *, devices: int = 1, device_memory: int, dtype: str =
     pc = count_params(cfg)
     fits = lambda mb, ck: train_memory(cfg, mb, seq_len, activation_checkpointing=ck, **kw).peak <= device_memory  # noqa: E731
     im = inference_memory(cfg, dtype=dtype, batch=batch, context=context, offload=offload, expert_cache=expert_cache)
-    ctx_fits = lambda c: inference_memory(cfg, dtype=dtype, batch=batch, context=c, offload=offload,  # noqa: E731
-                                          expert_cache=expert_cache).total <= device_memory
+
+    def ctx_fits(c: int) -> bool:
+        mem = inference_memory(cfg, dtype=dtype, batch=batch, context=c, offload=offload, expert_cache=expert_cache)
+        return mem.total <= device_memory
+
     notes = []
     if offload == "experts":
-        notes.append("experts offloaded: training streams each layer's experts (and their gradients and AdamW "
-                     "state) from host memory; inference reads them lazily from memory-mapped safetensors, "
-                     "so host_or_disk may live on disk")
+        notes.append(
+            "experts offloaded: training streams each layer's experts (and their gradients and AdamW "
+            "state) from host memory; inference reads them lazily from memory-mapped safetensors, "
+            "so host_or_disk may live on disk"
+        )
     if offload == "optimizer":
-        notes.append("optimizer offloaded: AdamW state (and fp32 master weights) in host memory; the update "
-                     "runs on the host")
-    return Plan(devices, devices // ep, ep, device_memory, dtype, offload, activation_checkpointing, seq_len,
-                pc.total, pc.active, tm, tm.peak <= device_memory, _largest(lambda mb: fits(mb, False)),
-                _largest(lambda mb: fits(mb, True)), im, im.total <= device_memory,
-                _largest(ctx_fits, hi=1 << 24), notes)
+        notes.append(
+            "optimizer offloaded: AdamW state (and fp32 master weights) in host memory; the update runs on the host"
+        )
+    return Plan(
+        devices,
+        devices // ep,
+        ep,
+        device_memory,
+        dtype,
+        offload,
+        activation_checkpointing,
+        seq_len,
+        pc.total,
+        pc.active,
+        tm,
+        tm.peak <= device_memory,
+        _largest(lambda mb: fits(mb, False)),
+        _largest(lambda mb: fits(mb, True)),
+        im,
+        im.total <= device_memory,
+        _largest(ctx_fits, hi=1 << 24),
+        notes,
+    )
 
 
 def human_bytes(n: float) -> str:

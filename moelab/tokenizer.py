@@ -169,17 +169,25 @@ class Tokenizer:
 
     # --- files ----------------------------------------------------------------------------------------
     def meta(self) -> dict:
-        return {"format": FORMAT, "kind": self.kind, "vocab_size": self.vocab_size,
-                "special_tokens": self.special_tokens, "eod_token": self.eod_token, "eod_id": self.eod_id,
-                "fingerprint": self.fingerprint, "training": getattr(self, "training", {})}
+        return {
+            "format": FORMAT,
+            "kind": self.kind,
+            "vocab_size": self.vocab_size,
+            "special_tokens": self.special_tokens,
+            "eod_token": self.eod_token,
+            "eod_id": self.eod_id,
+            "fingerprint": self.fingerprint,
+            "training": getattr(self, "training", {}),
+        }
 
     def write_files(self, directory: Path) -> None:
         """Write the tokenizer files into an existing directory (no atomicity; see `save`)."""
         directory = Path(directory)
         if self.kind == "sentencepiece":
             (directory / MODEL_FILE).write_bytes(self._model_bytes())
-        (directory / META_FILE).write_text(json.dumps(self.meta(), indent=1, ensure_ascii=False) + "\n",
-                                           encoding="utf-8")
+        (directory / META_FILE).write_text(
+            json.dumps(self.meta(), indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
 
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
         """Write the tokenizer directory atomically (temporary sibling, then rename)."""
@@ -214,25 +222,33 @@ class Tokenizer:
         else:
             model_path = directory / MODEL_FILE
             if not model_path.is_file():
-                raise UserError(f"{model_path}: expected the SentencePiece model next to {META_FILE}, got "
-                                f"{_what(model_path)}")
+                raise UserError(
+                    f"{model_path}: expected the SentencePiece model next to {META_FILE}, got {_what(model_path)}"
+                )
             tok = SentencePieceTokenizer(model_path.read_bytes(), list(specials), source=str(model_path))
         training = meta.get("training", {})
         tok.training = training if isinstance(training, dict) else {}
         if tok.special_tokens != specials:
-            raise UserError(f"{meta_path}: special_tokens: expected the ids the model gives them, "
-                            f"{tok.special_tokens}, got {specials}")
+            raise UserError(
+                f"{meta_path}: special_tokens: expected the ids the model gives them, "
+                f"{tok.special_tokens}, got {specials}"
+            )
         if fingerprint != tok.fingerprint:
-            raise UserError(f"{meta_path}: fingerprint: expected {fingerprint} (recorded), got "
-                            f"{tok.fingerprint} from the files: the tokenizer was modified after it was saved")
+            raise UserError(
+                f"{meta_path}: fingerprint: expected {fingerprint} (recorded), got "
+                f"{tok.fingerprint} from the files: the tokenizer was modified after it was saved"
+            )
         if meta.get("vocab_size") != tok.vocab_size:
-            raise UserError(f"{meta_path}: vocab_size: expected {tok.vocab_size} (the model's), "
-                            f"got {meta.get('vocab_size')!r}")
+            raise UserError(
+                f"{meta_path}: vocab_size: expected {tok.vocab_size} (the model's), got {meta.get('vocab_size')!r}"
+            )
         return tok
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(vocab_size={self.vocab_size}, eod_id={self.eod_id}, " \
-               f"fingerprint={self.fingerprint[:12]})"
+        return (
+            f"{type(self).__name__}(vocab_size={self.vocab_size}, eod_id={self.eod_id}, "
+            f"fingerprint={self.fingerprint[:12]})"
+        )
 
 
 class ByteTokenizer(Tokenizer):
@@ -273,8 +289,9 @@ class SentencePieceTokenizer(Tokenizer):
 
     kind = "sentencepiece"
 
-    def __init__(self, model: bytes, specials: Sequence[str] | None = None, source: str = "tokenizer.model",
-                 num_threads: int = 1):
+    def __init__(
+        self, model: bytes, specials: Sequence[str] | None = None, source: str = "tokenizer.model", num_threads: int = 1
+    ):
         import sentencepiece as spm
 
         self._model = bytes(model)
@@ -292,8 +309,10 @@ class SentencePieceTokenizer(Tokenizer):
         for s in _check_specials(specials):
             i = self._sp.piece_to_id(s)
             if self._sp.id_to_piece(i) != s or not self._sp.is_control(i):
-                raise UserError(f"{source}: special token {s!r}: expected a control piece in the model, got "
-                                f"{'none' if self._sp.id_to_piece(i) != s else 'an ordinary piece'}")
+                raise UserError(
+                    f"{source}: special token {s!r}: expected a control piece in the model, got "
+                    f"{'none' if self._sp.id_to_piece(i) != s else 'an ordinary piece'}"
+                )
             self._specials[s] = i
         # A literal "▁" is emitted as its UTF-8 bytes (see the module docstring).
         # (A model without byte pieces maps them to <unk>; it then gets plain encoding, lossy for "▁".)
@@ -344,7 +363,7 @@ class SentencePieceTokenizer(Tokenizer):
         ids, counts = self._encode_lines(list(texts))
         out, i = [], 0
         for c in counts:
-            out.append(list(itertools.chain.from_iterable(ids[i:i + c])))
+            out.append(list(itertools.chain.from_iterable(ids[i : i + c])))
             i += c
         return out
 

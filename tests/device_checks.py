@@ -19,8 +19,18 @@ def tiny_checkpoint(root, seed: int = 0, vocab_size: int = 260):
     from moelab.model import Transformer
     from moelab.tokenizer import ByteTokenizer
 
-    cfg = Config(model=ModelConfig(vocab_size=vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2,
-                                   ffn_dim=64, max_seq_len=64, moe=MoEConfig(num_experts=4, top_k=2, expert_dim=32)))
+    cfg = Config(
+        model=ModelConfig(
+            vocab_size=vocab_size,
+            d_model=32,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            ffn_dim=64,
+            max_seq_len=64,
+            moe=MoEConfig(num_experts=4, top_k=2, expert_dim=32),
+        )
+    )
     cfg.data.seq_len = 32
     ByteTokenizer().save(root / "tok")
     torch.manual_seed(seed)

@@ -53,7 +53,7 @@ def test_the_import_graph_has_no_cycle():
         state[m] = 1
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                cycles.append(path[path.index(n):] + [n])
+                cycles.append(path[path.index(n) :] + [n])
             elif n not in state:
                 visit(n, path + [n])
         state[m] = 2
@@ -66,8 +66,12 @@ def test_the_import_graph_has_no_cycle():
 
 def test_the_model_package_holds_no_cpu_kernel_policy():
     pattern = re.compile(r"onednn|\bmkl\b|measured on this|this machine|row.grid", re.IGNORECASE)
-    hits = [f"{p.name}:{i}" for p in (ROOT / "model").glob("*.py")
-            for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
+    hits = [
+        f"{p.name}:{i}"
+        for p in (ROOT / "model").glob("*.py")
+        for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+        if pattern.search(line)
+    ]
     assert not hits, f"CPU kernel policy in moelab/model: {hits}"
 
 

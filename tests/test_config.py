@@ -20,8 +20,10 @@ def problems(tmp_path, text, overrides=()):
 
 
 def test_defaults_yaml_and_override_precedence(tmp_path):
-    cfg = load_config(write(tmp_path, "model:\n  d_model: 64\n  moe:\n    top_k: 1\n"),
-                      ["moe.top_k=3", "model.n_layers=2", "train.lr=0.01", "moe.layers=[0]"])
+    cfg = load_config(
+        write(tmp_path, "model:\n  d_model: 64\n  moe:\n    top_k: 1\n"),
+        ["moe.top_k=3", "model.n_layers=2", "train.lr=0.01", "moe.layers=[0]"],
+    )
     assert isinstance(cfg, Config)
     assert cfg.model.d_model == 64 and cfg.model.moe.top_k == 3 and cfg.model.n_layers == 2
     assert cfg.train.lr == 0.01 and cfg.model.moe.layers == [0]
@@ -38,17 +40,20 @@ def test_wrong_type(tmp_path):
     assert p.startswith("model.n_layers: expected int, got str 'four'")
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("model:\n  moe:\n    top_k: 9\n", "model.moe.top_k: 9 is larger than moe.num_experts=8"),
-    ("model:\n  d_model: 100\n  n_heads: 8\n", "model.d_model: 100 is not divisible by n_heads=8"),
-    ("model:\n  n_heads: 8\n  n_kv_heads: 3\n", "model.n_heads: 8 is not divisible by n_kv_heads=3"),
-    ("model:\n  moe:\n    router: softmx_topk\n", "did you mean 'softmax_topk'?"),
-    ("model:\n  moe:\n    capacity_factor: -1\n", "model.moe.capacity_factor: expected > 0 or null"),
-    ("model:\n  moe:\n    layers: every:x\n", "model.moe.layers: expected 'all', 'none'"),
-    ("model:\n  moe:\n    layers: [0, 9]\n", "model.moe.layers: layer indices must be in [0, 4)"),
-    ("model:\n  moe:\n    router: expert_choice\n", "expert_choice routing needs a capacity factor"),
-    ("train:\n  dtype: float64\n", "train.dtype: expected one of float32, bfloat16, float16, got 'float64'"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("model:\n  moe:\n    top_k: 9\n", "model.moe.top_k: 9 is larger than moe.num_experts=8"),
+        ("model:\n  d_model: 100\n  n_heads: 8\n", "model.d_model: 100 is not divisible by n_heads=8"),
+        ("model:\n  n_heads: 8\n  n_kv_heads: 3\n", "model.n_heads: 8 is not divisible by n_kv_heads=3"),
+        ("model:\n  moe:\n    router: softmx_topk\n", "did you mean 'softmax_topk'?"),
+        ("model:\n  moe:\n    capacity_factor: -1\n", "model.moe.capacity_factor: expected > 0 or null"),
+        ("model:\n  moe:\n    layers: every:x\n", "model.moe.layers: expected 'all', 'none'"),
+        ("model:\n  moe:\n    layers: [0, 9]\n", "model.moe.layers: layer indices must be in [0, 4)"),
+        ("model:\n  moe:\n    router: expert_choice\n", "expert_choice routing needs a capacity factor"),
+        ("train:\n  dtype: float64\n", "train.dtype: expected one of float32, bfloat16, float16, got 'float64'"),
+    ],
+)
 def test_inconsistent_values(tmp_path, text, needle):
     ps = problems(tmp_path, text)
     assert any(needle in p for p in ps), ps

@@ -15,11 +15,26 @@ pytestmark = pytest.mark.cuda
 
 CUDA = "cuda:0"
 TINY = {
-    "model": {"vocab_size": 264, "d_model": 64, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 128,
-              "max_seq_len": 64, "moe": {"num_experts": 4, "top_k": 2, "expert_dim": 64}},
+    "model": {
+        "vocab_size": 264,
+        "d_model": 64,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "ffn_dim": 128,
+        "max_seq_len": 64,
+        "moe": {"num_experts": 4, "top_k": 2, "expert_dim": 64},
+    },
     "data": {"seq_len": 64},
-    "train": {"steps": 6, "batch_size": 8, "lr": 0.003, "warmup_steps": 1, "schedule": "constant", "seed": 3,
-              "device": "cuda"},
+    "train": {
+        "steps": 6,
+        "batch_size": 8,
+        "lr": 0.003,
+        "warmup_steps": 1,
+        "schedule": "constant",
+        "seed": 3,
+        "device": "cuda",
+    },
     "eval": {"every": 3, "batches": 2},
     "checkpoint": {"every": 3, "keep_last": 3},
     "log": {"every": 1, "progress": False},
@@ -103,8 +118,17 @@ def test_checkpoint_cuda_to_cpu_and_back(data, tmp_path):
     from moelab.config import Config, ModelConfig, MoEConfig
     from moelab.model import Transformer
 
-    cfg = Config(model=ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, ffn_dim=64, max_seq_len=32,
-                                   moe=MoEConfig(num_experts=4, top_k=2, expert_dim=32)))
+    cfg = Config(
+        model=ModelConfig(
+            vocab_size=64,
+            d_model=32,
+            n_layers=2,
+            n_heads=4,
+            ffn_dim=64,
+            max_seq_len=32,
+            moe=MoEConfig(num_experts=4, top_k=2, expert_dim=32),
+        )
+    )
     cfg.data.seq_len = 32
     torch.manual_seed(0)
     gpu = Transformer(cfg.model).to(CUDA).eval()

@@ -38,7 +38,7 @@ def line_data(tmp_path):
     """Three files of one-document-per-line text, prepared with the byte tokenizer."""
     docs = _docs(90)
     for j in range(3):
-        (tmp_path / f"f{j}.txt").write_text("\n".join(docs[30 * j:30 * (j + 1)]) + "\n", encoding="utf-8")
+        (tmp_path / f"f{j}.txt").write_text("\n".join(docs[30 * j : 30 * (j + 1)]) + "\n", encoding="utf-8")
     out = tmp_path / "data"
     prepare([str(tmp_path / "f*.txt")], "byte", out, val_fraction=0.1, doc_boundary="line", workers=0)
     return out, docs
@@ -62,8 +62,8 @@ def test_train_val_disjoint_documents_and_offsets(line_data):
             r = src[split]
             assert r["offset"] == pos
             pos += r["tokens"]
-            text = BYTE.decode(ids[r["offset"]:r["offset"] + r["tokens"]].tolist())
-            assert text.split(EOD)[:-1] == [d for d in docs[30 * j:30 * (j + 1)] if d in set(text.split(EOD))]
+            text = BYTE.decode(ids[r["offset"] : r["offset"] + r["tokens"]].tolist())
+            assert text.split(EOD)[:-1] == [d for d in docs[30 * j : 30 * (j + 1)] if d in set(text.split(EOD))]
             assert r["documents"] == text.count(EOD)
         assert pos == s["tokens"] and sum(x[split]["documents"] for x in meta["sources"]) == s["documents"]
     assert meta["tokenizer"]["fingerprint"] == BYTE.fingerprint
@@ -235,12 +235,16 @@ def test_stride_epochs_visit_every_window_once(data_dir):
         starts = []
         for _ in range(n // 7):
             x, _ = ds.get_batch(7)
-            starts += [int(np.flatnonzero((np.lib.stride_tricks.sliding_window_view(stream, 20)[::8] == r).all(1))[0])
-                       for r in x.numpy()]
+            starts += [
+                int(np.flatnonzero((np.lib.stride_tricks.sliding_window_view(stream, 20)[::8] == r).all(1))[0])
+                for r in x.numpy()
+            ]
         x, _ = ds.get_batch(n % 7) if n % 7 else (None, None)
         if x is not None:
-            starts += [int(np.flatnonzero((np.lib.stride_tricks.sliding_window_view(stream, 20)[::8] == r).all(1))[0])
-                       for r in x.numpy()]
+            starts += [
+                int(np.flatnonzero((np.lib.stride_tricks.sliding_window_view(stream, 20)[::8] == r).all(1))[0])
+                for r in x.numpy()
+            ]
         assert sorted(starts) == list(range(n))
         firsts.append(starts)
     assert firsts[0] != firsts[1] and ds.epoch == 2.0  # a new order each epoch
@@ -272,8 +276,8 @@ def test_iter_val_walks_non_overlapping_windows(data_dir):
     x, y = torch.cat(xs), torch.cat(ys)
     k = (len(stream) - 1) // 24
     assert len(x) == k == ds.num_val_windows()
-    assert torch.equal(x.flatten(), torch.from_numpy(stream[:k * 24]))
-    assert torch.equal(y.flatten(), torch.from_numpy(stream[1:k * 24 + 1]))
+    assert torch.equal(x.flatten(), torch.from_numpy(stream[: k * 24]))
+    assert torch.equal(y.flatten(), torch.from_numpy(stream[1 : k * 24 + 1]))
     assert len(list(ds.iter_val(batch_size=2, max_batches=3))) == 3
 
 
@@ -303,28 +307,31 @@ def test_dataset_identity_and_errors(data_dir, tmp_path):
         TokenDataset(tmp_path / "nowhere")
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [
-    ("format", 2, "format: expected 1, got 2"),
-    ("dtype", ..., "dtype: expected uint16 or uint32, got None"),
-    ("tokenizer", "byte", "tokenizer: expected an object, got 'byte'"),
-    ("tokenizer.fingerprint", 5, "tokenizer.fingerprint: expected a string, got 5"),
-    ("tokenizer.vocab_size", True, "tokenizer.vocab_size: expected a positive integer, got True"),
-    ("tokenizer.vocab_size", 70000, "tokenizer.vocab_size: expected <= 65536 for dtype uint16, got 70000"),
-    ("tokenizer.dir", "../elsewhere", "tokenizer.dir: expected a directory name inside the dataset"),
-    ("splits", [], "splits: expected an object, got []"),
-    ("splits.val", ..., "splits.val: expected an object, got None"),
-    ("splits.train.tokens", "12", "splits.train.tokens: expected a count >= 0, got '12'"),
-    ("splits.train.file", "/etc/passwd", "splits.train.file: expected a file name, got '/etc/passwd'"),
-    ("splits.val.bytes_per_token", "x", "splits.val.bytes_per_token: expected a positive number, got 'x'"),
-    ("splits.train.bytes_per_token", ..., "splits.train.bytes_per_token: expected a positive number, got None"),
-    ("sources", {}, "sources: expected a list of source files, got {}"),
-    ("sources.0", 1, "sources[0]: expected an object, got 1"),
-    ("sources.0.path", None, "sources[0].path: expected a string, got None"),
-    ("sources.2.val", ..., "sources[2].val: expected an object, got None"),
-    ("sources.0.train.offset", -1, "sources[0].train.offset: expected a count >= 0, got -1"),
-    ("sources.1.train.offset", 0, "sources[1].train.offset: expected "),
-    ("sources.39.train.tokens", 10**6, "sources: expected train ranges adding up to splits.train.tokens = "),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("format", 2, "format: expected 1, got 2"),
+        ("dtype", ..., "dtype: expected uint16 or uint32, got None"),
+        ("tokenizer", "byte", "tokenizer: expected an object, got 'byte'"),
+        ("tokenizer.fingerprint", 5, "tokenizer.fingerprint: expected a string, got 5"),
+        ("tokenizer.vocab_size", True, "tokenizer.vocab_size: expected a positive integer, got True"),
+        ("tokenizer.vocab_size", 70000, "tokenizer.vocab_size: expected <= 65536 for dtype uint16, got 70000"),
+        ("tokenizer.dir", "../elsewhere", "tokenizer.dir: expected a directory name inside the dataset"),
+        ("splits", [], "splits: expected an object, got []"),
+        ("splits.val", ..., "splits.val: expected an object, got None"),
+        ("splits.train.tokens", "12", "splits.train.tokens: expected a count >= 0, got '12'"),
+        ("splits.train.file", "/etc/passwd", "splits.train.file: expected a file name, got '/etc/passwd'"),
+        ("splits.val.bytes_per_token", "x", "splits.val.bytes_per_token: expected a positive number, got 'x'"),
+        ("splits.train.bytes_per_token", ..., "splits.train.bytes_per_token: expected a positive number, got None"),
+        ("sources", {}, "sources: expected a list of source files, got {}"),
+        ("sources.0", 1, "sources[0]: expected an object, got 1"),
+        ("sources.0.path", None, "sources[0].path: expected a string, got None"),
+        ("sources.2.val", ..., "sources[2].val: expected an object, got None"),
+        ("sources.0.train.offset", -1, "sources[0].train.offset: expected a count >= 0, got -1"),
+        ("sources.1.train.offset", 0, "sources[1].train.offset: expected "),
+        ("sources.39.train.tokens", 10**6, "sources: expected train ranges adding up to splits.train.tokens = "),
+    ],
+)
 def test_corrupt_meta_names_the_field(data_dir, field, value, message):
     path = data_dir / "meta.json"
     meta = json.loads(path.read_text())
@@ -386,7 +393,8 @@ def test_interrupted_prepare_leaves_no_partial_dataset(tmp_path, monkeypatch):
     # kill -9 mid-write (in a forked child): the temporary is left behind, the old dataset stays whole.
     _interrupt_on_task(monkeypatch, 3, lambda: os.kill(os.getpid(), signal.SIGKILL))
     child = multiprocessing.get_context("fork").Process(
-        target=prepare, args=([tmp_path / "in"], "byte", tmp_path / "old"), kwargs={"workers": 0, "overwrite": True})
+        target=prepare, args=([tmp_path / "in"], "byte", tmp_path / "old"), kwargs={"workers": 0, "overwrite": True}
+    )
     child.start()
     child.join(60)
     assert child.exitcode == -signal.SIGKILL
@@ -419,8 +427,10 @@ def test_interrupted_prepare_leaves_no_partial_dataset(tmp_path, monkeypatch):
 def test_output_directory_errors_are_one_line(tmp_path, monkeypatch):
     (tmp_path / "a.txt").write_text("some text\n" * 20)
     (tmp_path / "file").write_text("x")
-    cases = [(tmp_path / "file", "expected a directory to write (or nothing), got a file"),
-             (tmp_path / "file" / "sub", f"cannot create the output directory ({tmp_path}/file is not a directory)")]
+    cases = [
+        (tmp_path / "file", "expected a directory to write (or nothing), got a file"),
+        (tmp_path / "file" / "sub", f"cannot create the output directory ({tmp_path}/file is not a directory)"),
+    ]
     for out, message in cases:
         with pytest.raises(UserError, match=re.escape(f"{out}: {message}")):
             prepare([tmp_path / "a.txt"], "byte", out, workers=0, val_fraction=0)

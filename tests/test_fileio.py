@@ -72,8 +72,11 @@ def test_remove_dir_renames_away_first_and_leftovers_of_dead_writers_are_cleaned
     os.rename(seen[0], tmp_path / f".step_1.trash-{dead}-0123abcd")
     removed = {p.name for p in fileio.remove_stale(tmp_path)}
     # .old kept while step_2 is missing: it is the only copy of an output whose overwrite was killed
-    assert removed == {f".step_1.trash-{dead}-0123abcd", f".step_2.tmp-{dead}-0123abcd",
-                       f".step_2.trash-{dead}-0123abcd"}
+    assert removed == {
+        f".step_1.trash-{dead}-0123abcd",
+        f".step_2.tmp-{dead}-0123abcd",
+        f".step_2.trash-{dead}-0123abcd",
+    }
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".step_2.old-{dead}-0123abcd", live.name]
 
 

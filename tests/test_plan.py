@@ -22,11 +22,13 @@ def test_estimate_within_15_percent_of_measured_peak(name, checkpointing):
     # Measured: peak live-tensor bytes of a steady-state fp32 training step (profiler memory timeline).
     model, micro_batch, seq_len = CONFIGS[name]
     measured = measure_train_peak(model, micro_batch, seq_len, activation_checkpointing=checkpointing)
-    est = train_memory(model_cfg(model, seq_len), micro_batch, seq_len, dtype="float32",
-                       activation_checkpointing=checkpointing)
+    est = train_memory(
+        model_cfg(model, seq_len), micro_batch, seq_len, dtype="float32", activation_checkpointing=checkpointing
+    )
     ratio = est.peak / measured["peak_tensor_bytes"]
-    assert 0.85 <= ratio <= 1.15, f"{name}: planned {est.peak >> 20} MiB, measured " \
-                                  f"{measured['peak_tensor_bytes'] >> 20} MiB (ratio {ratio:.3f})"
+    assert 0.85 <= ratio <= 1.15, (
+        f"{name}: planned {est.peak >> 20} MiB, measured {measured['peak_tensor_bytes'] >> 20} MiB (ratio {ratio:.3f})"
+    )
 
 
 def test_layer_shapes_add_up_to_the_parameter_count():
@@ -63,8 +65,7 @@ def test_100b_fits_one_80gib_device_only_with_expert_offload(capsys):
     resident = json.loads(capsys.readouterr().out)
     assert 95e9 < resident["params_total"] < 105e9
     assert not resident["inference_fits"] and not resident["train_fits"]
-    assert main(["plan", str(cfg), "--devices", "1", "--device-memory", "80GiB", "--offload", "experts",
-                 "--json"]) == 0
+    assert main(["plan", str(cfg), "--devices", "1", "--device-memory", "80GiB", "--offload", "experts", "--json"]) == 0
     offloaded = json.loads(capsys.readouterr().out)
     assert offloaded["inference_fits"]
     assert offloaded["inference"]["host_or_disk"] > 150 * 2**30  # the experts stay on host/disk
@@ -72,13 +73,16 @@ def test_100b_fits_one_80gib_device_only_with_expert_offload(capsys):
     assert "largest micro-batch" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("argv,match", [
-    (["--device-memory", "80XB"], "--device-memory"),
-    (["--device-memory=-1GiB"], "--device-memory"),
-    (["--device-memory", "8GiB", "--devices", "0"], "--devices"),
-    (["--device-memory", "8GiB", "--devices", "4", "--ep", "3"], "--ep"),
-    (["--device-memory", "8GiB", "--micro-batch", "0"], "--micro-batch"),
-])
+@pytest.mark.parametrize(
+    "argv,match",
+    [
+        (["--device-memory", "80XB"], "--device-memory"),
+        (["--device-memory=-1GiB"], "--device-memory"),
+        (["--device-memory", "8GiB", "--devices", "0"], "--devices"),
+        (["--device-memory", "8GiB", "--devices", "4", "--ep", "3"], "--ep"),
+        (["--device-memory", "8GiB", "--micro-batch", "0"], "--micro-batch"),
+    ],
+)
 def test_bad_plan_arguments_are_one_line_errors(argv, match, capsys):
     assert main(["plan", str(REPO / "configs" / "tiny.yaml"), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()

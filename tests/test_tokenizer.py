@@ -13,10 +13,12 @@ from moelab.data.tokenizer_training import train_sentencepiece, train_tokenizer
 from moelab.errors import UserError
 from moelab.tokenizer import EOD, ByteTokenizer, SentencePieceTokenizer, Tokenizer
 
-CHINESE = ("混合专家模型把前馈网络换成许多专家，每个词元只激活其中少数几个。路由器根据隐藏状态为每个词元打分，"
-           "选出得分最高的专家，再把它们的输出按权重相加。这样参数总量很大，计算量却和小模型相当。\n"
-           "训练时要防止负载不均：辅助损失鼓励各专家处理相近数量的词元；容量因子限制每个专家最多接收多少词元。\n"
-           "中文和English混合的文本也要能够无损往返，包括数字１２３和全角标点！")
+CHINESE = (
+    "混合专家模型把前馈网络换成许多专家，每个词元只激活其中少数几个。路由器根据隐藏状态为每个词元打分，"
+    "选出得分最高的专家，再把它们的输出按权重相加。这样参数总量很大，计算量却和小模型相当。\n"
+    "训练时要防止负载不均：辅助损失鼓励各专家处理相近数量的词元；容量因子限制每个专家最多接收多少词元。\n"
+    "中文和English混合的文本也要能够无损往返，包括数字１２３和全角标点！"
+)
 
 TRICKY = [
     "",
@@ -36,18 +38,38 @@ TRICKY = [
     CHINESE,
 ]
 WHITESPACE = [
-    "\t", "  ", "\n", "\r\n", "\r", "\n\n\n", " leading", "   three leading", "trailing \n", "  both  ",
-    "\ttab first", "mixed \t \t runs", "a\r\n\r\nb\r\n", " \n \n", "   \n\t\n", "no final newline",
-    "ends with newline\n", "ends with two\n\n", "\n\nstarts with two", "trailing tab\t\n", "    ",
+    "\t",
+    "  ",
+    "\n",
+    "\r\n",
+    "\r",
+    "\n\n\n",
+    " leading",
+    "   three leading",
+    "trailing \n",
+    "  both  ",
+    "\ttab first",
+    "mixed \t \t runs",
+    "a\r\n\r\nb\r\n",
+    " \n \n",
+    "   \n\t\n",
+    "no final newline",
+    "ends with newline\n",
+    "ends with two\n\n",
+    "\n\nstarts with two",
+    "trailing tab\t\n",
+    "    ",
 ]
 # One document mixing everything: Chinese, English, emoji, code, CRLF, tabs, runs of spaces, digits.
-MIXED = ("# 路由 router: top-k\r\n"
-         "def route(x, k=2):  \t# 选出得分最高的 k 个专家 🚀\n"
-         "    scores = x @ W_gate   # [N, E]\n"
-         "\treturn scores.topk(k)  \n"
-         "\n"
-         "  中文English混合 2024年3月 😀🎉  \r\n"
-         "   trailing spaces   \n")
+MIXED = (
+    "# 路由 router: top-k\r\n"
+    "def route(x, k=2):  \t# 选出得分最高的 k 个专家 🚀\n"
+    "    scores = x @ W_gate   # [N, E]\n"
+    "\treturn scores.topk(k)  \n"
+    "\n"
+    "  中文English混合 2024年3月 😀🎉  \r\n"
+    "   trailing spaces   \n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +114,11 @@ def test_sentencepiece_settings(sp_tok):
     # Digits split: every ASCII digit is its own piece, inside words too, and no learned piece holds two.
     assert [sp_tok.id_to_piece(i) for i in sp_tok.encode("2024")] == ["2", "0", "2", "4"]
     assert [sp_tok.id_to_piece(i) for i in sp_tok.encode("x1024y")] == ["x", "1", "0", "2", "4", "y"]
-    learned = [sp_tok.id_to_piece(i) for i in range(sp_tok.vocab_size)
-               if not sp_tok._sp.is_byte(i) and not sp_tok._sp.is_control(i)]
+    learned = [
+        sp_tok.id_to_piece(i)
+        for i in range(sp_tok.vocab_size)
+        if not sp_tok._sp.is_byte(i) and not sp_tok._sp.is_control(i)
+    ]
     assert not [p for p in learned if sum(c in "0123456789" for c in p) > 1]
     assert sp_tok.encode_batch(TRICKY) == [sp_tok.encode(s) for s in TRICKY]
     # Specials render as text on decode (or are dropped); a padded embedding's ids decode to U+FFFD.
@@ -188,16 +213,19 @@ def _edit(path, **fields):
 
 
 @pytest.mark.parametrize("kind", ["sentencepiece", "byte"])
-@pytest.mark.parametrize(("fields", "message"), [
-    ({"format": 2}, "format: expected 1, got 2"),
-    ({"kind": "wordpiece"}, "kind: expected one of sentencepiece, byte, got 'wordpiece'"),
-    ({"special_tokens": ["<|endoftext|>"]}, "special_tokens: expected a non-empty object, got ['<|endoftext|>']"),
-    ({"special_tokens": {"<a b>": 1}}, "special_tokens: expected non-empty tokens without whitespace, got '<a b>'"),
-    ({"special_tokens": {EOD: 7}}, "special_tokens: expected the ids the model gives them"),
-    ({"fingerprint": ...}, "fingerprint: expected a sha256 hex string, got None"),
-    ({"fingerprint": "0" * 64}, f"fingerprint: expected {'0' * 64} (recorded), got "),
-    ({"vocab_size": 5}, "vocab_size: expected "),
-])
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"format": 2}, "format: expected 1, got 2"),
+        ({"kind": "wordpiece"}, "kind: expected one of sentencepiece, byte, got 'wordpiece'"),
+        ({"special_tokens": ["<|endoftext|>"]}, "special_tokens: expected a non-empty object, got ['<|endoftext|>']"),
+        ({"special_tokens": {"<a b>": 1}}, "special_tokens: expected non-empty tokens without whitespace, got '<a b>'"),
+        ({"special_tokens": {EOD: 7}}, "special_tokens: expected the ids the model gives them"),
+        ({"fingerprint": ...}, "fingerprint: expected a sha256 hex string, got None"),
+        ({"fingerprint": "0" * 64}, f"fingerprint: expected {'0' * 64} (recorded), got "),
+        ({"vocab_size": 5}, "vocab_size: expected "),
+    ],
+)
 def test_load_names_the_bad_field(sp_tok, tmp_path, kind, fields, message):
     d = (sp_tok if kind == "sentencepiece" else ByteTokenizer()).save(tmp_path / "tok")
     _edit(d / "tokenizer.json", **fields)
@@ -242,10 +270,12 @@ def test_training_errors_are_one_line():
         train_sentencepiece(cjk, minimum - 1, num_threads=1)
     # Settings SentencePiece would reject with an internal assertion are refused before any text is read.
     never = iter(())  # consumed only by training
-    for kwargs, pattern in [({"character_coverage": 0.95}, r"character_coverage: expected 0\.98 <= value <= 1\.0"),
-                            ({"model_type": "wordpiece"}, "model_type: expected bpe or unigram, got 'wordpiece'"),
-                            ({"num_threads": -1}, r"num_threads \(--threads\): expected 1 <= N <= 1024, got -1"),
-                            ({"vocab_size": 0}, r"vocab_size: expected >= 259 .*, got 0")]:
+    for kwargs, pattern in [
+        ({"character_coverage": 0.95}, r"character_coverage: expected 0\.98 <= value <= 1\.0"),
+        ({"model_type": "wordpiece"}, "model_type: expected bpe or unigram, got 'wordpiece'"),
+        ({"num_threads": -1}, r"num_threads \(--threads\): expected 1 <= N <= 1024, got -1"),
+        ({"vocab_size": 0}, r"vocab_size: expected >= 259 .*, got 0"),
+    ]:
         with pytest.raises(UserError, match=pattern):
             train_sentencepiece(never, **{"vocab_size": 1000, **kwargs})
     with pytest.raises(UserError, match=r"vocab_size: expected >= 259 \(256 byte pieces"):

@@ -14,8 +14,11 @@ from moelab.analysis import stats
 
 __all__ = ["analyze_run", "stats", "write_comparison", "write_report"]
 
-_LAZY = {"analyze_run": "moelab.analysis.run", "write_report": "moelab.analysis.report",
-         "write_comparison": "moelab.analysis.compare"}
+_LAZY = {
+    "analyze_run": "moelab.analysis.run",
+    "write_report": "moelab.analysis.report",
+    "write_comparison": "moelab.analysis.compare",
+}
 
 
 def __getattr__(name):

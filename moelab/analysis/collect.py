@@ -29,27 +29,30 @@ def span_ids(num_tokens: int, spans: list[tuple[int, int]]) -> torch.Tensor:
     stream positions. Positions no span covers are an error: the offsets must tile the stream."""
     ids = torch.full((num_tokens,), -1, dtype=torch.long)
     for i, (start, end) in enumerate(spans):
-        ids[max(0, int(start)):max(0, min(num_tokens, int(end)))] = i
+        ids[max(0, int(start)) : max(0, min(num_tokens, int(end)))] = i
     missing = int((ids < 0).sum())
     if missing:
         first = int(torch.nonzero(ids < 0)[0])
-        raise UserError(f"meta.json: per-source token offsets do not cover token {first} ({missing} of {num_tokens} "
-                        "tokens belong to no source); re-run `moelab prepare`")
+        raise UserError(
+            f"meta.json: per-source token offsets do not cover token {first} ({missing} of {num_tokens} "
+            "tokens belong to no source); re-run `moelab prepare`"
+        )
     return ids
 
 
 @torch.inference_mode()
-def collect_routing(model, held: HeldOut, seq_len: int, batch_size: int = 8,
-                    device: str | torch.device = "cpu", progress=None) -> RoutingTrace:
+def collect_routing(
+    model, held: HeldOut, seq_len: int, batch_size: int = 8, device: str | torch.device = "cpu", progress=None
+) -> RoutingTrace:
     """Trace every MoE layer of `model` (in eval mode) over floor(N / seq_len) windows of `held`."""
     moe = model.moe_layers
     if not moe:
-        raise UserError("the model has no MoE layers (model.moe.layers resolves to none); there is no routing "
-                        "to analyse")
+        raise UserError(
+            "the model has no MoE layers (model.moe.layers resolves to none); there is no routing to analyse"
+        )
     n_win = held.tokens.numel() // seq_len
     if n_win < 1:
-        raise UserError(f"held-out data has {held.tokens.numel()} tokens, fewer than one window of "
-                        f"seq_len={seq_len}")
+        raise UserError(f"held-out data has {held.tokens.numel()} tokens, fewer than one window of seq_len={seq_len}")
     n = n_win * seq_len
     windows = held.tokens[:n].view(n_win, seq_len)  # [W, S]
     was_training = model.training
@@ -62,10 +65,10 @@ def collect_routing(model, held: HeldOut, seq_len: int, batch_size: int = 8,
     ent: dict[int, float] = dict.fromkeys(moe, 0.0)
     try:
         for b in range(0, n_win, batch_size):
-            x = windows[b:b + batch_size].to(device)
+            x = windows[b : b + batch_size].to(device)
             tasks = None
             if held.task_ids is not None and model.cfg.moe.num_tasks:
-                tasks = held.task_ids[:n].view(n_win, seq_len)[b:b + batch_size].to(device)
+                tasks = held.task_ids[:n].view(n_win, seq_len)[b : b + batch_size].to(device)
             out = model(x, tasks=tasks)
             for i, st in out.routing.items():
                 ids[i].append(st.topk_ids.cpu())
@@ -82,8 +85,12 @@ def collect_routing(model, held: HeldOut, seq_len: int, batch_size: int = 8,
         topk = torch.cat(ids[i])
         keep = None
         if any(k is not None for k in keeps[i]):
-            keep = torch.cat([k if k is not None else torch.ones(t.shape, dtype=torch.bool)
-                              for k, t in zip(keeps[i], ids[i], strict=False)])
+            keep = torch.cat(
+                [
+                    k if k is not None else torch.ones(t.shape, dtype=torch.bool)
+                    for k, t in zip(keeps[i], ids[i], strict=False)
+                ]
+            )
         layers[i] = LayerTrace(topk, keep, ent[i] / n)
     first = next(iter(moe.values()))
     return RoutingTrace(

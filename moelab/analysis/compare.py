@@ -47,8 +47,10 @@ def load_runs(run_dirs: list[str | Path]) -> list[dict]:
             raise UserError(f"{d}: no such run directory")
         records = runlog.read_metrics(d)
         if not runlog.series(records, "val/bpb")[0]:
-            raise UserError(f"{d / 'metrics.jsonl'}: no val/bpb records to compare (validation runs every "
-                            "eval.every steps and at the end of training)")
+            raise UserError(
+                f"{d / 'metrics.jsonl'}: no val/bpb records to compare (validation runs every "
+                "eval.every steps and at the end of training)"
+            )
         runs.append({"name": name, "dir": d, "records": records, "config": read_run_config(d)})
     return runs
 
@@ -71,16 +73,22 @@ def comparison(runs: list[dict]) -> dict:
     rows = []
     for r in runs:
         recs, cfg = r["records"], r["config"]
-        row = {"run": r["name"], "dir": str(r["dir"]), "step": recs[-1]["step"],
-               "tokens": runlog.last_value(recs, "tokens"), "flops": runlog.last_value(recs, "flops"),
-               "elapsed_s": runlog.last_value(recs, "elapsed_s"),
-               "final_bpb": runlog.last_value(recs, "val/bpb"), "best_bpb": runlog.best_value(recs, "val/bpb")}
+        row = {
+            "run": r["name"],
+            "dir": str(r["dir"]),
+            "step": recs[-1]["step"],
+            "tokens": runlog.last_value(recs, "tokens"),
+            "flops": runlog.last_value(recs, "flops"),
+            "elapsed_s": runlog.last_value(recs, "elapsed_s"),
+            "final_bpb": runlog.last_value(recs, "val/bpb"),
+            "best_bpb": runlog.best_value(recs, "val/bpb"),
+        }
         if cfg is not None:
             from moelab.model.counting import count_params
 
             p = count_params(cfg.model)
             moe = cfg.model.moe
-            row["model"] = (f"MoE {moe.num_experts}x top-{moe.top_k}" if cfg.model.moe_layer_ids() else "dense")
+            row["model"] = f"MoE {moe.num_experts}x top-{moe.top_k}" if cfg.model.moe_layer_ids() else "dense"
             row["params_total"], row["params_active"] = p.total, p.active
         for key, _ in AXES:
             b = budgets[key]
@@ -91,16 +99,42 @@ def comparison(runs: list[dict]) -> dict:
 
 def format_table(comp: dict) -> str:
     b = comp["budgets"]
-    head = ["run", "model", "active/total params", "tokens", "FLOPs", "time s", "final bpb", "best bpb",
-            f"bpb @{_fmt(b['tokens'])} tok", f"bpb @{_fmt(b['flops'])} FLOPs", f"bpb @{_fmt(b['elapsed_s'], 3)} s"]
-    rows = [[r["run"], r.get("model", "?"),
-             f"{_fmt(r.get('params_active'))}/{_fmt(r.get('params_total'))}" if "params_total" in r else "?",
-             _fmt(r["tokens"]), _fmt(r["flops"]), _fmt(r["elapsed_s"], 3), _fmt(r["final_bpb"]), _fmt(r["best_bpb"]),
-             _fmt(r["bpb_at_equal_tokens"]), _fmt(r["bpb_at_equal_flops"]), _fmt(r["bpb_at_equal_elapsed_s"])]
-            for r in comp["rows"]]
+    head = [
+        "run",
+        "model",
+        "active/total params",
+        "tokens",
+        "FLOPs",
+        "time s",
+        "final bpb",
+        "best bpb",
+        f"bpb @{_fmt(b['tokens'])} tok",
+        f"bpb @{_fmt(b['flops'])} FLOPs",
+        f"bpb @{_fmt(b['elapsed_s'], 3)} s",
+    ]
+    rows = [
+        [
+            r["run"],
+            r.get("model", "?"),
+            f"{_fmt(r.get('params_active'))}/{_fmt(r.get('params_total'))}" if "params_total" in r else "?",
+            _fmt(r["tokens"]),
+            _fmt(r["flops"]),
+            _fmt(r["elapsed_s"], 3),
+            _fmt(r["final_bpb"]),
+            _fmt(r["best_bpb"]),
+            _fmt(r["bpb_at_equal_tokens"]),
+            _fmt(r["bpb_at_equal_flops"]),
+            _fmt(r["bpb_at_equal_elapsed_s"]),
+        ]
+        for r in comp["rows"]
+    ]
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=False)]
-    fmt = lambda cells: "  ".join(f"{c:<{w}}" if i < 2 else f"{c:>{w}}"  # noqa: E731
-                                  for i, (c, w) in enumerate(zip(cells, widths, strict=False)))
+
+    def fmt(cells) -> str:
+        return "  ".join(
+            f"{c:<{w}}" if i < 2 else f"{c:>{w}}" for i, (c, w) in enumerate(zip(cells, widths, strict=False))
+        )
+
     return "\n".join([fmt(head)] + [fmt(r) for r in rows])
 
 
@@ -110,23 +144,51 @@ def write_comparison(run_dirs: list[str | Path], out_dir: str | Path) -> tuple[P
     comp = comparison(runs)
     out_dir = Path(out_dir)
     figs = Figures(out_dir)
-    img = figs.html("compare", plots.compare_curves(runs),
-                    "Validation bits per byte of each run against training tokens, training FLOPs "
-                    "(analytic, active parameters only) and wall time spent training.")
+    img = figs.html(
+        "compare",
+        plots.compare_curves(runs),
+        "Validation bits per byte of each run against training tokens, training FLOPs "
+        "(analytic, active parameters only) and wall time spent training.",
+    )
     b = comp["budgets"]
-    head = ["run", "model", "params (active / total)", "tokens", "FLOPs", "time (s)", "final val bpb",
-            "best val bpb", f"bpb at {_fmt(b['tokens'])} tokens", f"bpb at {_fmt(b['flops'])} FLOPs",
-            f"bpb at {_fmt(b['elapsed_s'], 3)} s"]
-    rows = [[_e(r["run"]), _e(r.get("model", "?")),
-             f"{_fmt(r.get('params_active'))} / {_fmt(r.get('params_total'))}",
-             _fmt(r["tokens"]), _fmt(r["flops"]), _fmt(r["elapsed_s"], 3), _fmt(r["final_bpb"]), _fmt(r["best_bpb"]),
-             _fmt(r["bpb_at_equal_tokens"]), _fmt(r["bpb_at_equal_flops"]), _fmt(r["bpb_at_equal_elapsed_s"])]
-            for r in comp["rows"]]
-    doc = ("<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>moelab compare</title>"
-           f"<style>{CSS}</style></head><body><h1>moelab compare</h1>"
-           f"<p class=meta>{len(runs)} runs. The last three columns read each run's validation curve at the largest "
-           "budget every run reached (linear interpolation), so longer training earns no credit.</p>"
-           + img + _table(head, rows, left=2) + "</body></html>")
+    head = [
+        "run",
+        "model",
+        "params (active / total)",
+        "tokens",
+        "FLOPs",
+        "time (s)",
+        "final val bpb",
+        "best val bpb",
+        f"bpb at {_fmt(b['tokens'])} tokens",
+        f"bpb at {_fmt(b['flops'])} FLOPs",
+        f"bpb at {_fmt(b['elapsed_s'], 3)} s",
+    ]
+    rows = [
+        [
+            _e(r["run"]),
+            _e(r.get("model", "?")),
+            f"{_fmt(r.get('params_active'))} / {_fmt(r.get('params_total'))}",
+            _fmt(r["tokens"]),
+            _fmt(r["flops"]),
+            _fmt(r["elapsed_s"], 3),
+            _fmt(r["final_bpb"]),
+            _fmt(r["best_bpb"]),
+            _fmt(r["bpb_at_equal_tokens"]),
+            _fmt(r["bpb_at_equal_flops"]),
+            _fmt(r["bpb_at_equal_elapsed_s"]),
+        ]
+        for r in comp["rows"]
+    ]
+    doc = (
+        "<!DOCTYPE html><html lang=en><head><meta charset=utf-8><title>moelab compare</title>"
+        f"<style>{CSS}</style></head><body><h1>moelab compare</h1>"
+        f"<p class=meta>{len(runs)} runs. The last three columns read each run's validation curve at the largest "
+        "budget every run reached (linear interpolation), so longer training earns no credit.</p>"
+        + img
+        + _table(head, rows, left=2)
+        + "</body></html>"
+    )
     path = out_dir / "compare.html"
     write_file_atomic(path, doc.encode("utf-8"))
     write_file_atomic(out_dir / "compare.json", json.dumps(comp, indent=1).encode("utf-8"))

@@ -18,8 +18,10 @@ def layer_stats(lt, trace) -> dict:
     """Extra per-layer fields for analysis.json."""
     n, k = lt.topk_ids.shape
     per_tok = experts_per_token(lt.keep, n, k)
-    out: dict = {"experts_per_token": float(per_tok.mean()) if n else 0.0,
-                 "k_dist": (torch.bincount(per_tok.long(), minlength=k + 1).double() / max(1, n)).tolist()}
+    out: dict = {
+        "experts_per_token": float(per_tok.mean()) if n else 0.0,
+        "k_dist": (torch.bincount(per_tok.long(), minlength=k + 1).double() / max(1, n)).tolist(),
+    }
     dom, m = trace.domain_ids, len(trace.domain_names)
     if dom is not None and m:
         tot = torch.zeros(m, dtype=torch.float64).index_add_(0, dom.long(), per_tok)
@@ -46,8 +48,9 @@ def format_lines(analysis: dict) -> list[str]:
     lines = []
     names = [d["name"] for d in analysis.get("domains", [])]
     for lay in analysis["layers"]:
-        if "experts_per_token" not in lay or (lay["experts_per_token"] == analysis["top_k"] and
-                                              "group_mutual_information" not in lay):
+        if "experts_per_token" not in lay or (
+            lay["experts_per_token"] == analysis["top_k"] and "group_mutual_information" not in lay
+        ):
             continue
         row = f"  layer {lay['layer']}: {lay['experts_per_token']:.2f} experts/token"
         by = lay.get("experts_per_token_by_domain")

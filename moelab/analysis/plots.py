@@ -47,11 +47,31 @@ def _grid(n: int, ncols: int = 4, panel=PANEL, title: str | None = None):
     return fig, axes[:n]
 
 
-def _matrix(ax, m, fig, title: str, xlabel: str, ylabel: str, cmap="viridis", norm=None, vmin=None, vmax=None,
-            cbar_label: str = "", yticklabels=None, annotate: bool = False):
+def _matrix(
+    ax,
+    m,
+    fig,
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    cmap="viridis",
+    norm=None,
+    vmin=None,
+    vmax=None,
+    cbar_label: str = "",
+    yticklabels=None,
+    annotate: bool = False,
+):
     m = np.asarray(m, dtype=float)
-    im = ax.imshow(m, cmap=cmap, norm=norm, vmin=None if norm else vmin, vmax=None if norm else vmax,
-                   aspect="auto", interpolation="nearest")
+    im = ax.imshow(
+        m,
+        cmap=cmap,
+        norm=norm,
+        vmin=None if norm else vmin,
+        vmax=None if norm else vmax,
+        aspect="auto",
+        interpolation="nearest",
+    )
     ax.set_title(title, fontsize=10)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
@@ -62,8 +82,7 @@ def _matrix(ax, m, fig, title: str, xlabel: str, ylabel: str, cmap="viridis", no
     if annotate and m.size <= 256:
         for (r, c), v in np.ndenumerate(m):
             if np.isfinite(v):  # dark text on the bright end of the colour map, light on the dark end
-                ax.text(c, r, f"{v:.2g}", ha="center", va="center", fontsize=7,
-                        color="k" if im.norm(v) > 0.6 else "w")
+                ax.text(c, r, f"{v:.2g}", ha="center", va="center", fontsize=7, color="k" if im.norm(v) > 0.6 else "w")
     fig.colorbar(im, ax=ax, label=cbar_label, shrink=0.85)
     return im
 
@@ -124,14 +143,25 @@ def load_heatmaps(records: list[dict]) -> Figure | None:
     series = [s for s in series if s[1]]
     if not series:
         return None
-    fig, axes = _grid(len(series), ncols=2, panel=(5.0, 3.0),
-                      title="Expert load over training (utilisation: 1 = fair share, 0 = unused)")
+    fig, axes = _grid(
+        len(series),
+        ncols=2,
+        panel=(5.0, 3.0),
+        title="Expert load over training (utilisation: 1 = fair share, 0 = unused)",
+    )
     for ax, (layer, steps, loads) in zip(axes, series, strict=True):
         util = np.asarray(loads).T * len(loads[0])  # [E, records]
         e = util.shape[0]
         vmax = max(2.0, float(util.max()))
-        im = ax.imshow(util, aspect="auto", interpolation="nearest", cmap="magma", vmin=0, vmax=vmax,
-                       extent=(-0.5, len(steps) - 0.5, e - 0.5, -0.5))
+        im = ax.imshow(
+            util,
+            aspect="auto",
+            interpolation="nearest",
+            cmap="magma",
+            vmin=0,
+            vmax=vmax,
+            extent=(-0.5, len(steps) - 0.5, e - 0.5, -0.5),
+        )
         ticks = np.unique(np.linspace(0, len(steps) - 1, min(6, len(steps))).round().astype(int))
         ax.set_xticks(ticks, [str(steps[t]) for t in ticks])
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
@@ -148,8 +178,11 @@ def balance_over_time(records: list[dict]) -> Figure | None:
     if not layers:
         return None
     fig, axes = _grid(3, ncols=3, panel=(4.2, 2.8), title="Balance over training")
-    panels = [("load_cv", "hard load CV: tokens per expert (0 = balanced)"), ("dead", "dead experts"),
-              ("dropped_frac", "dropped fraction")]
+    panels = [
+        ("load_cv", "hard load CV: tokens per expert (0 = balanced)"),
+        ("dead", "dead experts"),
+        ("dropped_frac", "dropped fraction"),
+    ]
     for ax, (metric, title) in zip(axes, panels, strict=False):
         top = 0.0
         for layer in layers:
@@ -177,9 +210,20 @@ def utilisation_heatmap(analysis: dict) -> Figure:
     e = util.shape[1]
     fig = Figure(figsize=(max(5.0, 0.35 * e + 2.5), 0.45 * len(layers) + 1.6), layout="constrained")
     ax = fig.subplots()
-    _matrix(ax, util, fig, "Expert utilisation on held-out data (1 = fair share)", "expert", "MoE layer",
-            cmap="magma", vmin=0, vmax=max(2.0, float(util.max())), cbar_label="utilisation",
-            yticklabels=[lay["layer"] for lay in layers], annotate=e <= 16)
+    _matrix(
+        ax,
+        util,
+        fig,
+        "Expert utilisation on held-out data (1 = fair share)",
+        "expert",
+        "MoE layer",
+        cmap="magma",
+        vmin=0,
+        vmax=max(2.0, float(util.max())),
+        cbar_label="utilisation",
+        yticklabels=[lay["layer"] for lay in layers],
+        annotate=e <= 16,
+    )
     return fig
 
 
@@ -192,8 +236,17 @@ def coactivation_grid(analysis: dict) -> Figure | None:
     for ax, lay in zip(axes, layers, strict=False):
         m = np.array(lay["coactivation"], dtype=float)
         np.fill_diagonal(m, np.nan)
-        _matrix(ax, m, fig, f"layer {lay['layer']}", "expert", "expert", cmap="viridis", vmin=0,
-                vmax=np.nanmax(m) if np.isfinite(m).any() else 1.0)
+        _matrix(
+            ax,
+            m,
+            fig,
+            f"layer {lay['layer']}",
+            "expert",
+            "expert",
+            cmap="viridis",
+            vmin=0,
+            vmax=np.nanmax(m) if np.isfinite(m).any() else 1.0,
+        )
     return fig
 
 
@@ -203,8 +256,12 @@ def domain_grid(analysis: dict) -> Figure | None:
     layers = [lay for lay in analysis["layers"] if lay.get("domain_distribution")]
     if len(domains) < 2 or not layers:
         return None
-    fig, axes = _grid(len(layers), ncols=2, panel=(5.2, 0.32 * len(domains) + 1.8),
-                      title="Routing by source: log2 P(expert | source) / P(expert)")
+    fig, axes = _grid(
+        len(layers),
+        ncols=2,
+        panel=(5.2, 0.32 * len(domains) + 1.8),
+        title="Routing by source: log2 P(expert | source) / P(expert)",
+    )
     for ax, lay in zip(axes, layers, strict=False):
         dist = np.array(lay["domain_distribution"], dtype=float)  # [M, E]
         overall = np.array(lay["fraction"], dtype=float)
@@ -214,9 +271,18 @@ def domain_grid(analysis: dict) -> Figure | None:
         finite = np.abs(lift[np.isfinite(lift)])
         lim = max(1.0, float(finite.max()) if finite.size else 1.0)
         lift[np.isneginf(lift)] = -lim  # a source that never uses the expert: the darkest blue
-        _matrix(ax, lift, fig, f"layer {lay['layer']}  (I = {lay['mutual_information']:.3f} bits)", "expert", "",
-                cmap="RdBu_r", norm=TwoSlopeNorm(0.0, -lim, lim), cbar_label="log2 lift",
-                yticklabels=[d["name"] for d in domains])
+        _matrix(
+            ax,
+            lift,
+            fig,
+            f"layer {lay['layer']}  (I = {lay['mutual_information']:.3f} bits)",
+            "expert",
+            "",
+            cmap="RdBu_r",
+            norm=TwoSlopeNorm(0.0, -lim, lim),
+            cbar_label="log2 lift",
+            yticklabels=[d["name"] for d in domains],
+        )
         # a dead expert's column is 0/0; hatch it so it does not read as "no preference" (lift 0 is near-white too)
         for c in np.flatnonzero(overall == 0):
             ax.add_patch(Rectangle((c - 0.5, -0.5), 1, len(domains), fill=False, hatch="//", edgecolor="0.55", lw=0))
@@ -232,8 +298,12 @@ def specialisation_summary(analysis: dict) -> Figure:
     ax = axes[0]
     x = np.arange(len(layers))
     if analysis.get("domains") and len(analysis["domains"]) > 1:
-        bars = [("mutual_information", "I(source; expert)"), ("mi_token_null", "null: shuffled within token"),
-                ("mi_untrained", "untrained model"), ("mi_chance", "null: shuffled sources")]
+        bars = [
+            ("mutual_information", "I(source; expert)"),
+            ("mi_token_null", "null: shuffled within token"),
+            ("mi_untrained", "untrained model"),
+            ("mi_chance", "null: shuffled sources"),
+        ]
         bars = [(k, lab) for k, lab in bars if all(lay.get(k) is not None for lay in layers)]
         w = 0.8 / len(bars)
         top = max([analysis["domain_entropy"]] + [lay[k] for lay in layers for k, _ in bars])
@@ -241,16 +311,28 @@ def specialisation_summary(analysis: dict) -> Figure:
             vals = [lay[key] for lay in layers]
             # a chance level of 0.0002 bits is an invisible bar on a scale of bits: draw at least a sliver
             # (outlined) and print every value on its bar
-            drawn = ax.bar(x - 0.4 + w * (j + 0.5), [max(v, 0.01 * top) for v in vals], w, label=label,
-                           edgecolor="k", linewidth=0.5)
+            drawn = ax.bar(
+                x - 0.4 + w * (j + 0.5),
+                [max(v, 0.01 * top) for v in vals],
+                w,
+                label=label,
+                edgecolor="k",
+                linewidth=0.5,
+            )
             ax.bar_label(drawn, labels=[f"{v:.2g}" for v in vals], fontsize=6, rotation=90, padding=2)
         ax.axhline(analysis["domain_entropy"], color="k", ls="--", lw=1, label="H(source): perfect")
         ax.set_ylabel("bits")
         ax.set_ylim(0, 1.45 * top)
         ax.legend(fontsize=6, loc="upper right", ncol=2)
     else:
-        ax.text(0.5, 0.5, "one source only:\nno domain specialisation to measure", ha="center", va="center",
-                transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "one source only:\nno domain specialisation to measure",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
     ax.set_xticks(x, [str(lay["layer"]) for lay in layers])
     ax.set_xlabel("MoE layer")
     ax.set_title("Mutual information between source and expert", fontsize=10)
@@ -275,8 +357,17 @@ def transition_grid(analysis: dict) -> Figure | None:
         return None
     fig, axes = _grid(len(trans), title="P(first-choice expert in layer l+1 | first choice in layer l)")
     for ax, t in zip(axes, trans, strict=False):
-        _matrix(ax, t["matrix"], fig, f"layer {t['from']} -> {t['to']}", f"expert in layer {t['to']}",
-                f"expert in layer {t['from']}", cmap="Blues", vmin=0, vmax=1)
+        _matrix(
+            ax,
+            t["matrix"],
+            fig,
+            f"layer {t['from']} -> {t['to']}",
+            f"expert in layer {t['to']}",
+            f"expert in layer {t['from']}",
+            cmap="Blues",
+            vmin=0,
+            vmax=1,
+        )
     return fig
 
 
@@ -288,8 +379,9 @@ def compare_curves(runs: list[dict]) -> Figure:
     """Val bits per byte against training tokens, FLOPs and wall time, one line per run. Each run is
     {"name", "records"}."""
     fig, axes = _grid(3, ncols=3, panel=(4.6, 3.4), title="Validation bits per byte at equal data, compute and time")
-    for ax, (x, label) in zip(axes, [("tokens", "training tokens"), ("flops", "training FLOPs"),
-                                     ("elapsed_s", "wall time (s)")], strict=False):
+    for ax, (x, label) in zip(
+        axes, [("tokens", "training tokens"), ("flops", "training FLOPs"), ("elapsed_s", "wall time (s)")], strict=False
+    ):
         for run in runs:
             xs, ys = runlog.series(run["records"], "val/bpb", x=x)
             if xs:

@@ -58,14 +58,17 @@ def group_sources(sources: list[dict], split: str, grouping: str = "auto") -> li
     for name, s in zip(names, present, strict=False):
         sizes[name] = sizes.get(name, 0) + s[split]["tokens"]
     if len(sizes) > MAX_DOMAINS:
-        keep = set(sorted(sizes, key=lambda k: -sizes[k])[:MAX_DOMAINS - 1])
+        keep = set(sorted(sizes, key=lambda k: -sizes[k])[: MAX_DOMAINS - 1])
         names = [n if n in keep else "(other)" for n in names]
-    return [(name, s[split]["offset"], s[split]["offset"] + s[split]["tokens"])
-            for name, s in zip(names, present, strict=True)]
+    return [
+        (name, s[split]["offset"], s[split]["offset"] + s[split]["tokens"])
+        for name, s in zip(names, present, strict=True)
+    ]
 
 
-def load_held_out(data_dir: str | Path, split: str, seq_len: int, max_tokens: int,
-                  grouping: str = "auto") -> tuple[HeldOut, object]:
+def load_held_out(
+    data_dir: str | Path, split: str, seq_len: int, max_tokens: int, grouping: str = "auto"
+) -> tuple[HeldOut, object]:
     """Up to `max_tokens` tokens of `split` as evenly spaced windows of `seq_len`, with each position's
     domain. Returns (HeldOut, the TokenDataset)."""
     from moelab.data import TokenDataset
@@ -121,9 +124,17 @@ def _device(name: str | torch.device) -> torch.device:
     return dev
 
 
-def analyze_run(run_dir: str | Path, data_dir: str | Path | None = None, tokens: int = 65536, split: str = "val",
-                batch_size: int = 8, top_n: int = 10, device: str = "auto", domains: str = "auto",
-                progress=None) -> tuple[dict, Path]:
+def analyze_run(
+    run_dir: str | Path,
+    data_dir: str | Path | None = None,
+    tokens: int = 65536,
+    split: str = "val",
+    batch_size: int = 8,
+    top_n: int = 10,
+    device: str = "auto",
+    domains: str = "auto",
+    progress=None,
+) -> tuple[dict, Path]:
     """Trace the newest checkpoint of `run_dir` (or the checkpoint dir itself) over held-out data, write
     RUN/report/analysis.json and RUN/report/report.html (RUN: the run that holds a checkpoint named
     directly, see `owning_run`), and return (analysis, report path)."""
@@ -139,12 +150,15 @@ def analyze_run(run_dir: str | Path, data_dir: str | Path | None = None, tokens:
     dev = _device(device)
     model, cfg, ckpt = load_model(run_dir, dev)
     if not cfg.model.moe_layer_ids():
-        raise UserError(f"{ckpt / 'config.yaml'}: model.moe.layers={cfg.model.moe.layers!r} gives no MoE layers: a "
-                        "dense model has no routing to analyse (`moelab report` still plots its training curves)")
+        raise UserError(
+            f"{ckpt / 'config.yaml'}: model.moe.layers={cfg.model.moe.layers!r} gives no MoE layers: a "
+            "dense model has no routing to analyse (`moelab report` still plots its training curves)"
+        )
     data_dir = data_dir or cfg.data.path
     if not data_dir:
-        raise UserError(f"{ckpt / 'config.yaml'}: data.path is not set; pass --data DATA_DIR (a `moelab prepare` "
-                        "output)")
+        raise UserError(
+            f"{ckpt / 'config.yaml'}: data.path is not set; pass --data DATA_DIR (a `moelab prepare` output)"
+        )
     seq_len = cfg.data.seq_len
     held, ds = load_held_out(data_dir, split, seq_len, tokens, domains)
     ds.check_vocab(cfg.model.vocab_size)
@@ -153,9 +167,15 @@ def analyze_run(run_dir: str | Path, data_dir: str | Path | None = None, tokens:
     untrained = None
     if held.domain_ids is not None and len(held.domains) > 1:  # for scale: MI from token identity alone
         untrained = collect_routing(_untrained_twin(model, cfg, dev), held, seq_len, batch_size, dev)
-    analysis = {"run": str(run_dir.resolve()), "checkpoint": str(ckpt.resolve()), "data": str(Path(data_dir).resolve()),
-                "split": split, "seq_len": seq_len, "router": cfg.model.moe.router,
-                **summarise(trace, token_labeller(tok) if tok is not None else None, top_n, untrained=untrained)}
+    analysis = {
+        "run": str(run_dir.resolve()),
+        "checkpoint": str(ckpt.resolve()),
+        "data": str(Path(data_dir).resolve()),
+        "split": split,
+        "seq_len": seq_len,
+        "router": cfg.model.moe.router,
+        **summarise(trace, token_labeller(tok) if tok is not None else None, top_n, untrained=untrained),
+    }
     owner = owning_run(ckpt, run_dir)
     out = owner / REPORT_DIR
     write_file_atomic(out / "analysis.json", json.dumps(analysis, indent=1).encode("utf-8"))

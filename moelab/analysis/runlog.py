@@ -39,11 +39,14 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
             raise UserError(f"{path}:{n}: expected a JSON object with an integer 'step', got {shown!r}")
         records.append(_renamed(rec))
     if not records and torn is not None:
-        raise UserError(f"{path}: no complete training records: line {torn}, the only one, is cut off or not "
-                        "JSON (a run killed while writing its first record?)")
+        raise UserError(
+            f"{path}: no complete training records: line {torn}, the only one, is cut off or not "
+            "JSON (a run killed while writing its first record?)"
+        )
     if not records:
-        raise UserError(f"{path}: no training records yet (the file is empty); train for at least one "
-                        "log step (log.every) first")
+        raise UserError(
+            f"{path}: no training records yet (the file is empty); train for at least one log step (log.every) first"
+        )
     return records
 
 
@@ -84,8 +87,13 @@ def keys_with_prefix(records: list[dict], prefix: str) -> list[str]:
 
 def moe_layers(records: list[dict]) -> list[int]:
     """MoE layer indices that have a `moe/<i>/load` entry."""
-    return sorted({int(k.split("/")[1]) for k in keys_with_prefix(records, "moe/") if k.endswith("/load")
-                   and k.split("/")[1].isdigit()})
+    return sorted(
+        {
+            int(k.split("/")[1])
+            for k in keys_with_prefix(records, "moe/")
+            if k.endswith("/load") and k.split("/")[1].isdigit()
+        }
+    )
 
 
 def load_over_time(records: list[dict], layer: int) -> tuple[list[int], list[list[float]]]:
@@ -96,8 +104,10 @@ def load_over_time(records: list[dict], layer: int) -> tuple[list[int], list[lis
         load = r.get(f"moe/{layer}/load")
         if isinstance(load, list) and load and all(_number(v) is not None for v in load):
             if loads and len(load) != len(loads[0]):
-                raise UserError(f"metrics.jsonl: step {r['step']}: moe/{layer}/load lists {len(load)} experts, "
-                                f"step {steps[0]} listed {len(loads[0])} (records from different runs?)")
+                raise UserError(
+                    f"metrics.jsonl: step {r['step']}: moe/{layer}/load lists {len(load)} experts, "
+                    f"step {steps[0]} listed {len(loads[0])} (records from different runs?)"
+                )
             steps.append(r["step"])
             loads.append([float(v) for v in load])
     return steps, loads

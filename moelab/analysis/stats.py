@@ -31,7 +31,8 @@ def expert_counts(topk_ids: torch.Tensor, num_experts: int, keep: torch.Tensor |
     """Kept assignments per expert [E] (float64)."""
     w = _kept(topk_ids, keep)
     return torch.zeros(num_experts, dtype=torch.float64, device=topk_ids.device).index_add_(
-        0, topk_ids.reshape(-1).long(), w.reshape(-1))
+        0, topk_ids.reshape(-1).long(), w.reshape(-1)
+    )
 
 
 def load_fractions(counts: torch.Tensor) -> torch.Tensor:
@@ -86,16 +87,22 @@ def coactivation(topk_ids: torch.Tensor, num_experts: int, keep: torch.Tensor | 
 # Specialisation
 
 
-def joint_counts(a: torch.Tensor, b: torch.Tensor, num_a: int, num_b: int,
-                 weights: torch.Tensor | None = None) -> torch.Tensor:
+def joint_counts(
+    a: torch.Tensor, b: torch.Tensor, num_a: int, num_b: int, weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """[num_a, num_b] (weighted) counts of the pairs (a[n], b[n])."""
     w = torch.ones(a.numel(), dtype=torch.float64, device=a.device) if weights is None else weights.double().flatten()
     flat = a.reshape(-1).long() * num_b + b.reshape(-1).long()
     return torch.zeros(num_a * num_b, dtype=torch.float64, device=a.device).index_add_(0, flat, w).view(num_a, num_b)
 
 
-def domain_expert_counts(topk_ids: torch.Tensor, domain_ids: torch.Tensor, num_domains: int, num_experts: int,
-                         keep: torch.Tensor | None = None) -> torch.Tensor:
+def domain_expert_counts(
+    topk_ids: torch.Tensor,
+    domain_ids: torch.Tensor,
+    num_domains: int,
+    num_experts: int,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
     """[M, E] kept assignments of each domain's tokens to each expert."""
     dom = domain_ids.reshape(-1, 1).expand_as(topk_ids)
     return joint_counts(dom, topk_ids, num_domains, num_experts, _kept(topk_ids, keep))
@@ -121,9 +128,15 @@ def mutual_information(joint: torch.Tensor) -> float:
     return max(0.0, float(mi))  # rounding can leave -1e-16 for independent tables
 
 
-def shuffled_mutual_information(topk_ids: torch.Tensor, domain_ids: torch.Tensor, num_domains: int,
-                                num_experts: int, keep: torch.Tensor | None = None, repeats: int = 5,
-                                seed: int = 0) -> float:
+def shuffled_mutual_information(
+    topk_ids: torch.Tensor,
+    domain_ids: torch.Tensor,
+    num_domains: int,
+    num_experts: int,
+    keep: torch.Tensor | None = None,
+    repeats: int = 5,
+    seed: int = 0,
+) -> float:
     """Mean I(domain; expert) after randomly permuting the tokens' domain labels: the value a finite
     sample shows when routing ignores the domain (the plug-in estimate is biased upwards by about
     (M-1)(E-1) / (2 N ln 2) bits), i.e. the chance level the measured value should be read against."""
@@ -131,14 +144,24 @@ def shuffled_mutual_information(topk_ids: torch.Tensor, domain_ids: torch.Tensor
     vals = []
     for _ in range(repeats):
         perm = torch.randperm(domain_ids.numel(), generator=g).to(domain_ids.device)
-        vals.append(mutual_information(domain_expert_counts(topk_ids, domain_ids.reshape(-1)[perm], num_domains,
-                                                            num_experts, keep)))
+        vals.append(
+            mutual_information(
+                domain_expert_counts(topk_ids, domain_ids.reshape(-1)[perm], num_domains, num_experts, keep)
+            )
+        )
     return sum(vals) / len(vals)
 
 
-def token_conditioned_mutual_information(topk_ids: torch.Tensor, domain_ids: torch.Tensor, token_ids: torch.Tensor,
-                                         num_domains: int, num_experts: int, keep: torch.Tensor | None = None,
-                                         repeats: int = 5, seed: int = 0) -> float:
+def token_conditioned_mutual_information(
+    topk_ids: torch.Tensor,
+    domain_ids: torch.Tensor,
+    token_ids: torch.Tensor,
+    num_domains: int,
+    num_experts: int,
+    keep: torch.Tensor | None = None,
+    repeats: int = 5,
+    seed: int = 0,
+) -> float:
     """Mean I(domain; expert) after permuting the domain labels only among occurrences of the same token.
     Experts follow token identity even untrained, and domains differ in their tokens, so a plain shuffle
     (`shuffled_mutual_information`) credits the router with specialisation that is only token frequency:
@@ -157,8 +180,9 @@ def token_conditioned_mutual_information(topk_ids: torch.Tensor, domain_ids: tor
     return sum(vals) / len(vals)
 
 
-def token_expert_counts(token_ids: torch.Tensor, topk_ids: torch.Tensor, vocab_size: int, num_experts: int,
-                        keep: torch.Tensor | None = None) -> torch.Tensor:
+def token_expert_counts(
+    token_ids: torch.Tensor, topk_ids: torch.Tensor, vocab_size: int, num_experts: int, keep: torch.Tensor | None = None
+) -> torch.Tensor:
     """[V, E] kept assignments of each vocabulary token to each expert."""
     tok = token_ids.reshape(-1, 1).expand_as(topk_ids)
     return joint_counts(tok, topk_ids, vocab_size, num_experts, _kept(topk_ids, keep))
@@ -181,8 +205,11 @@ def top_tokens(tok_exp: torch.Tensor, n: int = 10, min_count: int = 5) -> dict[s
         col = tok_exp[:, e]
 
         def entries(ids, col=col, e=e):
-            return [{"id": int(i), "count": int(col[i]), "share": float(share[i, e]), "lift": float(lift[i, e])}
-                    for i in ids if col[i] > 0]
+            return [
+                {"id": int(i), "count": int(col[i]), "share": float(share[i, e]), "lift": float(lift[i, e])}
+                for i in ids
+                if col[i] > 0
+            ]
 
         k = min(n, col.numel())
         frequent.append(entries(torch.topk(col, k).indices.tolist()))

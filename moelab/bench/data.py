@@ -105,7 +105,7 @@ def make_corpus(root: Path, mb: float, seed: int = 0) -> dict:
         out, n = [], 0
         while n < size:
             start = int(rng.integers(0, max(1, len(lines) - 80)))
-            chunk = "\n".join(lines[start:start + int(rng.integers(20, 80))]) + "\n\n"
+            chunk = "\n".join(lines[start : start + int(rng.integers(20, 80))]) + "\n\n"
             out.append(chunk)
             n += len(chunk.encode("utf-8"))
         return "".join(out)
@@ -125,8 +125,12 @@ def make_corpus(root: Path, mb: float, seed: int = 0) -> dict:
         d = root / ("a" if i < quarter else "b")
         d.mkdir(parents=True, exist_ok=True)
         (d / f"doc-{i:05d}.txt").write_bytes(data)
-    return {"bytes": total, "files": len(files), "bytes_by_domain": counts,
-            "quarter_bytes": sum(len(f) for f in files[:quarter])}
+    return {
+        "bytes": total,
+        "files": len(files),
+        "bytes_by_domain": counts,
+        "quarter_bytes": sum(len(f) for f in files[:quarter]),
+    }
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -176,9 +180,14 @@ def _run_measured(cmd: list[str]) -> dict:
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the process and its (waited-for) workers
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    return {"wall_s": round(wall, 3), "stdout": out, "cpu_s": round(cpu, 2), "main_cpu_s": round(main_cpu[0], 2),
-            "peak_pss_total_mb": round(peak.pop("pss_total") / 2**20, 1),
-            **{f"peak_rss_{k}_mb": round(v / 2**20, 1) for k, v in peak.items()}}
+    return {
+        "wall_s": round(wall, 3),
+        "stdout": out,
+        "cpu_s": round(cpu, 2),
+        "main_cpu_s": round(main_cpu[0], 2),
+        "peak_pss_total_mb": round(peak.pop("pss_total") / 2**20, 1),
+        **{f"peak_rss_{k}_mb": round(v / 2**20, 1) for k, v in peak.items()},
+    }
 
 
 def _moelab(*args: str) -> list[str]:
@@ -189,9 +198,23 @@ def _prepare(tokenizer: str, inputs: list[Path], out: Path, workers: int) -> dic
     # Every file is one document: hold out 1% (a quarter of a small test corpus, none of a tiny one).
     files = sum(1 for d in inputs for _ in d.glob("*.txt"))
     val_fraction = 0.01 if files >= 200 else 0.25 if files >= 4 else 0.0
-    res = _run_measured(_moelab("prepare", "--tokenizer", tokenizer, "--input", *map(str, inputs), "--out", str(out),
-                                "--overwrite", "--quiet", "--val-fraction", f"{val_fraction:.4f}",
-                                "--workers", str(workers)))
+    res = _run_measured(
+        _moelab(
+            "prepare",
+            "--tokenizer",
+            tokenizer,
+            "--input",
+            *map(str, inputs),
+            "--out",
+            str(out),
+            "--overwrite",
+            "--quiet",
+            "--val-fraction",
+            f"{val_fraction:.4f}",
+            "--workers",
+            str(workers),
+        )
+    )
     meta = json.loads((out / "meta.json").read_text())
     mb = sum(s["bytes"] for s in meta["splits"].values()) / 1e6
     tokens = sum(s["tokens"] for s in meta["splits"].values())
@@ -199,10 +222,17 @@ def _prepare(tokenizer: str, inputs: list[Path], out: Path, workers: int) -> dic
     # Where the CPU went: the main process's pipeline work (reading, cutting, IPC, writing) is the glue;
     # the rest of the tree's CPU time (minus the main process's own, startup included) is the workers'.
     workers_cpu = res["cpu_s"] - res["main_cpu_s"]
-    return {**res, "mb": round(mb, 2), "tokens": tokens, "seconds": meta["seconds"],
-            "mb_per_s": round(mb / meta["seconds"], 3), "bytes_per_token": round(mb * 1e6 / tokens, 3),
-            "glue_cpu_s": meta["main_cpu_seconds"], "workers_cpu_s": round(workers_cpu, 2),
-            "workers_mb_per_cpu_s": round(mb / workers_cpu, 3) if workers_cpu > 0 else None}
+    return {
+        **res,
+        "mb": round(mb, 2),
+        "tokens": tokens,
+        "seconds": meta["seconds"],
+        "mb_per_s": round(mb / meta["seconds"], 3),
+        "bytes_per_token": round(mb * 1e6 / tokens, 3),
+        "glue_cpu_s": meta["main_cpu_seconds"],
+        "workers_cpu_s": round(workers_cpu, 2),
+        "workers_mb_per_cpu_s": round(mb / workers_cpu, 3) if workers_cpu > 0 else None,
+    }
 
 
 def _encode_speed(tok_dir: Path, corpus: Path, mb: float = 4.0) -> tuple[float, float]:
@@ -245,34 +275,63 @@ def run_data_bench(args) -> dict:
         else:
             composition = make_corpus(corpus, args.corpus_mb, args.seed)
             (corpus / "composition.json").write_text(json.dumps(composition))
-        print(f"corpus: {composition['bytes'] / 1e6:.1f} MB in {composition['files']} files "
-              f"({time.perf_counter() - t0:.1f} s)", flush=True)
+        print(
+            f"corpus: {composition['bytes'] / 1e6:.1f} MB in {composition['files']} files "
+            f"({time.perf_counter() - t0:.1f} s)",
+            flush=True,
+        )
         inputs = [corpus / "a", corpus / "b"]
 
         tok_dir = work / "tokenizer"
         train = []
         for rep in range(args.repeats):
-            res = _run_measured(_moelab("tokenizer", "train", "--input", *map(str, inputs), "--out", str(tok_dir),
-                                        "--vocab-size", str(args.vocab_size), "--model-type", args.model_type,
-                                        "--sample-mb", str(args.tokenizer_mb), "--seed", str(rep), "--overwrite"))
+            res = _run_measured(
+                _moelab(
+                    "tokenizer",
+                    "train",
+                    "--input",
+                    *map(str, inputs),
+                    "--out",
+                    str(tok_dir),
+                    "--vocab-size",
+                    str(args.vocab_size),
+                    "--model-type",
+                    args.model_type,
+                    "--sample-mb",
+                    str(args.tokenizer_mb),
+                    "--seed",
+                    str(rep),
+                    "--overwrite",
+                )
+            )
             res["train_s"] = json.loads((tok_dir / "tokenizer.json").read_text())["training"].get("seconds")
             train.append(res)
-            print(f"tokenizer train {rep + 1}/{args.repeats}: {res['train_s']:.1f} s training, "
-                  f"{res['wall_s']:.1f} s wall with startup, "
-                  f"peak RSS {res['peak_rss_total_mb']:.0f} MB", flush=True)
+            print(
+                f"tokenizer train {rep + 1}/{args.repeats}: {res['train_s']:.1f} s training, "
+                f"{res['wall_s']:.1f} s wall with startup, "
+                f"peak RSS {res['peak_rss_total_mb']:.0f} MB",
+                flush=True,
+            )
         encode_mb_s, encode_mb_cpu_s = _encode_speed(tok_dir, corpus)
-        print(f"tokenizer encode, one thread: {encode_mb_s:.2f} MB/s wall, {encode_mb_cpu_s:.2f} MB per CPU second",
-              flush=True)
+        print(
+            f"tokenizer encode, one thread: {encode_mb_s:.2f} MB/s wall, {encode_mb_cpu_s:.2f} MB per CPU second",
+            flush=True,
+        )
 
-        prep = {"quarter": _prepare(str(tok_dir), [inputs[0]], work / "data-quarter", workers),
-                "full": _prepare(str(tok_dir), inputs, work / "data-full", workers)}
+        prep = {
+            "quarter": _prepare(str(tok_dir), [inputs[0]], work / "data-quarter", workers),
+            "full": _prepare(str(tok_dir), inputs, work / "data-full", workers),
+        }
         if not args.no_byte:
             prep["byte_full"] = _prepare("byte", inputs, work / "data-byte", workers)
         for name, r in prep.items():
-            print(f"prepare {name}: {r['mb']:.1f} MB in {r['seconds']:.1f} s = {r['mb_per_s']:.2f} MB/s; peak RSS "
-                  f"{r['peak_rss_total_mb']:.0f} MB summed (PSS {r['peak_pss_total_mb']:.0f}; main "
-                  f"{r['peak_rss_main_mb']:.0f}, largest worker {r['peak_rss_worker_mb']:.0f}); CPU: glue "
-                  f"{r['glue_cpu_s']:.1f} s, workers {r['workers_cpu_s']:.1f} s", flush=True)
+            print(
+                f"prepare {name}: {r['mb']:.1f} MB in {r['seconds']:.1f} s = {r['mb_per_s']:.2f} MB/s; peak RSS "
+                f"{r['peak_rss_total_mb']:.0f} MB summed (PSS {r['peak_pss_total_mb']:.0f}; main "
+                f"{r['peak_rss_main_mb']:.0f}, largest worker {r['peak_rss_worker_mb']:.0f}); CPU: glue "
+                f"{r['glue_cpu_s']:.1f} s, workers {r['workers_cpu_s']:.1f} s",
+                flush=True,
+            )
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -282,23 +341,37 @@ def run_data_bench(args) -> dict:
     results = {
         "benchmark": "data",
         "date": time.strftime("%Y-%m-%d"),
-        "machine": {"cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "sentencepiece": sentencepiece.__version__},
-        "config": {"corpus_mb": args.corpus_mb, "tokenizer_mb": args.tokenizer_mb, "vocab_size": args.vocab_size,
-                   "model_type": args.model_type, "workers": workers, "repeats": args.repeats, "seed": args.seed},
+        "machine": {
+            "cores": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "sentencepiece": sentencepiece.__version__,
+        },
+        "config": {
+            "corpus_mb": args.corpus_mb,
+            "tokenizer_mb": args.tokenizer_mb,
+            "vocab_size": args.vocab_size,
+            "model_type": args.model_type,
+            "workers": workers,
+            "repeats": args.repeats,
+            "seed": args.seed,
+        },
         "corpus": composition,
-        "tokenizer_train": {"train_s": [r["train_s"] for r in train],
-                            "median_train_s": statistics.median(r["train_s"] for r in train),
-                            "wall_s": [round(r["wall_s"], 2) for r in train],
-                            "median_wall_s": round(statistics.median(r["wall_s"] for r in train), 2),
-                            "peak_rss_mb": max(r["peak_rss_total_mb"] for r in train)},
+        "tokenizer_train": {
+            "train_s": [r["train_s"] for r in train],
+            "median_train_s": statistics.median(r["train_s"] for r in train),
+            "wall_s": [round(r["wall_s"], 2) for r in train],
+            "median_wall_s": round(statistics.median(r["wall_s"] for r in train), 2),
+            "peak_rss_mb": max(r["peak_rss_total_mb"] for r in train),
+        },
         "tokenizer_encode_mb_per_s_one_core": round(encode_mb_s, 3),
         "tokenizer_encode_mb_per_cpu_s": round(encode_mb_cpu_s, 3),
         "prepare": prep,
         "targets": {
             "peak RSS < 1 GB (full corpus, main + workers)": full["peak_rss_total_mb"] < 1024,
-            "peak RSS growth quarter -> full (MB)": round(full["peak_rss_total_mb"]
-                                                          - prep["quarter"]["peak_rss_total_mb"], 1),
+            "peak RSS growth quarter -> full (MB)": round(
+                full["peak_rss_total_mb"] - prep["quarter"]["peak_rss_total_mb"], 1
+            ),
             "prepare MB/s / (workers x one-core tokenizer MB/s)": round(full["mb_per_s"] / bound, 3),
             "workers' MB per CPU second / tokenizer's": round((full["workers_mb_per_cpu_s"] or 0) / encode_mb_cpu_s, 3),
             "glue share of CPU (main process pipeline / whole tree)": round(full["glue_cpu_s"] / full["cpu_s"], 3),

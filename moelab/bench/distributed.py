@@ -72,12 +72,21 @@ def worker(config: str, overrides: list[str], batch_size: int, seq_len: int, ste
 
 def _launch(nproc: int, parallel: dict, args, threads: int, out: Path) -> dict:
     overrides = [f"parallel.{k}={v}" for k, v in parallel.items()]
-    code = ("import sys, json; from moelab.bench.distributed import worker; "
-            "worker(*json.loads(sys.argv[1]))")
+    code = "import sys, json; from moelab.bench.distributed import worker; worker(*json.loads(sys.argv[1]))"
     payload = json.dumps([args.config, overrides, args.batch_size, args.seq_len, args.steps, str(out)])
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "--no-python", sys.executable, "-c", code, payload]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "--no-python",
+        sys.executable,
+        "-c",
+        code,
+        payload,
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode:
         raise RuntimeError(f"{nproc} process run failed:\n{res.stderr[-3000:]}")
@@ -96,10 +105,19 @@ def run(args) -> int:
             print(f"repeat {rep + 1}/{args.repeats} done", flush=True)
     med = {name: statistics.median(s) for name, s in samples.items()}
     result = {
-        "config": {"model": args.config, "global_batch": args.batch_size, "seq_len": args.seq_len,
-                   "timed_steps_per_run": args.steps, "repeats": args.repeats, "cpus": os.cpu_count(),
-                   "variants": {n: {"processes": v[0], "parallel": v[1], "threads_per_process": v[2]}
-                                for n, v in VARIANTS.items() if n in args.variants}},
+        "config": {
+            "model": args.config,
+            "global_batch": args.batch_size,
+            "seq_len": args.seq_len,
+            "timed_steps_per_run": args.steps,
+            "repeats": args.repeats,
+            "cpus": os.cpu_count(),
+            "variants": {
+                n: {"processes": v[0], "parallel": v[1], "threads_per_process": v[2]}
+                for n, v in VARIANTS.items()
+                if n in args.variants
+            },
+        },
         "median_step_s": med,
         "tokens_per_s": {name: tokens / m for name, m in med.items()},
         "speedup_vs_1proc_1t": {name: med["1proc-1t"] / m for name, m in med.items()} if "1proc-1t" in med else {},

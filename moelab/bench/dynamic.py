@@ -50,8 +50,16 @@ def _doc(domain: str, rng: random.Random) -> str:
             chars = "山水日月人心天地风花雪夜春秋海云"
             lines.append("".join(rng.choice(chars) for _ in range(rng.randrange(6, 14))) + "。")
         else:
-            lines.append(json.dumps({"id": rng.randrange(10000), "name": rng.choice(["ana", "bo", "cy", "dee"]),
-                                     "age": rng.randrange(18, 90), "ok": rng.random() < 0.5}))
+            lines.append(
+                json.dumps(
+                    {
+                        "id": rng.randrange(10000),
+                        "name": rng.choice(["ana", "bo", "cy", "dee"]),
+                        "age": rng.randrange(18, 90),
+                        "ok": rng.random() < 0.5,
+                    }
+                )
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -68,11 +76,25 @@ def make_corpus(root: Path, seed: int, docs: int = 60) -> list[Path]:
 
 def base_config(data_dir: Path, steps: int, seed: int) -> dict:
     return {
-        "model": {"vocab_size": 264, "d_model": 64, "n_layers": 2, "n_heads": 4, "ffn_dim": 128, "max_seq_len": 64,
-                  "moe": {"num_experts": 8, "top_k": 2, "expert_dim": 64}},
+        "model": {
+            "vocab_size": 264,
+            "d_model": 64,
+            "n_layers": 2,
+            "n_heads": 4,
+            "ffn_dim": 128,
+            "max_seq_len": 64,
+            "moe": {"num_experts": 8, "top_k": 2, "expert_dim": 64},
+        },
         "data": {"path": str(data_dir), "seq_len": 64},
-        "train": {"steps": steps, "batch_size": 8, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 20, "seed": seed,
-                  "peak_flops": 1.0e11},
+        "train": {
+            "steps": steps,
+            "batch_size": 8,
+            "lr": 3e-3,
+            "min_lr": 3e-4,
+            "warmup_steps": 20,
+            "seed": seed,
+            "peak_flops": 1.0e11,
+        },
         "eval": {"every": 0, "batches": 8},
         "checkpoint": {"every": 0, "keep_last": 1, "keep_best": False},
         "log": {"every": 10, "progress": False, "tensorboard": False},
@@ -85,10 +107,13 @@ def variant_overrides(name: str, steps: int) -> dict:
         "top_p": {"model": {"moe": {"router": "top_p", "top_k": 4, "top_p": 0.5}}},
         "null": {"model": {"moe": {"top_k": 3, "num_null_experts": 4}}},
         "grow": {"schedule": {"grow_at": [steps // 2], "grow_anneal_steps": max(1, steps // 10)}},
-        "grow_diversity": {"schedule": {"grow_at": [steps // 2], "grow_anneal_steps": max(1, steps // 10)},
-                           "model": {"moe": {"diversity_coef": 1.0}}},
-        "hierarchical": {"model": {"moe": {"router": "hierarchical", "num_groups": 4, "top_groups": 2,
-                                           "group_balance_coef": 0.01}}},
+        "grow_diversity": {
+            "schedule": {"grow_at": [steps // 2], "grow_anneal_steps": max(1, steps // 10)},
+            "model": {"moe": {"diversity_coef": 1.0}},
+        },
+        "hierarchical": {
+            "model": {"moe": {"router": "hierarchical", "num_groups": 4, "top_groups": 2, "group_balance_coef": 0.01}}
+        },
         "diversity": {"model": {"moe": {"diversity_coef": 1.0}}},
         "multitask": {"model": {"moe": {"num_tasks": len(DOMAINS), "task_balance_coef": 0.01}}},
     }[name]
@@ -126,7 +151,8 @@ def measure(run_dir: Path, data_dir: Path) -> dict:
         "experts_per_token": sum(lay["experts_per_token"] for lay in layers) / len(layers),
         "experts_per_token_by_domain": {
             Path(d["name"]).name: sum(lay["experts_per_token_by_domain"][i] for lay in layers) / len(layers)
-            for i, d in enumerate(s["domains"])},
+            for i, d in enumerate(s["domains"])
+        },
         "mi_bits": sum(lay["mutual_information"] for lay in layers) / len(layers),
         "mi_chance_bits": sum(lay["mi_chance"] for lay in layers) / len(layers),
         "dead_experts": sum(len(lay["dead"]) for lay in layers),
@@ -138,8 +164,9 @@ def measure(run_dir: Path, data_dir: Path) -> dict:
     e = gu.shape[0]
     if "grow" in run_dir.name:  # the split halves: expert i and its copy i + E/2
         h = e // 2
-        out["sibling_output_similarity"] = sum(
-            expert_output_similarity(gu[[i, i + h]], dn[[i, i + h]], x) for i in range(h)) / h
+        out["sibling_output_similarity"] = (
+            sum(expert_output_similarity(gu[[i, i + h]], dn[[i, i + h]], x) for i in range(h)) / h
+        )
         out["sibling_weight_cos2"] = sum(float(expert_diversity(gu[[i, i + h]], dn[[i, i + h]])) for i in range(h)) / h
     out["loss_by_domain"] = _loss_by_domain(model, held, cfg.data.seq_len, [Path(d["name"]).name for d in s["domains"]])
     if "group_mutual_information" in layers[0]:
@@ -160,9 +187,9 @@ def _loss_by_domain(model, held, seq_len: int, names: list[str]) -> dict:
     model.eval()
     with torch.no_grad():
         for b in range(0, win.shape[0], 16):
-            x = win[b:b + 16]
+            x = win[b : b + 16]
             ce = F.cross_entropy(model(x[:, :-1]).logits.float().transpose(1, 2), x[:, 1:], reduction="none")
-            d = dom[b:b + 16, 1:].reshape(-1)
+            d = dom[b : b + 16, 1:].reshape(-1)
             tot.index_add_(0, d, ce.reshape(-1).double())
             cnt.index_add_(0, d, torch.ones_like(d, dtype=torch.float64))
     return {name: float(t / c) if c else None for name, t, c in zip(names, tot, cnt, strict=False)}
@@ -191,15 +218,24 @@ def run(args) -> int:
         recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         last = recs[-1]
         tps = [r["tokens_per_s"] for r in recs if r.get("tokens_per_s")]
-        row = {"val_bpb": last.get("val/bpb"), "val_loss": last.get("val/loss"), "train_flops": last["flops"],
-               "tokens_per_s": sorted(tps)[len(tps) // 2] if tps else None, "wall_s": time.perf_counter() - t0,
-               "train_k_mean": [last.get(f"moe/{i}/k_mean") for i in range(2)], **measure(res.run_dir, data_dir)}
+        row = {
+            "val_bpb": last.get("val/bpb"),
+            "val_loss": last.get("val/loss"),
+            "train_flops": last["flops"],
+            "tokens_per_s": sorted(tps)[len(tps) // 2] if tps else None,
+            "wall_s": time.perf_counter() - t0,
+            "train_k_mean": [last.get(f"moe/{i}/k_mean") for i in range(2)],
+            **measure(res.run_dir, data_dir),
+        }
         grow = next((r for r in recs if "grow/experts" in r), None)
         if grow:
             row.update({k.split("/")[1]: v for k, v in grow.items() if k.startswith("grow/")})
         results["variants"][name] = row
-        print(f"{name:>12}: bpb {row['val_bpb']:.4f}  k {row['experts_per_token']:.2f}  "
-              f"MI-chance {row['mi_over_chance']:.3f}  dead {row['dead_experts']}  "
-              f"sim {row['expert_output_similarity']:.3f}  {row['tokens_per_s'] or 0:,.0f} tok/s", flush=True)
+        print(
+            f"{name:>12}: bpb {row['val_bpb']:.4f}  k {row['experts_per_token']:.2f}  "
+            f"MI-chance {row['mi_over_chance']:.3f}  dead {row['dead_experts']}  "
+            f"sim {row['expert_output_similarity']:.3f}  {row['tokens_per_s'] or 0:,.0f} tok/s",
+            flush=True,
+        )
     write_results(args.json_out, results)
     return 0

@@ -25,29 +25,58 @@ from pathlib import Path
 
 from moelab.bench import write_results
 
-PRESETS = {"h200": dict(configs=["configs/large.yaml"], batch_sizes=[1, 32], compare=["hf"], compile=True,
-                        dtype="bfloat16", repeats=2, new_tokens=64)}
+PRESETS = {
+    "h200": dict(
+        configs=["configs/large.yaml"],
+        batch_sizes=[1, 32],
+        compare=["hf"],
+        compile=True,
+        dtype="bfloat16",
+        repeats=2,
+        new_tokens=64,
+    )
+}
 
 
 def add_arguments(p):
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="h200: the GPU issue's decode table (large preset, batch 1 and 32, bf16, vs transformers, "
-                        "compiled decode steps too)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="h200: the GPU issue's decode table (large preset, batch 1 and 32, bf16, vs transformers, "
+        "compiled decode steps too)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
-                   help="weights and activations for every side (default float32)")
-    p.add_argument("--configs", nargs="*", default=["configs/tiny.yaml", "configs/small.yaml"],
-                   help="preset configs to build with random weights (default tiny and small)")
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="weights and activations for every side (default float32)",
+    )
+    p.add_argument(
+        "--configs",
+        nargs="*",
+        default=["configs/tiny.yaml", "configs/small.yaml"],
+        help="preset configs to build with random weights (default tiny and small)",
+    )
     p.add_argument("--run", action="append", default=[], help="also (or instead) time a trained run/checkpoint")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     p.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median reported)")
-    p.add_argument("--compare", nargs="*", default=[], choices=["hf", "llamacpp"],
-                   help="also time transformers' generate (hf) and/or llama.cpp on a GGUF f32 export (llamacpp)")
+    p.add_argument(
+        "--compare",
+        nargs="*",
+        default=[],
+        choices=["hf", "llamacpp"],
+        help="also time transformers' generate (hf) and/or llama.cpp on a GGUF f32 export (llamacpp)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--compile", action="store_true",
-                   help="also time moelab with compiled decode steps (moelab_compiled; compiles in the warm-up)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="also time moelab with compiled decode steps (moelab_compiled; compiles in the warm-up)",
+    )
     p.add_argument("--json", dest="json_out", default="benchmarks/generate.json", help="where to write results")
 
 
@@ -122,11 +151,18 @@ def _theirs(hf, prompt: list[int], batch: int, new_tokens: int) -> tuple[float, 
     ids = torch.tensor([prompt] * batch, device=device)
     t0 = _now()
     with torch.inference_mode():
-        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                          min_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0,
-                          streamer=Stamp())
+        out = hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            streamer=Stamp(),
+        )
     assert out.shape[1] == len(prompt) + new_tokens
-    _theirs.last_ids = out[0, len(prompt):].tolist()
+    _theirs.last_ids = out[0, len(prompt) :].tolist()
     return t0, stamps[1:]
 
 
@@ -265,9 +301,16 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     threads = torch.get_num_threads()
-    results = {"config": {k: getattr(args, k) for k in ("prompt_len", "new_tokens", "batch_sizes", "repeats",
-                                                        "compare", "compile", "dtype")},
-               "device": str(device), "threads": threads, "torch": torch.__version__, "models": {}}
+    results = {
+        "config": {
+            k: getattr(args, k)
+            for k in ("prompt_len", "new_tokens", "batch_sizes", "repeats", "compare", "compile", "dtype")
+        },
+        "device": str(device),
+        "threads": threads,
+        "torch": torch.__version__,
+        "models": {},
+    }
     if "llamacpp" in args.compare and _llama_cpp_note() is None:
         import llama_cpp
 
@@ -326,13 +369,19 @@ def run(args) -> int:
         for a in ours:
             for b in variants:
                 if b not in (a, "moelab_compiled") and (b != "moelab" or a == "moelab_compiled"):
-                    out[f"ratio_{a}_over_{b}"] = {k: out[a][k] / out[b][k] for k in out[a]
-                                                  if "tok_s" in k and k in out[b]}
+                    out[f"ratio_{a}_over_{b}"] = {
+                        k: out[a][k] / out[b][k] for k in out[a] if "tok_s" in k and k in out[b]
+                    }
         for vname, note in skipped.items():
             out[f"{vname}_skipped"] = note
         cfg = model.cfg
-        out["model"] = {"d_model": cfg.d_model, "n_layers": cfg.n_layers, "num_experts": cfg.moe.num_experts,
-                        "top_k": cfg.moe.top_k, "params": sum(p.numel() for p in model.parameters())}
+        out["model"] = {
+            "d_model": cfg.d_model,
+            "n_layers": cfg.n_layers,
+            "num_experts": cfg.moe.num_experts,
+            "top_k": cfg.moe.top_k,
+            "params": sum(p.numel() for p in model.parameters()),
+        }
         results["models"][name] = out
         _print(name, out)
         del model, variants
@@ -347,5 +396,5 @@ def _print(name: str, out: dict) -> None:
             print(f"  {vname:15s} " + "  ".join(f"{k}={v:.1f}" for k, v in out[vname].items()))
     for key, ratios in out.items():
         if key.startswith("ratio_"):
-            label = key[len("ratio_"):].replace("_over_", " / ")
+            label = key[len("ratio_") :].replace("_over_", " / ")
             print(f"  {label}: " + "  ".join(f"{k}={v:.2f}x" for k, v in ratios.items()))

@@ -18,43 +18,75 @@ from moelab.bench import write_results
 # The GPU issue's table: T=16384, D=2048, K*F=4096, bf16 (E:K:F).
 PRESETS = {
     "cpu": dict(tokens=8192, d_model=512, shapes=None, dtypes=["float32", "bfloat16"], repeats=5),
-    "h200": dict(tokens=16384, d_model=2048, shapes=["8:2:2048", "64:8:512", "128:8:512"], dtypes=["bfloat16"],
-                 repeats=8),
+    "h200": dict(
+        tokens=16384, d_model=2048, shapes=["8:2:2048", "64:8:512", "128:8:512"], dtypes=["bfloat16"], repeats=8
+    ),
 }
 
 
 def add_arguments(p):
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="shapes and dtypes of a recorded table (h200: the GPU issue's T=16384, D=2048, K*F=4096 "
-                        "shapes in bf16); explicit flags override it")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="shapes and dtypes of a recorded table (h200: the GPU issue's T=16384, D=2048, K*F=4096 "
+        "shapes in bf16); explicit flags override it",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--tokens", type=int, default=None, help="tokens per forward (default 8192)")
     p.add_argument("--d-model", type=int, default=None, help="model width (default 512)")
     p.add_argument("--expert-dim", type=int, default=1024, help="expert width F with --experts (default 1024)")
     p.add_argument("--top-k", type=int, default=2, help="experts per token with --experts (default 2)")
-    p.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128],
-                   help="numbers of experts, each with --top-k and --expert-dim")
-    p.add_argument("--shapes", nargs="+", default=None, metavar="E:K:F",
-                   help="MoE shapes as experts:top_k:expert_dim (instead of --experts)")
-    p.add_argument("--backends", nargs="+", default=["auto"],
-                   help="moelab expert backends to time (auto, cpu_buckets, grouped_mm, reference)")
+    p.add_argument(
+        "--experts",
+        type=int,
+        nargs="+",
+        default=[8, 32, 128],
+        help="numbers of experts, each with --top-k and --expert-dim",
+    )
+    p.add_argument(
+        "--shapes",
+        nargs="+",
+        default=None,
+        metavar="E:K:F",
+        help="MoE shapes as experts:top_k:expert_dim (instead of --experts)",
+    )
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        default=["auto"],
+        help="moelab expert backends to time (auto, cpu_buckets, grouped_mm, reference)",
+    )
     p.add_argument("--dtypes", nargs="+", default=None, choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=None, help="timed interleaved repeats (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs of each variant first (default 1)")
-    p.add_argument("--hf", nargs="*", default=["grouped_mm", "eager"],
-                   help="transformers expert implementations to time (none: --hf with no value)")
-    p.add_argument("--hf-max-seconds", type=float, default=20.0,
-                   help="skip further repeats of an HF variant whose single run exceeds this")
+    p.add_argument(
+        "--hf",
+        nargs="*",
+        default=["grouped_mm", "eager"],
+        help="transformers expert implementations to time (none: --hf with no value)",
+    )
+    p.add_argument(
+        "--hf-max-seconds",
+        type=float,
+        default=20.0,
+        help="skip further repeats of an HF variant whose single run exceeds this",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--profile", action="store_true",
-                   help="after timing, profile one forward+backward of each moelab variant (torch.profiler) and "
-                        "print its top kernels; the tables go into the JSON too")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing, profile one forward+backward of each moelab variant (torch.profiler) and "
+        "print its top kernels; the tables go into the JSON too",
+    )
     p.add_argument("--json", dest="json_out", default="benchmarks/layer.json", help="where to write results")
 
 
 HF_EAGER_BF16_MAX_EXPERTS = 32
-HF_EAGER_BF16_SKIP = (f"transformers' eager expert loop under bf16 autocast above {HF_EAGER_BF16_MAX_EXPERTS} experts: "
-                      "its memory grew past 22 GB at E = 128 here and the process was OOM-killed")
+HF_EAGER_BF16_SKIP = (
+    f"transformers' eager expert loop under bf16 autocast above {HF_EAGER_BF16_MAX_EXPERTS} experts: "
+    "its memory grew past 22 GB at E = 128 here and the process was OOM-killed"
+)
 
 
 def _skip(name: str, dtype: str, device) -> bool:
@@ -102,6 +134,7 @@ def _fwd_bwd(module, x, grad, dtype, device):
         y.backward(grad)
         for p in module.parameters():  # free now, as an optimizer's zero_grad would before the next step
             p.grad = None
+
     return step
 
 
@@ -186,12 +219,24 @@ def run(args) -> int:
             p.data.normal_(0.0, 0.02)
 
     timer = Timer(device)
-    results = {"config": {"tokens": t, "d_model": d, "shapes": [list(s) for s in shapes], "repeats": args.repeats,
-                          "warmup": args.warmup, "device": str(device), "threads": torch.get_num_threads(),
-                          "torch": torch.__version__,
-                          "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"},
-               "method": __doc__.strip().splitlines()[0], "median_s": {}, "ratio_to_dense": {}, "peak_bytes": {},
-               "dense_of": dense_of}
+    results = {
+        "config": {
+            "tokens": t,
+            "d_model": d,
+            "shapes": [list(s) for s in shapes],
+            "repeats": args.repeats,
+            "warmup": args.warmup,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        },
+        "method": __doc__.strip().splitlines()[0],
+        "median_s": {},
+        "ratio_to_dense": {},
+        "peak_bytes": {},
+        "dense_of": dense_of,
+    }
     for dtype in args.dtypes:
         runs = {name: mod for name, mod in variants.items() if not _skip(name, dtype, device)}
         for name in variants.keys() - runs.keys():
@@ -221,8 +266,11 @@ def run(args) -> int:
         _print_table(dtype, results, shapes, args, hf_impls)
     results["targets"] = _targets(results, shapes, args, device)
     if args.profile:
-        results["profiles"] = {name: _profile(mod, x, grad, args.dtypes[-1], device)
-                               for name, mod in variants.items() if name.startswith(("moelab", "dense"))}
+        results["profiles"] = {
+            name: _profile(mod, x, grad, args.dtypes[-1], device)
+            for name, mod in variants.items()
+            if name.startswith(("moelab", "dense"))
+        }
     write_results(args.json_out, results)
     return 0
 
@@ -255,21 +303,29 @@ def _targets(results, shapes, args, device) -> dict:
         ratio, med = results["ratio_to_dense"][dtype], results["median_s"][dtype]
         moe = {n: r for n, r in ratio.items() if n.startswith("moelab")}
         if device.type == "cuda":
-            out[dtype] = {f"{n}: moe/dense <= {GPU_TARGETS[e]}": r for n, r in moe.items()
-                          for e in [int(n.split("_E", 1)[1].split("_")[0])] if e in GPU_TARGETS}
+            out[dtype] = {
+                f"{n}: moe/dense <= {GPU_TARGETS[e]}": r
+                for n, r in moe.items()
+                for e in [int(n.split("_E", 1)[1].split("_")[0])]
+                if e in GPU_TARGETS
+            }
         elif not args.shapes:
             e_lo, e_hi = min(args.experts), max(args.experts)
             name = "moelab" if args.backends == ["auto"] else f"moelab-{args.backends[0]}"
-            out[dtype] = {f"moe/dense at E={e_lo} <= 1.2": ratio[f"{name}_E{e_lo}"],
-                          f"time(E={e_hi})/time(E={e_lo}) <= 1.25": med[f"{name}_E{e_hi}"] / med[f"{name}_E{e_lo}"]}
+            out[dtype] = {
+                f"moe/dense at E={e_lo} <= 1.2": ratio[f"{name}_E{e_lo}"],
+                f"time(E={e_hi})/time(E={e_lo}) <= 1.25": med[f"{name}_E{e_hi}"] / med[f"{name}_E{e_lo}"],
+            }
     return out
 
 
 def _print_table(dtype, results, shapes, args, hf_impls):
     med, ratio = results["median_s"][dtype], results["ratio_to_dense"][dtype]
     peak, achieved = results["peak_matmul_flops"][dtype], results["achieved_flops"][dtype]
-    print(f"\n{dtype}: median fwd+bwd ms, ratio to the dense SwiGLU of equal active FLOPs, % of the measured "
-          f"{peak / 1e12:.1f} TFLOP/s matmul peak")
+    print(
+        f"\n{dtype}: median fwd+bwd ms, ratio to the dense SwiGLU of equal active FLOPs, % of the measured "
+        f"{peak / 1e12:.1f} TFLOP/s matmul peak"
+    )
     for name in med:
         mem = results["peak_bytes"][dtype].get(name, 0)
         mem_s = f"  {mem / 2**30:6.2f} GiB" if mem else ""

@@ -18,8 +18,16 @@ from pathlib import Path
 
 from moelab.bench import write_results
 
-MODEL = {"vocab_size": 512, "d_model": 512, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "ffn_dim": 1024,
-         "max_seq_len": 256, "moe": {"num_experts": 64, "top_k": 2, "expert_dim": 1024}}
+MODEL = {
+    "vocab_size": 512,
+    "d_model": 512,
+    "n_layers": 4,
+    "n_heads": 8,
+    "n_kv_heads": 4,
+    "ffn_dim": 1024,
+    "max_seq_len": 256,
+    "moe": {"num_experts": 64, "top_k": 2, "expert_dim": 1024},
+}
 POLICIES = ["resident", "keep-all", "lru:32", "lru:8", "host-layers:2+lru:8"]
 
 
@@ -63,8 +71,14 @@ def measure(ckpt: str, policy: str, new_tokens: int, prompts: int) -> dict:
     generate(model, ByteTokenizer(), text[:prompts], max_new_tokens=new_tokens, temperature=0)
     gen_s = time.perf_counter() - t0
     rss, hwm = _status()
-    out = {"policy": policy, "peak_rss_above_start": hwm - rss0, "rss_after": rss - rss0, "load_s": load_s,
-           "generate_s": gen_s, "tokens_per_s": prompts * new_tokens / gen_s}
+    out = {
+        "policy": policy,
+        "peak_rss_above_start": hwm - rss0,
+        "rss_after": rss - rss0,
+        "load_s": load_s,
+        "generate_s": gen_s,
+        "tokens_per_s": prompts * new_tokens / gen_s,
+    }
     if placement is not None:
         out["metrics"] = placement.metrics.to_dict()
         out["expert_cache_bytes"] = placement.resident_bytes()
@@ -87,23 +101,46 @@ def run(args) -> int:
         save_checkpoint(Path(tmp) / "ck", Transformer(cfg.model), cfg)
         file_bytes = (Path(tmp) / "ck" / "model.safetensors").stat().st_size
         for policy in args.policies:
-            code = ("import json,sys; from moelab.bench.offload import measure; "
-                    "print(json.dumps(measure(*json.loads(sys.argv[1]))))")
-            res = subprocess.run([sys.executable, "-c", code,
-                                  json.dumps([str(Path(tmp) / "ck"), policy, args.new_tokens, args.prompts])],
-                                 capture_output=True, text=True)
+            code = (
+                "import json,sys; from moelab.bench.offload import measure; "
+                "print(json.dumps(measure(*json.loads(sys.argv[1]))))"
+            )
+            res = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    code,
+                    json.dumps([str(Path(tmp) / "ck"), policy, args.new_tokens, args.prompts]),
+                ],
+                capture_output=True,
+                text=True,
+            )
             if res.returncode:
                 raise RuntimeError(f"{policy}: {res.stderr[-2000:]}")
             row = json.loads(res.stdout.strip().splitlines()[-1])
             row["peak_rss_over_weights"] = row["peak_rss_above_start"] / file_bytes
             rows.append(row)
             m = row.get("metrics", {})
-            print(f"{policy:22s} peak RSS {row['peak_rss_above_start'] / 2**20:7.1f} MiB "
-                  f"({100 * row['peak_rss_over_weights']:5.1f}% of {file_bytes / 2**20:.0f} MiB weights)  "
-                  f"{row['tokens_per_s']:6.1f} tok/s"
-                  + (f"  hit rate {m['hit_rate']:.2f}  moved {m['bytes_moved'] / 2**20:.0f} MiB  "
-                     f"stalled {m['stall_seconds']:.2f}s" if m else ""), flush=True)
-    result = {"model": MODEL, "params_total": pc.total, "routed_expert_params": pc.routed_experts,
-              "weight_file_bytes": file_bytes, "new_tokens": args.new_tokens, "prompts": args.prompts, "rows": rows}
+            print(
+                f"{policy:22s} peak RSS {row['peak_rss_above_start'] / 2**20:7.1f} MiB "
+                f"({100 * row['peak_rss_over_weights']:5.1f}% of {file_bytes / 2**20:.0f} MiB weights)  "
+                f"{row['tokens_per_s']:6.1f} tok/s"
+                + (
+                    f"  hit rate {m['hit_rate']:.2f}  moved {m['bytes_moved'] / 2**20:.0f} MiB  "
+                    f"stalled {m['stall_seconds']:.2f}s"
+                    if m
+                    else ""
+                ),
+                flush=True,
+            )
+    result = {
+        "model": MODEL,
+        "params_total": pc.total,
+        "routed_expert_params": pc.routed_experts,
+        "weight_file_bytes": file_bytes,
+        "new_tokens": args.new_tokens,
+        "prompts": args.prompts,
+        "rows": rows,
+    }
     write_results(args.json_out, result)
     return 0

@@ -19,15 +19,48 @@ from pathlib import Path
 # name -> (model section, micro-batch, seq_len): three shapes that stress different terms (LM head,
 # routed experts, depth with dense layers and shared experts).
 CONFIGS = {
-    "wide-vocab": ({"vocab_size": 8192, "d_model": 128, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
-                    "ffn_dim": 256, "max_seq_len": 128,
-                    "moe": {"num_experts": 8, "top_k": 2, "expert_dim": 256}}, 4, 128),
-    "many-experts": ({"vocab_size": 2048, "d_model": 192, "n_layers": 2, "n_heads": 6, "n_kv_heads": 2,
-                      "ffn_dim": 384, "max_seq_len": 128,
-                      "moe": {"num_experts": 32, "top_k": 4, "expert_dim": 256, "num_shared_experts": 1}}, 4, 128),
-    "deep-mixed": ({"vocab_size": 1024, "d_model": 128, "n_layers": 6, "n_heads": 4, "n_kv_heads": 4,
-                    "ffn_dim": 512, "max_seq_len": 256,
-                    "moe": {"num_experts": 8, "top_k": 2, "expert_dim": 256, "layers": "every:2"}}, 4, 256),
+    "wide-vocab": (
+        {
+            "vocab_size": 8192,
+            "d_model": 128,
+            "n_layers": 2,
+            "n_heads": 4,
+            "n_kv_heads": 2,
+            "ffn_dim": 256,
+            "max_seq_len": 128,
+            "moe": {"num_experts": 8, "top_k": 2, "expert_dim": 256},
+        },
+        4,
+        128,
+    ),
+    "many-experts": (
+        {
+            "vocab_size": 2048,
+            "d_model": 192,
+            "n_layers": 2,
+            "n_heads": 6,
+            "n_kv_heads": 2,
+            "ffn_dim": 384,
+            "max_seq_len": 128,
+            "moe": {"num_experts": 32, "top_k": 4, "expert_dim": 256, "num_shared_experts": 1},
+        },
+        4,
+        128,
+    ),
+    "deep-mixed": (
+        {
+            "vocab_size": 1024,
+            "d_model": 128,
+            "n_layers": 6,
+            "n_heads": 4,
+            "n_kv_heads": 4,
+            "ffn_dim": 512,
+            "max_seq_len": 256,
+            "moe": {"num_experts": 8, "top_k": 2, "expert_dim": 256, "layers": "every:2"},
+        },
+        4,
+        256,
+    ),
 }
 
 
@@ -49,8 +82,9 @@ def rss_and_peak() -> tuple[int, int]:
     return rss, hwm
 
 
-def measure_train_peak(model_cfg: dict, micro_batch: int, seq_len: int, activation_checkpointing: bool = False,
-                       steps: int = 2) -> dict:
+def measure_train_peak(
+    model_cfg: dict, micro_batch: int, seq_len: int, activation_checkpointing: bool = False, steps: int = 2
+) -> dict:
     """Peak live-tensor bytes of one steady-state training step (see module docstring)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -80,16 +114,14 @@ def measure_train_peak(model_cfg: dict, micro_batch: int, seq_len: int, activati
     for _ in range(steps):  # AdamW state exists from the first step on: steady state after it
         step()
     _, hwm = rss_and_peak()
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True,
-                 with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
         step()
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # the timeline export is marked deprecated
         path = Path(tmp) / "timeline.json"
         prof.export_memory_timeline(str(path), device="cpu")
         _times, sizes = json.loads(path.read_text())
-    return {"peak_tensor_bytes": int(max(sum(s) for s in sizes)),
-            "rss_peak_above_start_bytes": int(hwm - rss0)}
+    return {"peak_tensor_bytes": int(max(sum(s) for s in sizes)), "rss_peak_above_start_bytes": int(hwm - rss0)}
 
 
 def run(args) -> int:
@@ -102,24 +134,38 @@ def run(args) -> int:
     rows = []
     for name in args.configs:
         model, mb, seq = CONFIGS[name]
-        for ckpt in ([False, True] if args.checkpointing else [False]):
+        for ckpt in [False, True] if args.checkpointing else [False]:
             # A fresh process per measurement: nothing left over from the previous model.
-            code = ("import json,sys; from moelab.bench.plan import measure_train_peak as m; "
-                    "print(json.dumps(m(*json.loads(sys.argv[1]))))")
-            res = subprocess.run([sys.executable, "-c", code, json.dumps([model, mb, seq, ckpt])],
-                                 capture_output=True, text=True, check=True)
+            code = (
+                "import json,sys; from moelab.bench.plan import measure_train_peak as m; "
+                "print(json.dumps(m(*json.loads(sys.argv[1]))))"
+            )
+            res = subprocess.run(
+                [sys.executable, "-c", code, json.dumps([model, mb, seq, ckpt])],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             measured = json.loads(res.stdout.strip().splitlines()[-1])
             cfg = from_dict(Config, {"model": model, "data": {"seq_len": seq}})
             est = train_memory(cfg.model, mb, seq, dtype="float32", activation_checkpointing=ckpt)
-            row = {"config": name, "micro_batch": mb, "seq_len": seq, "activation_checkpointing": ckpt,
-                   "planned_peak_bytes": est.peak, **measured,
-                   "planned_over_measured": est.peak / measured["peak_tensor_bytes"],
-                   "plan": {k: getattr(est, k) for k in ("weights", "grads", "optimizer", "activations")}}
+            row = {
+                "config": name,
+                "micro_batch": mb,
+                "seq_len": seq,
+                "activation_checkpointing": ckpt,
+                "planned_peak_bytes": est.peak,
+                **measured,
+                "planned_over_measured": est.peak / measured["peak_tensor_bytes"],
+                "plan": {k: getattr(est, k) for k in ("weights", "grads", "optimizer", "activations")},
+            }
             rows.append(row)
-            print(f"{name:14s} mb={mb:<3d} ckpt={str(ckpt):5s} planned {est.peak / 2**20:8.1f} MiB  measured "
-                  f"{measured['peak_tensor_bytes'] / 2**20:8.1f} MiB (tensors)  ratio "
-                  f"{row['planned_over_measured']:.3f}  RSS peak "
-                  f"{measured['rss_peak_above_start_bytes'] / 2**20:.1f} MiB")
+            print(
+                f"{name:14s} mb={mb:<3d} ckpt={str(ckpt):5s} planned {est.peak / 2**20:8.1f} MiB  measured "
+                f"{measured['peak_tensor_bytes'] / 2**20:8.1f} MiB (tensors)  ratio "
+                f"{row['planned_over_measured']:.3f}  RSS peak "
+                f"{measured['rss_peak_above_start_bytes'] / 2**20:.1f} MiB"
+            )
     out = Path(args.json_out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")

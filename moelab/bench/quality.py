@@ -32,13 +32,23 @@ def add_arguments(p):
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     p.add_argument("--evals", type=int, default=15, help="validation points per curve (default 15)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every model, e.g. --set train.lr=2e-3")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per run (default: torch's choice; 1 with --concurrent)")
-    p.add_argument("--concurrent", action="store_true",
-                   help="train the models at the same time (each on its own thread) so load on a shared machine "
-                        "hits them alike; default: one after the other, each with the whole machine")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every model, e.g. --set train.lr=2e-3",
+    )
+    p.add_argument(
+        "--threads", type=int, default=None, help="torch threads per run (default: torch's choice; 1 with --concurrent)"
+    )
+    p.add_argument(
+        "--concurrent",
+        action="store_true",
+        help="train the models at the same time (each on its own thread) so load on a shared machine "
+        "hits them alike; default: one after the other, each with the whole machine",
+    )
     p.add_argument("--work-dir", default="benchmarks/quality-work", help="dataset and run directories")
     p.add_argument("--json", dest="json_out", default="benchmarks/quality.json")
     p.add_argument("--plot", default="benchmarks/quality.png")
@@ -46,12 +56,26 @@ def add_arguments(p):
 
 def base_config(data_dir: Path, dtype: str) -> dict:
     return {
-        "model": {"vocab_size": 264, "d_model": 256, "n_layers": 4, "n_heads": 8, "n_kv_heads": 4, "ffn_dim": 1024,
-                  "max_seq_len": 256, "moe": {"num_experts": 8, "top_k": 2, "expert_dim": 512,
-                                              "load_balance_coef": 0.01, "z_loss_coef": 0.001}},
+        "model": {
+            "vocab_size": 264,
+            "d_model": 256,
+            "n_layers": 4,
+            "n_heads": 8,
+            "n_kv_heads": 4,
+            "ffn_dim": 1024,
+            "max_seq_len": 256,
+            "moe": {"num_experts": 8, "top_k": 2, "expert_dim": 512, "load_balance_coef": 0.01, "z_loss_coef": 0.001},
+        },
         "data": {"path": str(data_dir), "seq_len": 256},
-        "train": {"batch_size": 8, "lr": 2e-3, "min_lr": 2e-4, "warmup_steps": 30, "dtype": dtype, "seed": 0,
-                  "peak_flops": 1.0},
+        "train": {
+            "batch_size": 8,
+            "lr": 2e-3,
+            "min_lr": 2e-4,
+            "warmup_steps": 30,
+            "dtype": dtype,
+            "seed": 0,
+            "peak_flops": 1.0,
+        },
         "eval": {"batches": 16},
         "checkpoint": {"every": 0, "keep_last": 1, "keep_best": False},
         "log": {"progress": False},
@@ -108,13 +132,34 @@ def run(args) -> int:
     budget = args.minutes * 60
     threads = args.threads or (1 if args.concurrent else None)
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    results: dict = {"data": str(text), "budget_s": budget, "dtype": args.dtype, "concurrent": args.concurrent,
-                     "threads": threads, "models": {}}
+    results: dict = {
+        "data": str(text),
+        "budget_s": budget,
+        "dtype": args.dtype,
+        "concurrent": args.concurrent,
+        "threads": threads,
+        "models": {},
+    }
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    cfgs = {w: apply_overrides(model_config("dense" if w == "dense" else "moe", base), args.overrides)
-            for w in args.models}
-    probes = _run_all([_worker({"impl": "hf" if w == "hf" else "moelab", "steps": 4, "warmup": 2, "threads": threads,
-                                "config": cfgs[w]}) for w in args.models], env, args.concurrent)
+    cfgs = {
+        w: apply_overrides(model_config("dense" if w == "dense" else "moe", base), args.overrides) for w in args.models
+    }
+    probes = _run_all(
+        [
+            _worker(
+                {
+                    "impl": "hf" if w == "hf" else "moelab",
+                    "steps": 4,
+                    "warmup": 2,
+                    "threads": threads,
+                    "config": cfgs[w],
+                }
+            )
+            for w in args.models
+        ],
+        env,
+        args.concurrent,
+    )
     cmds, plan = [], {}
     for which, out in zip(args.models, probes, strict=True):
         step_s = json.loads(out.strip().splitlines()[-1])["step_s"]
@@ -127,13 +172,32 @@ def run(args) -> int:
         plan[which] = (step_s, steps)
         print(f"[{which}] {step_s:.2f} s/step -> {steps} steps, eval every {every}", flush=True)
         if which == "hf":
-            cmds.append(_worker({"task": "quality_hf", "config": cfg_dict, "eval_every": every,
-                                 "max_seconds": budget * 1.1, "threads": threads}))
+            cmds.append(
+                _worker(
+                    {
+                        "task": "quality_hf",
+                        "config": cfg_dict,
+                        "eval_every": every,
+                        "max_seconds": budget * 1.1,
+                        "threads": threads,
+                    }
+                )
+            )
         else:
             cfg_file = work / f"{which}-{stamp}.yaml"
             cfg_file.write_text(yaml.safe_dump(cfg_dict))
-            cmds.append([sys.executable, "-m", "moelab", "train", str(cfg_file), "--run-dir",
-                         str(work / f"{which}-{stamp}"), "--no-progress"])
+            cmds.append(
+                [
+                    sys.executable,
+                    "-m",
+                    "moelab",
+                    "train",
+                    str(cfg_file),
+                    "--run-dir",
+                    str(work / f"{which}-{stamp}"),
+                    "--no-progress",
+                ]
+            )
     outs = _run_all(cmds, env, args.concurrent)
     for which, out in zip(args.models, outs, strict=True):
         if which == "hf":
@@ -141,17 +205,29 @@ def run(args) -> int:
             curve, impl = res["curve"], res["impl"]
         else:
             recs = [json.loads(ln) for ln in (work / f"{which}-{stamp}" / "metrics.jsonl").read_text().splitlines()]
-            curve = [{k: r[k] for k in ("step", "elapsed_s", "tokens", "val/loss", "val/bpb")}
-                     for r in recs if "val/bpb" in r]
+            curve = [
+                {k: r[k] for k in ("step", "elapsed_s", "tokens", "val/loss", "val/bpb")}
+                for r in recs
+                if "val/bpb" in r
+            ]
             impl = f"moelab ({'dense' if which == 'dense' else 'MoE'})"
         pc = count_params(from_dict(Config, cfgs[which]).model)
         results["models"][which] = {
-            "impl": impl, "params_total": pc.total, "params_active": pc.active, "probe_step_s": plan[which][0],
-            "steps_planned": plan[which][1], "steps_done": curve[-1]["step"] if curve else 0, "curve": curve,
+            "impl": impl,
+            "params_total": pc.total,
+            "params_active": pc.active,
+            "probe_step_s": plan[which][0],
+            "steps_planned": plan[which][1],
+            "steps_done": curve[-1]["step"] if curve else 0,
+            "curve": curve,
             "final_bpb": curve[-1]["val/bpb"] if curve else None,
-            "best_bpb": min(c["val/bpb"] for c in curve) if curve else None}
-        print(f"[{which}] final val bpb {results['models'][which]['final_bpb']:.4f} after "
-              f"{results['models'][which]['steps_done']} steps", flush=True)
+            "best_bpb": min(c["val/bpb"] for c in curve) if curve else None,
+        }
+        print(
+            f"[{which}] final val bpb {results['models'][which]['final_bpb']:.4f} after "
+            f"{results['models'][which]['steps_done']} steps",
+            flush=True,
+        )
     finals = {k: v["final_bpb"] for k, v in results["models"].items() if v["final_bpb"] is not None}
     results["winner"] = min(finals, key=finals.get) if finals else None
     out = Path(args.json_out)
@@ -184,8 +260,10 @@ def _plot(results: dict, path: Path) -> None:
         ax.set_ylabel("val bits per byte")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"{Path(results['data']).name}, byte-level, equal wall-clock budget "
-                 f"({results['budget_s'] / 60:.0f} min, {results['dtype']})")
+    fig.suptitle(
+        f"{Path(results['data']).name}, byte-level, equal wall-clock budget "
+        f"({results['budget_s'] / 60:.0f} min, {results['dtype']})"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

@@ -23,9 +23,13 @@ from pathlib import Path
 
 def add_arguments(p):
     p.add_argument("--work-dir", default="benchmarks/rl-work", help="dataset, base model and RL runs")
-    p.add_argument("--pretrain-steps", type=int, default=600,
-                   help="base model training steps (default 600: about a minute on one core; a step count, not a "
-                        "time budget, so the base model does not depend on the machine's load)")
+    p.add_argument(
+        "--pretrain-steps",
+        type=int,
+        default=600,
+        help="base model training steps (default 600: about a minute on one core; a step count, not a "
+        "time budget, so the base model does not depend on the machine's load)",
+    )
     p.add_argument("--steps", type=int, default=150, help="GRPO steps per arm (default 150)")
     p.add_argument("--prompts-per-step", type=int, default=16)
     p.add_argument("--group-size", type=int, default=8)
@@ -39,13 +43,28 @@ def add_arguments(p):
 
 def base_config(data_dir: Path, steps: int, deterministic: bool = False) -> dict:
     return {
-        "model": {"vocab_size": 264, "d_model": 96, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 192,
-                  "max_seq_len": 64, "moe": {"num_experts": 8, "top_k": 2, "expert_dim": 96, "capacity_factor": 1.25,
-                                             "load_balance_coef": 0.01}},
+        "model": {
+            "vocab_size": 264,
+            "d_model": 96,
+            "n_layers": 3,
+            "n_heads": 4,
+            "n_kv_heads": 2,
+            "ffn_dim": 192,
+            "max_seq_len": 64,
+            "moe": {"num_experts": 8, "top_k": 2, "expert_dim": 96, "capacity_factor": 1.25, "load_balance_coef": 0.01},
+        },
         "data": {"path": str(data_dir), "seq_len": 64},
-        "train": {"steps": steps, "batch_size": 32, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 50, "seed": 0,
-                  "peak_flops": 1.0e11, "schedule": "constant",
-                  "deterministic": deterministic},
+        "train": {
+            "steps": steps,
+            "batch_size": 32,
+            "lr": 3e-3,
+            "min_lr": 3e-4,
+            "warmup_steps": 50,
+            "seed": 0,
+            "peak_flops": 1.0e11,
+            "schedule": "constant",
+            "deterministic": deterministic,
+        },
         "eval": {"every": 0, "batches": 4},
         "checkpoint": {"every": 0, "keep_last": 1, "keep_best": False},
         "log": {"progress": False, "every": 50, "tensorboard": False},
@@ -90,8 +109,9 @@ def _determinism_cost(work: Path, base: Path, threads: int) -> dict:
     prompts = [p for p, _ in task_prompts("arithmetic", 99, 16)]
     for det in (False, True):
         t0 = time.perf_counter()
-        outs = generate(model, tok, prompts, max_new_tokens=16, temperature=0, return_logits="logprobs",
-                        deterministic=det)
+        outs = generate(
+            model, tok, prompts, max_new_tokens=16, temperature=0, return_logits="logprobs", deterministic=det
+        )
         n = sum(len(o.token_ids) for o in outs)
         out[f"generate_tok_per_s_{'on' if det else 'off'}"] = n / (time.perf_counter() - t0)
     return out
@@ -113,25 +133,44 @@ def run(args) -> int:
         name = "replay" if replay else "no_replay"
         run_dir = work / f"rl-{name}"
         shutil.rmtree(run_dir, ignore_errors=True)
-        cfg = RLConfig(init_from=str(base), run_dir=str(run_dir), task="arithmetic", steps=args.steps,
-                       prompts_per_step=args.prompts_per_step, group_size=args.group_size, max_new_tokens=4,
-                       lr=args.lr, replay=replay, seed=args.seed, checkpoint_every=args.steps,
-                       eval_prompts=args.eval_prompts, threads=args.threads)
+        cfg = RLConfig(
+            init_from=str(base),
+            run_dir=str(run_dir),
+            task="arithmetic",
+            steps=args.steps,
+            prompts_per_step=args.prompts_per_step,
+            group_size=args.group_size,
+            max_new_tokens=4,
+            lr=args.lr,
+            replay=replay,
+            seed=args.seed,
+            checkpoint_every=args.steps,
+            eval_prompts=args.eval_prompts,
+            threads=args.threads,
+        )
         trainer = RLTrainer(cfg)
         before = trainer.evaluate(args.eval_prompts)["eval/exact_match"]
         t1 = time.perf_counter()
         res = trainer.run()
         recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        arm = {"exact_match_before": before, "exact_match_after": res.eval["eval/exact_match"],
-               "seconds": time.perf_counter() - t1,
-               **{k: [r[f"rl/{k}"] for r in recs]
-                  for k in ("reward", "routing_mismatch", "router_drift", "clip_fraction", "kl")}}
+        arm = {
+            "exact_match_before": before,
+            "exact_match_after": res.eval["eval/exact_match"],
+            "seconds": time.perf_counter() - t1,
+            **{
+                k: [r[f"rl/{k}"] for r in recs]
+                for k in ("reward", "routing_mismatch", "router_drift", "clip_fraction", "kl")
+            },
+        }
         for k in ("routing_mismatch", "router_drift", "clip_fraction"):
             arm[f"mean_{k}"] = sum(arm[k]) / len(arm[k])
         results["arms"][name] = arm
-        print(f"[{name}] exact match {before:.3f} -> {arm['exact_match_after']:.3f}, mean routing mismatch "
-              f"{arm['mean_routing_mismatch']:.4f}, clip fraction {arm['mean_clip_fraction']:.4f} "
-              f"({arm['seconds']:.0f}s)", flush=True)
+        print(
+            f"[{name}] exact match {before:.3f} -> {arm['exact_match_after']:.3f}, mean routing mismatch "
+            f"{arm['mean_routing_mismatch']:.4f}, clip fraction {arm['mean_clip_fraction']:.4f} "
+            f"({arm['seconds']:.0f}s)",
+            flush=True,
+        )
     results["determinism"] = _determinism_cost(work, base, args.threads)
     print(f"determinism: {results['determinism']}", flush=True)
     Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
@@ -151,14 +190,18 @@ def _plot(results: dict, path: Path) -> None:
     for name, arm in results["arms"].items():
         xs = range(1, len(arm["reward"]) + 1)
         k = 5
-        smooth = [sum(arm["reward"][max(0, i - k + 1):i + 1]) / len(arm["reward"][max(0, i - k + 1):i + 1])
-                  for i in range(len(arm["reward"]))]
-        axes[0].plot(xs, smooth, label=f"{name} (held-out EM {arm['exact_match_before']:.2f} -> "
-                                      f"{arm['exact_match_after']:.2f})")
+        smooth = [
+            sum(arm["reward"][max(0, i - k + 1) : i + 1]) / len(arm["reward"][max(0, i - k + 1) : i + 1])
+            for i in range(len(arm["reward"]))
+        ]
+        axes[0].plot(
+            xs, smooth, label=f"{name} (held-out EM {arm['exact_match_before']:.2f} -> {arm['exact_match_after']:.2f})"
+        )
         axes[1].plot(xs, arm["routing_mismatch"], label=name)
         axes[2].plot(xs, arm["clip_fraction"], label=name)
-    for ax, title in zip(axes, ["rollout reward (5-step mean)", "train/rollout routing mismatch",
-                                "clip fraction"], strict=True):
+    for ax, title in zip(
+        axes, ["rollout reward (5-step mean)", "train/rollout routing mismatch", "clip fraction"], strict=True
+    ):
         ax.set_title(title)
         ax.set_xlabel("GRPO step")
         ax.legend(fontsize=8)

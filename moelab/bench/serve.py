@@ -51,8 +51,23 @@ def _random_checkpoint(config: str, tmp: Path) -> Path:
 
 
 def _start_server(path: Path, args) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "moelab", "serve", str(path), "--port", "0", "--max-batch", str(args.max_batch),
-           "--max-queue", "4096", "--model-name", "bench", "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "moelab",
+        "serve",
+        str(path),
+        "--port",
+        "0",
+        "--max-batch",
+        str(args.max_batch),
+        "--max-queue",
+        "4096",
+        "--model-name",
+        "bench",
+        "--log-level",
+        "warning",
+    ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**os.environ, "MOELAB_API_KEY": ""})
@@ -101,8 +116,14 @@ async def _client(client, url: str, body: dict, stop_at: float, out: dict) -> No
 async def _level(url: str, clients: int, args) -> dict:
     import httpx
 
-    body = {"model": "bench", "prompt": ("To be, or not to be " * 20)[:args.prompt_len], "max_tokens": args.max_tokens,
-            "temperature": 0.8, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "bench",
+        "prompt": ("To be, or not to be " * 20)[: args.prompt_len],
+        "max_tokens": args.max_tokens,
+        "temperature": 0.8,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     out = {"ttft": [], "e2e": [], "tokens": 0, "errors": []}
     limits = httpx.Limits(max_connections=clients + 4)
     async with httpx.AsyncClient(timeout=120, limits=limits) as client:
@@ -112,13 +133,19 @@ async def _level(url: str, clients: int, args) -> dict:
         elapsed = time.perf_counter() - start
     n = len(out["e2e"])
     pct = lambda xs, q: sorted(xs)[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else None  # noqa: E731
-    return {"clients": clients, "requests": n, "seconds": elapsed, "requests_per_s": n / elapsed,
-            "tokens_per_s": out["tokens"] / elapsed,
-            "ttft_ms_p50": 1e3 * pct(out["ttft"], 0.5) if n else None,
-            "ttft_ms_p99": 1e3 * pct(out["ttft"], 0.99) if n else None,
-            "e2e_ms_p50": 1e3 * pct(out["e2e"], 0.5) if n else None,
-            "e2e_ms_p99": 1e3 * pct(out["e2e"], 0.99) if n else None,
-            "errors": len(out["errors"]), "error_samples": out["errors"][:5]}
+    return {
+        "clients": clients,
+        "requests": n,
+        "seconds": elapsed,
+        "requests_per_s": n / elapsed,
+        "tokens_per_s": out["tokens"] / elapsed,
+        "ttft_ms_p50": 1e3 * pct(out["ttft"], 0.5) if n else None,
+        "ttft_ms_p99": 1e3 * pct(out["ttft"], 0.99) if n else None,
+        "e2e_ms_p50": 1e3 * pct(out["e2e"], 0.5) if n else None,
+        "e2e_ms_p99": 1e3 * pct(out["e2e"], 0.99) if n else None,
+        "errors": len(out["errors"]),
+        "error_samples": out["errors"][:5],
+    }
 
 
 def run(args) -> int:
@@ -128,23 +155,32 @@ def run(args) -> int:
         path = Path(args.run) if args.run else _random_checkpoint(args.config, Path(tmp))
         proc, url = _start_server(path, args)
         try:
-            httpx.post(f"{url}/v1/completions", json={"model": "bench", "prompt": "warm", "max_tokens": 4},
-                       timeout=60).raise_for_status()
+            httpx.post(
+                f"{url}/v1/completions", json={"model": "bench", "prompt": "warm", "max_tokens": 4}, timeout=60
+            ).raise_for_status()
             levels = []
             for c in args.clients:
                 res = asyncio.run(_level(url, c, args))
                 levels.append(res)
                 ms = {k: "-" if res[k] is None else f"{res[k]:.0f}" for k in res if k.endswith(("p50", "p99"))}
-                print(f"clients={c:3d}  req/s={res['requests_per_s']:.2f}  tok/s={res['tokens_per_s']:.1f}  "
-                      f"ttft p50/p99={ms['ttft_ms_p50']}/{ms['ttft_ms_p99']} ms  "
-                      f"e2e p50/p99={ms['e2e_ms_p50']}/{ms['e2e_ms_p99']} ms  errors={res['errors']}", flush=True)
+                print(
+                    f"clients={c:3d}  req/s={res['requests_per_s']:.2f}  tok/s={res['tokens_per_s']:.1f}  "
+                    f"ttft p50/p99={ms['ttft_ms_p50']}/{ms['ttft_ms_p99']} ms  "
+                    f"e2e p50/p99={ms['e2e_ms_p50']}/{ms['e2e_ms_p99']} ms  errors={res['errors']}",
+                    flush=True,
+                )
         finally:
             proc.terminate()
             try:
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    results = {"config": {k: getattr(args, k) for k in ("run", "config", "duration", "max_tokens", "prompt_len",
-                                                        "max_batch", "threads")}, "levels": levels}
+    results = {
+        "config": {
+            k: getattr(args, k)
+            for k in ("run", "config", "duration", "max_tokens", "prompt_len", "max_batch", "threads")
+        },
+        "levels": levels,
+    }
     write_results(args.json_out, results)
     return 1 if any(level["errors"] for level in levels) else 0

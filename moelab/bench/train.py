@@ -21,24 +21,39 @@ from pathlib import Path
 from moelab.bench import write_results
 
 TARGETS = {"tiny": 1.3, "tiny-fine": 2.0, "gpu-coarse": 1.5, "gpu-fine": 3.0}  # moelab / transformers tok/s targets
-PRESETS = {"h200": dict(config=["gpu-coarse", "gpu-fine"], dtypes=["bfloat16"], compare="hf", steps=8, warmup=3,
-                        repeats=1)}
+PRESETS = {
+    "h200": dict(config=["gpu-coarse", "gpu-fine"], dtypes=["bfloat16"], compare="hf", steps=8, warmup=3, repeats=1)
+}
 
 
 def add_arguments(p):
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="h200: the GPU issue's whole-model table (gpu-coarse, gpu-fine; bf16; vs transformers)")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="h200: the GPU issue's whole-model table (gpu-coarse, gpu-fine; bf16; vs transformers)",
+    )
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--config", nargs="+", default=["tiny"],
-                   help="preset names in configs/ or YAML paths (default tiny; e.g. tiny tiny-fine)")
+    p.add_argument(
+        "--config",
+        nargs="+",
+        default=["tiny"],
+        help="preset names in configs/ or YAML paths (default tiny; e.g. tiny tiny-fine)",
+    )
     p.add_argument("--compare", choices=["hf"], default=None, help="also train transformers' Mixtral of the same shape")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     p.add_argument("--steps", type=int, default=6, help="timed steps per round (default 6)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds (median reported; default 3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every variant, e.g. --set train.batch_size=4")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every variant, e.g. --set train.batch_size=4",
+    )
     p.add_argument("--json", dest="json_out", default="benchmarks/train.json", help="where to write results")
 
 
@@ -49,8 +64,9 @@ def config_path(name: str) -> Path:
 
 
 def run_worker(spec: dict) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "moelab.bench.train_worker", json.dumps(spec)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "moelab.bench.train_worker", json.dumps(spec)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"benchmark worker failed ({spec.get('impl')}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -82,11 +98,27 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     n = 8192 if device.type == "cuda" else 2048
     peaks = {dt: measure_matmul_peak(dt, str(device), 2.0, n=n) for dt in args.dtypes}
-    results: dict = {"peak_matmul_flops": peaks, "configs": {}, "method": __doc__.strip().splitlines()[0],
-                     "device": str(device), "memory": "cuda max_memory_allocated" if device.type == "cuda" else "RSS"}
-    cfgs = {name: load_config(config_path(name), [*args.overrides, "data.path=null", "log.progress=false",
-                                                  "train.peak_flops=1.0", "checkpoint.every=0",
-                                                  f"train.device={device}"]) for name in args.config}
+    results: dict = {
+        "peak_matmul_flops": peaks,
+        "configs": {},
+        "method": __doc__.strip().splitlines()[0],
+        "device": str(device),
+        "memory": "cuda max_memory_allocated" if device.type == "cuda" else "RSS",
+    }
+    cfgs = {
+        name: load_config(
+            config_path(name),
+            [
+                *args.overrides,
+                "data.path=null",
+                "log.progress=false",
+                "train.peak_flops=1.0",
+                "checkpoint.every=0",
+                f"train.device={device}",
+            ],
+        )
+        for name in args.config
+    }
     # every config's variants in each round (not config after config): a MoE and its dense twin then see
     # the same machine load, which is what their ratio needs on a shared machine
     all_runs: dict[str, dict[str, list[dict]]] = {name: {} for name in cfgs}
@@ -96,12 +128,20 @@ def run(args) -> int:
                 for impl in impls:
                     variant = dataclasses.asdict(cfg)
                     variant["train"]["dtype"] = dtype
-                    spec = {"impl": impl, "steps": args.steps, "warmup": args.warmup, "threads": args.threads,
-                            "config": variant}
+                    spec = {
+                        "impl": impl,
+                        "steps": args.steps,
+                        "warmup": args.warmup,
+                        "threads": args.threads,
+                        "config": variant,
+                    }
                     r = run_worker(spec)
                     all_runs[name].setdefault(f"{impl}/{dtype}", []).append(r)
-                    print(f"[{name} round {rep + 1}/{args.repeats}] {impl:6s} {dtype:8s} "
-                          f"{r['tokens_per_s']:8.0f} tok/s  memory {r['peak_rss_bytes'] / 2**20:6.0f} MiB", flush=True)
+                    print(
+                        f"[{name} round {rep + 1}/{args.repeats}] {impl:6s} {dtype:8s} "
+                        f"{r['tokens_per_s']:8.0f} tok/s  memory {r['peak_rss_bytes'] / 2**20:6.0f} MiB",
+                        flush=True,
+                    )
     for name, cfg in cfgs.items():
         fpt = flops_per_token(cfg.model, cfg.data.seq_len)["train"]
         runs = all_runs[name]
@@ -109,18 +149,29 @@ def run(args) -> int:
         for key, rs in runs.items():
             dtype = key.split("/")[1]
             tps = statistics.median(r["tokens_per_s"] for r in rs)
-            summary[key] = {"impl": rs[0]["impl"], "tokens_per_s": tps, "mfu": tps * fpt / peaks[dtype],
-                            "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs),
-                            "rounds_tokens_per_s": [r["tokens_per_s"] for r in rs], "threads": rs[0]["threads"]}
+            summary[key] = {
+                "impl": rs[0]["impl"],
+                "tokens_per_s": tps,
+                "mfu": tps * fpt / peaks[dtype],
+                "peak_rss_bytes": max(r["peak_rss_bytes"] for r in rs),
+                "rounds_tokens_per_s": [r["tokens_per_s"] for r in rs],
+                "threads": rs[0]["threads"],
+            }
         ratios = {}
         if "hf" in impls:
             for dtype in args.dtypes:
                 ours, theirs = summary[f"moelab/{dtype}"], summary[f"hf/{dtype}"]
-                ratios[dtype] = {"speed_moelab_over_hf": ours["tokens_per_s"] / theirs["tokens_per_s"],
-                                 "rss_moelab_over_hf": ours["peak_rss_bytes"] / theirs["peak_rss_bytes"]}
-        results["configs"][name] = {"flops_per_token_train": fpt, "tokens_per_step": cfg.train.batch_size *
-                                    cfg.data.seq_len * cfg.train.grad_accum, "variants": summary, "ratios": ratios,
-                                    "target_speed_ratio": TARGETS.get(Path(name).stem)}
+                ratios[dtype] = {
+                    "speed_moelab_over_hf": ours["tokens_per_s"] / theirs["tokens_per_s"],
+                    "rss_moelab_over_hf": ours["peak_rss_bytes"] / theirs["peak_rss_bytes"],
+                }
+        results["configs"][name] = {
+            "flops_per_token_train": fpt,
+            "tokens_per_step": cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum,
+            "variants": summary,
+            "ratios": ratios,
+            "target_speed_ratio": TARGETS.get(Path(name).stem),
+        }
         _print_table(name, summary, ratios, TARGETS.get(Path(name).stem))
     results["moe_over_dense"] = _dense_twins(results["configs"], all_runs)
     write_results(args.json_out, results)
@@ -140,11 +191,16 @@ def _dense_twins(configs: dict, all_runs: dict) -> dict:
                 moe = [r["tokens_per_s"] for r in rs]
                 dense = [r["tokens_per_s"] for r in all_runs[twin][key]]
                 per_round = [d / m for m, d in zip(moe, dense, strict=False)]
-                r = {"step_time_ratio": statistics.median(dense) / statistics.median(moe),
-                     "median_round_ratio": statistics.median(per_round), "rounds": per_round}
+                r = {
+                    "step_time_ratio": statistics.median(dense) / statistics.median(moe),
+                    "median_round_ratio": statistics.median(per_round),
+                    "rounds": per_round,
+                }
                 out[f"{name}/{key.split('/')[1]}"] = r
-                print(f"{name} vs {twin} ({key.split('/')[1]}): MoE step time / dense = {r['step_time_ratio']:.3f} "
-                      f"(median of per-round ratios {r['median_round_ratio']:.3f})")
+                print(
+                    f"{name} vs {twin} ({key.split('/')[1]}): MoE step time / dense = {r['step_time_ratio']:.3f} "
+                    f"(median of per-round ratios {r['median_round_ratio']:.3f})"
+                )
     return out
 
 
@@ -152,9 +208,13 @@ def _print_table(name: str, summary: dict, ratios: dict, target: float | None) -
     print(f"\n{name}: median over rounds")
     print(f"  {'variant':18s} {'tokens/s':>10s} {'MFU':>6s} {'peak mem':>10s}  implementation")
     for key, s in summary.items():
-        print(f"  {key:18s} {s['tokens_per_s']:10.0f} {100 * s['mfu']:5.1f}% {s['peak_rss_bytes'] / 2**20:7.0f} MiB  "
-              f"{s['impl']}")
+        print(
+            f"  {key:18s} {s['tokens_per_s']:10.0f} {100 * s['mfu']:5.1f}% {s['peak_rss_bytes'] / 2**20:7.0f} MiB  "
+            f"{s['impl']}"
+        )
     for dtype, r in ratios.items():
         goal = f" (target >= {target}x)" if target else ""
-        print(f"  {dtype}: moelab / transformers speed {r['speed_moelab_over_hf']:.2f}x{goal}, "
-              f"peak memory {r['rss_moelab_over_hf']:.2f}x (target <= 0.8x CPU RSS, <= 0.7x GPU)")
+        print(
+            f"  {dtype}: moelab / transformers speed {r['speed_moelab_over_hf']:.2f}x{goal}, "
+            f"peak memory {r['rss_moelab_over_hf']:.2f}x (target <= 0.8x CPU RSS, <= 0.7x GPU)"
+        )

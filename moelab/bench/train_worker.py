@@ -40,15 +40,29 @@ def hf_model(cfg: Config):
     from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
     m = cfg.model
-    common = dict(vocab_size=m.vocab_size, hidden_size=m.d_model, num_hidden_layers=m.n_layers,
-                  num_attention_heads=m.n_heads, num_key_value_heads=m.kv_heads, head_dim=m.hdim,
-                  max_position_embeddings=m.max_seq_len, rope_theta=m.rope_theta, rms_norm_eps=m.norm_eps,
-                  tie_word_embeddings=m.tie_embeddings, initializer_range=m.init_std)
+    common = dict(
+        vocab_size=m.vocab_size,
+        hidden_size=m.d_model,
+        num_hidden_layers=m.n_layers,
+        num_attention_heads=m.n_heads,
+        num_key_value_heads=m.kv_heads,
+        head_dim=m.hdim,
+        max_position_embeddings=m.max_seq_len,
+        rope_theta=m.rope_theta,
+        rms_norm_eps=m.norm_eps,
+        tie_word_embeddings=m.tie_embeddings,
+        initializer_range=m.init_std,
+    )
     if not m.moe_layer_ids():
         return LlamaForCausalLM(LlamaConfig(intermediate_size=m.ffn_dim, **common))
-    hf = MixtralConfig(intermediate_size=m.moe.expert_dim, num_local_experts=m.moe.num_experts,
-                       num_experts_per_tok=m.moe.top_k, output_router_logits=True,
-                       router_aux_loss_coef=m.moe.load_balance_coef, **common)
+    hf = MixtralConfig(
+        intermediate_size=m.moe.expert_dim,
+        num_local_experts=m.moe.num_experts,
+        num_experts_per_tok=m.moe.top_k,
+        output_router_logits=True,
+        router_aux_loss_coef=m.moe.load_balance_coef,
+        **common,
+    )
     return MixtralForCausalLM(hf)
 
 
@@ -63,9 +77,13 @@ def hf_optimizer(model, cfg: Config) -> torch.optim.AdamW:
         else:
             groups["decay"].append(p)
     t = cfg.train
-    return torch.optim.AdamW([{"params": ps, "weight_decay": t.weight_decay if g == "decay" else 0.0}
-                              for g, ps in groups.items() if ps], lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
-                             fused=True)
+    return torch.optim.AdamW(
+        [{"params": ps, "weight_decay": t.weight_decay if g == "decay" else 0.0} for g, ps in groups.items() if ps],
+        lr=t.lr,
+        betas=(t.beta1, t.beta2),
+        eps=t.eps,
+        fused=True,
+    )
 
 
 class HFStep:
@@ -160,10 +178,19 @@ def throughput(spec: dict) -> dict:
             times.append(time.perf_counter() - t0)
     med = statistics.median(times)
     tokens_per_step = b * s * cfg.train.grad_accum
-    memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-              else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"impl": impl, "step_s": med, "step_times": times, "tokens_per_s": tokens_per_step / med,
-            "peak_rss_bytes": memory, "threads": torch.get_num_threads()}
+    memory = (
+        torch.cuda.max_memory_allocated(device)
+        if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    )
+    return {
+        "impl": impl,
+        "step_s": med,
+        "step_times": times,
+        "tokens_per_s": tokens_per_step / med,
+        "peak_rss_bytes": memory,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def quality_hf(spec: dict) -> dict:
@@ -194,12 +221,22 @@ def quality_hf(spec: dict) -> dict:
         out_of_time = bool(spec.get("max_seconds")) and elapsed >= spec["max_seconds"]
         if step % spec["eval_every"] == 0 or step == cfg.train.steps or out_of_time:
             val = hf.val_loss(val_src.val_batches(n_val, cfg.eval.batches, cpu))
-            curve.append({"step": step, "elapsed_s": elapsed, "tokens": step * cfg.train.batch_size * cfg.data.seq_len,
-                          "val/loss": val, "val/bpb": val * val_tokens / math.log(2) / val_bytes})
+            curve.append(
+                {
+                    "step": step,
+                    "elapsed_s": elapsed,
+                    "tokens": step * cfg.train.batch_size * cfg.data.seq_len,
+                    "val/loss": val,
+                    "val/bpb": val * val_tokens / math.log(2) / val_bytes,
+                }
+            )
         if out_of_time:
             break
-    return {"impl": f"transformers ({hf.implementation})", "curve": curve,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return {
+        "impl": f"transformers ({hf.implementation})",
+        "curve": curve,
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
 
 
 def main(argv: list[str]) -> int:
@@ -214,4 +251,3 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
-

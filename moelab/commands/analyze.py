@@ -19,16 +19,24 @@ DESCRIPTION = (
 
 def add_arguments(p):
     p.add_argument("run", help="run directory (newest checkpoint) or checkpoint directory")
-    p.add_argument("--data", default=None, metavar="DATA_DIR",
-                   help="prepared dataset (default: the run's data.path)")
-    p.add_argument("--tokens", type=int, default=65536, metavar="N",
-                   help="held-out tokens to trace (default 65536; fewer if the split is smaller)")
+    p.add_argument("--data", default=None, metavar="DATA_DIR", help="prepared dataset (default: the run's data.path)")
+    p.add_argument(
+        "--tokens",
+        type=int,
+        default=65536,
+        metavar="N",
+        help="held-out tokens to trace (default 65536; fewer if the split is smaller)",
+    )
     p.add_argument("--split", default="val", help="dataset split to trace (default val)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
     p.add_argument("--top-tokens", type=int, default=10, metavar="N", help="tokens listed per expert (default 10)")
-    p.add_argument("--domains", default="auto", choices=["auto", "file", "dir", "input"],
-                   help="what a domain is for specialisation: a source file, its directory, or the --input it "
-                        "came from (default auto: files when there are at most 16, else directories)")
+    p.add_argument(
+        "--domains",
+        default="auto",
+        choices=["auto", "file", "dir", "input"],
+        help="what a domain is for specialisation: a source file, its directory, or the --input it "
+        "came from (default auto: files when there are at most 16, else directories)",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
 
 
@@ -40,10 +48,17 @@ def run(args) -> int:
         if sys.stderr.isatty():
             print(f"\rtracing {done:,}/{total:,} tokens", end="" if done < total else "\n", file=sys.stderr)
 
-    analysis, report = analyze_run(args.run, data_dir=args.data, tokens=args.tokens, split=args.split,
-                                   batch_size=args.batch_size, top_n=args.top_tokens, device=args.device,
-                                   domains=args.domains,
-                                   progress=progress)
+    analysis, report = analyze_run(
+        args.run,
+        data_dir=args.data,
+        tokens=args.tokens,
+        split=args.split,
+        batch_size=args.batch_size,
+        top_n=args.top_tokens,
+        device=args.device,
+        domains=args.domains,
+        progress=progress,
+    )
     print(format_summary(analysis))
     print(f"analysis: {report.parent / 'analysis.json'}")
     print(f"report: {report}")

@@ -20,11 +20,17 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "distributed": ("moelab.bench.distributed", "training tokens/s on 1 vs 2 processes (dp=2, ep=2) under torchrun"),
     "offload": ("moelab.bench.offload", "resident memory generating with memory-mapped experts vs weight bytes"),
     "rl": ("moelab.bench.rl", "GRPO on arithmetic from a tiny base model: routing replay on vs off; determinism cost"),
-    "dynamic": ("moelab.bench.dynamic", "adaptive k, growing, hierarchical, diversity, multi-task MoE vs fixed top-2 "
-                "on a generated multi-domain corpus: bits/byte, experts/token, specialisation, dead experts"),
+    "dynamic": (
+        "moelab.bench.dynamic",
+        "adaptive k, growing, hierarchical, diversity, multi-task MoE vs fixed top-2 "
+        "on a generated multi-domain corpus: bits/byte, experts/token, specialisation, dead experts",
+    ),
     "plan": ("moelab.bench.plan", "the memory planner's estimate vs measured peak memory of a training step"),
-    "finetune": ("moelab.finetune.bench", "full vs LoRA-on-experts vs router-only instruction tuning: exact match, "
-                 "trainable params, optimizer memory, wall time"),
+    "finetune": (
+        "moelab.finetune.bench",
+        "full vs LoRA-on-experts vs router-only instruction tuning: exact match, "
+        "trainable params, optimizer memory, wall time",
+    ),
 }
 
 

@@ -14,19 +14,35 @@ DESCRIPTION = (
 
 def add_arguments(p):
     p.add_argument("--run-dir", help="where to put the run (default runs/demo, never overwritten)")
-    p.add_argument("--input", nargs="+", default=["stdlib"], metavar="PATH",
-                   help="corpus: files, directories, globs or 'stdlib' (default stdlib)")
+    p.add_argument(
+        "--input",
+        nargs="+",
+        default=["stdlib"],
+        metavar="PATH",
+        help="corpus: files, directories, globs or 'stdlib' (default stdlib)",
+    )
     p.add_argument("--config", help="config to train (default configs/demo.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.steps=100 (repeatable)")
-    p.add_argument("--minutes", type=float, default=2.5,
-                   help="training budget: steps are fitted to it on this machine (default 2.5; 0 = train.steps)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.steps=100 (repeatable)",
+    )
+    p.add_argument(
+        "--minutes",
+        type=float,
+        default=2.5,
+        help="training budget: steps are fitted to it on this machine (default 2.5; 0 = train.steps)",
+    )
     p.add_argument("--no-samples", action="store_true", help="skip the before/after samples")
 
 
 def run(args) -> int:
     from moelab.train.demo import run_demo
 
-    run_demo(args.run_dir, args.input, args.overrides, args.config, samples=not args.no_samples,
-             minutes=args.minutes or None)
+    run_demo(
+        args.run_dir, args.input, args.overrides, args.config, samples=not args.no_samples, minutes=args.minutes or None
+    )
     return 0

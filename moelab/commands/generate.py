@@ -10,24 +10,43 @@ from moelab.errors import UserError
 
 NAME = "generate"
 HELP = "generate text from a run or checkpoint directory"
-DESCRIPTION = ("Complete one or more prompts with a KV-cached, continuously batched decoder. Prompts come from "
-               "--prompt (repeatable) and/or --prompts-file (one prompt per line; .jsonl: one JSON string or "
-               '{"prompt": ...} per line).')
+DESCRIPTION = (
+    "Complete one or more prompts with a KV-cached, continuously batched decoder. Prompts come from "
+    "--prompt (repeatable) and/or --prompts-file (one prompt per line; .jsonl: one JSON string or "
+    '{"prompt": ...} per line).'
+)
 
 
 def add_sampling_arguments(p) -> None:
     """Flags shared with `moelab serve`'s defaults and the benchmarks."""
-    p.add_argument("--num-experts-per-tok", type=int, default=None, metavar="K",
-                   help="route each token to K experts instead of the trained top-k (speed vs quality)")
-    p.add_argument("--routing-top-p", type=float, default=None, metavar="P",
-                   help="top_p routers: probability mass of experts per token instead of the trained moe.top_p")
+    p.add_argument(
+        "--num-experts-per-tok",
+        type=int,
+        default=None,
+        metavar="K",
+        help="route each token to K experts instead of the trained top-k (speed vs quality)",
+    )
+    p.add_argument(
+        "--routing-top-p",
+        type=float,
+        default=None,
+        metavar="P",
+        help="top_p routers: probability mass of experts per token instead of the trained moe.top_p",
+    )
     p.add_argument("--device", default="cpu", help="auto, cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="cast the weights (default: as stored)")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16", "float16"],
+        help="cast the weights (default: as stored)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--warmup", action="store_true", help="run every expert once at load")
-    p.add_argument("--compile", action="store_true",
-                   help="decode through torch.compile: faster per token after a 10-30 s compile on first use")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="decode through torch.compile: faster per token after a 10-30 s compile on first use",
+    )
 
 
 def add_arguments(p):
@@ -43,8 +62,11 @@ def add_arguments(p):
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--max-batch", type=int, default=None, help="rows decoded together (default: all prompts)")
     p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
-    p.add_argument("--deterministic", action="store_true",
-                   help="batch-invariant: each prompt's output is what it gets alone (slower, docs/rl.md)")
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="batch-invariant: each prompt's output is what it gets alone (slower, docs/rl.md)",
+    )
     add_sampling_arguments(p)
 
 
@@ -64,7 +86,7 @@ def read_prompts_file(path: Path) -> list[str]:
                 raise UserError(f"{path}:{n}: not valid JSON ({e.msg})") from None
             item = item.get("prompt") if isinstance(item, dict) else item
             if not isinstance(item, str):
-                raise UserError(f"{path}:{n}: expected a JSON string or an object with a string \"prompt\"")
+                raise UserError(f'{path}:{n}: expected a JSON string or an object with a string "prompt"')
             prompts.append(item)
         else:
             prompts.append(line)
@@ -104,8 +126,15 @@ def run(args) -> int:
         from moelab.model.routers_dynamic import set_routing_top_p
 
         set_routing_top_p(model, args.routing_top_p)
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-              stop=args.stop, num_experts_per_tok=args.num_experts_per_tok, compile=args.compile)
+    kw = dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        stop=args.stop,
+        num_experts_per_tok=args.num_experts_per_tok,
+        compile=args.compile,
+    )
     if args.stream:
         for i, prompt in enumerate(prompts):
             seed = None if args.seed is None else wrap_seed(args.seed + i)
@@ -116,8 +145,9 @@ def run(args) -> int:
                 print(piece, end="", flush=True)
             print()
         return 0
-    texts = generate(model, tok, prompts, seed=args.seed, max_batch=args.max_batch,
-                     deterministic=args.deterministic, **kw)
+    texts = generate(
+        model, tok, prompts, seed=args.seed, max_batch=args.max_batch, deterministic=args.deterministic, **kw
+    )
     for i, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
         if args.json:
             print(json.dumps({"prompt": prompt, "completion": text}, ensure_ascii=False))

@@ -72,13 +72,17 @@ def run(args) -> int:
         model.set_router_attr("top_k", kk)
         after_kk = val_loss(model, data, args.batch_size, args.batches)
         model.set_router_attr("top_k", k)
-        print(f"grown to {args.experts} experts: val loss {after:.4f} at top-{k} ({100 * (after / before - 1):+.2f}%), "
-              f"{after_kk:.4f} at top-{kk} ({100 * (after_kk / before - 1):+.2f}%, the loss-continuous setting)")
+        print(
+            f"grown to {args.experts} experts: val loss {after:.4f} at top-{k} ({100 * (after / before - 1):+.2f}%), "
+            f"{after_kk:.4f} at top-{kk} ({100 * (after_kk / before - 1):+.2f}%, the loss-continuous setting)"
+        )
     else:
         groups = shrink_model(model, args.experts, usage, args.shrink)
         after = val_loss(model, data, args.batch_size, args.batches)
-        print(f"{args.shrink} to {args.experts} experts: val loss {after:.4f} ({100 * (after / before - 1):+.2f}% "
-              f"quality cost); layer {min(groups)} keeps {groups[min(groups)]}")
+        print(
+            f"{args.shrink} to {args.experts} experts: val loss {after:.4f} ({100 * (after / before - 1):+.2f}% "
+            f"quality cost); layer {min(groups)} keeps {groups[min(groups)]}"
+        )
     save_checkpoint(out, model, cfg, ckpt / "tokenizer", extra={"grown_from": str(ckpt)})
     print(f"wrote {out}")
     return 0

@@ -16,13 +16,18 @@ DESCRIPTION = (
 
 def add_arguments(p):
     sub = p.add_subparsers(dest="format", metavar="FORMAT", required=True)
-    hf = sub.add_parser("hf", help="a transformers model directory (config.json + *.safetensors)",
-                        description=DESCRIPTION)
+    hf = sub.add_parser(
+        "hf", help="a transformers model directory (config.json + *.safetensors)", description=DESCRIPTION
+    )
     hf.add_argument("hf_dir", help="directory with config.json and model.safetensors (or an index + shards)")
     hf.add_argument("out_dir", help="output checkpoint directory (must not exist or be empty)")
     hf.add_argument("--no-check", action="store_true", help="skip the side-by-side logit check")
-    hf.add_argument("--tolerance", type=float, default=None,
-                    help="max |delta logit| allowed, relative to max(1, max |logit|) (default 1e-3)")
+    hf.add_argument(
+        "--tolerance",
+        type=float,
+        default=None,
+        help="max |delta logit| allowed, relative to max(1, max |logit|) (default 1e-3)",
+    )
     hf.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
 
 
@@ -30,9 +35,13 @@ def run(args) -> int:
     from moelab.interop.hf import import_hf
     from moelab.interop.parity import DEFAULT_TOLERANCE
 
-    res = import_hf(args.hf_dir, args.out_dir, check=not args.no_check,
-                    tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,
-                    overwrite=args.overwrite)
+    res = import_hf(
+        args.hf_dir,
+        args.out_dir,
+        check=not args.no_check,
+        tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,
+        overwrite=args.overwrite,
+    )
     print(f"imported {res.arch} from {args.hf_dir} -> {res.out}")
     if res.report is not None:
         print(res.report.line())

@@ -17,15 +17,30 @@ DESCRIPTION = (
 
 def add_arguments(p):
     p.add_argument("config", help="YAML config file (e.g. configs/tiny.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set moe.top_k=2 (repeatable)")
-    p.add_argument("--dtype", default="float32", choices=sorted(k for k in DTYPE_BYTES if len(k) > 4),
-                   help="dtype for weight and gradient bytes (default float32)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set moe.top_k=2 (repeatable)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=sorted(k for k in DTYPE_BYTES if len(k) > 4),
+        help="dtype for weight and gradient bytes (default float32)",
+    )
     p.add_argument("--seq-len", type=int, default=None, help="context for attention FLOPs (default data.seq_len)")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of a table")
-    p.add_argument("--mean-k", type=float, default=None, metavar="K",
-                   help="experts per token for active parameters and FLOPs: an adaptive router's measured mean "
-                        "(metrics.jsonl moe/<i>/k_mean); default moe.top_k (k_max for top_p / null experts)")
+    p.add_argument(
+        "--mean-k",
+        type=float,
+        default=None,
+        metavar="K",
+        help="experts per token for active parameters and FLOPs: an adaptive router's measured mean "
+        "(metrics.jsonl moe/<i>/k_mean); default moe.top_k (k_max for top_p / null experts)",
+    )
 
 
 def _human(n: float, unit: str = "") -> str:
@@ -61,9 +76,12 @@ def run(args) -> int:
         ("  embedding", f"{p['embedding']:,}", ""),
         ("  attention", f"{p['attention']:,}", ""),
         ("  dense FFN", f"{p['dense_ffn']:,}", ""),
-        ("  routed experts (all)", f"{p['routed_experts']:,}",
-         f"{info['num_experts']} experts, top-{info['top_k']}, MoE layers {info['moe_layers']}"
-         + (f", mean k {info['active_k']:g}" if args.mean_k is not None else "")),
+        (
+            "  routed experts (all)",
+            f"{p['routed_experts']:,}",
+            f"{info['num_experts']} experts, top-{info['top_k']}, MoE layers {info['moe_layers']}"
+            + (f", mean k {info['active_k']:g}" if args.mean_k is not None else ""),
+        ),
         ("  routed experts (active)", f"{p['active_routed_experts']:,}", ""),
         ("  shared experts", f"{p['shared_experts']:,}", ""),
         ("  routers", f"{p['routers']:,}", ""),

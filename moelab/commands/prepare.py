@@ -16,30 +16,70 @@ directories, globs (quoted), or 'stdlib' (the running Python's standard library,
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--tokenizer", required=True, metavar="DIR",
-                   help="tokenizer directory (moelab tokenizer train), or 'byte' for the byte-level tokenizer")
-    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH",
-                   help="files, directories, globs, or 'stdlib'; .jsonl files hold one document per line")
+    p.add_argument(
+        "--tokenizer",
+        required=True,
+        metavar="DIR",
+        help="tokenizer directory (moelab tokenizer train), or 'byte' for the byte-level tokenizer",
+    )
+    p.add_argument(
+        "--input",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="PATH",
+        help="files, directories, globs, or 'stdlib'; .jsonl files hold one document per line",
+    )
     p.add_argument("--out", required=True, metavar="DATA_DIR")
-    p.add_argument("--val-fraction", type=float, default=0.05, metavar="F",
-                   help="share of documents held out for validation (default 0.05; every (1/F)-th document)")
-    p.add_argument("--doc-boundary", choices=["file", "line", "blank"], default="file",
-                   help="what a document is in plain-text files: a whole file (default), a line, or a "
-                        "paragraph between blank lines")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.05,
+        metavar="F",
+        help="share of documents held out for validation (default 0.05; every (1/F)-th document)",
+    )
+    p.add_argument(
+        "--doc-boundary",
+        choices=["file", "line", "blank"],
+        default="file",
+        help="what a document is in plain-text files: a whole file (default), a line, or a "
+        "paragraph between blank lines",
+    )
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl files (default text)")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
-                   help="encoding processes (default: one per core; 0 = in this process)")
-    p.add_argument("--strict", action="store_true",
-                   help="fail on binary or non-UTF-8 files (and bad JSONL lines) instead of skipping them")
-    p.add_argument("--format", choices=["text", "chat"], default="text",
-                   help="text (default): documents; chat: .jsonl conversations ({\"messages\": [{role, content}]} "
-                        "or {\"prompt\", \"completion\"}) rendered with the tokenizer's chat template, one per "
-                        "row padded to --seq-len, with a loss mask so only assistant tokens train (docs/finetune.md)")
-    p.add_argument("--seq-len", type=int, default=256, metavar="N",
-                   help="chat: tokens per row (= data.seq_len of the fine-tune; longer conversations are bad records)")
-    p.add_argument("--chat-template", metavar="FILE", default=None,
-                   help="chat: a chat_template.json to use and store with the tokenizer (default: the tokenizer's "
-                        "own, else <|system|>/<|user|>/<|assistant|> ... <|end|>)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="encoding processes (default: one per core; 0 = in this process)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="fail on binary or non-UTF-8 files (and bad JSONL lines) instead of skipping them",
+    )
+    p.add_argument(
+        "--format",
+        choices=["text", "chat"],
+        default="text",
+        help='text (default): documents; chat: .jsonl conversations ({"messages": [{role, content}]} '
+        'or {"prompt", "completion"}) rendered with the tokenizer\'s chat template, one per '
+        "row padded to --seq-len, with a loss mask so only assistant tokens train (docs/finetune.md)",
+    )
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=256,
+        metavar="N",
+        help="chat: tokens per row (= data.seq_len of the fine-tune; longer conversations are bad records)",
+    )
+    p.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        default=None,
+        help="chat: a chat_template.json to use and store with the tokenizer (default: the tokenizer's "
+        "own, else <|system|>/<|user|>/<|assistant|> ... <|end|>)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset directory")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -51,12 +91,23 @@ def _run_chat(args) -> int:
     template = ChatTemplate.load(Path(args.chat_template).parent) if args.chat_template else None
     if args.chat_template and Path(args.chat_template).name != "chat_template.json":
         raise UserError(f"--chat-template: expected a file named chat_template.json, got {args.chat_template}")
-    meta = prepare_chat(args.input, args.tokenizer, args.out, args.seq_len, val_fraction=args.val_fraction,
-                        strict=args.strict, overwrite=args.overwrite, template=template, quiet=args.quiet)
+    meta = prepare_chat(
+        args.input,
+        args.tokenizer,
+        args.out,
+        args.seq_len,
+        val_fraction=args.val_fraction,
+        strict=args.strict,
+        overwrite=args.overwrite,
+        template=template,
+        quiet=args.quiet,
+    )
     sp = meta["splits"]
-    print(f"wrote {args.out}: train {sp['train']['rows']:,} conversations ({sp['train']['trained_tokens']:,} trained "
-          f"tokens); val {sp['val']['rows']:,}; {meta['bad_records']} bad record(s) skipped; rows of "
-          f"{meta['seq_len'] + 1} tokens")
+    print(
+        f"wrote {args.out}: train {sp['train']['rows']:,} conversations ({sp['train']['trained_tokens']:,} trained "
+        f"tokens); val {sp['val']['rows']:,}; {meta['bad_records']} bad record(s) skipped; rows of "
+        f"{meta['seq_len'] + 1} tokens"
+    )
     return 0
 
 
@@ -66,16 +117,27 @@ def run(args) -> int:
     if args.format == "chat":
         return _run_chat(args)
 
-    meta = prepare(args.input, args.tokenizer, args.out, val_fraction=args.val_fraction,
-                   doc_boundary=args.doc_boundary, text_field=args.text_field, workers=args.workers,
-                   strict=args.strict, overwrite=args.overwrite, progress=not args.quiet)
+    meta = prepare(
+        args.input,
+        args.tokenizer,
+        args.out,
+        val_fraction=args.val_fraction,
+        doc_boundary=args.doc_boundary,
+        text_field=args.text_field,
+        workers=args.workers,
+        strict=args.strict,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
     total_bytes = sum(s["bytes"] for s in meta["splits"].values())
     parts = []
     for name, s in meta["splits"].items():
         bpt = f", {s['bytes_per_token']:.2f} bytes/token" if s["tokens"] else ""
         parts.append(f"{name} {s['tokens']:,} tokens ({s['documents']:,} docs{bpt})")
     skipped = f"; skipped {len(meta['skipped_files'])} file(s)" if meta["skipped_files"] else ""
-    print(f"wrote {args.out}: {'; '.join(parts)}; {meta['dtype']}; {total_bytes / 1e6:.1f} MB of text from "
-          f"{len(meta['sources'])} file(s) in {meta['seconds']:.1f} s "
-          f"({total_bytes / 1e6 / max(meta['seconds'], 1e-9):.1f} MB/s){skipped}")
+    print(
+        f"wrote {args.out}: {'; '.join(parts)}; {meta['dtype']}; {total_bytes / 1e6:.1f} MB of text from "
+        f"{len(meta['sources'])} file(s) in {meta['seconds']:.1f} s "
+        f"({total_bytes / 1e6 / max(meta['seconds'], 1e-9):.1f} MB/s){skipped}"
+    )
     return 0

@@ -11,8 +11,10 @@ from moelab.errors import UserError
 
 NAME = "serve"
 HELP = "serve a model over an OpenAI-compatible HTTP API (/v1/completions)"
-DESCRIPTION = ("POST /v1/completions (JSON or server-sent events), GET /v1/models, /health, /metrics (Prometheus). "
-               "Requests join the running batch at the next decode step. Binds 127.0.0.1 unless told otherwise.")
+DESCRIPTION = (
+    "POST /v1/completions (JSON or server-sent events), GET /v1/models, /health, /metrics (Prometheus). "
+    "Requests join the running batch at the next decode step. Binds 127.0.0.1 unless told otherwise."
+)
 
 
 def add_arguments(p):
@@ -21,21 +23,39 @@ def add_arguments(p):
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
     p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429 (default 256)")
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $MOELAB_API_KEY, else none)")
-    p.add_argument("--max-body-bytes", type=int, default=None,
-                   help="largest request body accepted; larger ones get 413 before they are read (default 4 MiB)")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME=RUN",
-                   help="serve a LoRA run's adapters over RUN (the base), unmerged, as model NAME (repeatable); "
-                        "requests choose one with their `model` field and share one continuous batch")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1/* (default: $MOELAB_API_KEY, else none)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=None,
+        help="largest request body accepted; larger ones get 413 before they are read (default 4 MiB)",
+    )
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME=RUN",
+        help="serve a LoRA run's adapters over RUN (the base), unmerged, as model NAME (repeatable); "
+        "requests choose one with their `model` field and share one continuous batch",
+    )
     p.add_argument("--model-name", default=None, help="the model id clients send (default: the run directory name)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--record-routing", action="store_true",
-                   help="record each request's routing so a request may ask for it (\"return_routing\": true; "
-                        "RL rollouts, docs/rl.md)")
-    p.add_argument("--deterministic", action="store_true",
-                   help="batch-invariant decoding: a request's tokens and logits do not depend on the other "
-                        "requests (one sequence per forward; slower, docs/rl.md)")
+    p.add_argument(
+        "--record-routing",
+        action="store_true",
+        help='record each request\'s routing so a request may ask for it ("return_routing": true; '
+        "RL rollouts, docs/rl.md)",
+    )
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="batch-invariant decoding: a request's tokens and logits do not depend on the other "
+        "requests (one sequence per forward; slower, docs/rl.md)",
+    )
     add_sampling_arguments(p)  # (--threads defaults to the number of cores minus one here)
 
 
@@ -72,25 +92,39 @@ def run(args) -> int:
             raise UserError("--adapter: multi-adapter serving runs eagerly; drop --compile")
         specs = dict(_adapter_spec(a) for a in args.adapter)
         select, adapters = stack_adapters(model, resolve_checkpoint(args.run), specs)
-    engine = Engine(model, tok, max_batch=args.max_batch, num_experts_per_tok=args.num_experts_per_tok,
-                    compile=args.compile, record_routing=args.record_routing, batch_invariant=args.deterministic)
+    engine = Engine(
+        model,
+        tok,
+        max_batch=args.max_batch,
+        num_experts_per_tok=args.num_experts_per_tok,
+        compile=args.compile,
+        record_routing=args.record_routing,
+        batch_invariant=args.deterministic,
+    )
     engine.adapter_select = select
     _chat_template(engine, args.run)
     if args.warmup or args.compile:  # compiling on a request's time would stall every client for seconds
         from moelab.infer.warmup import warmup
 
         info = warmup(model, tok, max_batch=args.max_batch, compile=args.compile)
-        print(f"warm-up: {info['experts']} experts{' and the compiled decode step' if args.compile else ''} in "
-              f"{info['seconds']:.2f}s", file=sys.stderr)
+        print(
+            f"warm-up: {info['experts']} experts{' and the compiled decode step' if args.compile else ''} in "
+            f"{info['seconds']:.2f}s",
+            file=sys.stderr,
+        )
     name = args.model_name or Path(args.run).resolve().name
     sock = bind_socket(args.host, args.port)
     host, port = sock.getsockname()[:2]
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"moelab serve: warning: listening on {args.host} without an API key", file=sys.stderr)
-    app = create_app(engine, name, api_key=api_key, max_queue=args.max_queue, max_body_bytes=max_body,
-                     adapters=adapters)
-    print(f"moelab serve: model {name!r} on http://{host}:{port}/v1 (max batch {args.max_batch})", file=sys.stderr,
-          flush=True)
+    app = create_app(
+        engine, name, api_key=api_key, max_queue=args.max_queue, max_body_bytes=max_body, adapters=adapters
+    )
+    print(
+        f"moelab serve: model {name!r} on http://{host}:{port}/v1 (max batch {args.max_batch})",
+        file=sys.stderr,
+        flush=True,
+    )
     make_server(app, sock, args.log_level).run(sockets=[sock])
     return 0
 

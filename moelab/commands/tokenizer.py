@@ -13,24 +13,52 @@ round-trips through encode/decode unchanged; no BOS/EOS is added; <|endoftext|> 
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a SentencePiece tokenizer on a corpus",
-                       description="Train SentencePiece (byte fallback, digits split, identity normalisation, "
-                                   "character coverage 1.0 for Chinese + English) on files, directories, globs "
-                                   "or 'stdlib'. Corpora above --sample-mb are sampled in random 1 MB blocks.")
-    p.add_argument("--input", nargs="+", action="extend", required=True, metavar="PATH",
-                   help="files, directories, globs (quote them), or 'stdlib' (the Python standard library)")
+    p = sub.add_parser(
+        "train",
+        help="train a SentencePiece tokenizer on a corpus",
+        description="Train SentencePiece (byte fallback, digits split, identity normalisation, "
+        "character coverage 1.0 for Chinese + English) on files, directories, globs "
+        "or 'stdlib'. Corpora above --sample-mb are sampled in random 1 MB blocks.",
+    )
+    p.add_argument(
+        "--input",
+        nargs="+",
+        action="extend",
+        required=True,
+        metavar="PATH",
+        help="files, directories, globs (quote them), or 'stdlib' (the Python standard library)",
+    )
     p.add_argument("--vocab-size", type=int, required=True, metavar="N", help="e.g. 32000")
-    p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe",
-                   help="bpe (default: trains ~10x faster here) or unigram (encodes ~3x faster)")
-    p.add_argument("--character-coverage", type=float, default=1.0, metavar="F",
-                   help="share of characters kept as pieces, 0.98-1.0 (default 1.0: every CJK character seen; "
-                        "the rest go through byte fallback)")
-    p.add_argument("--special", action="append", default=[], metavar="TOKEN",
-                   help="extra special token (repeatable); <|endoftext|> is always the first one")
-    p.add_argument("--sample-mb", type=float, default=32.0, metavar="MB",
-                   help="train on at most about this much text (default 32: ~0.75 GB RAM; 50 MB needs ~0.95 GB); "
-                        "a larger corpus is sampled in random 1 MB blocks (lines longer than that are cut), "
-                        "raise it to train on all of a corpus")
+    p.add_argument(
+        "--model-type",
+        choices=["bpe", "unigram"],
+        default="bpe",
+        help="bpe (default: trains ~10x faster here) or unigram (encodes ~3x faster)",
+    )
+    p.add_argument(
+        "--character-coverage",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="share of characters kept as pieces, 0.98-1.0 (default 1.0: every CJK character seen; "
+        "the rest go through byte fallback)",
+    )
+    p.add_argument(
+        "--special",
+        action="append",
+        default=[],
+        metavar="TOKEN",
+        help="extra special token (repeatable); <|endoftext|> is always the first one",
+    )
+    p.add_argument(
+        "--sample-mb",
+        type=float,
+        default=32.0,
+        metavar="MB",
+        help="train on at most about this much text (default 32: ~0.75 GB RAM; 50 MB needs ~0.95 GB); "
+        "a larger corpus is sampled in random 1 MB blocks (lines longer than that are cut), "
+        "raise it to train on all of a corpus",
+    )
     p.add_argument("--text-field", default="text", help="field holding the text in .jsonl files (default text)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="training threads, 1-1024 (default: all cores)")
@@ -88,14 +116,27 @@ def _train(args) -> None:
     from moelab.data.tokenizer_training import train_tokenizer
 
     t0 = time.perf_counter()
-    tok = train_tokenizer(args.input, args.out, args.vocab_size, model_type=args.model_type,
-                          character_coverage=args.character_coverage, specials=_specials(args.special),
-                          sample_mb=args.sample_mb, seed=args.seed, text_field=args.text_field, strict=args.strict,
-                          overwrite=args.overwrite, num_threads=args.threads, verbose=args.verbose)
+    tok = train_tokenizer(
+        args.input,
+        args.out,
+        args.vocab_size,
+        model_type=args.model_type,
+        character_coverage=args.character_coverage,
+        specials=_specials(args.special),
+        sample_mb=args.sample_mb,
+        seed=args.seed,
+        text_field=args.text_field,
+        strict=args.strict,
+        overwrite=args.overwrite,
+        num_threads=args.threads,
+        verbose=args.verbose,
+    )
     t = tok.training
-    print(f"wrote {args.out}: {tok.kind} {t['model_type']}, vocab {tok.vocab_size}, trained on "
-          f"{t['bytes_seen'] / 1e6:.1f} MB of {t['corpus_bytes'] / 1e6:.1f} MB ({t['files']} files) in "
-          f"{time.perf_counter() - t0:.1f} s, fingerprint {tok.fingerprint[:12]}")
+    print(
+        f"wrote {args.out}: {tok.kind} {t['model_type']}, vocab {tok.vocab_size}, trained on "
+        f"{t['bytes_seen'] / 1e6:.1f} MB of {t['corpus_bytes'] / 1e6:.1f} MB ({t['files']} files) in "
+        f"{time.perf_counter() - t0:.1f} s, fingerprint {tok.fingerprint[:12]}"
+    )
 
 
 def _byte(args) -> None:

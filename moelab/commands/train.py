@@ -20,15 +20,27 @@ DESCRIPTION = (
 
 def add_arguments(p):
     p.add_argument("config", nargs="?", help="YAML config (optional with --resume: the run's config.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.steps=200 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set train.steps=200 (repeatable)",
+    )
     p.add_argument("--run-dir", help="run directory (default runs/<config name>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its newest checkpoint")
-    p.add_argument("--restart", action="store_true",
-                   help="delete the run in --run-dir (checkpoints, metrics, config) and start it over")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="delete the run in --run-dir (checkpoints, metrics, config) and start it over",
+    )
     p.add_argument("--init-from", metavar="CKPT", help="start from this checkpoint's (or run's) weights")
-    p.add_argument("--deterministic", action="store_true",
-                   help="bit-reproducible training (same as --set train.deterministic=true; docs/rl.md)")
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="bit-reproducible training (same as --set train.deterministic=true; docs/rl.md)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar; one line per log step")
 
 
@@ -41,15 +53,22 @@ def run(args) -> int:
             raise UserError("a CONFIG file is required (or --resume/--restart --run-dir DIR to continue/redo a run)")
         config = Path(args.run_dir) / "config.yaml"
         if not config.is_file():
-            raise UserError(f"{args.run_dir}: no config.yaml, so not a run directory to "
-                            f"{'resume' if args.resume else 'restart'}")
+            raise UserError(
+                f"{args.run_dir}: no config.yaml, so not a run directory to {'resume' if args.resume else 'restart'}"
+            )
     if args.resume and args.restart:
         raise UserError("--resume and --restart exclude each other (resume continues a run; restart deletes it)")
     if args.resume and args.init_from:
         raise UserError("--resume and --init-from exclude each other (resume continues a run; init-from starts one)")
-    result = train(config, run_dir=args.run_dir, resume=args.resume, init_from=args.init_from,
-                   overrides=[*args.overrides, *(["train.deterministic=true"] if args.deterministic else [])],
-                   progress=False if args.no_progress else None, restart=args.restart)
+    result = train(
+        config,
+        run_dir=args.run_dir,
+        resume=args.resume,
+        init_from=args.init_from,
+        overrides=[*args.overrides, *(["train.deterministic=true"] if args.deterministic else [])],
+        progress=False if args.no_progress else None,
+        restart=args.restart,
+    )
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 reports for everyone
         return 0
     rec = result.last_record

@@ -12,5 +12,16 @@ from moelab.data.corpus import STDLIB, Source, iter_pieces, resolve_inputs, samp
 from moelab.data.dataset import TokenDataset, load_meta
 from moelab.data.preparation import META_FILE, prepare, resolve_tokenizer
 
-__all__ = ["META_FILE", "STDLIB", "Source", "TokenDataset", "iter_pieces", "load_meta", "prepare",
-           "resolve_inputs", "resolve_tokenizer", "sample_texts", "stdlib_files"]
+__all__ = [
+    "META_FILE",
+    "STDLIB",
+    "Source",
+    "TokenDataset",
+    "iter_pieces",
+    "load_meta",
+    "prepare",
+    "resolve_inputs",
+    "resolve_tokenizer",
+    "sample_texts",
+    "stdlib_files",
+]

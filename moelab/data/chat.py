@@ -84,9 +84,17 @@ def _records(inputs: list[str]):
                     yield f"{path}:{i}", line
 
 
-def prepare_chat(inputs: list[str], tokenizer, out: str | Path, seq_len: int, val_fraction: float = 0.05,
-                 strict: bool = False, overwrite: bool = False, template: ChatTemplate | None = None,
-                 quiet: bool = False) -> dict:
+def prepare_chat(
+    inputs: list[str],
+    tokenizer,
+    out: str | Path,
+    seq_len: int,
+    val_fraction: float = 0.05,
+    strict: bool = False,
+    overwrite: bool = False,
+    template: ChatTemplate | None = None,
+    quiet: bool = False,
+) -> dict:
     from moelab.data.preparation import is_val, resolve_tokenizer
 
     t0 = time.perf_counter()
@@ -111,11 +119,25 @@ def prepare_chat(inputs: list[str], tokenizer, out: str | Path, seq_len: int, va
         bad += b
     if len(arrays["train"][0]) == 0:
         raise UserError(f"no usable conversations in {', '.join(inputs)} ({bad} bad records)")
-    meta = {"format": 1, "kind": KIND, "seq_len": seq_len, "dtype": np.dtype(tok.dtype).name,
-            "tokenizer": tok.meta(), "records": len(lines), "bad_records": bad,
-            "splits": {n: {"rows": int(a[0].shape[0]), "trained_tokens": int(a[1].sum()),
-                           "tokens": int(a[1].shape[0] * (seq_len + 1))} for n, a in arrays.items()},
-            "chat_template": template.to_json(), "seconds": time.perf_counter() - t0}
+    meta = {
+        "format": 1,
+        "kind": KIND,
+        "seq_len": seq_len,
+        "dtype": np.dtype(tok.dtype).name,
+        "tokenizer": tok.meta(),
+        "records": len(lines),
+        "bad_records": bad,
+        "splits": {
+            n: {
+                "rows": int(a[0].shape[0]),
+                "trained_tokens": int(a[1].sum()),
+                "tokens": int(a[1].shape[0] * (seq_len + 1)),
+            }
+            for n, a in arrays.items()
+        },
+        "chat_template": template.to_json(),
+        "seconds": time.perf_counter() - t0,
+    }
 
     def write(tmp: Path) -> None:
         for name, (ids, mask) in arrays.items():
@@ -145,8 +167,14 @@ def load_split(path: str | Path, split: str) -> tuple[np.ndarray, np.ndarray, di
     meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
     width = meta["seq_len"] + 1
     rows = meta["splits"][split]["rows"]
-    ids = np.memmap(path / f"{split}.bin", dtype=meta["dtype"], mode="r", shape=(rows, width)) if rows else \
-        np.zeros((0, width), dtype=meta["dtype"])
-    mask = np.memmap(path / f"{split}.mask", dtype=np.uint8, mode="r", shape=(rows, width)) if rows else \
-        np.zeros((0, width), dtype=np.uint8)
+    ids = (
+        np.memmap(path / f"{split}.bin", dtype=meta["dtype"], mode="r", shape=(rows, width))
+        if rows
+        else np.zeros((0, width), dtype=meta["dtype"])
+    )
+    mask = (
+        np.memmap(path / f"{split}.mask", dtype=np.uint8, mode="r", shape=(rows, width))
+        if rows
+        else np.zeros((0, width), dtype=np.uint8)
+    )
     return ids, mask, meta

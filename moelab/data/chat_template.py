@@ -64,8 +64,10 @@ class ChatEncoder:
         specials = tokenizer.special_tokens
         missing = [s for s in template.specials if s not in specials]
         if missing:
-            raise UserError(f"the tokenizer has no special tokens {missing} for the chat template; make one with "
-                            f"them (moelab tokenizer byte|train {' '.join('--special ' + repr(s) for s in missing)})")
+            raise UserError(
+                f"the tokenizer has no special tokens {missing} for the chat template; make one with "
+                f"them (moelab tokenizer byte|train {' '.join('--special ' + repr(s) for s in missing)})"
+            )
         self.tok, self.template = tokenizer, template
         self.role_id = {r: specials[template.roles[r]] for r in ROLES}
         self.end_id = specials[template.end]

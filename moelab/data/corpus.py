@@ -57,8 +57,9 @@ class CorpusStats:
 
 def skipped_summary(stats: CorpusStats) -> str:
     """What was skipped, for an error that says the corpus ended up empty."""
-    parts = [f"{len(stats.skipped)} file(s) skipped as not UTF-8 text, e.g. {stats.skipped[0][0]}"] \
-        if stats.skipped else []
+    parts = (
+        [f"{len(stats.skipped)} file(s) skipped as not UTF-8 text, e.g. {stats.skipped[0][0]}"] if stats.skipped else []
+    )
     if stats.bad_lines:
         path, line, _ = stats.bad_lines[0]
         parts.append(f"{len(stats.bad_lines)} JSONL line(s) skipped, e.g. {path}:{line}")
@@ -70,13 +71,17 @@ def report_skips(stats: CorpusStats) -> None:
     if stats.skipped:
         path, reason = stats.skipped[0]
         more = f" and {len(stats.skipped) - 1} more" if len(stats.skipped) > 1 else ""
-        warn(f"skipped {len(stats.skipped)} file(s) that are not UTF-8 text: {path} ({reason}){more}; "
-             "--strict makes this an error")
+        warn(
+            f"skipped {len(stats.skipped)} file(s) that are not UTF-8 text: {path} ({reason}){more}; "
+            "--strict makes this an error"
+        )
     if stats.bad_lines:
         path, line, reason = stats.bad_lines[0]
         more = f" and {len(stats.bad_lines) - 1} more" if len(stats.bad_lines) > 1 else ""
-        warn(f"skipped {len(stats.bad_lines)} JSONL line(s): {path}:{line} ({reason}){more}; "
-             "--strict makes this an error")
+        warn(
+            f"skipped {len(stats.bad_lines)} JSONL line(s): {path}:{line} ({reason}){more}; "
+            "--strict makes this an error"
+        )
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -89,8 +94,11 @@ def stdlib_root() -> Path:
 
 def stdlib_files() -> list[Path]:
     root = stdlib_root()
-    return [p for p in sorted(root.rglob("*.py"))
-            if not _STDLIB_SKIP.intersection(p.relative_to(root).parts[:-1]) and p.is_file()]
+    return [
+        p
+        for p in sorted(root.rglob("*.py"))
+        if not _STDLIB_SKIP.intersection(p.relative_to(root).parts[:-1]) and p.is_file()
+    ]
 
 
 def _walk(directory: Path) -> list[Path]:
@@ -155,7 +163,7 @@ def text_blocks(path: Path) -> Iterator[str]:
             except UnicodeDecodeError as e:
                 raise BadFile(f"not UTF-8: invalid byte at offset {e.start}") from None
             for i in range(0, len(text), BLOCK):
-                yield text[i:i + BLOCK]
+                yield text[i : i + BLOCK]
             return
         for validate in (True, False):  # a validation pass first, so nothing is emitted from a bad file
             decoder = codecs.getincrementaldecoder("utf-8")()
@@ -235,8 +243,9 @@ def _pieces_blank(blocks: Iterator[str]) -> Iterator[tuple[str, bool]]:
         yield "".join(buf).rstrip("\r\n"), True
 
 
-def _pieces_jsonl(path: Path, blocks: Iterator[str], text_field: str, strict: bool,
-                  stats: CorpusStats) -> Iterator[tuple[str, bool]]:
+def _pieces_jsonl(
+    path: Path, blocks: Iterator[str], text_field: str, strict: bool, stats: CorpusStats
+) -> Iterator[tuple[str, bool]]:
     for n, line in enumerate(_lines(blocks), 1):
         if not line.strip():
             continue
@@ -246,18 +255,26 @@ def _pieces_jsonl(path: Path, blocks: Iterator[str], text_field: str, strict: bo
             if not isinstance(text, str):
                 raise ValueError(f"expected an object with a string {text_field!r} field")
         except (ValueError, KeyError) as e:
-            reason = f"expected a JSON object with a string {text_field!r} field" if isinstance(e, KeyError) \
+            reason = (
+                f"expected a JSON object with a string {text_field!r} field"
+                if isinstance(e, KeyError)
                 else str(e).split("\n")[0]
+            )
             if strict:
                 raise UserError(f"{path}:{n}: {reason}") from None
             stats.bad_lines.append((str(path), n, reason))
             continue
         for i in range(0, len(text), PIECE):
-            yield text[i:i + PIECE], i + PIECE >= len(text)
+            yield text[i : i + PIECE], i + PIECE >= len(text)
 
 
-def iter_pieces(source: Source | Path, doc_boundary: str = "file", text_field: str = "text",
-                strict: bool = False, stats: CorpusStats | None = None) -> Iterator[tuple[str, bool]]:
+def iter_pieces(
+    source: Source | Path,
+    doc_boundary: str = "file",
+    text_field: str = "text",
+    strict: bool = False,
+    stats: CorpusStats | None = None,
+) -> Iterator[tuple[str, bool]]:
     """(text, ends_document) pieces of one file, each <= PIECE characters; the pieces up to one with
     ends_document=True form a document. Empty documents are dropped. Raises BadFile (before yielding) for
     a file that is not UTF-8 text."""
@@ -270,8 +287,13 @@ def iter_pieces(source: Source | Path, doc_boundary: str = "file", text_field: s
     return {"file": _pieces_file, "line": _pieces_line, "blank": _pieces_blank}[doc_boundary](blocks)
 
 
-def iter_texts(sources: Sequence[Source], doc_boundary: str = "file", text_field: str = "text",
-               strict: bool = False, stats: CorpusStats | None = None) -> Iterator[str]:
+def iter_texts(
+    sources: Sequence[Source],
+    doc_boundary: str = "file",
+    text_field: str = "text",
+    strict: bool = False,
+    stats: CorpusStats | None = None,
+) -> Iterator[str]:
     """Every piece of text of every source (document boundaries dropped), skipping bad files."""
     stats = stats if stats is not None else CorpusStats()
     for src in sources:
@@ -294,14 +316,14 @@ def _trim_block(data: bytes, cut_start: bool, cut_end: bool, jsonl: bool) -> byt
     so a corpus of very long lines still yields text; a JSONL record is only usable whole."""
     if cut_start:
         if b"\n" in data:
-            data = data[data.find(b"\n") + 1:]
+            data = data[data.find(b"\n") + 1 :]
         elif jsonl:
             return b""
         else:
             data = data.lstrip(bytes(range(0x80, 0xC0)))  # continuation bytes of a character begun before
     if cut_end:
         if b"\n" in data:
-            data = data[:data.rfind(b"\n") + 1]
+            data = data[: data.rfind(b"\n") + 1]
         elif jsonl:
             return b""
         else:
@@ -315,8 +337,14 @@ def _trim_block(data: bytes, cut_start: bool, cut_end: bool, jsonl: bool) -> byt
     return data
 
 
-def sample_texts(sources: Sequence[Source], max_bytes: int, seed: int = 0, text_field: str = "text",
-                 strict: bool = False, stats: CorpusStats | None = None) -> Iterator[str]:
+def sample_texts(
+    sources: Sequence[Source],
+    max_bytes: int,
+    seed: int = 0,
+    text_field: str = "text",
+    strict: bool = False,
+    stats: CorpusStats | None = None,
+) -> Iterator[str]:
     """About `max_bytes` of text drawn uniformly from the corpus. A corpus that fits is read whole; a larger
     one is cut into 1 MB blocks of which a seeded random subset is read (each trimmed to whole lines), so
     time and memory depend on `max_bytes`, not on the corpus size."""

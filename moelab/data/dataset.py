@@ -39,8 +39,10 @@ def load_meta(data_dir: str | Path) -> dict:
     split exactly."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise UserError(f"{data_dir}: expected a dataset directory written by `moelab prepare`, got "
-                        f"{'a file' if data_dir.exists() else 'nothing (no such directory)'}")
+        raise UserError(
+            f"{data_dir}: expected a dataset directory written by `moelab prepare`, got "
+            f"{'a file' if data_dir.exists() else 'nothing (no such directory)'}"
+        )
     path = data_dir / META_FILE
     meta = read_json(path, "dataset metadata")
 
@@ -59,8 +61,11 @@ def load_meta(data_dir: str | Path) -> dict:
     if not _count(tok.get("vocab_size")) or tok["vocab_size"] < 1:
         raise bad("tokenizer.vocab_size", "a positive integer", tok.get("vocab_size"))
     if tok["vocab_size"] > np.iinfo(DTYPES[meta["dtype"]]).max + 1:
-        raise bad("tokenizer.vocab_size", f"<= {np.iinfo(DTYPES[meta['dtype']]).max + 1} for dtype {meta['dtype']}",
-                  tok["vocab_size"])
+        raise bad(
+            "tokenizer.vocab_size",
+            f"<= {np.iinfo(DTYPES[meta['dtype']]).max + 1} for dtype {meta['dtype']}",
+            tok["vocab_size"],
+        )
     tok_dir = tok.get("dir", "tokenizer")
     if not isinstance(tok_dir, str) or not tok_dir or "/" in tok_dir or "\\" in tok_dir or tok_dir.startswith("."):
         raise bad("tokenizer.dir", "a directory name inside the dataset", tok_dir)
@@ -76,10 +81,12 @@ def load_meta(data_dir: str | Path) -> dict:
         if not isinstance(s.get("file"), str) or not s["file"] or "/" in s["file"] or s["file"].startswith("."):
             raise bad(f"splits.{name}.file", "a file name", s.get("file"))
         bpt = s.get("bytes_per_token")
-        if not (bpt is None and s["tokens"] == 0) and \
-                not (isinstance(bpt, (int, float)) and not isinstance(bpt, bool) and 0 < bpt < float("inf")):
-            raise bad(f"splits.{name}.bytes_per_token", "a positive number" + (" or null" if not s["tokens"] else ""),
-                      bpt)
+        if not (bpt is None and s["tokens"] == 0) and not (
+            isinstance(bpt, (int, float)) and not isinstance(bpt, bool) and 0 < bpt < float("inf")
+        ):
+            raise bad(
+                f"splits.{name}.bytes_per_token", "a positive number" + (" or null" if not s["tokens"] else ""), bpt
+            )
     _check_sources(meta, path, bad)
     return meta
 
@@ -108,15 +115,17 @@ def _check_sources(meta: dict, path: Path, bad) -> None:
     for name in SPLITS:
         total = meta["splits"][name]["tokens"]
         if sources and ends[name] != total:
-            raise UserError(f"{path}: sources: expected {name} ranges adding up to splits.{name}.tokens = "
-                            f"{total}, got {ends[name]}")
+            raise UserError(
+                f"{path}: sources: expected {name} ranges adding up to splits.{name}.tokens = {total}, got {ends[name]}"
+            )
 
 
 class TokenDataset:
     """One split of a prepared dataset: `get_batch` for training, `iter_val` for evaluation."""
 
-    def __init__(self, data_dir: str | Path, split: str = "train", seq_len: int = 256, stride: int | None = None,
-                 seed: int = 0):
+    def __init__(
+        self, data_dir: str | Path, split: str = "train", seq_len: int = 256, stride: int | None = None, seed: int = 0
+    ):
         self.dir = Path(data_dir)
         if split not in SPLITS:
             raise UserError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
@@ -133,11 +142,14 @@ class TokenDataset:
         size = path.stat().st_size if path.is_file() else None
         if size != n * dtype.itemsize:
             got = "no file" if size is None else f"{size} bytes"
-            raise UserError(f"{path}: expected {n} {dtype.name} tokens ({n * dtype.itemsize} bytes) as recorded in "
-                            f"{META_FILE}, got {got}: the dataset is incomplete or was modified")
+            raise UserError(
+                f"{path}: expected {n} {dtype.name} tokens ({n * dtype.itemsize} bytes) as recorded in "
+                f"{META_FILE}, got {got}: the dataset is incomplete or was modified"
+            )
         if n < seq_len + 1:
-            raise UserError(f"{path}: expected at least seq_len + 1 = {seq_len + 1} tokens, got {n}: "
-                            "lower data.seq_len or add text")
+            raise UserError(
+                f"{path}: expected at least seq_len + 1 = {seq_len + 1} tokens, got {n}: lower data.seq_len or add text"
+            )
         self.tokens = np.memmap(path, dtype=dtype, mode="r", shape=(n,))
         self._batches, self._drawn = 0, 0  # batches and windows drawn so far
         self._epoch, self._position = 0, 0  # stride mode
@@ -174,14 +186,17 @@ class TokenDataset:
         if fp != self.fingerprint:
             t = self.meta["tokenizer"]
             what = "" if isinstance(tokenizer, str) else f" ({tokenizer.kind}, vocab {tokenizer.vocab_size})"
-            raise UserError(f"{self.dir}: tokenizer mismatch: the data was prepared with tokenizer "
-                            f"{self.fingerprint[:12]} ({t.get('kind')}, vocab {t['vocab_size']}), got {fp[:12]}{what}; "
-                            "train with the dataset's tokenizer or re-run `moelab prepare` with this one")
+            raise UserError(
+                f"{self.dir}: tokenizer mismatch: the data was prepared with tokenizer "
+                f"{self.fingerprint[:12]} ({t.get('kind')}, vocab {t['vocab_size']}), got {fp[:12]}{what}; "
+                "train with the dataset's tokenizer or re-run `moelab prepare` with this one"
+            )
 
     def check_vocab(self, model_vocab_size: int) -> None:
         if model_vocab_size < self.vocab_size:
-            raise UserError(f"model.vocab_size: expected >= {self.vocab_size} (the tokenizer of {self.dir}), "
-                            f"got {model_vocab_size}")
+            raise UserError(
+                f"model.vocab_size: expected >= {self.vocab_size} (the tokenizer of {self.dir}), got {model_vocab_size}"
+            )
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -237,8 +252,9 @@ class TokenDataset:
             return self._epoch + self._position / self.num_windows
         return self._drawn * self.seq_len / len(self.tokens)
 
-    def iter_val(self, batch_size: int, max_batches: int | None = None,
-                 spread: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def iter_val(
+        self, batch_size: int, max_batches: int | None = None, spread: bool = False
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Non-overlapping windows in order (every token is predicted at most once); the last batch may be
         smaller. Stops after `max_batches` when given, or with `spread` takes max_batches * batch_size
         windows evenly spaced over the split (the same ones every call)."""
@@ -251,7 +267,7 @@ class TokenDataset:
         for j, i in enumerate(range(0, len(starts), batch_size)):
             if max_batches is not None and j >= max_batches:
                 return
-            yield self._windows(starts[i:i + batch_size])
+            yield self._windows(starts[i : i + batch_size])
 
     def num_val_windows(self) -> int:
         return len(range(0, len(self.tokens) - self.seq_len, self.seq_len))
@@ -260,18 +276,31 @@ class TokenDataset:
     def state_dict(self) -> dict:
         """JSON-ready sampler state; `load_state_dict` on a dataset built with the same arguments resumes
         the exact batch sequence."""
-        return {"split": self.split, "seq_len": self.seq_len, "stride": self.stride, "seed": self.seed,
-                "fingerprint": self.fingerprint, "tokens": len(self.tokens), "batches": self._batches,
-                "windows": self._drawn, "epoch": self._epoch, "position": self._position}
+        return {
+            "split": self.split,
+            "seq_len": self.seq_len,
+            "stride": self.stride,
+            "seed": self.seed,
+            "fingerprint": self.fingerprint,
+            "tokens": len(self.tokens),
+            "batches": self._batches,
+            "windows": self._drawn,
+            "epoch": self._epoch,
+            "position": self._position,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("split", "seq_len", "stride", "seed", "fingerprint", "tokens"):
             if state.get(key) != self.state_dict()[key]:
-                raise UserError(f"data sampler state: {key}: expected {self.state_dict()[key]!r} (this dataset), "
-                                f"got {state.get(key)!r}: the data or its settings changed since the checkpoint")
+                raise UserError(
+                    f"data sampler state: {key}: expected {self.state_dict()[key]!r} (this dataset), "
+                    f"got {state.get(key)!r}: the data or its settings changed since the checkpoint"
+                )
         try:
             counters = [int(state[k]) for k in ("batches", "windows", "epoch", "position")]
         except (KeyError, TypeError, ValueError):
-            raise UserError("data sampler state: expected integer batches, windows, epoch and position, got "
-                            f"{ {k: state.get(k) for k in ('batches', 'windows', 'epoch', 'position')} }") from None
+            raise UserError(
+                "data sampler state: expected integer batches, windows, epoch and position, got "
+                f"{ {k: state.get(k) for k in ('batches', 'windows', 'epoch', 'position')} }"
+            ) from None
         self._batches, self._drawn, self._epoch, self._position = counters

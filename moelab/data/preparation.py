@@ -57,8 +57,9 @@ def resolve_tokenizer(spec: Tokenizer | str | Path) -> Tokenizer:
         return Tokenizer.load(spec)
     if str(spec) == "byte":
         return ByteTokenizer()
-    raise UserError(f"{spec}: expected a tokenizer directory (from `moelab tokenizer train`) or 'byte', "
-                    f"got {describe(Path(spec))}")
+    raise UserError(
+        f"{spec}: expected a tokenizer directory (from `moelab tokenizer train`) or 'byte', got {describe(Path(spec))}"
+    )
 
 
 def is_val(k: int, val_fraction: float) -> bool:
@@ -106,8 +107,9 @@ def encode_task(tok: Tokenizer, task) -> tuple[np.ndarray, np.ndarray, list[tupl
 # Producer side
 
 
-def _tasks(sources: Sequence[Source], doc_boundary: str, text_field: str, val_fraction: float, strict: bool,
-           stats: CorpusStats) -> Iterator[tuple[list, list, list, list]]:
+def _tasks(
+    sources: Sequence[Source], doc_boundary: str, text_field: str, val_fraction: float, strict: bool, stats: CorpusStats
+) -> Iterator[tuple[list, list, list, list]]:
     texts, ends, splits, srcs, size = [], [], [], [], 0
     doc, split = 0, None
     for si, src in enumerate(sources):
@@ -179,10 +181,19 @@ def default_workers(total_bytes: int) -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def prepare(inputs: Sequence[str | Path], tokenizer: Tokenizer | str | Path, out: str | Path, *,
-            val_fraction: float = 0.05, doc_boundary: str = "file", text_field: str = "text",
-            workers: int | None = None, strict: bool = False, overwrite: bool = False,
-            progress: bool = False) -> dict:
+def prepare(
+    inputs: Sequence[str | Path],
+    tokenizer: Tokenizer | str | Path,
+    out: str | Path,
+    *,
+    val_fraction: float = 0.05,
+    doc_boundary: str = "file",
+    text_field: str = "text",
+    workers: int | None = None,
+    strict: bool = False,
+    overwrite: bool = False,
+    progress: bool = False,
+) -> dict:
     """Tokenize the corpus named by `inputs` (files, directories, globs, "stdlib") into `out`; returns the
     meta.json contents. `workers=None` picks in-process for small corpora, else one per core."""
     from moelab.version import __version__
@@ -218,10 +229,13 @@ def prepare(inputs: Sequence[str | Path], tokenizer: Tokenizer | str | Path, out
                 bar.update(sum(s[3] for s in summary))
         if bar is not None:
             bar.close()
-        timing = {"seconds": round(time.perf_counter() - t0, 3),
-                  "main_cpu_seconds": round(time.process_time() - cpu0, 3)}  # workers' CPU not included
-        meta.update(_meta(sources, counts, tok, stats, inputs, val_fraction, doc_boundary, workers, timing,
-                          __version__))
+        timing = {
+            "seconds": round(time.perf_counter() - t0, 3),
+            "main_cpu_seconds": round(time.process_time() - cpu0, 3),
+        }  # workers' CPU not included
+        meta.update(
+            _meta(sources, counts, tok, stats, inputs, val_fraction, doc_boundary, workers, timing, __version__)
+        )
         _check_splits(meta, val_fraction, len(sources), stats)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -241,13 +255,15 @@ def check_vocab_fits(data_dir: Path, meta: dict, chunk: int = 1 << 24) -> int:
     tokens = np.memmap(data_dir / info["file"], dtype=np.dtype(meta["dtype"]), mode="r", shape=(info["tokens"],))
     hist = np.zeros(vocab, dtype=np.int64)
     for i in range(0, len(tokens), chunk):
-        hist += np.bincount(np.asarray(tokens[i:i + chunk]), minlength=vocab)[:vocab]
+        hist += np.bincount(np.asarray(tokens[i : i + chunk]), minlength=vocab)[:vocab]
     rare = int((hist <= 1).sum())
     if rare > max(1000, vocab // 4):
         common = int((hist >= 10).sum())
-        warn(f"the tokenizer's vocabulary ({vocab:,} ids) is far too large for this corpus "
-             f"({info['tokens']:,} train tokens): {rare:,} ids occur at most once and only {common:,} occur 10+ "
-             f"times; retrain the tokenizer with a smaller --vocab-size (about {max(256, common):,} or less)")
+        warn(
+            f"the tokenizer's vocabulary ({vocab:,} ids) is far too large for this corpus "
+            f"({info['tokens']:,} train tokens): {rare:,} ids occur at most once and only {common:,} occur 10+ "
+            f"times; retrain the tokenizer with a smaller --vocab-size (about {max(256, common):,} or less)"
+        )
     return rare
 
 
@@ -255,8 +271,15 @@ def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
     # disable=None: off when stderr is not a terminal (logs, CI)
-    return tqdm(total=total, unit="B", unit_scale=True, desc="prepare", file=sys.stderr, mininterval=0.5,
-                disable=None if enabled else True)
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        desc="prepare",
+        file=sys.stderr,
+        mininterval=0.5,
+        disable=None if enabled else True,
+    )
 
 
 def _meta(sources, counts, tok, stats, inputs, val_fraction, doc_boundary, workers, timing, version) -> dict:
@@ -264,19 +287,30 @@ def _meta(sources, counts, tok, stats, inputs, val_fraction, doc_boundary, worke
     for j, name in enumerate(SPLITS):
         tokens = counts[:, j, 0]
         offsets = np.concatenate([[0], np.cumsum(tokens)[:-1]])
-        for rec, off, (n_tok, n_bytes, n_docs) in zip(source_meta, offsets.tolist(), counts[:, j].tolist(),
-                                                      strict=True):
+        for rec, off, (n_tok, n_bytes, n_docs) in zip(
+            source_meta, offsets.tolist(), counts[:, j].tolist(), strict=True
+        ):
             rec[name] = {"offset": off, "tokens": n_tok, "bytes": n_bytes, "documents": n_docs}
         n_tok, n_bytes, n_docs = (int(v) for v in counts[:, j].sum(axis=0))
-        splits[name] = {"file": f"{name}.bin", "tokens": n_tok, "bytes": n_bytes, "documents": n_docs,
-                        "bytes_per_token": n_bytes / n_tok if n_tok else None}
+        splits[name] = {
+            "file": f"{name}.bin",
+            "tokens": n_tok,
+            "bytes": n_bytes,
+            "documents": n_docs,
+            "bytes_per_token": n_bytes / n_tok if n_tok else None,
+        }
     return {
         "format": FORMAT,
         "moelab_version": version,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "dtype": tok.dtype.name,
-        "tokenizer": {"dir": "tokenizer", "kind": tok.kind, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id,
-                      "fingerprint": tok.fingerprint},
+        "tokenizer": {
+            "dir": "tokenizer",
+            "kind": tok.kind,
+            "vocab_size": tok.vocab_size,
+            "eod_id": tok.eod_id,
+            "fingerprint": tok.fingerprint,
+        },
         "doc_boundary": doc_boundary,
         "val_fraction": val_fraction,
         "inputs": [str(i) for i in inputs],
@@ -296,10 +330,11 @@ def _check_splits(meta: dict, val_fraction: float, n_files: int, stats: CorpusSt
         raise UserError(f"corpus: expected some text, got none ({n_files} file(s); {why})")
     docs = train["documents"] + val["documents"]
     if val_fraction > 0 and val["documents"] == 0:
-        raise UserError(f"--val-fraction: the corpus has {docs} document(s), too few to hold out {val_fraction:g} "
-                        f"of them (validation is split by document; it needs at least "
-                        f"{math.ceil(1 / val_fraction - 1e-9)} documents): add documents, use --doc-boundary "
-                        "line|blank, or pass --val-fraction 0")
+        raise UserError(
+            f"--val-fraction: the corpus has {docs} document(s), too few to hold out {val_fraction:g} "
+            f"of them (validation is split by document; it needs at least "
+            f"{math.ceil(1 / val_fraction - 1e-9)} documents): add documents, use --doc-boundary "
+            "line|blank, or pass --val-fraction 0"
+        )
     if train["documents"] == 0:
-        raise UserError(f"--val-fraction: every document went to validation ({docs} document(s)); "
-                        "lower --val-fraction")
+        raise UserError(f"--val-fraction: every document went to validation ({docs} document(s)); lower --val-fraction")

@@ -43,7 +43,7 @@ def training_sentences(texts: Iterable[str]) -> Iterable[str]:
                 buf, size = [], 0
             if n > limit:
                 for i in range(0, len(line), _PIECE_CHARS):
-                    yield line[i:i + _PIECE_CHARS] + LINE_END
+                    yield line[i : i + _PIECE_CHARS] + LINE_END
                 continue
             if line:
                 buf.append(line + LINE_END)
@@ -52,8 +52,9 @@ def training_sentences(texts: Iterable[str]) -> Iterable[str]:
             yield "".join(buf)
 
 
-def check_training_args(vocab_size: int, model_type: str, character_coverage: float, specials: Sequence[str],
-                        num_threads: int | None = None) -> list[str]:
+def check_training_args(
+    vocab_size: int, model_type: str, character_coverage: float, specials: Sequence[str], num_threads: int | None = None
+) -> list[str]:
     """One-line errors for settings SentencePiece would reject (with a C++ assertion), before any text is
     read. Returns the checked specials."""
     specials = _check_specials(specials)
@@ -63,8 +64,9 @@ def check_training_args(vocab_size: int, model_type: str, character_coverage: fl
         raise UserError(f"character_coverage: expected 0.98 <= value <= 1.0, got {character_coverage}")
     minimum = 256 + len(specials) + 2  # byte pieces + specials + <unk> + at least one learned piece
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, numbers.Integral) or vocab_size < minimum:
-        raise UserError(f"vocab_size: expected >= {minimum} (256 byte pieces + {len(specials)} special + unk), "
-                        f"got {vocab_size}")
+        raise UserError(
+            f"vocab_size: expected >= {minimum} (256 byte pieces + {len(specials)} special + unk), got {vocab_size}"
+        )
     if num_threads is not None and not 1 <= num_threads <= 1024:
         raise UserError(f"num_threads (--threads): expected 1 <= N <= 1024, got {num_threads}")
     return specials
@@ -74,10 +76,18 @@ _TOO_HIGH = re.compile(r"Vocabulary size too high \((\d+)\)\. Please set it to a
 _TOO_LOW = re.compile(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)")
 
 
-def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, model_type: str = "bpe",
-                        character_coverage: float = 1.0, specials: Sequence[str] = (EOD,),
-                        max_sentences: int = 16_000, seed: int = 0, num_threads: int | None = None,
-                        verbose: bool = False) -> SentencePieceTokenizer:
+def train_sentencepiece(
+    texts: Iterable[str],
+    vocab_size: int,
+    *,
+    model_type: str = "bpe",
+    character_coverage: float = 1.0,
+    specials: Sequence[str] = (EOD,),
+    max_sentences: int = 16_000,
+    seed: int = 0,
+    num_threads: int | None = None,
+    verbose: bool = False,
+) -> SentencePieceTokenizer:
     """Train SentencePiece on `texts` (any iterable of str, consumed once). At most `max_sentences` training
     sentences (<= 4 KB each) are kept, by SentencePiece's reservoir sampling, so memory is bounded whatever
     the input size. Raises UserError for a vocabulary the text cannot support."""
@@ -85,13 +95,27 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, model_type: st
 
     specials = check_training_args(vocab_size, model_type, character_coverage, specials, num_threads)
     options = dict(
-        vocab_size=int(vocab_size), model_type=model_type, character_coverage=float(character_coverage),
-        byte_fallback=True, split_digits=True, add_dummy_prefix=False, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True, max_sentence_length=MAX_SENTENCE_BYTES,
+        vocab_size=int(vocab_size),
+        model_type=model_type,
+        character_coverage=float(character_coverage),
+        byte_fallback=True,
+        split_digits=True,
+        add_dummy_prefix=False,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        max_sentence_length=MAX_SENTENCE_BYTES,
         pretokenization_delimiter=LINE_END,
-        unk_id=0, eos_id=1, eos_piece=specials[0], bos_id=-1, pad_id=-1, control_symbols=specials[1:],
-        input_sentence_size=max_sentences, shuffle_input_sentence=True,
-        num_threads=num_threads or min(os.cpu_count() or 1, 1024), minloglevel=0 if verbose else 2,
+        unk_id=0,
+        eos_id=1,
+        eos_piece=specials[0],
+        bos_id=-1,
+        pad_id=-1,
+        control_symbols=specials[1:],
+        input_sentence_size=max_sentences,
+        shuffle_input_sentence=True,
+        num_threads=num_threads or min(os.cpu_count() or 1, 1024),
+        minloglevel=0 if verbose else 2,
     )
     counter = {"sentences": 0, "bytes": 0}
     failure: list[BaseException] = []
@@ -118,26 +142,49 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, *, model_type: st
             raise failure[0] from None
         msg = str(e)
         if m := _TOO_HIGH.search(msg):
-            raise UserError(f"vocab_size: expected <= {m[2]} for this corpus (too little text to learn more "
-                            f"pieces; use a smaller vocab size or more text), got {m[1]}") from None
+            raise UserError(
+                f"vocab_size: expected <= {m[2]} for this corpus (too little text to learn more "
+                f"pieces; use a smaller vocab size or more text), got {m[1]}"
+            ) from None
         if m := _TOO_LOW.search(msg):
-            raise UserError(f"vocab_size: expected >= {m[2]} (the text has more distinct characters "
-                            f"than the vocabulary holds at character_coverage {character_coverage}), "
-                            f"got {vocab_size}") from None
+            raise UserError(
+                f"vocab_size: expected >= {m[2]} (the text has more distinct characters "
+                f"than the vocabulary holds at character_coverage {character_coverage}), "
+                f"got {vocab_size}"
+            ) from None
         if "sentences_.empty()" in msg:
             raise UserError("corpus: expected some text to train on, got none") from None
         raise
     tok = SentencePieceTokenizer(model.getvalue(), specials)
-    tok.training = {"model_type": model_type, "vocab_size": vocab_size, "character_coverage": character_coverage,
-                    "max_sentences": max_sentences, "seed": seed, "sentences_seen": counter["sentences"],
-                    "bytes_seen": counter["bytes"], "seconds": round(time.perf_counter() - t0, 3)}
+    tok.training = {
+        "model_type": model_type,
+        "vocab_size": vocab_size,
+        "character_coverage": character_coverage,
+        "max_sentences": max_sentences,
+        "seed": seed,
+        "sentences_seen": counter["sentences"],
+        "bytes_seen": counter["bytes"],
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
     return tok
 
 
-def train_tokenizer(inputs: Sequence[str | Path], out: str | Path, vocab_size: int, *, model_type: str = "bpe",
-                    character_coverage: float = 1.0, specials: Sequence[str] = (EOD,), sample_mb: float = 32.0,
-                    seed: int = 0, text_field: str = "text", strict: bool = False, overwrite: bool = False,
-                    num_threads: int | None = None, verbose: bool = False) -> SentencePieceTokenizer:
+def train_tokenizer(
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    vocab_size: int,
+    *,
+    model_type: str = "bpe",
+    character_coverage: float = 1.0,
+    specials: Sequence[str] = (EOD,),
+    sample_mb: float = 32.0,
+    seed: int = 0,
+    text_field: str = "text",
+    strict: bool = False,
+    overwrite: bool = False,
+    num_threads: int | None = None,
+    verbose: bool = False,
+) -> SentencePieceTokenizer:
     """Train on the corpus named by `inputs` (files, directories, globs, "stdlib"; see moelab.data.corpus)
     and save to `out`. A corpus above `sample_mb` MB is sampled (seeded 1 MB blocks), so time and memory
     depend on `sample_mb`, not on the corpus (measured peak RSS with vocab 32000: 0.49 GB for 10 MB,
@@ -152,16 +199,30 @@ def train_tokenizer(inputs: Sequence[str | Path], out: str | Path, vocab_size: i
     texts = sample_texts(sources, max_bytes, seed, text_field, strict, stats)
     try:
         # Training sentences average 2-4 KB; the count bound is SentencePiece's own reservoir, a backstop.
-        tok = train_sentencepiece(texts, vocab_size, model_type=model_type, character_coverage=character_coverage,
-                                  specials=specials, max_sentences=max(1000, max_bytes // 2048), seed=seed,
-                                  num_threads=num_threads, verbose=verbose)
+        tok = train_sentencepiece(
+            texts,
+            vocab_size,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            specials=specials,
+            max_sentences=max(1000, max_bytes // 2048),
+            seed=seed,
+            num_threads=num_threads,
+            verbose=verbose,
+        )
     except UserError as e:
         if str(e).startswith("corpus:") and (stats.skipped or stats.bad_lines):
             raise UserError(f"corpus: expected some text to train on, got none ({skipped_summary(stats)})") from None
         raise
-    tok.training.update({"inputs": [str(i) for i in inputs], "sample_mb": sample_mb,
-                         "corpus_bytes": sum(s.size for s in sources), "files": len(sources),
-                         "skipped_files": len(stats.skipped)})
+    tok.training.update(
+        {
+            "inputs": [str(i) for i in inputs],
+            "sample_mb": sample_mb,
+            "corpus_bytes": sum(s.size for s in sources),
+            "files": len(sources),
+            "skipped_files": len(stats.skipped),
+        }
+    )
     tok.save(out, overwrite=overwrite)
     report_skips(stats)
     return tok

@@ -58,8 +58,11 @@ def setup_trainer(trainer, init_from: str | Path | None) -> TrainerFinetune:
             saved = read_run_config(trainer.run_dir).finetune
             ft.base, ft.base_fingerprint = saved.base, saved.base_fingerprint
             init_from = None
-        base = check_base(str(init_from) if init_from else ft.base, None if init_from else ft.base_fingerprint,
-                          f"run {trainer.run_dir}")
+        base = check_base(
+            str(init_from) if init_from else ft.base,
+            None if init_from else ft.base_fingerprint,
+            f"run {trainer.run_dir}",
+        )
         if init_from is None:
             trainer._init_from(base)
         ft.base, ft.base_fingerprint = str(base.resolve()), fingerprint(base)
@@ -75,9 +78,15 @@ def merge_run(run: str | Path, out: str | Path) -> Path:
     ckpt = resolve_checkpoint(run)
     cfg = read_config(ckpt)
     if not cfg.finetune.is_lora:
-        raise UserError(f"{ckpt}: not a LoRA run (finetune.mode={cfg.finetune.mode}); its checkpoint is "
-                        "already a plain model")
+        raise UserError(
+            f"{ckpt}: not a LoRA run (finetune.mode={cfg.finetune.mode}); its checkpoint is already a plain model"
+        )
     model, merged_cfg, _ = load_adapter_model(ckpt, cfg, merge=True)
     tok = ckpt / "tokenizer"
-    return save_checkpoint(out, model, merged_cfg, tok if tok.is_dir() else None,
-                           extra={"merged_from": str(ckpt.resolve()), "base": cfg.finetune.base})
+    return save_checkpoint(
+        out,
+        model,
+        merged_cfg,
+        tok if tok.is_dir() else None,
+        extra={"merged_from": str(ckpt.resolve()), "base": cfg.finetune.base},
+    )

@@ -17,13 +17,59 @@ import tempfile
 import time
 from pathlib import Path
 
-FACTS = {"France": "Paris", "Peru": "Lima", "Japan": "Tokyo", "Kenya": "Nairobi", "Chile": "Santiago",
-         "Egypt": "Cairo", "Spain": "Madrid", "Cuba": "Havana", "Iran": "Tehran", "Mali": "Bamako",
-         "Nepal": "Kathmandu", "Oman": "Muscat", "Italy": "Rome", "Laos": "Vientiane", "Fiji": "Suva",
-         "Chad": "Ndjamena", "Togo": "Lome", "Iraq": "Baghdad", "Norway": "Oslo"}
-WORDS = ["kelp", "moss", "fern", "reed", "lily", "palm", "sage", "rose", "iris", "mint", "dill", "leek", "kale",
-         "corn", "bean", "pear", "plum", "lime", "date", "fig", "yam", "oat", "rye", "hop", "ivy", "oak", "elm",
-         "ash", "fir", "yew"]
+FACTS = {
+    "France": "Paris",
+    "Peru": "Lima",
+    "Japan": "Tokyo",
+    "Kenya": "Nairobi",
+    "Chile": "Santiago",
+    "Egypt": "Cairo",
+    "Spain": "Madrid",
+    "Cuba": "Havana",
+    "Iran": "Tehran",
+    "Mali": "Bamako",
+    "Nepal": "Kathmandu",
+    "Oman": "Muscat",
+    "Italy": "Rome",
+    "Laos": "Vientiane",
+    "Fiji": "Suva",
+    "Chad": "Ndjamena",
+    "Togo": "Lome",
+    "Iraq": "Baghdad",
+    "Norway": "Oslo",
+}
+WORDS = [
+    "kelp",
+    "moss",
+    "fern",
+    "reed",
+    "lily",
+    "palm",
+    "sage",
+    "rose",
+    "iris",
+    "mint",
+    "dill",
+    "leek",
+    "kale",
+    "corn",
+    "bean",
+    "pear",
+    "plum",
+    "lime",
+    "date",
+    "fig",
+    "yam",
+    "oat",
+    "rye",
+    "hop",
+    "ivy",
+    "oak",
+    "elm",
+    "ash",
+    "fir",
+    "yew",
+]
 
 
 def add_arguments(p) -> None:
@@ -68,16 +114,36 @@ def statements(rng: random.Random, n: int) -> str:
 
 
 def _model_cfg() -> dict:
-    return {"vocab_size": 264, "d_model": 64, "n_layers": 2, "n_heads": 4, "ffn_dim": 128, "max_seq_len": 64,
-            "moe": {"num_experts": 8, "top_k": 2, "expert_dim": 64}}
+    return {
+        "vocab_size": 264,
+        "d_model": 64,
+        "n_layers": 2,
+        "n_heads": 4,
+        "ffn_dim": 128,
+        "max_seq_len": 64,
+        "moe": {"num_experts": 8, "top_k": 2, "expert_dim": 64},
+    }
 
 
 def _train_cfg(steps: int, lr: float, data: str | None, **finetune) -> dict:
-    return {"model": _model_cfg(), "data": {"seq_len": 63, "path": data},
-            "train": {"steps": steps, "batch_size": 16, "lr": lr, "min_lr": lr / 10, "warmup_steps": 10,
-                      "weight_decay": 0.0, "peak_flops": 1e11, "seed": 0},
-            "eval": {"every": 0, "batches": 2}, "checkpoint": {"every": 0, "keep_best": False},
-            "log": {"every": 50, "progress": False, "tensorboard": False}, "finetune": finetune}
+    return {
+        "model": _model_cfg(),
+        "data": {"seq_len": 63, "path": data},
+        "train": {
+            "steps": steps,
+            "batch_size": 16,
+            "lr": lr,
+            "min_lr": lr / 10,
+            "warmup_steps": 10,
+            "weight_decay": 0.0,
+            "peak_flops": 1e11,
+            "seed": 0,
+        },
+        "eval": {"every": 0, "batches": 2},
+        "checkpoint": {"every": 0, "keep_best": False},
+        "log": {"every": 50, "progress": False, "tensorboard": False},
+        "finetune": finetune,
+    }
 
 
 def exact_match(model, enc, tests) -> float:
@@ -135,36 +201,52 @@ def run(args) -> int:
     jsonl = root / "chat.jsonl"
     jsonl.write_text("".join(json.dumps({"prompt": q, "completion": a}) + "\n" for _, q, a in train_ex))
     prepare_chat([str(jsonl)], str(tok_dir), root / "chat", seq_len=63, val_fraction=0.05, quiet=True)
-    variants = {"full": ({"mode": "all"}, 1e-3),
-                "lora_experts": ({"mode": "lora", "lora": {"rank": 8, "alpha": 16, "targets": ["attn", "experts"]}},
-                                 3e-3),
-                "router_only": ({"mode": "router"}, 1e-2)}
+    variants = {
+        "full": ({"mode": "all"}, 1e-3),
+        "lora_experts": ({"mode": "lora", "lora": {"rank": 8, "alpha": 16, "targets": ["attn", "experts"]}}, 3e-3),
+        "router_only": ({"mode": "router"}, 1e-2),
+    }
     for name, (ft, lr) in variants.items():
-        trainer = Trainer(_train_cfg(args.steps, lr, str(root / "chat"), **ft), root / name, init_from=base_ckpt,
-                          progress=False)
+        trainer = Trainer(
+            _train_cfg(args.steps, lr, str(root / "chat"), **ft), root / name, init_from=base_ckpt, progress=False
+        )
         t0 = time.perf_counter()
         trainer.run()
         wall = time.perf_counter() - t0
-        opt_bytes = sum(t.numel() * t.element_size() for s in trainer.optimizer.state.values()
-                        for t in s.values() if torch.is_tensor(t))
+        opt_bytes = sum(
+            t.numel() * t.element_size()
+            for s in trainer.optimizer.state.values()
+            for t in s.values()
+            if torch.is_tensor(t)
+        )
         counts = trainer.finetune.counts
-        results[name] = {"exact_match": exact_match(trainer.model, enc, test_ex),
-                         "trainable_params": counts["trainable"],
-                         "total_params": counts["total"], "trainable_frac": counts["trainable"] / counts["total"],
-                         "optimizer_bytes": opt_bytes, "wall_s": wall,
-                         "tokens_per_s": trainer.progress.tokens / max(trainer.progress.elapsed_s, 1e-9)}
+        results[name] = {
+            "exact_match": exact_match(trainer.model, enc, test_ex),
+            "trainable_params": counts["trainable"],
+            "total_params": counts["total"],
+            "trainable_frac": counts["trainable"] / counts["total"],
+            "optimizer_bytes": opt_bytes,
+            "wall_s": wall,
+            "tokens_per_s": trainer.progress.tokens / max(trainer.progress.elapsed_s, 1e-9),
+        }
     full_opt = results["full"]["optimizer_bytes"]
     for name in variants:
         results[name]["optimizer_vs_full"] = results[name]["optimizer_bytes"] / full_opt
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"steps": args.steps, "base_steps": args.base_steps, "held_out": len(test_ex),
-                               "results": results}, indent=1) + "\n")
+    out.write_text(
+        json.dumps(
+            {"steps": args.steps, "base_steps": args.base_steps, "held_out": len(test_ex), "results": results}, indent=1
+        )
+        + "\n"
+    )
     print(f"{'variant':14s} {'EM':>6s} {'trainable':>10s} {'frac':>7s} {'opt MB':>8s} {'wall s':>7s} {'tok/s':>8s}")
     print(f"{'base':14s} {results['base']['exact_match']:6.1%}")
     for name in variants:
         r = results[name]
-        print(f"{name:14s} {r['exact_match']:6.1%} {r['trainable_params']:10,d} {r['trainable_frac']:7.2%} "
-              f"{r['optimizer_bytes'] / 1e6:8.2f} {r['wall_s']:7.1f} {r['tokens_per_s']:8,.0f}")
+        print(
+            f"{name:14s} {r['exact_match']:6.1%} {r['trainable_params']:10,d} {r['trainable_frac']:7.2%} "
+            f"{r['optimizer_bytes'] / 1e6:8.2f} {r['wall_s']:7.1f} {r['tokens_per_s']:8,.0f}"
+        )
     print(f"wrote {out}")
     return 0

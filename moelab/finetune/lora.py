@@ -73,8 +73,9 @@ class ExpertLoRA(nn.Module):
     """Per-expert LoRA for the stacked routed experts: gu_a [E, r, D], gu_b [E, 2F, r], dn_a [E, r, F],
     dn_b [E, D, r] (stacked adapters: a leading [M] axis)."""
 
-    def __init__(self, num_experts: int, d_model: int, expert_dim: int, rank: int, alpha: float, dropout: float,
-                 device=None):
+    def __init__(
+        self, num_experts: int, d_model: int, expert_dim: int, rank: int, alpha: float, dropout: float, device=None
+    ):
         super().__init__()
         e, d, f = num_experts, d_model, expert_dim
         self.gu_a = nn.Parameter(torch.empty(e, rank, d, device=device))
@@ -92,8 +93,15 @@ class ExpertLoRA(nn.Module):
         if self.gu_a.ndim == 4:
             ids = self.select.batch
             token_adapter = ids.repeat_interleave(x.shape[0] // ids.shape[0])
-        return ExpertDeltas(self.gu_a, self.gu_b, self.dn_a, self.dn_b, self.scale,
-                            self.dropout if self.training else 0.0, token_adapter)
+        return ExpertDeltas(
+            self.gu_a,
+            self.gu_b,
+            self.dn_a,
+            self.dn_b,
+            self.scale,
+            self.dropout if self.training else 0.0,
+            token_adapter,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------

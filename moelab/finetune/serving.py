@@ -26,11 +26,15 @@ def _read_adapter(run: str, base_fp: str) -> tuple[LoRAConfig, dict[str, torch.T
     if not cfg.finetune.is_lora:
         raise UserError(f"--adapter {run}: not a LoRA run (finetune.mode={cfg.finetune.mode})")
     if cfg.finetune.base_fingerprint != base_fp:
-        raise UserError(f"--adapter {run}: trained on base {cfg.finetune.base}, not on the base being served "
-                        f"(fingerprint {str(cfg.finetune.base_fingerprint)[:12]} vs {base_fp[:12]})")
+        raise UserError(
+            f"--adapter {run}: trained on base {cfg.finetune.base}, not on the base being served "
+            f"(fingerprint {str(cfg.finetune.base_fingerprint)[:12]} vs {base_fp[:12]})"
+        )
     if "router" in cfg.finetune.lora.targets:
-        raise UserError(f"--adapter {run}: trains the router gates in full, which cannot be switched per request; "
-                        "serve its merged checkpoint (moelab merge) instead")
+        raise UserError(
+            f"--adapter {run}: trains the router gates in full, which cannot be switched per request; "
+            "serve its merged checkpoint (moelab merge) instead"
+        )
     return cfg.finetune.lora, load_state(ckpt / "model.safetensors")
 
 

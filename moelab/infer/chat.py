@@ -75,8 +75,14 @@ def _encoder(engine) -> ChatEncoder:
 
 
 def _body(rid, created, model, choices, use=None, chunk=False) -> dict:
-    body = {"id": rid, "object": "chat.completion.chunk" if chunk else "chat.completion", "created": created,
-            "model": model, "choices": choices, "system_fingerprint": None}
+    body = {
+        "id": rid,
+        "object": "chat.completion.chunk" if chunk else "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "system_fingerprint": None,
+    }
     if use is not None:
         body["usage"] = use
     return body
@@ -94,23 +100,37 @@ def add_chat_route(app, engine, authorize, slot_of, metrics, max_queue: int, max
         req = parse_chat_request(body)
         slot = slot_of(req.model)
         if engine.num_waiting + req.n > max_queue:  # before tokenizing: no work when full
-            raise APIError(429, f"server overloaded: {engine.num_waiting} requests already waiting",
-                           type="rate_limit_error", code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+            raise APIError(
+                429,
+                f"server overloaded: {engine.num_waiting} requests already waiting",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
         # tokenizing a long conversation must not stall the event loop that streams to everyone else
         ids = await asyncio.to_thread(_encoder(engine).prompt, req.messages)
         room = engine.max_len - len(ids)
         max_tokens = req.max_completion_tokens or req.max_tokens or max(1, room)
         jobs = []
         for j in range(req.n):
-            params = SamplingParams(max_tokens, 1.0 if req.temperature is None else req.temperature, None,
-                                    None if req.top_p is None or req.top_p >= 1 else req.top_p,
-                                    None if req.seed is None else wrap_seed(req.seed + j), list(req.stop or []))
+            params = SamplingParams(
+                max_tokens,
+                1.0 if req.temperature is None else req.temperature,
+                None,
+                None if req.top_p is None or req.top_p >= 1 else req.top_p,
+                None if req.seed is None else wrap_seed(req.seed + j),
+                list(req.stop or []),
+            )
             try:
                 params.validate("request")
                 engine.check(ids, params)
             except UserError as e:
-                raise APIError(400, str(e), param="max_tokens" if str(e).startswith("max_tokens") else "messages",
-                               code="context_length_exceeded" if "context" in str(e) else None) from None
+                raise APIError(
+                    400,
+                    str(e),
+                    param="max_tokens" if str(e).startswith("max_tokens") else "messages",
+                    code="context_length_exceeded" if "context" in str(e) else None,
+                ) from None
             jobs.append(params)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
@@ -127,8 +147,11 @@ def add_chat_route(app, engine, authorize, slot_of, metrics, max_queue: int, max
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         watch = ClientWatch(request, engine, handles, events)
         if req.stream:
-            return StreamingResponse(_sse(watch, handles, events, rid, created, req),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                _sse(watch, handles, events, rid, created, req),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         try:
             while not all(h.done for h in handles):
                 if await watch.next() is None:
@@ -138,10 +161,18 @@ def add_chat_route(app, engine, authorize, slot_of, metrics, max_queue: int, max
                 if not h.done:
                     engine.cancel(h)
         raise_if_failed(handles)
-        choices = [{"index": i, "message": {"role": "assistant", "content": h.text}, "logprobs": None,
-                    "finish_reason": h.finish_reason} for i, h in enumerate(handles)]
-        return _body(rid, created, req.model, choices,
-                     usage(len(ids) * len(handles), sum(len(h.output_ids) for h in handles)))
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": h.text},
+                "logprobs": None,
+                "finish_reason": h.finish_reason,
+            }
+            for i, h in enumerate(handles)
+        ]
+        return _body(
+            rid, created, req.model, choices, usage(len(ids) * len(handles), sum(len(h.output_ids) for h in handles))
+        )
 
     async def _sse(watch, handles, events, rid, created, req):
         index = {id(h): i for i, h in enumerate(handles)}
@@ -150,8 +181,12 @@ def add_chat_route(app, engine, authorize, slot_of, metrics, max_queue: int, max
             return f"data: {json.dumps(_body(rid, created, req.model, choices, use, chunk=True))}\n\n"
 
         try:
-            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                          "finish_reason": None} for i in range(len(handles))])
+            yield chunk(
+                [
+                    {"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                    for i in range(len(handles))
+                ]
+            )
             unfinished = set(index.values())
             while unfinished:
                 ev = await watch.next()

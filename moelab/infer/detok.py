@@ -33,11 +33,11 @@ class TextStream:
         if self.stopped:
             return ""
         self.ids.append(token_id)
-        prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
-        full = self.tokenizer.decode(self.ids[self.prefix_offset:])
+        prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self.tokenizer.decode(self.ids[self.prefix_offset :])
         if len(full) <= len(prefix) or full.endswith(_INCOMPLETE):
             return ""  # wait for the rest of the character
-        self.text += full[len(prefix):]
+        self.text += full[len(prefix) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         return self._release()
 
@@ -46,10 +46,10 @@ class TextStream:
         if self.stopped:
             return ""
         if self.read_offset < len(self.ids):  # a trailing incomplete character: show it as U+FFFD
-            prefix = self.tokenizer.decode(self.ids[self.prefix_offset:self.read_offset])
-            self.text += self.tokenizer.decode(self.ids[self.prefix_offset:])[len(prefix):]
+            prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
+            self.text += self.tokenizer.decode(self.ids[self.prefix_offset :])[len(prefix) :]
             self.prefix_offset = self.read_offset = len(self.ids)
-        out = self.text[self.released:]
+        out = self.text[self.released :]
         self.released = len(self.text)
         return out
 
@@ -57,13 +57,13 @@ class TextStream:
         if self.stop:
             hits = [i for i in (self.text.find(s, self.released) for s in self.stop) if i >= 0]
             if hits:
-                self.text = self.text[:min(hits)]
+                self.text = self.text[: min(hits)]
                 self.stopped = True
-                out = self.text[self.released:]
+                out = self.text[self.released :]
                 self.released = len(self.text)
                 return out
         end = len(self.text) - self._held()
-        out = self.text[self.released:end]
+        out = self.text[self.released : end]
         self.released = max(self.released, end)
         return out
 

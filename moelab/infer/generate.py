@@ -27,8 +27,9 @@ from moelab.infer.scheduler import Engine, Event
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None,
-         warmup: bool = False):
+def load(
+    path: str | Path, device: str | torch.device = "cpu", dtype: str | torch.dtype | None = None, warmup: bool = False
+):
     """(model in eval mode, tokenizer) from a run directory (its newest checkpoint) or a checkpoint
     directory. Weights are laid out for decoding (see `decoding.decode_layout`); `warmup` runs every
     expert and a short generation once so the first request does not pay for it."""
@@ -53,8 +54,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", dtype: str | torc
     tokenizer = Tokenizer.load(tok_dir)
     check_tokenizer(ckpt, tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
-        raise UserError(f"{tok_dir}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
-                        f"{cfg.model.vocab_size}")
+        raise UserError(
+            f"{tok_dir}: tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            f"{cfg.model.vocab_size}"
+        )
     decode_layout(model)
     if warmup:
         from moelab.infer.warmup import warmup as run_warmup
@@ -108,9 +111,24 @@ def _prompt_ids(tokenizer, prompt) -> list[int]:
     return ids
 
 
-def _requests(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top_p, seed, stop,
-              num_experts_per_tok, max_batch, compile, on_event=None, record_routing=False,
-              record_logits=False, deterministic=False) -> tuple[Engine, list]:
+def _requests(
+    model,
+    tokenizer,
+    prompts,
+    max_new_tokens,
+    temperature,
+    top_k,
+    top_p,
+    seed,
+    stop,
+    num_experts_per_tok,
+    max_batch,
+    compile,
+    on_event=None,
+    record_routing=False,
+    record_logits=False,
+    deterministic=False,
+) -> tuple[Engine, list]:
     params = SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, list(stop or [])).validate()
     ids = [_prompt_ids(tokenizer, p) for p in prompts]
     if not ids:
@@ -120,10 +138,17 @@ def _requests(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top
         longest = model.cfg.max_seq_len
     # The cache is sized to what these prompts need; when that exceeds the context, it is the context
     # and the engine's checks name it.
-    engine = Engine(model, tokenizer, max_batch=max_batch or len(ids),
-                    max_len=min(longest, model.cfg.max_seq_len), num_experts_per_tok=num_experts_per_tok,
-                    compile=compile, record_routing=record_routing, record_logits=record_logits,
-                    batch_invariant=deterministic)
+    engine = Engine(
+        model,
+        tokenizer,
+        max_batch=max_batch or len(ids),
+        max_len=min(longest, model.cfg.max_seq_len),
+        num_experts_per_tok=num_experts_per_tok,
+        compile=compile,
+        record_routing=record_routing,
+        record_logits=record_logits,
+        batch_invariant=deterministic,
+    )
     try:
         reqs = [engine.submit(p, params, on_event, sample_index=i) for i, p in enumerate(ids)]
     except BaseException:
@@ -132,11 +157,23 @@ def _requests(model, tokenizer, prompts, max_new_tokens, temperature, top_k, top
     return engine, reqs
 
 
-def generate(model, tokenizer, prompts: str | Sequence[str], max_new_tokens: int = 64, temperature: float = 1.0,
-             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-             stop: Sequence[str] | str | None = None, num_experts_per_tok: int | None = None,
-             max_batch: int | None = None, compile: bool = False, return_routing: bool = False,
-             return_logits: bool | str = False, deterministic: bool = False):
+def generate(
+    model,
+    tokenizer,
+    prompts: str | Sequence[str],
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] | str | None = None,
+    num_experts_per_tok: int | None = None,
+    max_batch: int | None = None,
+    compile: bool = False,
+    return_routing: bool = False,
+    return_logits: bool | str = False,
+    deterministic: bool = False,
+):
     """Complete each prompt (a string -> a string, a list -> a list). temperature 0 is greedy; prompt i
     draws from a generator seeded with seed + i; the output ends before the first `stop` string or
     the end-of-document token. `num_experts_per_tok` overrides the routed experts per token;
@@ -148,10 +185,23 @@ def generate(model, tokenizer, prompts: str | Sequence[str], max_new_tokens: int
     other prompts or its place among them (one sequence per forward; slower, see docs/rl.md)."""
     single = isinstance(prompts, str)
     batch = [prompts] if single else list(prompts)
-    engine, reqs = _requests(model, tokenizer, batch, max_new_tokens, temperature, top_k, top_p, seed,
-                             [stop] if isinstance(stop, str) else stop, num_experts_per_tok, max_batch, compile,
-                             record_routing=return_routing, record_logits=return_logits,
-                             deterministic=deterministic)
+    engine, reqs = _requests(
+        model,
+        tokenizer,
+        batch,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        seed,
+        [stop] if isinstance(stop, str) else stop,
+        num_experts_per_tok,
+        max_batch,
+        compile,
+        record_routing=return_routing,
+        record_logits=return_logits,
+        deterministic=deterministic,
+    )
     try:
         while engine.step():
             pass
@@ -164,19 +214,40 @@ def generate(model, tokenizer, prompts: str | Sequence[str], max_new_tokens: int
     return texts[0] if single else texts
 
 
-def stream_generate(model, tokenizer, prompts: str | Sequence[str], max_new_tokens: int = 64,
-                    temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                    seed: int | None = None, stop: Sequence[str] | str | None = None,
-                    num_experts_per_tok: int | None = None, max_batch: int | None = None,
-                    compile: bool = False) -> Iterator[str] | Iterator[tuple[int, str]]:
+def stream_generate(
+    model,
+    tokenizer,
+    prompts: str | Sequence[str],
+    max_new_tokens: int = 64,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] | str | None = None,
+    num_experts_per_tok: int | None = None,
+    max_batch: int | None = None,
+    compile: bool = False,
+) -> Iterator[str] | Iterator[tuple[int, str]]:
     """Like `generate`, yielding text as soon as it is final: pieces (str) for one prompt, or
     (prompt index, piece) for a list. Concatenated pieces equal `generate`'s output."""
     single = isinstance(prompts, str)
     batch = [prompts] if single else list(prompts)
     events: deque[Event] = deque()
-    engine, reqs = _requests(model, tokenizer, batch, max_new_tokens, temperature, top_k, top_p, seed,
-                             [stop] if isinstance(stop, str) else stop, num_experts_per_tok, max_batch,
-                             compile, on_event=events.append)
+    engine, reqs = _requests(
+        model,
+        tokenizer,
+        batch,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        seed,
+        [stop] if isinstance(stop, str) else stop,
+        num_experts_per_tok,
+        max_batch,
+        compile,
+        on_event=events.append,
+    )
     index = {id(r): i for i, r in enumerate(reqs)}
     try:
         while True:

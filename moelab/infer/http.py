@@ -39,8 +39,11 @@ class BodyLimit:
 
 
 def _too_large(limit: int) -> APIError:
-    return APIError(413, f"request body is larger than this server accepts ({limit} bytes; see --max-body-bytes)",
-                    code="request_too_large")
+    return APIError(
+        413,
+        f"request body is larger than this server accepts ({limit} bytes; see --max-body-bytes)",
+        code="request_too_large",
+    )
 
 
 async def read_json_body(request: Request, limit: int):

@@ -20,8 +20,16 @@ import torch
 
 
 class KVCache:
-    def __init__(self, n_layers: int, max_batch: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    def __init__(
+        self,
+        n_layers: int,
+        max_batch: int,
+        max_len: int,
+        n_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ):
         shape = (n_layers, max_batch, n_kv_heads, max_len, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
@@ -45,8 +53,9 @@ class KVCache:
     def for_model(cls, model, max_batch: int, max_len: int | None = None, dtype: torch.dtype | None = None):
         cfg = model.cfg
         p = next(model.parameters())
-        return cls(cfg.n_layers, max_batch, max_len or cfg.max_seq_len, cfg.kv_heads, cfg.hdim,
-                   dtype or p.dtype, p.device)
+        return cls(
+            cfg.n_layers, max_batch, max_len or cfg.max_seq_len, cfg.kv_heads, cfg.hdim, dtype or p.dtype, p.device
+        )
 
     @property
     def device(self) -> torch.device:
@@ -85,8 +94,9 @@ class KVCache:
         for r in range(rows.start, rows.stop):
             self.length[r] += n_new
         # Positions are built on the host in one go: a decode step is latency-bound, every op counts.
-        positions = torch.tensor([[max(0, n + j - s) for j in range(n_new)]
-                                  for n, s in zip(lengths, starts, strict=True)], device=dev)
+        positions = torch.tensor(
+            [[max(0, n + j - s) for j in range(n_new)] for n, s in zip(lengths, starts, strict=True)], device=dev
+        )
         if not any(starts) and isinstance(self._slots, int) and (n_new == 1 or self._slots == 0):
             return positions, None  # no padding, equal lengths: a lone query sees all, a fresh prompt is causal
         slot = torch.tensor(lengths, device=dev)[:, None] + torch.arange(n_new, device=dev)  # [rows, s]
@@ -111,7 +121,7 @@ class KVCache:
             write_rows = torch.ops.moelab.kv_write_rows if compiling else write_row_slots
             write_rows(self.k, self.v, k, v, layer_idx, r0, self._row_idx, self._slots)
         rows = slice(r0, r0 + k.shape[0])
-        return self.k[layer_idx, rows, :, :self._kv_len], self.v[layer_idx, rows, :, :self._kv_len]
+        return self.k[layer_idx, rows, :, : self._kv_len], self.v[layer_idx, rows, :, : self._kv_len]
 
     def move_row(self, src: int, dst: int) -> None:
         """Copy sequence `src` into row `dst` (continuous batching keeps the running rows contiguous)."""
@@ -121,16 +131,25 @@ class KVCache:
         self.start[dst], self.length[dst] = self.start[src], self.length[src]
 
 
-def write_slots(kc: torch.Tensor, vc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, r0: int,
-                s0: int) -> None:
+def write_slots(
+    kc: torch.Tensor, vc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, r0: int, s0: int
+) -> None:
     """Every row from r0 writes its s new keys/values k, v [rows, G, s, Dh] at slots s0..s0+s-1."""
     rows = slice(r0, r0 + k.shape[0])
-    kc[layer, rows, :, s0:s0 + k.shape[2]] = k
-    vc[layer, rows, :, s0:s0 + v.shape[2]] = v
+    kc[layer, rows, :, s0 : s0 + k.shape[2]] = k
+    vc[layer, rows, :, s0 : s0 + v.shape[2]] = v
 
 
-def write_row_slots(kc: torch.Tensor, vc: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: int, r0: int,
-                    row_idx: torch.Tensor, slots: torch.Tensor) -> None:
+def write_row_slots(
+    kc: torch.Tensor,
+    vc: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer: int,
+    r0: int,
+    row_idx: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
     """Row r0 + i writes its one new key/value at slot slots[i] (row_idx = 0..rows-1)."""
     rows = slice(r0, r0 + k.shape[0])
     kc[layer, rows][row_idx, :, slots] = k[:, :, 0]
@@ -139,8 +158,10 @@ def write_row_slots(kc: torch.Tensor, vc: torch.Tensor, k: torch.Tensor, v: torc
 
 _OPS = torch.library.Library("moelab", "FRAGMENT")
 _OPS.define("kv_write(Tensor(a!) kc, Tensor(b!) vc, Tensor k, Tensor v, int layer, SymInt r0, SymInt s0) -> ()")
-_OPS.define("kv_write_rows(Tensor(a!) kc, Tensor(b!) vc, Tensor k, Tensor v, int layer, SymInt r0, "
-            "Tensor row_idx, Tensor slots) -> ()")
+_OPS.define(
+    "kv_write_rows(Tensor(a!) kc, Tensor(b!) vc, Tensor k, Tensor v, int layer, SymInt r0, "
+    "Tensor row_idx, Tensor slots) -> ()"
+)
 _OPS.impl("kv_write", write_slots, "CompositeExplicitAutograd")
 _OPS.impl("kv_write_rows", write_row_slots, "CompositeExplicitAutograd")
 for _name in ("kv_write", "kv_write_rows"):

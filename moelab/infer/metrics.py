@@ -21,18 +21,19 @@ class ServerMetrics:
     def __init__(self, engine: Engine):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("moelab_requests", "Finished completion requests by outcome", ["outcome"],
-                                registry=r)
+        self.requests = Counter("moelab_requests", "Finished completion requests by outcome", ["outcome"], registry=r)
         self.prompt_tokens = Counter("moelab_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generated_tokens = Counter("moelab_generated_tokens", "Tokens generated", registry=r)
         self.queue_depth = Gauge("moelab_queue_depth", "Requests waiting for a batch row", registry=r)
         self.queue_depth.set_function(lambda: engine.num_waiting)
         self.running = Gauge("moelab_running_requests", "Requests in the running batch", registry=r)
         self.running.set_function(lambda: engine.num_running)
-        self.ttft = Histogram("moelab_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS,
-                              registry=r)
-        self.latency = Histogram("moelab_request_latency_seconds", "End-to-end request latency",
-                                 buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "moelab_time_to_first_token_seconds", "Time to first token", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.latency = Histogram(
+            "moelab_request_latency_seconds", "End-to-end request latency", buckets=_LATENCY_BUCKETS, registry=r
+        )
 
     def finished(self, req: Request) -> None:
         """Record a request the engine is done with (called from the engine thread)."""

@@ -20,8 +20,15 @@ MAX_STOP = 4  # OpenAI's limit on stop sequences
 class APIError(Exception):
     """An error answered as OpenAI does: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers
@@ -63,8 +70,13 @@ class CompletionRequest(BaseModel):
     suffix: str | None = None
 
     def check_supported(self) -> None:
-        noop = {"logprobs": (None, 0), "best_of": (None, 1), "presence_penalty": (None, 0),
-                "frequency_penalty": (None, 0), "suffix": (None, "")}
+        noop = {
+            "logprobs": (None, 0),
+            "best_of": (None, 1),
+            "presence_penalty": (None, 0),
+            "frequency_penalty": (None, 0),
+            "suffix": (None, ""),
+        }
         for name, ok in noop.items():
             if getattr(self, name) not in ok:
                 raise APIError(400, f"{name} is not supported by this server", param=name)
@@ -78,11 +90,13 @@ class CompletionRequest(BaseModel):
                 try:
                     t.encode("utf-8")
                 except UnicodeEncodeError as e:  # JSON "\ud800": a lone surrogate, no character at all
-                    raise APIError(400, f"{name}: not valid Unicode ({e.reason} at index {e.start})",
-                                   param=name) from None
+                    raise APIError(
+                        400, f"{name}: not valid Unicode ({e.reason} at index {e.start})", param=name
+                    ) from None
         if self.prompt == []:
-            raise APIError(400, "prompt: expected a string, a list of strings or token ids, got an empty list",
-                           param="prompt")
+            raise APIError(
+                400, "prompt: expected a string, a list of strings or token ids, got an empty list", param="prompt"
+            )
 
     @property
     def stop_list(self) -> list[str]:
@@ -112,8 +126,11 @@ def parse_completion_request(body: object) -> CompletionRequest:
     except ValidationError as e:
         err = e.errors()[0]
         # Union members tag the location ("prompt", "list[int]", 0): keep field names and indices.
-        loc = [str(x) for x in err["loc"]
-               if not (isinstance(x, str) and (x in _UNION_TAGS or x.startswith(("list[", "dict[", "function-"))))]
+        loc = [
+            str(x)
+            for x in err["loc"]
+            if not (isinstance(x, str) and (x in _UNION_TAGS or x.startswith(("list[", "dict[", "function-"))))
+        ]
         param = ".".join(loc) or None
         message = "unrecognized request argument" if err["type"] == "extra_forbidden" else err["msg"]
         if param and param.startswith("prompt") and err["type"] != "missing":
@@ -128,8 +145,14 @@ def new_id() -> str:
 
 
 def completion_body(rid: str, created: int, model: str, choices: list[dict], usage: dict | None) -> dict:
-    body = {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": choices,
-            "system_fingerprint": None}
+    body = {
+        "id": rid,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": choices,
+        "system_fingerprint": None,
+    }
     if usage is not None:
         body["usage"] = usage
     return body
@@ -140,10 +163,18 @@ def choice(index: int, text: str, finish_reason: str | None) -> dict:
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def model_card(name: str, max_model_len: int, created: int | None = None) -> dict:
-    return {"id": name, "object": "model", "created": created or int(time.time()), "owned_by": "moelab",
-            "max_model_len": max_model_len}
+    return {
+        "id": name,
+        "object": "model",
+        "created": created or int(time.time()),
+        "owned_by": "moelab",
+        "max_model_len": max_model_len,
+    }

@@ -50,16 +50,36 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         checks = [
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens",
-             "an integer >= 1", self.max_new_tokens),
-            (isinstance(self.temperature, (int, float)) and 0 <= self.temperature, "temperature", "a number >= 0",
-             self.temperature),
-            (self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 0), "top_k",
-             "an integer >= 0 (0 = off)", self.top_k),
-            (self.top_p is None or (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1), "top_p",
-             "a number in (0, 1]", self.top_p),
-            (self.seed is None or (isinstance(self.seed, int) and SEED_MIN <= self.seed <= SEED_MAX), "seed",
-             f"an integer in [{SEED_MIN}, {SEED_MAX}]", self.seed),
+            (
+                isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1,
+                "max_new_tokens",
+                "an integer >= 1",
+                self.max_new_tokens,
+            ),
+            (
+                isinstance(self.temperature, (int, float)) and 0 <= self.temperature,
+                "temperature",
+                "a number >= 0",
+                self.temperature,
+            ),
+            (
+                self.top_k is None or (isinstance(self.top_k, int) and self.top_k >= 0),
+                "top_k",
+                "an integer >= 0 (0 = off)",
+                self.top_k,
+            ),
+            (
+                self.top_p is None or (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1),
+                "top_p",
+                "a number in (0, 1]",
+                self.top_p,
+            ),
+            (
+                self.seed is None or (isinstance(self.seed, int) and SEED_MIN <= self.seed <= SEED_MAX),
+                "seed",
+                f"an integer in [{SEED_MIN}, {SEED_MAX}]",
+                self.seed,
+            ),
             (all(isinstance(s, str) and s for s in self.stop), "stop", "non-empty strings", self.stop),
         ]
         for ok, name, expected, got in checks:
@@ -85,9 +105,12 @@ def _per_row(value, default, b: int, device, dtype) -> torch.Tensor:
     return torch.tensor([default if v is None else v for v in value], device=device, dtype=dtype)[:, None]
 
 
-def logits_to_probs(logits: torch.Tensor, temperature: float | Sequence[float] = 1.0,
-                    top_k: int | None | Sequence[int | None] = None,
-                    top_p: float | None | Sequence[float | None] = None) -> torch.Tensor:
+def logits_to_probs(
+    logits: torch.Tensor,
+    temperature: float | Sequence[float] = 1.0,
+    top_k: int | None | Sequence[int | None] = None,
+    top_p: float | None | Sequence[float | None] = None,
+) -> torch.Tensor:
     """logits [B, V] -> probabilities [B, V] (fp32) after temperature, then top-k, then top-p.
 
     top-k keeps the k highest logits of a row; top-p then keeps the smallest set of most likely tokens
@@ -126,16 +149,18 @@ def sample(probs: torch.Tensor, generators: Sequence[torch.Generator | None] | N
     return torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(generators)])
 
 
-def next_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
-                generators: Sequence[torch.Generator | None] | None = None) -> torch.Tensor:
+def next_tokens(
+    logits: torch.Tensor, params: Sequence[SamplingParams], generators: Sequence[torch.Generator | None] | None = None
+) -> torch.Tensor:
     """The next token of each row of logits [B, V], honouring each row's SamplingParams. -> [B]."""
     greedy = [p.greedy for p in params]
     if all(greedy):
         return logits.argmax(dim=-1)
     rows = [i for i, g in enumerate(greedy) if not g]
     sub = logits if len(rows) == len(params) else logits[rows]
-    probs = logits_to_probs(sub, [params[i].temperature for i in rows], [params[i].top_k for i in rows],
-                            [params[i].top_p for i in rows])
+    probs = logits_to_probs(
+        sub, [params[i].temperature for i in rows], [params[i].top_k for i in rows], [params[i].top_p for i in rows]
+    )
     drawn = sample(probs, None if generators is None else [generators[i] for i in rows])
     if len(rows) == len(params):
         return drawn

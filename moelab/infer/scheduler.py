@@ -94,9 +94,19 @@ def compiled_decoder(model):
 
 
 class Engine:
-    def __init__(self, model, tokenizer, max_batch: int = 8, max_len: int | None = None,
-                 num_experts_per_tok: int | None = None, prefill_tokens: int = 4096, compile: bool = False,
-                 record_routing: bool = False, record_logits: bool = False, batch_invariant: bool = False):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        max_batch: int = 8,
+        max_len: int | None = None,
+        num_experts_per_tok: int | None = None,
+        prefill_tokens: int = 4096,
+        compile: bool = False,
+        record_routing: bool = False,
+        record_logits: bool = False,
+        batch_invariant: bool = False,
+    ):
         """`compile`: run decode steps through torch.compile (see `compiled_decoder`); prefill stays eager.
         `record_routing` / `record_logits`: keep each request's routing / logits (`Request`).
         `batch_invariant`: every forward holds one sequence (prefill alone, unpadded; decode row by row),
@@ -143,18 +153,28 @@ class Engine:
         if n == 0:
             raise UserError("prompt: expected at least one token, got none")
         if n >= self.max_len:
-            raise UserError(f"prompt: {n} tokens does not fit the context of {self.max_len} tokens "
-                            "(at least one token must be generated)")
+            raise UserError(
+                f"prompt: {n} tokens does not fit the context of {self.max_len} tokens "
+                "(at least one token must be generated)"
+            )
         if n + m > self.max_len:
-            raise UserError(f"max_tokens: prompt ({n} tokens) + max_tokens ({m}) = {n + m} exceeds the context "
-                            f"of {self.max_len} tokens; ask for at most {self.max_len - n}")
+            raise UserError(
+                f"max_tokens: prompt ({n} tokens) + max_tokens ({m}) = {n + m} exceeds the context "
+                f"of {self.max_len} tokens; ask for at most {self.max_len - n}"
+            )
         vocab = self.model.cfg.vocab_size
         bad = [t for t in prompt_ids if not (isinstance(t, int) and 0 <= t < vocab)]
         if bad:
             raise UserError(f"prompt: token ids must be in [0, {vocab}), got {bad[:3]}")
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams,
-               on_event: Callable[[Event], None] | None = None, sample_index: int = 0, adapter: int = 0) -> Request:
+    def submit(
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        on_event: Callable[[Event], None] | None = None,
+        sample_index: int = 0,
+        adapter: int = 0,
+    ) -> Request:
         params.validate()
         self.check(prompt_ids, params)
         req = Request(list(prompt_ids), params, on_event, sample_index, adapter)
@@ -266,8 +286,9 @@ class Engine:
             mask = torch.tensor([[0] * p + [1] * (longest - p) for p in pad], device=self.device)
         positions, attn_mask = self.cache.prefill(slice(b0, b0 + n), pad, longest)
         self._select_adapters(group)
-        logits = self.model(idx, mask=mask, positions=positions, cache=self.cache, attn_mask=attn_mask,
-                            last_only=True).logits
+        logits = self.model(
+            idx, mask=mask, positions=positions, cache=self.cache, attn_mask=attn_mask, last_only=True
+        ).logits
         self._record(group, pad)
         self._running.extend(group)
         self._next.extend([0] * n)
@@ -281,7 +302,7 @@ class Engine:
                 positions, attn_mask = self.cache.extend(slice(i, i + 1))
                 idx = torch.tensor([[self._next[i]]], device=self.device)
                 rows.append(self.model(idx, positions=positions, cache=self.cache, attn_mask=attn_mask).logits[:, -1])
-                self._record(self._running[i:i + 1], [0])
+                self._record(self._running[i : i + 1], [0])
             self._accept(0, torch.cat(rows))
             return
         idx = torch.tensor(self._next, device=self.device)[:, None]
@@ -294,8 +315,11 @@ class Engine:
                 raise
             # e.g. no C++ compiler for inductor: decode eagerly rather than fail the requests. The step
             # is simply rerun: it rewrites the same cache slots with the same values.
-            log.warning("moelab: compiled decoding failed (%s: %s); decoding eagerly", type(e).__name__,
-                        str(e).strip().splitlines()[0] if str(e).strip() else "")
+            log.warning(
+                "moelab: compiled decoding failed (%s: %s); decoding eagerly",
+                type(e).__name__,
+                str(e).strip().splitlines()[0] if str(e).strip() else "",
+            )
             self._decoder = self.model
             logits = self.model(idx, positions=positions, cache=self.cache, attn_mask=attn_mask).logits
         self._record(self._running, [0] * b)
@@ -311,15 +335,17 @@ class Engine:
         ids = torch.stack([r.ids.view(n, -1, r.ids.shape[-1]) for r in recs], 2).cpu()  # [n, s, L, K]
         w = torch.stack([r.weights.view(n, -1, r.weights.shape[-1]) for r in recs], 2).cpu()
         for i, req in enumerate(reqs):
-            req.routing.append(ids[i, pad[i]:])
-            req.routing_weights.append(w[i, pad[i]:])
+            req.routing.append(ids[i, pad[i] :])
+            req.routing_weights.append(w[i, pad[i] :])
 
     def _accept(self, b0: int, logits: torch.Tensor) -> None:
         """Sample the next token of rows b0.. from logits [n, V]; emit events; retire finished rows."""
-        reqs = self._running[b0:b0 + logits.shape[0]]
+        reqs = self._running[b0 : b0 + logits.shape[0]]
         if not bool(torch.isfinite(logits).all()):  # sampling NaN gives garbage tokens with exit 0
-            raise UserError("the model's logits are not finite (NaN or inf): its weights are broken (a diverged "
-                            "or corrupted checkpoint?); refusing to generate from it")
+            raise UserError(
+                "the model's logits are not finite (NaN or inf): its weights are broken (a diverged "
+                "or corrupted checkpoint?); refusing to generate from it"
+            )
         tokens = next_tokens(logits, [r.params for r in reqs], [r._generator for r in reqs]).tolist()
         if self.record_logits:
             kept = logits.float().cpu()

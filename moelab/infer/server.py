@@ -55,8 +55,14 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for completions
 EMPTY_KEY = "--api-key: empty (an unset variable?); pass a key, or leave the option out to serve without one"
 
 
-def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_queue: int = 256,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, adapters: dict[str, int] | None = None) -> FastAPI:
+def create_app(
+    engine: Engine,
+    model_name: str,
+    api_key: str | None = None,
+    max_queue: int = 256,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    adapters: dict[str, int] | None = None,
+) -> FastAPI:
     """The app; its lifespan starts the engine thread and shuts it down. `adapters`: LoRA adapter name ->
     slot of the engine's model (`moelab serve BASE --adapter name=RUN`), chosen by a request's `model`."""
     if api_key == "":
@@ -68,8 +74,12 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
     def slot_of(name: str) -> int:
         if name not in slots:
             served = ", ".join(f"`{n}`" for n in slots)
-            raise APIError(404, f"The model `{name}` does not exist (this server serves {served}).",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"The model `{name}` does not exist (this server serves {served}).",
+                param="model",
+                code="model_not_found",
+            )
         return slots[name]
 
     @contextlib.asynccontextmanager
@@ -146,8 +156,13 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             why = "streaming" if engine.record_routing else "this server (start it with --record-routing)"
             raise APIError(400, f"return_routing is not available with {why}", param="return_routing")
         if engine.num_waiting + req.n * len(req.prompts) > max_queue:  # before tokenizing: no work when full
-            raise APIError(429, f"server overloaded: {engine.num_waiting} requests already waiting",
-                           type="rate_limit_error", code="queue_full", headers={"Retry-After": str(RETRY_AFTER_S)})
+            raise APIError(
+                429,
+                f"server overloaded: {engine.num_waiting} requests already waiting",
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
         jobs = await asyncio.to_thread(_jobs, engine, req)  # tokenizing a long prompt must not stall the loop
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
@@ -163,13 +178,18 @@ def create_app(engine: Engine, model_name: str, api_key: str | None = None, max_
             raise APIError(503, "server is shutting down", type="server_error") from None
         rid, echo = new_id(), [e for _, _, e in jobs]
         if req.stream:
-            return StreamingResponse(_sse(request, engine, handles, events, rid, req.model, echo, req, metrics),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            return StreamingResponse(
+                _sse(request, engine, handles, events, rid, req.model, echo, req, metrics),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
         body = await _collect(request, engine, handles, events, rid, req.model, echo)
         if req.return_routing and isinstance(body, dict):
             for c, h in zip(body["choices"], handles, strict=True):
-                c["moelab_routing"] = {"ids": torch.cat(h.routing).tolist() if h.routing else [],
-                                       "weights": torch.cat(h.routing_weights).tolist() if h.routing else []}
+                c["moelab_routing"] = {
+                    "ids": torch.cat(h.routing).tolist() if h.routing else [],
+                    "weights": torch.cat(h.routing_weights).tolist() if h.routing else [],
+                }
         return body
 
     from moelab.infer.chat import add_chat_route
@@ -197,16 +217,22 @@ def _jobs(engine: Engine, req: CompletionRequest) -> list[tuple[list[int], Sampl
         max_tokens = req.max_tokens if req.max_tokens is not None else max(1, min(DEFAULT_MAX_TOKENS, room))
         for j in range(req.n):
             seed = None if req.seed is None else wrap_seed(req.seed + p_index * req.n + j)
-            params = SamplingParams(max_tokens, 1.0 if req.temperature is None else req.temperature,
-                                    None if req.top_k in (None, -1, 0) else req.top_k,
-                                    None if req.top_p is None or req.top_p >= 1 else req.top_p, seed, req.stop_list)
+            params = SamplingParams(
+                max_tokens,
+                1.0 if req.temperature is None else req.temperature,
+                None if req.top_k in (None, -1, 0) else req.top_k,
+                None if req.top_p is None or req.top_p >= 1 else req.top_p,
+                seed,
+                req.stop_list,
+            )
             try:
                 params.validate("request")
                 engine.check(ids, params)
             except UserError as e:
                 param = "max_tokens" if str(e).startswith("max_tokens") else "prompt"
-                raise APIError(400, str(e), param=param, code="context_length_exceeded"
-                               if "context" in str(e) else None) from None
+                raise APIError(
+                    400, str(e), param=param, code="context_length_exceeded" if "context" in str(e) else None
+                ) from None
             if req.echo and text is None:
                 text = tok.decode(ids)
             jobs.append((ids, params, text if req.echo else ""))
@@ -225,8 +251,13 @@ async def _collect(request, engine, handles, events, rid, model_name, echo) -> d
                 engine.cancel(h)
     raise_if_failed(handles)
     choices = [choice(i, echo[i] + h.text, h.finish_reason) for i, h in enumerate(handles)]
-    return completion_body(rid, int(time.time()), model_name, choices,
-                           usage(sum(len(h.prompt_ids) for h in handles), sum(len(h.output_ids) for h in handles)))
+    return completion_body(
+        rid,
+        int(time.time()),
+        model_name,
+        choices,
+        usage(sum(len(h.prompt_ids) for h in handles), sum(len(h.output_ids) for h in handles)),
+    )
 
 
 async def _sse(request, engine, handles, events, rid, model_name, echo, req: CompletionRequest, metrics=None):
@@ -298,6 +329,7 @@ def make_server(app: FastAPI, sock: socket.socket, log_level: str = "warning"):
     """A uvicorn server for `app` on an already bound socket; run it with server.run(sockets=[sock])."""
     import uvicorn
 
-    config = uvicorn.Config(app, log_level=log_level, access_log=log_level in ("info", "debug"),
-                            timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app, log_level=log_level, access_log=log_level in ("info", "debug"), timeout_graceful_shutdown=5
+    )
     return uvicorn.Server(config)

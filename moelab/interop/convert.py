@@ -68,8 +68,9 @@ def from_hf_state(src: TensorSource, rules: list[Rule], expected: dict[str, torc
     def read(name: str, shape) -> torch.Tensor | None:
         got = src.shape(name)
         if tuple(got) != tuple(shape):
-            bad.lines.append(f"{src.where(name)}: tensor {name} has shape {_fmt(got)}, expected {_fmt(shape)} "
-                             "(from config.json)")
+            bad.lines.append(
+                f"{src.where(name)}: tensor {name} has shape {_fmt(got)}, expected {_fmt(shape)} (from config.json)"
+            )
             return None
         return src.take(name)
 
@@ -89,13 +90,16 @@ def from_hf_state(src: TensorSource, rules: list[Rule], expected: dict[str, torc
             if r.theirs not in src:
                 bad.missing.append(r.theirs)
             elif (t := read(r.theirs, r.shape)) is not None and bool(t.any()):
-                bad.lines.append(f"{src.where(r.theirs)}: tensor {r.theirs} is not zero, and moelab has no such "
-                                 "parameter (cannot be expressed)")
+                bad.lines.append(
+                    f"{src.where(r.theirs)}: tensor {r.theirs} is not zero, and moelab has no such "
+                    "parameter (cannot be expressed)"
+                )
     unused = [k for k in src.keys() if k not in src.taken and not k.endswith(IGNORED_SUFFIXES)]
     if unused:
         more = f" (and {len(unused) - 3} more)" if len(unused) > 3 else ""
-        bad.lines.append(f"{src.dir}: unexpected tensors not used by the {len(rules)}-rule map: "
-                         f"{', '.join(unused[:3])}{more}")
+        bad.lines.append(
+            f"{src.dir}: unexpected tensors not used by the {len(rules)}-rule map: {', '.join(unused[:3])}{more}"
+        )
     bad.raise_if_any(str(src.dir))
     return state
 

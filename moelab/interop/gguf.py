@@ -50,8 +50,10 @@ def gguf_arch(cfg: ModelConfig) -> str:
     m, moe_ids = cfg.moe, cfg.moe_layer_ids()
     p = []
     if moe_ids and len(moe_ids) != cfg.n_layers:
-        p.append(f"layers {sorted(set(range(cfg.n_layers)) - set(moe_ids))} are dense but others are MoE "
-                 "(llama.cpp needs all MoE or all dense)")
+        p.append(
+            f"layers {sorted(set(range(cfg.n_layers)) - set(moe_ids))} are dense but others are MoE "
+            "(llama.cpp needs all MoE or all dense)"
+        )
     if moe_ids:
         if m.router not in ("softmax_topk", "topk_softmax") or m.routed_scaling_factor != 1.0:
             p.append(f"router {m.router!r} (scale {m.routed_scaling_factor}) is not softmax top-k")
@@ -62,33 +64,45 @@ def gguf_arch(cfg: ModelConfig) -> str:
     if not moe_ids:
         if cfg.qk_norm == "none":
             return "llama"
-        raise UserError(f"cannot export as GGUF: no llama.cpp architecture has a dense model with "
-                        f"qk_norm={cfg.qk_norm!r} (llama.cpp's llama has no qk-norm)")
+        raise UserError(
+            f"cannot export as GGUF: no llama.cpp architecture has a dense model with "
+            f"qk_norm={cfg.qk_norm!r} (llama.cpp's llama has no qk-norm)"
+        )
     norm = routed_normalized(cfg)
     full_width = cfg.n_heads * cfg.hdim == cfg.d_model
     shared_width = (m.shared_expert_dim or m.expert_dim) * m.num_shared_experts
     if m.num_shared_experts:
         if cfg.qk_norm != "none":
-            why = (f"shared experts with qk_norm={cfg.qk_norm!r} (its shared-expert architectures, qwen2moe and "
-                   "bailingmoe, have no qk-norm)")
+            why = (
+                f"shared experts with qk_norm={cfg.qk_norm!r} (its shared-expert architectures, qwen2moe and "
+                "bailingmoe, have no qk-norm)"
+            )
         elif m.shared_expert_gate and norm:
-            why = ("a sigmoid-gated shared expert with renormalised top-k weights (qwen2moe, its one gated shared "
-                   "expert, never renormalises: moe.normalize=false)")
+            why = (
+                "a sigmoid-gated shared expert with renormalised top-k weights (qwen2moe, its one gated shared "
+                "expert, never renormalises: moe.normalize=false)"
+            )
         elif m.shared_expert_gate and not full_width:
-            why = (f"a gated shared expert with n_heads * head_dim = {cfg.n_heads * cfg.hdim} != d_model "
-                   f"{cfg.d_model} (qwen2moe sizes attention by d_model)")
+            why = (
+                f"a gated shared expert with n_heads * head_dim = {cfg.n_heads * cfg.hdim} != d_model "
+                f"{cfg.d_model} (qwen2moe sizes attention by d_model)"
+            )
         elif m.shared_expert_gate:
             return "qwen2moe"
         elif shared_width % m.expert_dim:
-            why = (f"an ungated shared expert of width {shared_width}, not a multiple of the expert width "
-                   f"{m.expert_dim} (bailingmoe counts shared experts in routed experts' widths)")
+            why = (
+                f"an ungated shared expert of width {shared_width}, not a multiple of the expert width "
+                f"{m.expert_dim} (bailingmoe counts shared experts in routed experts' widths)"
+            )
         else:
             return "bailingmoe"
     elif cfg.qk_norm == "none":
         if norm:
             return "llama"
-        why = ("un-normalised top-k weights without qk-norm or a shared expert (llama/Mixtral always "
-               "renormalises: moe.normalize=true)")
+        why = (
+            "un-normalised top-k weights without qk-norm or a shared expert (llama/Mixtral always "
+            "renormalises: moe.normalize=true)"
+        )
     elif cfg.qk_norm == "head":
         if norm:
             return "qwen3moe"
@@ -96,8 +110,10 @@ def gguf_arch(cfg: ModelConfig) -> str:
     elif norm:
         why = "full-width qk-norm with renormalised top-k weights (olmoe never renormalises)"
     elif not full_width or cfg.kv_heads != cfg.n_heads:
-        why = (f"full-width qk-norm with kv_heads {cfg.kv_heads}/{cfg.n_heads}, n_heads * head_dim "
-               f"{cfg.n_heads * cfg.hdim} / d_model {cfg.d_model} (olmoe sizes both norms by d_model: no GQA)")
+        why = (
+            f"full-width qk-norm with kv_heads {cfg.kv_heads}/{cfg.n_heads}, n_heads * head_dim "
+            f"{cfg.n_heads * cfg.hdim} / d_model {cfg.d_model} (olmoe sizes both norms by d_model: no GQA)"
+        )
     else:
         return "olmoe"
     raise UserError(f"cannot export as GGUF: no llama.cpp architecture has {why}")
@@ -141,10 +157,16 @@ def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) ->
             q, k = permute_rope(q, cfg.n_heads), permute_rope(k, cfg.kv_heads)
             if qb is not None:
                 qb, kb = permute_rope(qb, cfg.n_heads), permute_rope(kb, cfg.kv_heads)
-        out.update({b + "attn_norm.weight": state[s + "attn_norm.weight"], b + "attn_q.weight": q,
-                    b + "attn_k.weight": k, b + "attn_v.weight": state[s + "attn.v_proj.weight"],
-                    b + "attn_output.weight": state[s + "attn.o_proj.weight"],
-                    b + "ffn_norm.weight": state[s + "ffn_norm.weight"]})
+        out.update(
+            {
+                b + "attn_norm.weight": state[s + "attn_norm.weight"],
+                b + "attn_q.weight": q,
+                b + "attn_k.weight": k,
+                b + "attn_v.weight": state[s + "attn.v_proj.weight"],
+                b + "attn_output.weight": state[s + "attn.o_proj.weight"],
+                b + "ffn_norm.weight": state[s + "ffn_norm.weight"],
+            }
+        )
         if qb is not None:
             out.update({b + "attn_q.bias": qb, b + "attn_k.bias": kb, b + "attn_v.bias": state[s + "attn.v_proj.bias"]})
         if cfg.qk_norm != "none":
@@ -156,9 +178,14 @@ def gguf_tensors(state: dict[str, torch.Tensor], cfg: ModelConfig, arch: str) ->
             continue
         f = cfg.moe.expert_dim
         gate_up = state[s + "ffn.experts.gate_up"]  # [E, 2F, D]: gate rows then up rows
-        out.update({b + "ffn_gate_inp.weight": state[s + "ffn.router.weight"],
-                    b + "ffn_gate_exps.weight": gate_up[:, :f], b + "ffn_up_exps.weight": gate_up[:, f:],
-                    b + "ffn_down_exps.weight": state[s + "ffn.experts.down"]})
+        out.update(
+            {
+                b + "ffn_gate_inp.weight": state[s + "ffn.router.weight"],
+                b + "ffn_gate_exps.weight": gate_up[:, :f],
+                b + "ffn_up_exps.weight": gate_up[:, f:],
+                b + "ffn_down_exps.weight": state[s + "ffn.experts.down"],
+            }
+        )
         if cfg.moe.num_shared_experts:
             for name in ("gate", "up", "down"):
                 out[f"{b}ffn_{name}_shexp.weight"] = state[f"{s}ffn.shared.{name}_proj.weight"]
@@ -185,9 +212,17 @@ def gguf_vocab(tok, vocab_size: int) -> dict:
         for i in range(sp.get_piece_size()):
             tokens.append(sp.id_to_piece(i))
             scores.append(float(sp.get_score(i)))
-            types.append(TokenType.UNKNOWN if sp.is_unknown(i) else TokenType.CONTROL if sp.is_control(i)
-                         else TokenType.BYTE if sp.is_byte(i) else TokenType.UNUSED if sp.is_unused(i)
-                         else TokenType.NORMAL)
+            types.append(
+                TokenType.UNKNOWN
+                if sp.is_unknown(i)
+                else TokenType.CONTROL
+                if sp.is_control(i)
+                else TokenType.BYTE
+                if sp.is_byte(i)
+                else TokenType.UNUSED
+                if sp.is_unused(i)
+                else TokenType.NORMAL
+            )
         unk = sp.unk_id()
         first = tok.encode("a")  # a dummy-prefix model writes "a" as "▁a"
         space_prefix = bool(first) and sp.id_to_piece(first[0]).startswith(SP_SPACE)
@@ -197,12 +232,18 @@ def gguf_vocab(tok, vocab_size: int) -> dict:
             scores += [0.0] * (i + 1 - len(scores))
             types += [TokenType.UNUSED] * (i - len(types)) + [TokenType.CONTROL]
     if len(tokens) > vocab_size:
-        raise UserError(f"cannot export as GGUF: the tokenizer has {len(tokens)} tokens but the model only "
-                        f"{vocab_size} ids")
+        raise UserError(
+            f"cannot export as GGUF: the tokenizer has {len(tokens)} tokens but the model only {vocab_size} ids"
+        )
     pad = vocab_size - len(tokens)
-    return {"tokens": tokens + [f"[PAD{j}]" for j in range(len(tokens), vocab_size)],
-            "scores": scores + [0.0] * pad, "types": types + [TokenType.UNUSED] * pad,
-            "unk": unk, "eos": tok.eod_id, "space_prefix": space_prefix}
+    return {
+        "tokens": tokens + [f"[PAD{j}]" for j in range(len(tokens), vocab_size)],
+        "scores": scores + [0.0] * pad,
+        "types": types + [TokenType.UNUSED] * pad,
+        "unk": unk,
+        "eos": tok.eod_id,
+        "space_prefix": space_prefix,
+    }
 
 
 def _encode(name: str, t: torch.Tensor, dtype: str):
@@ -217,16 +258,22 @@ def _encode(name: str, t: torch.Tensor, dtype: str):
     return a.astype(np.float16), None
 
 
-def write_gguf(path: Path, cfg: ModelConfig, arch: str, tensors: dict[str, torch.Tensor], vocab: dict,
-               dtype: str, name: str) -> None:
+def write_gguf(
+    path: Path, cfg: ModelConfig, arch: str, tensors: dict[str, torch.Tensor], vocab: dict, dtype: str, name: str
+) -> None:
     import gguf
 
     w = gguf.GGUFWriter(str(path), arch)
     m, moe = cfg.moe, bool(cfg.moe_layer_ids())
     w.add_name(name)
     w.add_string(WRITER_KEY, "moelab")  # lets --overwrite tell a file moelab wrote from a user's
-    w.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype])
+    w.add_file_type(
+        {
+            "f32": gguf.LlamaFileType.ALL_F32,
+            "f16": gguf.LlamaFileType.MOSTLY_F16,
+            "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+        }[dtype]
+    )
     w.add_vocab_size(cfg.vocab_size)
     w.add_context_length(cfg.max_seq_len)
     w.add_embedding_length(cfg.d_model)
@@ -279,8 +326,10 @@ def write_model_gguf(path: str | Path, model, tok=None, dtype: str = "f32", name
     arch = gguf_arch(cfg)
     if tok is None:
         if cfg.vocab_size < 257:
-            raise UserError(f"cannot export as GGUF without a tokenizer: the stand-in byte vocabulary needs "
-                            f"vocab_size >= 257, the model has {cfg.vocab_size}")
+            raise UserError(
+                f"cannot export as GGUF without a tokenizer: the stand-in byte vocabulary needs "
+                f"vocab_size >= 257, the model has {cfg.vocab_size}"
+            )
         tok = ByteTokenizer()
     vocab = gguf_vocab(tok, cfg.vocab_size)
     tensors = gguf_tensors(model.state_dict(), cfg, arch)
@@ -318,8 +367,15 @@ def check_output_file(out: Path, overwrite: bool) -> None:
             raise UserError(f"{out}: refusing to replace it: --overwrite only replaces a GGUF file moelab wrote")
 
 
-def export_gguf(run: str | Path, out_file: str | Path, *, dtype: str = "f32", check: bool = True,
-                tolerance: float | None = None, overwrite: bool = False) -> ConversionResult:
+def export_gguf(
+    run: str | Path,
+    out_file: str | Path,
+    *,
+    dtype: str = "f32",
+    check: bool = True,
+    tolerance: float | None = None,
+    overwrite: bool = False,
+) -> ConversionResult:
     """Write run/checkpoint `run` as one GGUF file; with llama-cpp-python installed, run it and compare."""
     from moelab.checkpoint import load_model
     from moelab.tokenizer import Tokenizer

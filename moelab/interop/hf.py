@@ -85,8 +85,7 @@ def read_hf_model(hf_dir: str | Path):
         tied_head = src.take("lm_head.weight") if cfg.tie_embeddings and "lm_head.weight" in src else None
         state = from_hf_state(src, weight_map(cfg, spec, hf_bias=hf_bias), expected_shapes(cfg))
     if tied_head is not None and not torch.equal(tied_head.to(state["embed.weight"].dtype), state["embed.weight"]):
-        raise UserError(f"{hf_dir}: lm_head.weight differs from model.embed_tokens.weight but "
-                        "tie_word_embeddings=true")
+        raise UserError(f"{hf_dir}: lm_head.weight differs from model.embed_tokens.weight but tie_word_embeddings=true")
     with torch.device("meta"):
         model = Transformer(cfg)
     problems = state_problems(own_state_names(model), state)
@@ -97,8 +96,14 @@ def read_hf_model(hf_dir: str | Path):
     return model.eval(), cfg, spec, notes
 
 
-def verify_against_transformers(model, hf_dir: Path, spec: ArchSpec, tolerance: float = DEFAULT_TOLERANCE,
-                                notes: list[str] | None = None, label: str | None = None) -> ParityReport | None:
+def verify_against_transformers(
+    model,
+    hf_dir: Path,
+    spec: ArchSpec,
+    tolerance: float = DEFAULT_TOLERANCE,
+    notes: list[str] | None = None,
+    label: str | None = None,
+) -> ParityReport | None:
     """Compare `model` with transformers' reading of `hf_dir`; raise UserError beyond `tolerance`.
     Returns None (and adds a note) when transformers is not installed."""
     if not transformers_available():
@@ -111,8 +116,14 @@ def verify_against_transformers(model, hf_dir: Path, spec: ArchSpec, tolerance: 
     return report
 
 
-def import_hf(hf_dir: str | Path, out_dir: str | Path, *, check: bool = True,
-              tolerance: float = DEFAULT_TOLERANCE, overwrite: bool = False) -> ConversionResult:
+def import_hf(
+    hf_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    check: bool = True,
+    tolerance: float = DEFAULT_TOLERANCE,
+    overwrite: bool = False,
+) -> ConversionResult:
     """Convert an HF directory into a moelab checkpoint directory at `out_dir`."""
     hf_dir, out = Path(hf_dir), Path(out_dir)
     fileio.check_output_dir(out, overwrite, COMPLETE, empty_ok=True)  # before the work, not after
@@ -127,8 +138,9 @@ def import_hf(hf_dir: str | Path, out_dir: str | Path, *, check: bool = True,
 
         tok_note = hf_tokenizer.import_tokenizer(hf_dir, tmp / "tokenizer", cfg.vocab_size)
         notes.append(tok_note)
-        write_model(tmp, model, full, None, extra={"imported_from": str(hf_dir.resolve()),
-                                                    "architecture": spec.model_type})
+        write_model(
+            tmp, model, full, None, extra={"imported_from": str(hf_dir.resolve()), "architecture": spec.model_type}
+        )
 
     atomic_dir(out, write, overwrite, COMPLETE)
     return result
@@ -150,9 +162,17 @@ def resolve_arch(cfg: ModelConfig, arch: str | None) -> ArchSpec:
     return spec
 
 
-def export_hf(run: str | Path, out_dir: str | Path, *, arch: str | None = None, dtype: str = "float32",
-              check: bool = True, tolerance: float = DEFAULT_TOLERANCE, overwrite: bool = False,
-              max_shard_bytes: int = 5 * 2**30) -> ConversionResult:
+def export_hf(
+    run: str | Path,
+    out_dir: str | Path,
+    *,
+    arch: str | None = None,
+    dtype: str = "float32",
+    check: bool = True,
+    tolerance: float = DEFAULT_TOLERANCE,
+    overwrite: bool = False,
+    max_shard_bytes: int = 5 * 2**30,
+) -> ConversionResult:
     """Write run/checkpoint `run` as a Hugging Face model directory `out_dir`."""
     out = Path(out_dir)
     if dtype not in DTYPES:
@@ -174,16 +194,24 @@ def export_hf(run: str | Path, out_dir: str | Path, *, arch: str | None = None, 
         special, tok_note = hf_tokenizer.export_tokenizer(ckpt / "tokenizer", tmp)
         result.notes.append(tok_note)
         write_safetensors_dir(tmp, tensors, max_shard_bytes)
-        (tmp / "config.json").write_text(json.dumps(to_hf_config(cfg, spec, dtype, special), indent=2) + "\n",
-                                         encoding="utf-8")
+        (tmp / "config.json").write_text(
+            json.dumps(to_hf_config(cfg, spec, dtype, special), indent=2) + "\n", encoding="utf-8"
+        )
         result.report = _verify_export(tmp, spec, source, DTYPES[dtype], check, tolerance, result.notes)
 
     atomic_dir(out, write, overwrite, COMPLETE)
     return result
 
 
-def _verify_export(tmp: Path, spec: ArchSpec, source: dict[str, torch.Tensor], dtype: torch.dtype, check: bool,
-                   tolerance: float, notes: list[str]) -> ParityReport | None:
+def _verify_export(
+    tmp: Path,
+    spec: ArchSpec,
+    source: dict[str, torch.Tensor],
+    dtype: torch.dtype,
+    check: bool,
+    tolerance: float,
+    notes: list[str],
+) -> ParityReport | None:
     """Read the written files back with the importer (must equal the source weights rounded to
     `dtype`), then compare against transformers' reading of the same files."""
     ours, _, _, _ = read_hf_model(tmp)

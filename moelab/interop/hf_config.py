@@ -18,12 +18,28 @@ from moelab.interop.hf_maps import ARCHS, MOE_ARCHS, ArchSpec
 # transformers 5.23 class defaults for the optional fields moelab reads.
 HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "mixtral": {"num_key_value_heads": 8, "rms_norm_eps": 1e-5, "rope_theta": 1e6, "max_position_embeddings": 131072},
-    "qwen2_moe": {"num_key_value_heads": 16, "rms_norm_eps": 1e-6, "rope_theta": 1e4, "max_position_embeddings": 32768,
-                  "norm_topk_prob": False},
-    "qwen3_moe": {"num_key_value_heads": 4, "rms_norm_eps": 1e-6, "rope_theta": 1e4, "max_position_embeddings": 32768,
-                  "norm_topk_prob": False},
-    "olmoe": {"num_key_value_heads": None, "rms_norm_eps": 1e-5, "rope_theta": 1e4, "max_position_embeddings": 4096,
-              "norm_topk_prob": False, "router_aux_loss_coef": 0.01},
+    "qwen2_moe": {
+        "num_key_value_heads": 16,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1e4,
+        "max_position_embeddings": 32768,
+        "norm_topk_prob": False,
+    },
+    "qwen3_moe": {
+        "num_key_value_heads": 4,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 1e4,
+        "max_position_embeddings": 32768,
+        "norm_topk_prob": False,
+    },
+    "olmoe": {
+        "num_key_value_heads": None,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1e4,
+        "max_position_embeddings": 4096,
+        "norm_topk_prob": False,
+        "router_aux_loss_coef": 0.01,
+    },
     "llama": {"num_key_value_heads": None, "rms_norm_eps": 1e-6, "rope_theta": 1e4, "max_position_embeddings": 2048},
     "qwen2": {"num_key_value_heads": 32, "rms_norm_eps": 1e-6, "rope_theta": 1e4, "max_position_embeddings": 32768},
 }
@@ -33,8 +49,12 @@ COMMON = {"tie_word_embeddings": False, "initializer_range": 0.02, "hidden_act":
 REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
 REQUIRED_BY_ARCH = {
     "mixtral": ("intermediate_size", "num_local_experts|num_experts", "num_experts_per_tok"),
-    "qwen2_moe": ("moe_intermediate_size", "num_experts|num_local_experts", "num_experts_per_tok",
-                  "shared_expert_intermediate_size"),
+    "qwen2_moe": (
+        "moe_intermediate_size",
+        "num_experts|num_local_experts",
+        "num_experts_per_tok",
+        "shared_expert_intermediate_size",
+    ),
     "qwen3_moe": ("moe_intermediate_size", "num_experts|num_local_experts", "num_experts_per_tok"),
     "olmoe": ("intermediate_size", "num_experts|num_local_experts", "num_experts_per_tok"),
     "llama": ("intermediate_size",),
@@ -58,8 +78,9 @@ class _Fields:
                 return self._check(name, self.data[name], kind)
         if names[0] in self.defaults:
             return self.defaults[names[0]]
-        raise UserError(f"{self.source}: missing field {names[0]!r}"
-                        + (f" (or {names[1]!r})" if len(names) > 1 else ""))
+        raise UserError(
+            f"{self.source}: missing field {names[0]!r}" + (f" (or {names[1]!r})" if len(names) > 1 else "")
+        )
 
     def _check(self, name: str, value, kind: type):
         if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -78,8 +99,9 @@ def detect_arch(data: dict, source: str) -> ArchSpec:
     if model_type is None:
         raise UserError(f"{source}: missing field 'model_type' (expected one of {', '.join(ARCHS)})")
     if model_type not in ARCHS:
-        raise UserError(f"{source}: unsupported architecture model_type={model_type!r}; "
-                        f"expected one of {', '.join(ARCHS)}")
+        raise UserError(
+            f"{source}: unsupported architecture model_type={model_type!r}; expected one of {', '.join(ARCHS)}"
+        )
     return ARCHS[model_type]
 
 
@@ -103,8 +125,11 @@ def from_hf_config(data: dict, source: str) -> tuple[ModelConfig, ArchSpec, list
     moe = MoEConfig(layers="none")
     ffn_dim = f.get("intermediate_size") if f.has("intermediate_size") else 1
     if spec.moe:
-        num_experts = f.get("num_experts|num_local_experts") if spec.model_type != "mixtral" \
+        num_experts = (
+            f.get("num_experts|num_local_experts")
+            if spec.model_type != "mixtral"
             else f.get("num_local_experts|num_experts")
+        )
         top_k = f.get("num_experts_per_tok")
         expert_dim = f.get("moe_intermediate_size" if spec.model_type.startswith("qwen") else "intermediate_size")
         ids = moe_layer_ids(data, f, spec, n_layers, num_experts)
@@ -113,21 +138,40 @@ def from_hf_config(data: dict, source: str) -> tuple[ModelConfig, ArchSpec, list
             ffn_dim = f.get("intermediate_size")
         normalize = True if spec.model_type == "mixtral" else f.get("norm_topk_prob", bool)
         shared = f.get("shared_expert_intermediate_size") if spec.shared_expert else 0
-        moe = MoEConfig(num_experts=max(1, num_experts), top_k=top_k, expert_dim=expert_dim, layers=layers,
-                        router="softmax_topk", normalize=normalize,
-                        num_shared_experts=1 if shared else 0, shared_expert_dim=shared or None,
-                        shared_expert_gate=bool(shared),
-                        # HF's aux loss counts top-k assignments (balanced = k); moelab's is balanced = 1.
-                        load_balance_coef=f.get("router_aux_loss_coef", float) * top_k)
+        moe = MoEConfig(
+            num_experts=max(1, num_experts),
+            top_k=top_k,
+            expert_dim=expert_dim,
+            layers=layers,
+            router="softmax_topk",
+            normalize=normalize,
+            num_shared_experts=1 if shared else 0,
+            shared_expert_dim=shared or None,
+            shared_expert_gate=bool(shared),
+            # HF's aux loss counts top-k assignments (balanced = k); moelab's is balanced = 1.
+            load_balance_coef=f.get("router_aux_loss_coef", float) * top_k,
+        )
         if spec.model_type == "mixtral" and f.has("router_jitter_noise") and f.get("router_jitter_noise", float):
-            notes.append(f"router_jitter_noise={data['router_jitter_noise']} (training-only input jitter) "
-                         "is not carried over")
+            notes.append(
+                f"router_jitter_noise={data['router_jitter_noise']} (training-only input jitter) is not carried over"
+            )
     cfg = ModelConfig(
-        vocab_size=f.get("vocab_size"), d_model=d, n_layers=n_layers, n_heads=n_heads, n_kv_heads=kv,
-        head_dim=head_dim, ffn_dim=max(1, ffn_dim), max_seq_len=f.get("max_position_embeddings"),
-        rope_theta=rope_theta(data, f), norm_eps=f.get("rms_norm_eps", float),
-        tie_embeddings=f.get("tie_word_embeddings", bool), qkv_bias=hf_has_qkv_bias(data, f, spec),
-        qk_norm=spec.qk_norm, init_std=f.get("initializer_range", float), moe=moe)
+        vocab_size=f.get("vocab_size"),
+        d_model=d,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=kv,
+        head_dim=head_dim,
+        ffn_dim=max(1, ffn_dim),
+        max_seq_len=f.get("max_position_embeddings"),
+        rope_theta=rope_theta(data, f),
+        norm_eps=f.get("rms_norm_eps", float),
+        tie_embeddings=f.get("tie_word_embeddings", bool),
+        qkv_bias=hf_has_qkv_bias(data, f, spec),
+        qk_norm=spec.qk_norm,
+        init_std=f.get("initializer_range", float),
+        moe=moe,
+    )
     problems = cfg.validate()
     if problems:
         raise UserError("\n".join(f"{source}: gives an invalid moelab model: {p}" for p in problems))
@@ -188,8 +232,10 @@ def _unsupported(data: dict, f: _Fields, spec: ArchSpec, source: str) -> list[st
         out.append(f"{source}: mlp_bias=true is not supported (moelab's FFNs have no biases)")
     n_heads, d = data.get("num_attention_heads"), data.get("hidden_size")
     if spec.model_type in ("olmoe", "qwen2_moe", "qwen2") and data.get("head_dim") not in (None, d // max(1, n_heads)):
-        out.append(f"{source}: head_dim={data['head_dim']} differs from hidden_size/num_attention_heads, "
-                   f"which {spec.model_type} requires")
+        out.append(
+            f"{source}: head_dim={data['head_dim']} differs from hidden_size/num_attention_heads, "
+            f"which {spec.model_type} requires"
+        )
     if spec.shared_expert and data.get("shared_expert_intermediate_size") == 0:
         out.append(f"{source}: shared_expert_intermediate_size=0 (an empty shared expert) is not supported")
     return out
@@ -217,13 +263,16 @@ def export_problems(cfg: ModelConfig, spec: ArchSpec) -> list[str]:
         if m.routed_scaling_factor != 1.0:
             p.append(f"moe.routed_scaling_factor={m.routed_scaling_factor} cannot be expressed as {name}")
         if m.capacity_factor is not None or m.eval_capacity_factor is not None:
-            p.append(f"capacity limits (moe.capacity_factor={m.capacity_factor}) cannot be expressed: "
-                     f"{name} in transformers is dropless")
+            p.append(
+                f"capacity limits (moe.capacity_factor={m.capacity_factor}) cannot be expressed: "
+                f"{name} in transformers is dropless"
+            )
         if name == "mixtral" and not routed_normalized(cfg):
             p.append("mixtral always renormalises the top-k weights but moe.normalize=false")
         if spec.shared_expert and not (m.num_shared_experts and m.shared_expert_gate):
-            p.append(f"{name} needs a sigmoid-gated shared expert (moe.num_shared_experts>0, "
-                     "moe.shared_expert_gate=true)")
+            p.append(
+                f"{name} needs a sigmoid-gated shared expert (moe.num_shared_experts>0, moe.shared_expert_gate=true)"
+            )
         if not spec.shared_expert and m.num_shared_experts:
             p.append(f"{name} has no shared experts but moe.num_shared_experts={m.num_shared_experts}")
     if spec.moe and not spec.dense_layers and len(moe_ids) != cfg.n_layers:
@@ -254,40 +303,80 @@ def to_hf_config(cfg: ModelConfig, spec: ArchSpec, dtype: str, special: dict[str
     """config.json for `cfg` written as `spec`; `special` holds bos/eos/pad token ids (or None)."""
     m = cfg.moe
     out: dict[str, Any] = {
-        "architectures": [spec.hf_class], "model_type": spec.model_type,
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model, "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.kv_heads, "head_dim": cfg.hdim,
-        "hidden_act": "silu", "max_position_embeddings": cfg.max_seq_len, "initializer_range": cfg.init_std,
-        "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings, "use_cache": True,
-        "attention_dropout": 0.0, "rope_theta": cfg.rope_theta,
+        "architectures": [spec.hf_class],
+        "model_type": spec.model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.kv_heads,
+        "head_dim": cfg.hdim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "initializer_range": cfg.init_std,
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "use_cache": True,
+        "attention_dropout": 0.0,
+        "rope_theta": cfg.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
-        "dtype": dtype, "torch_dtype": dtype,
-        "bos_token_id": special.get("bos"), "eos_token_id": special.get("eos"), "pad_token_id": special.get("pad"),
+        "dtype": dtype,
+        "torch_dtype": dtype,
+        "bos_token_id": special.get("bos"),
+        "eos_token_id": special.get("eos"),
+        "pad_token_id": special.get("pad"),
     }
     dense = sorted(set(range(cfg.n_layers)) - set(cfg.moe_layer_ids()))
     if spec.moe:
-        out.update({"num_experts": m.num_experts, "num_local_experts": m.num_experts,
-                    "num_experts_per_tok": m.top_k, "output_router_logits": False,
-                    "router_aux_loss_coef": m.load_balance_coef / m.top_k})
+        out.update(
+            {
+                "num_experts": m.num_experts,
+                "num_local_experts": m.num_experts,
+                "num_experts_per_tok": m.top_k,
+                "output_router_logits": False,
+                "router_aux_loss_coef": m.load_balance_coef / m.top_k,
+            }
+        )
     if spec.model_type == "mixtral":
         out.update({"intermediate_size": m.expert_dim, "sliding_window": None, "router_jitter_noise": 0.0})
     elif spec.model_type in ("qwen2_moe", "qwen3_moe"):
-        out.update({"intermediate_size": cfg.ffn_dim, "moe_intermediate_size": m.expert_dim,
-                    "norm_topk_prob": routed_normalized(cfg), "decoder_sparse_step": 1, "mlp_only_layers": dense,
-                    "use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.n_layers})
+        out.update(
+            {
+                "intermediate_size": cfg.ffn_dim,
+                "moe_intermediate_size": m.expert_dim,
+                "norm_topk_prob": routed_normalized(cfg),
+                "decoder_sparse_step": 1,
+                "mlp_only_layers": dense,
+                "use_sliding_window": False,
+                "sliding_window": None,
+                "max_window_layers": cfg.n_layers,
+            }
+        )
         if spec.model_type == "qwen2_moe":
             width = (m.shared_expert_dim or m.expert_dim) * m.num_shared_experts
             out.update({"shared_expert_intermediate_size": width, "qkv_bias": True})
         else:
             out["attention_bias"] = cfg.qkv_bias
     elif spec.model_type == "olmoe":
-        out.update({"intermediate_size": m.expert_dim, "norm_topk_prob": routed_normalized(cfg),
-                    "attention_bias": cfg.qkv_bias, "clip_qkv": None})
+        out.update(
+            {
+                "intermediate_size": m.expert_dim,
+                "norm_topk_prob": routed_normalized(cfg),
+                "attention_bias": cfg.qkv_bias,
+                "clip_qkv": None,
+            }
+        )
     elif spec.model_type == "llama":
         out.update({"intermediate_size": cfg.ffn_dim, "attention_bias": cfg.qkv_bias, "mlp_bias": False})
     elif spec.model_type == "qwen2":
-        out.update({"intermediate_size": cfg.ffn_dim, "use_sliding_window": False, "sliding_window": None,
-                    "max_window_layers": cfg.n_layers})
+        out.update(
+            {
+                "intermediate_size": cfg.ffn_dim,
+                "use_sliding_window": False,
+                "sliding_window": None,
+                "max_window_layers": cfg.n_layers,
+            }
+        )
     return out
 
 

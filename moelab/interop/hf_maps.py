@@ -33,18 +33,40 @@ class ArchSpec:
 
 
 ARCHS: dict[str, ArchSpec] = {
-    "mixtral": ArchSpec("mixtral", "MixtralForCausalLM", "block_sparse_moe", ("w1", "w3", "w2"),
-                        "none", False, True, "none", False),
-    "qwen2_moe": ArchSpec("qwen2_moe", "Qwen2MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"),
-                          "none", True, True, "qkv", True),
-    "qwen3_moe": ArchSpec("qwen3_moe", "Qwen3MoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"),
-                          "head", False, True, "all", True),
-    "olmoe": ArchSpec("olmoe", "OlmoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"),
-                      "full", False, True, "all", False),
-    "llama": ArchSpec("llama", "LlamaForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"),
-                      "none", False, False, "all", False),
-    "qwen2": ArchSpec("qwen2", "Qwen2ForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"),
-                      "none", False, False, "qkv", False),
+    "mixtral": ArchSpec(
+        "mixtral", "MixtralForCausalLM", "block_sparse_moe", ("w1", "w3", "w2"), "none", False, True, "none", False
+    ),
+    "qwen2_moe": ArchSpec(
+        "qwen2_moe",
+        "Qwen2MoeForCausalLM",
+        "mlp",
+        ("gate_proj", "up_proj", "down_proj"),
+        "none",
+        True,
+        True,
+        "qkv",
+        True,
+    ),
+    "qwen3_moe": ArchSpec(
+        "qwen3_moe",
+        "Qwen3MoeForCausalLM",
+        "mlp",
+        ("gate_proj", "up_proj", "down_proj"),
+        "head",
+        False,
+        True,
+        "all",
+        True,
+    ),
+    "olmoe": ArchSpec(
+        "olmoe", "OlmoeForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), "full", False, True, "all", False
+    ),
+    "llama": ArchSpec(
+        "llama", "LlamaForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), "none", False, False, "all", False
+    ),
+    "qwen2": ArchSpec(
+        "qwen2", "Qwen2ForCausalLM", "mlp", ("gate_proj", "up_proj", "down_proj"), "none", False, False, "qkv", False
+    ),
 }
 MOE_ARCHS = tuple(k for k, v in ARCHS.items() if v.moe)
 
@@ -143,15 +165,27 @@ def _moe_rules(cfg: ModelConfig, spec: ArchSpec, ours: str, hf: str) -> list[Rul
     alt_block = hf + "mlp."  # 5.x renames Mixtral's block_sparse_moe to mlp in memory and fused files
     gate, up, down = spec.expert_names
     e_range = range(cfg.moe.num_experts)
-    rules: list[Rule] = [Rename(ours + "ffn.router.weight", block + "gate.weight",
-                                (alt_block + "gate.weight",) if alt_block != block else ())]
-    rules.append(StackExperts(ours + "ffn.experts.gate_up",
-                              tuple((f"{block}experts.{e}.{gate}.weight", f"{block}experts.{e}.{up}.weight")
-                                    for e in e_range),
-                              alt_block + "experts.gate_up_proj"))
-    rules.append(StackExperts(ours + "ffn.experts.down",
-                              tuple((f"{block}experts.{e}.{down}.weight",) for e in e_range),
-                              alt_block + "experts.down_proj"))
+    rules: list[Rule] = [
+        Rename(
+            ours + "ffn.router.weight",
+            block + "gate.weight",
+            (alt_block + "gate.weight",) if alt_block != block else (),
+        )
+    ]
+    rules.append(
+        StackExperts(
+            ours + "ffn.experts.gate_up",
+            tuple((f"{block}experts.{e}.{gate}.weight", f"{block}experts.{e}.{up}.weight") for e in e_range),
+            alt_block + "experts.gate_up_proj",
+        )
+    )
+    rules.append(
+        StackExperts(
+            ours + "ffn.experts.down",
+            tuple((f"{block}experts.{e}.{down}.weight",) for e in e_range),
+            alt_block + "experts.down_proj",
+        )
+    )
     if cfg.moe.num_shared_experts:
         rules += [Rename(ours + a, block + b) for a, b in SHARED_EXPERT]
     return rules

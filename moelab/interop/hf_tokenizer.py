@@ -39,8 +39,10 @@ def import_tokenizer(hf_dir: Path, dest: Path, vocab_size: int) -> str:
     returns a note saying what happened."""
     model = Path(hf_dir) / "tokenizer.model"
     if not model.is_file():
-        return (f"no tokenizer imported: {hf_dir} has no SentencePiece tokenizer.model (moelab reads "
-                "SentencePiece and byte tokenizers; generate with token ids or add a tokenizer)")
+        return (
+            f"no tokenizer imported: {hf_dir} has no SentencePiece tokenizer.model (moelab reads "
+            "SentencePiece and byte tokenizers; generate with token ids or add a tokenizer)"
+        )
     import sentencepiece as spm
 
     from moelab.tokenizer import SentencePieceTokenizer
@@ -76,16 +78,21 @@ def _fast_tokenizer(tok):
         sp = tok._sp
         unk = sp.id_to_piece(sp.unk_id())
         if tok.training.get("model_type", "bpe") == "unigram":
-            fast = HFTokenizer(Unigram([(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())],
-                                       unk_id=sp.unk_id(), byte_fallback=True))
+            fast = HFTokenizer(
+                Unigram(
+                    [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())],
+                    unk_id=sp.unk_id(),
+                    byte_fallback=True,
+                )
+            )
         else:
             vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
-            fast = HFTokenizer(BPE(vocab=vocab, merges=generate_merges(vocab), unk_token=unk, fuse_unk=True,
-                                   byte_fallback=True))
+            fast = HFTokenizer(
+                BPE(vocab=vocab, merges=generate_merges(vocab), unk_token=unk, fuse_unk=True, byte_fallback=True)
+            )
         # moelab's SentencePiece: identity normalisation and no dummy prefix; spaces are "▁".
         fast.normalizer = normalizers.Replace(" ", "\u2581")
-        fast.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
-                                          decoders.Fuse()])
+        fast.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
     fast.add_special_tokens([AddedToken(s, special=True, normalized=False) for s in tok.special_tokens])
     return fast
 
@@ -124,6 +131,8 @@ def export_tokenizer(tok_dir: Path, out: Path) -> tuple[dict[str, int | None], s
         for name in WRITTEN:
             if name != "tokenizer.model":
                 (out / name).unlink(missing_ok=True)
-        return special, ("the transformers tokenizer built from tokenizer/ does not reproduce moelab's ids, so "
-                         "only tokenizer.model (if any) was written")
+        return special, (
+            "the transformers tokenizer built from tokenizer/ does not reproduce moelab's ids, so "
+            "only tokenizer.model (if any) was written"
+        )
     return special, f"tokenizer files written ({tok.kind}); AutoTokenizer reproduces moelab's ids on a sample"

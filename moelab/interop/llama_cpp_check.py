@@ -36,9 +36,19 @@ def open_llama(path, n_ctx: int, *, threads: int | None = None, logits_all: bool
 
     threads = threads or max(1, min(2, torch.get_num_threads()))
     with _quiet_stderr():
-        return Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=logits_all,
-                     type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, verbose=False, n_threads=threads,
-                     n_threads_batch=threads, seed=0)
+        return Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            n_ubatch=n_ctx,
+            logits_all=logits_all,
+            type_k=GGML_TYPE_F32,
+            type_v=GGML_TYPE_F32,
+            verbose=False,
+            n_threads=threads,
+            n_threads_batch=threads,
+            seed=0,
+        )
 
 
 def llama_logits(llm, ids: torch.Tensor) -> torch.Tensor:
@@ -68,8 +78,10 @@ def check_tokenizer(llm, tok) -> str:
     theirs = llm.tokenize(SAMPLE.encode("utf-8"), add_bos=False, special=False)
     if theirs != ours:
         i = next((j for j, (a, b) in enumerate(zip(ours, theirs, strict=False)) if a != b), min(len(ours), len(theirs)))
-        raise UserError(f"llama.cpp tokenizes a sample text differently from moelab (first difference at "
-                        f"token {i}: {theirs[i:i + 3]} vs {ours[i:i + 3]}); nothing was written")
+        raise UserError(
+            f"llama.cpp tokenizes a sample text differently from moelab (first difference at "
+            f"token {i}: {theirs[i : i + 3]} vs {ours[i : i + 3]}); nothing was written"
+        )
     text = llm.detokenize(theirs).decode("utf-8", errors="replace")
     if text != SAMPLE:
         raise UserError("llama.cpp detokenizes the sample text differently from moelab; nothing was written")

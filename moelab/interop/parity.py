@@ -29,12 +29,17 @@ def load_transformers_model(hf_dir: str | Path, spec: ArchSpec):
     transformers.utils.logging.disable_progress_bar()
     try:
         model, info = transformers.AutoModelForCausalLM.from_pretrained(
-            str(hf_dir), dtype=torch.float32, output_loading_info=True)
+            str(hf_dir), dtype=torch.float32, output_loading_info=True
+        )
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
         raise UserError(f"{hf_dir}: transformers cannot load it ({str(e).strip().splitlines()[0]})") from None
     problems = []
-    for key, what in (("missing_keys", "never loaded (left at random init)"), ("unexpected_keys", "unexpected"),
-                      ("mismatched_keys", "mis-shaped"), ("error_msgs", "load errors")):
+    for key, what in (
+        ("missing_keys", "never loaded (left at random init)"),
+        ("unexpected_keys", "unexpected"),
+        ("mismatched_keys", "mis-shaped"),
+        ("error_msgs", "load errors"),
+    ):
         items = sorted(str(x) for x in (info.get(key) or []))
         if items:
             more = f" (and {len(items) - 3} more)" if len(items) > 3 else ""
@@ -62,9 +67,11 @@ class ParityReport:
 
     def line(self, theirs: str = "transformers") -> str:
         greedy = "identical" if self.greedy_equal else "DIFFERENT"
-        return (f"parity vs {theirs}: max |delta logit| = {self.max_abs_delta:.3g} (median position "
-                f"{self.median_abs_delta:.3g}, max |logit| {self.max_abs_logit:.3g}) on {self.shape[0]}x"
-                f"{self.shape[1]} random tokens; greedy continuation of {len(self.greedy_ours)} tokens {greedy}")
+        return (
+            f"parity vs {theirs}: max |delta logit| = {self.max_abs_delta:.3g} (median position "
+            f"{self.median_abs_delta:.3g}, max |logit| {self.max_abs_logit:.3g}) on {self.shape[0]}x"
+            f"{self.shape[1]} random tokens; greedy continuation of {len(self.greedy_ours)} tokens {greedy}"
+        )
 
     def check(self, tolerance: float, what: str, *, rounded: bool = False) -> None:
         """Refuse when the logits differ by more than `tolerance` (relative to max(1, max |logit|)): at
@@ -77,8 +84,10 @@ class ParityReport:
         limit = tolerance * max(1.0, self.max_abs_logit)
         value, which = (self.median_abs_delta, "at the median position") if rounded else (self.max_abs_delta, "")
         if not value <= limit:  # also catches NaN
-            raise UserError(f"{what}: logits differ by {value:.3g}{' ' + which if which else ''} > tolerance "
-                            f"{limit:.3g}; the conversion is wrong, nothing was written")
+            raise UserError(
+                f"{what}: logits differ by {value:.3g}{' ' + which if which else ''} > tolerance "
+                f"{limit:.3g}; the conversion is wrong, nothing was written"
+            )
 
 
 def _hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
@@ -96,12 +105,22 @@ def greedy(logits_fn, prompt: torch.Tensor, steps: int) -> list[int]:
     for _ in range(steps):
         nxt = logits_fn(ids)[:, -1].argmax(-1, keepdim=True)
         ids = torch.cat([ids, nxt], dim=1)
-    return ids[0, prompt.shape[1]:].tolist()
+    return ids[0, prompt.shape[1] :].tolist()
 
 
 @torch.no_grad()
-def compare(ours, theirs, vocab_size: int, max_len: int, *, theirs_logits=_hf_logits, seqs: int = 2,
-            seq_len: int = 16, greedy_steps: int = 8, seed: int = 0) -> ParityReport:
+def compare(
+    ours,
+    theirs,
+    vocab_size: int,
+    max_len: int,
+    *,
+    theirs_logits=_hf_logits,
+    seqs: int = 2,
+    seq_len: int = 16,
+    greedy_steps: int = 8,
+    seed: int = 0,
+) -> ParityReport:
     """Both models on `seqs` random sequences, then a greedy continuation of a random prompt."""
     gen = torch.Generator().manual_seed(seed)
     seq_len = max(1, min(seq_len, max_len - greedy_steps))
@@ -110,7 +129,10 @@ def compare(ours, theirs, vocab_size: int, max_len: int, *, theirs_logits=_hf_lo
     prompt = ids[:1, : max(1, seq_len // 2)]
     per_position = (a - b).abs().amax(-1)
     return ParityReport(
-        max_abs_delta=float(per_position.max()), max_abs_logit=float(a.abs().max()), shape=tuple(ids.shape),
+        max_abs_delta=float(per_position.max()),
+        max_abs_logit=float(a.abs().max()),
+        shape=tuple(ids.shape),
         median_abs_delta=float(per_position.flatten().median()),
         greedy_ours=greedy(lambda x: _ours_logits(ours, x), prompt, greedy_steps),
-        greedy_theirs=greedy(lambda x: theirs_logits(theirs, x), prompt, greedy_steps))
+        greedy_theirs=greedy(lambda x: theirs_logits(theirs, x), prompt, greedy_steps),
+    )

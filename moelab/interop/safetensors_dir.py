@@ -56,8 +56,10 @@ class TensorSource:
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-                raise UserError(f"{index}: not a valid safetensors index (expected JSON with a 'weight_map' "
-                                f"object; {type(e).__name__}: {e})") from None
+                raise UserError(
+                    f"{index}: not a valid safetensors index (expected JSON with a 'weight_map' "
+                    f"object; {type(e).__name__}: {e})"
+                ) from None
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise UserError(f"{index}: 'weight_map' must map tensor names to shard file names")
             for file in sorted({self.dir / v for v in weight_map.values()}):

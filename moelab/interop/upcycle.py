@@ -37,12 +37,23 @@ def upcycled_config(cfg: ModelConfig, experts: int, top_k: int, layers: Any = "a
     if cfg.moe_layer_ids():
         raise UserError(f"the model already has MoE layers {cfg.moe_layer_ids()}; upcycling starts from a dense model")
     if experts < 1 or not 1 <= top_k <= experts:
-        raise UserError(f"upcycle: expected --experts >= 1 and 1 <= --top-k <= --experts, got --experts {experts} "
-                        f"--top-k {top_k}")
-    moe = dataclasses.replace(cfg.moe, num_experts=experts, top_k=top_k, expert_dim=cfg.ffn_dim, layers=layers,
-                              router="softmax_topk", normalize=True, routed_scaling_factor=1.0,
-                              num_shared_experts=0, capacity_factor=None, eval_capacity_factor=None,
-                              router_bias=False)
+        raise UserError(
+            f"upcycle: expected --experts >= 1 and 1 <= --top-k <= --experts, got --experts {experts} --top-k {top_k}"
+        )
+    moe = dataclasses.replace(
+        cfg.moe,
+        num_experts=experts,
+        top_k=top_k,
+        expert_dim=cfg.ffn_dim,
+        layers=layers,
+        router="softmax_topk",
+        normalize=True,
+        routed_scaling_factor=1.0,
+        num_shared_experts=0,
+        capacity_factor=None,
+        eval_capacity_factor=None,
+        router_bias=False,
+    )
     new = dataclasses.replace(cfg, moe=moe)
     problems = new.validate()
     if problems:
@@ -53,8 +64,16 @@ def upcycled_config(cfg: ModelConfig, experts: int, top_k: int, layers: Any = "a
 
 
 @torch.no_grad()
-def upcycle_model(dense: torch.nn.Module, cfg: ModelConfig, *, experts: int, top_k: int, layers: Any = "all",
-                  noise: float = 0.0, seed: int = 0):
+def upcycle_model(
+    dense: torch.nn.Module,
+    cfg: ModelConfig,
+    *,
+    experts: int,
+    top_k: int,
+    layers: Any = "all",
+    noise: float = 0.0,
+    seed: int = 0,
+):
     """(upcycled Transformer in eval mode, its ModelConfig) from a dense moelab Transformer."""
     from moelab.model import Transformer
 
@@ -83,8 +102,9 @@ def upcycle_model(dense: torch.nn.Module, cfg: ModelConfig, *, experts: int, top
 def _jitter(w: torch.Tensor, first: torch.Tensor, second: torch.Tensor | None, sigma: float, gen) -> torch.Tensor:
     if sigma == 0:
         return w
-    scale = torch.cat([first.std().expand(first.shape[0]),
-                       *([second.std().expand(second.shape[0])] if second is not None else [])])[:, None]
+    scale = torch.cat(
+        [first.std().expand(first.shape[0]), *([second.std().expand(second.shape[0])] if second is not None else [])]
+    )[:, None]
     return w + sigma * scale * torch.randn(w.shape, generator=gen, dtype=w.dtype)
 
 
@@ -111,8 +131,18 @@ def load_dense(path: str | Path, check: bool = True):
     return model, full, ("moelab", ckpt / "tokenizer"), []
 
 
-def upcycle(dense_path: str | Path, out_dir: str | Path, *, experts: int, top_k: int, layers: Any = "all",
-            noise: float = 0.0, seed: int = 0, check: bool = True, overwrite: bool = False) -> dict:
+def upcycle(
+    dense_path: str | Path,
+    out_dir: str | Path,
+    *,
+    experts: int,
+    top_k: int,
+    layers: Any = "all",
+    noise: float = 0.0,
+    seed: int = 0,
+    check: bool = True,
+    overwrite: bool = False,
+) -> dict:
     """Upcycle DENSE (HF Llama/Qwen2 directory or moelab run) into a moelab checkpoint at `out_dir`.
     Returns a summary (layers, max |delta logit| against the dense model, notes)."""
     from moelab.interop.hf_tokenizer import import_tokenizer
@@ -130,8 +160,18 @@ def upcycle(dense_path: str | Path, out_dir: str | Path, *, experts: int, top_k:
         tok_dir = tok if kind == "moelab" else None
         if kind == "hf":
             notes.append(import_tokenizer(tok, tmp / "tokenizer", cfg.vocab_size))
-        write_model(tmp, model, new_full, tok_dir, extra={"upcycled_from": str(Path(dense_path).resolve()),
-                                                          "experts": experts, "top_k": top_k, "noise": noise})
+        write_model(
+            tmp,
+            model,
+            new_full,
+            tok_dir,
+            extra={
+                "upcycled_from": str(Path(dense_path).resolve()),
+                "experts": experts,
+                "top_k": top_k,
+                "noise": noise,
+            },
+        )
 
     atomic_dir(out, write, overwrite, COMPLETE)
     return {"moe_layers": cfg.moe_layer_ids(), "max_abs_delta": delta, "max_abs_logit": scale, "notes": notes}

@@ -59,8 +59,9 @@ class AutoBackend:
         return self.resolve(x.device, compute_dtype(x)).moe(x, gate_up, down, topk_ids, weights, keep, lora=lora)
 
     def sorted_experts(self, x_sorted, gate_up, down, counts, lora=None):
-        return self.resolve(x_sorted.device, compute_dtype(x_sorted)).sorted_experts(x_sorted, gate_up, down, counts,
-                                                                                      lora=lora)
+        return self.resolve(x_sorted.device, compute_dtype(x_sorted)).sorted_experts(
+            x_sorted, gate_up, down, counts, lora=lora
+        )
 
 
 def build_expert_backend(name: str, d_model: int, expert_dim: int):
@@ -73,8 +74,10 @@ def build_expert_backend(name: str, d_model: int, expert_dim: int):
         return CpuBucketsBackend()
     if name == "grouped_mm":
         if not aligned_for_grouped_mm(d_model, expert_dim):
-            raise ValueError(f"moe.expert_backend=grouped_mm needs d_model and expert_dim multiples of 8, "
-                             f"got {d_model} and {expert_dim}")
+            raise ValueError(
+                f"moe.expert_backend=grouped_mm needs d_model and expert_dim multiples of 8, "
+                f"got {d_model} and {expert_dim}"
+            )
         return GroupedMMBackend(_grouped_mm_align())
     raise ValueError(f"moe.expert_backend: expected one of {', '.join(EXPERT_BACKENDS)}, got {name!r}")
 
@@ -84,5 +87,12 @@ def backend_name(backend, device: torch.device | str, dtype: torch.dtype = torch
     return backend.resolve(device, dtype).name if isinstance(backend, AutoBackend) else backend.name
 
 
-__all__ = ["EXPERT_BACKENDS", "AutoBackend", "CpuBucketsBackend", "GroupedMMBackend", "ReferenceBackend",
-           "backend_name", "build_expert_backend"]
+__all__ = [
+    "EXPERT_BACKENDS",
+    "AutoBackend",
+    "CpuBucketsBackend",
+    "GroupedMMBackend",
+    "ReferenceBackend",
+    "backend_name",
+    "build_expert_backend",
+]

@@ -45,8 +45,14 @@ class Bucket:
     index: torch.Tensor | None  # [E_b * C] rows of x_sorted to gather (N = a zero row); None if contiguous
 
 
-def plan_buckets(counts: list[int], call_rows: float, gather_rows: float = 0.0, gather_frac: float = 0.0,
-                 device=None, binary: bool = False) -> list[Bucket]:
+def plan_buckets(
+    counts: list[int],
+    call_rows: float,
+    gather_rows: float = 0.0,
+    gather_frac: float = 0.0,
+    device=None,
+    binary: bool = False,
+) -> list[Bucket]:
     """Group active experts into buckets, minimising the work in rows: padded rows, `call_rows` per
     bmm call, and for a bucket of several experts (gathered) `gather_rows` per expert plus
     `gather_frac` per row. Over the loads sorted in descending order, the best split into runs is a
@@ -100,7 +106,7 @@ def _rows(x: torch.Tensor, x_pad: torch.Tensor | None, b: Bucket) -> torch.Tenso
     n = len(b.experts)
     if b.index is None:
         assert b.first_row is not None  # a contiguous bucket knows where it starts
-        return x[b.first_row:b.first_row + n * b.rows].view(n, b.rows, -1)
+        return x[b.first_row : b.first_row + n * b.rows].view(n, b.rows, -1)
     assert x_pad is not None  # gathered buckets read the zero-padded copy
     return x_pad.index_select(0, b.index).view(n, b.rows, -1)
 

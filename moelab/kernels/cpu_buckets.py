@@ -49,7 +49,7 @@ def _grid(limit: int = 1 << 22) -> list[int]:
     # of a run stay in a narrow band, so oneDNN still sees a handful of shapes.
     sizes = list(range(32, 1025, 32)) + list(range(1088, 2049, 64))
     while sizes[-1] < limit:
-        sizes.append(64 * math.ceil(sizes[-1] * 2 ** 0.125 / 64))
+        sizes.append(64 * math.ceil(sizes[-1] * 2**0.125 / 64))
     return sizes
 
 
@@ -72,7 +72,7 @@ def _bmm_rows(out: torch.Tensor, b: Bucket, a: torch.Tensor, w: torch.Tensor, bi
     n = a.shape[0]
     if b.index is None:  # straight into place
         assert b.first_row is not None
-        _bmm(a, w, binary, out[b.first_row:b.first_row + n * b.rows].view(n, b.rows, -1))
+        _bmm(a, w, binary, out[b.first_row : b.first_row + n * b.rows].view(n, b.rows, -1))
     else:
         out.index_copy_(0, b.index, _bmm(a, w, binary).view(n * b.rows, -1))
 
@@ -95,7 +95,7 @@ def _bmm(a: torch.Tensor, b: torch.Tensor, binary: bool, out: torch.Tensor | Non
     start = 0
     for bit in reversed(range(n.bit_length())):
         if n >> bit & 1:
-            torch.bmm(a[start:start + (1 << bit)], b[start:start + (1 << bit)], out=out[start:start + (1 << bit)])
+            torch.bmm(a[start : start + (1 << bit)], b[start : start + (1 << bit)], out=out[start : start + (1 << bit)])
             start += 1 << bit
     return out
 
@@ -169,8 +169,9 @@ class _GroupedSwiGLU(torch.autograd.Function):
         return dx[:n], d_gate_up.to(gu_dtype), d_down.to(dn_dtype), None, None
 
 
-def grouped_swiglu(x_sorted: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor,
-                   counts: list[int]) -> torch.Tensor:
+def grouped_swiglu(
+    x_sorted: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: list[int]
+) -> torch.Tensor:
     """Run each expert on its contiguous block of rows; rows must be sorted by expert."""
     return _GroupedSwiGLU.apply(x_sorted, gate_up, down, counts, x_sorted.dtype)
 
@@ -206,5 +207,5 @@ class CpuBucketsBackend:
     def sorted_experts(self, x_sorted, gate_up, down, counts: torch.Tensor, lora=None) -> torch.Tensor:
         """Rows already sorted by expert, `counts` [E] rows each, no padding -> [N, D]."""
         if lora is not None:
-                return lora_grouped_swiglu(x_sorted.to(compute_dtype(x_sorted)), gate_up, down, counts.tolist(), lora)
+            return lora_grouped_swiglu(x_sorted.to(compute_dtype(x_sorted)), gate_up, down, counts.tolist(), lora)
         return grouped_swiglu(x_sorted, gate_up, down, counts.tolist())

@@ -13,8 +13,14 @@ import torch
 import torch.nn.functional as F
 
 
-def few_tokens_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
-                   weights: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+def few_tokens_moe(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    topk_ids: torch.Tensor,
+    weights: torch.Tensor,
+    keep: torch.Tensor | None = None,
+) -> torch.Tensor:
     """x [T, D] for small T, topk_ids/weights [T, K], keep [T, K] or None. Returns [T, D] fp32, equal
     to `reference_moe` (each token sums its experts in ascending expert order, as the sorted dispatch
     does). One host read of the ids; weights are indexed, never copied."""
@@ -33,7 +39,7 @@ def few_tokens_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, t
         a = assignments[e]
         if len(a) == 1:  # the common decode case: slices, no index tensors
             tok = a[0] // k
-            xe, we = x[tok:tok + 1], w_flat[a[0]:a[0] + 1]
+            xe, we = x[tok : tok + 1], w_flat[a[0] : a[0] + 1]
         else:
             idx = torch.tensor(a, device=x.device)
             tok_idx = idx // k
@@ -41,15 +47,17 @@ def few_tokens_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, t
         h = F.linear(xe, gate_up[e].to(x.dtype))  # [n, 2F]
         ye = F.linear(F.silu(h[:, :f]) * h[:, f:], down[e].to(x.dtype)).float() * we[:, None]
         if len(a) == 1:
-            out[tok:tok + 1] += ye
+            out[tok : tok + 1] += ye
         else:
             out.index_add_(0, tok_idx, ye)
     return out
 
 
 _OPS = torch.library.Library("moelab", "FRAGMENT")
-_OPS.define("few_tokens_moe(Tensor x, Tensor gate_up, Tensor down, Tensor topk_ids, Tensor weights, "
-            "Tensor? keep) -> Tensor")
+_OPS.define(
+    "few_tokens_moe(Tensor x, Tensor gate_up, Tensor down, Tensor topk_ids, Tensor weights, Tensor? keep) -> Tensor"
+)
 _OPS.impl("few_tokens_moe", few_tokens_moe, "CompositeExplicitAutograd")
 torch.library.register_fake("moelab::few_tokens_moe", lib=_OPS)(
-    lambda x, gate_up, down, topk_ids, weights, keep: x.new_empty(x.shape, dtype=torch.float32))
+    lambda x, gate_up, down, topk_ids, weights, keep: x.new_empty(x.shape, dtype=torch.float32)
+)

@@ -38,8 +38,7 @@ class DevicePlan:
     offs: torch.Tensor  # [E] int32 end row of each expert's group; offs[-1] = N
 
 
-def plan_on_device(topk_ids: torch.Tensor, keep: torch.Tensor | None, num_experts: int,
-                   align: int = 1) -> DevicePlan:
+def plan_on_device(topk_ids: torch.Tensor, keep: torch.Tensor | None, num_experts: int, align: int = 1) -> DevicePlan:
     """topk_ids [T, K]; keep [T, K] bool or None (False = dropped). Device ops only: no host read."""
     t, k = topk_ids.shape
     a, e, dev = t * k, num_experts, topk_ids.device
@@ -159,9 +158,15 @@ class _GroupedSwiGLU(torch.autograd.Function):
         return dx, d_gate_up, d_down, None, dw
 
 
-def grouped_swiglu_mm(x_sorted: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor,
-                      row_weights: torch.Tensor | None = None, lora: ExpertLoRA | None = None,
-                      row_adapter: torch.Tensor | None = None) -> torch.Tensor:
+def grouped_swiglu_mm(
+    x_sorted: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    offs: torch.Tensor,
+    row_weights: torch.Tensor | None = None,
+    lora: ExpertLoRA | None = None,
+    row_adapter: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Each expert's SwiGLU on its group of rows (groups end at `offs`), optionally scaling each row by
     `row_weights` [N] between the matmuls. Weights [E, 2F, D] / [E, D, F] are used transposed in place.
     `lora`: low-rank expert deltas as two more grouped matmuls over the same groups (`kernels/lora.py`);
@@ -180,8 +185,14 @@ def grouped_swiglu_mm(x_sorted: torch.Tensor, gate_up: torch.Tensor, down: torch
     return y + _lora_delta(a, lora.dn_a, lora.dn_b, lora, offs, row_adapter)
 
 
-def _lora_delta(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lora: ExpertLoRA, offs: torch.Tensor,
-                row_adapter: torch.Tensor | None) -> torch.Tensor:
+def _lora_delta(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    lora: ExpertLoRA,
+    offs: torch.Tensor,
+    row_adapter: torch.Tensor | None,
+) -> torch.Tensor:
     """s * (x A_e^T) B_e^T per group e: two grouped matmuls with the base's offsets (no host read)."""
     if row_adapter is not None:
         rows = torch.arange(x.shape[0], device=x.device)
@@ -215,8 +226,9 @@ class GroupedMMBackend:
             w = torch.cat([weights.reshape(-1).float(), weights.new_zeros(1, dtype=torch.float32)])
             lora = lora.cast(dtype) if lora is not None else None
             row_adapter = lora.token_adapter[plan.src] if lora is not None and lora.multi else None
-            ys = grouped_swiglu_mm(xs, gate_up.to(dtype), down.to(dtype), plan.offs, w.index_select(0, plan.assignment),
-                                   lora, row_adapter)
+            ys = grouped_swiglu_mm(
+                xs, gate_up.to(dtype), down.to(dtype), plan.offs, w.index_select(0, plan.assignment), lora, row_adapter
+            )
             return _SumRows.apply(ys, plan.pos, plan.tok)
 
     def sorted_experts(self, x_sorted, gate_up, down, counts: torch.Tensor, lora=None) -> torch.Tensor:

@@ -44,15 +44,28 @@ class ExpertLoRA:
         return self.token_adapter is not None
 
     def cast(self, dtype: torch.dtype) -> ExpertLoRA:
-        return ExpertLoRA(self.gu_a.to(dtype), self.gu_b.to(dtype), self.dn_a.to(dtype), self.dn_b.to(dtype),
-                          self.scale, self.dropout, self.token_adapter)
+        return ExpertLoRA(
+            self.gu_a.to(dtype),
+            self.gu_b.to(dtype),
+            self.dn_a.to(dtype),
+            self.dn_b.to(dtype),
+            self.scale,
+            self.dropout,
+            self.token_adapter,
+        )
 
     def drop(self, x: torch.Tensor) -> torch.Tensor:
         return F.dropout(x, self.dropout, training=True) if self.dropout and torch.is_grad_enabled() else x
 
 
-def delta_rows(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lora: ExpertLoRA,
-               expert: torch.Tensor, adapter: torch.Tensor | None = None) -> torch.Tensor:
+def delta_rows(
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    lora: ExpertLoRA,
+    expert: torch.Tensor,
+    adapter: torch.Tensor | None = None,
+) -> torch.Tensor:
     """s * B[e] (A[e] x) for rows x [n, D_in] that each name their expert [n] (and adapter [n] when
     serving several). Gathers A and B per row: for small n (decoding, multi-adapter serving)."""
     if adapter is None:
@@ -70,5 +83,7 @@ def delta_bmm(xb: torch.Tensor, a: torch.Tensor, b: torch.Tensor, lora: ExpertLo
 
 def merged_weights(gate_up: torch.Tensor, down: torch.Tensor, lora: ExpertLoRA) -> tuple[torch.Tensor, torch.Tensor]:
     """gate_up + s B A and down + s B A (one bmm each): what merging an adapter writes."""
-    return (gate_up + lora.scale * torch.bmm(lora.gu_b, lora.gu_a).to(gate_up.dtype),
-            down + lora.scale * torch.bmm(lora.dn_b, lora.dn_a).to(down.dtype))
+    return (
+        gate_up + lora.scale * torch.bmm(lora.gu_b, lora.gu_a).to(gate_up.dtype),
+        down + lora.scale * torch.bmm(lora.dn_b, lora.dn_a).to(down.dtype),
+    )

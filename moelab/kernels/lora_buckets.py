@@ -16,8 +16,14 @@ from moelab.kernels.buckets import MatmulCosts, _rows, _weights, _with_zero_row,
 from moelab.kernels.lora import ExpertLoRA, delta_bmm, delta_rows
 
 
-def lora_grouped_swiglu(x_sorted: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: list[int],
-                        lora: ExpertLoRA, row_adapter: torch.Tensor | None = None) -> torch.Tensor:
+def lora_grouped_swiglu(
+    x_sorted: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    counts: list[int],
+    lora: ExpertLoRA,
+    row_adapter: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Each expert's SwiGLU with its low-rank deltas on its contiguous block of rows (sorted by expert,
     `counts` rows each) -> [N, D]. `row_adapter` [N]: the adapter of each row when serving several."""
     dtype = x_sorted.dtype

@@ -9,8 +9,14 @@ import torch.nn.functional as F
 from moelab.kernels.lora import ExpertLoRA, delta_rows
 
 
-def reference_moe(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, topk_ids: torch.Tensor,
-                  weights: torch.Tensor, lora: ExpertLoRA | None = None) -> torch.Tensor:
+def reference_moe(
+    x: torch.Tensor,
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    topk_ids: torch.Tensor,
+    weights: torch.Tensor,
+    lora: ExpertLoRA | None = None,
+) -> torch.Tensor:
     """x [T, D], gate_up [E, 2F, D], down [E, D, F], topk_ids/weights [T, K] (dropped assignments carry
     weight 0), optional low-rank deltas (`kernels/lora.py`). Returns [T, D] fp32."""
     if lora is not None:

@@ -39,8 +39,9 @@ class DispatchPlan:
         return self.src.numel()
 
 
-def plan_dispatch(topk_ids: torch.Tensor, keep: torch.Tensor | None, num_experts: int,
-                  block_rows: Callable[[int], int] | None = None) -> DispatchPlan:
+def plan_dispatch(
+    topk_ids: torch.Tensor, keep: torch.Tensor | None, num_experts: int, block_rows: Callable[[int], int] | None = None
+) -> DispatchPlan:
     """topk_ids [T, K]; keep [T, K] bool or None (False = dropped: no row, zero output). Each expert's
     block of c rows is padded to block_rows(c) rows (default: not padded)."""
     t, k = topk_ids.shape

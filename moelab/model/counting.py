@@ -58,8 +58,9 @@ def count_params(cfg: ModelConfig, active_k: float | None = None) -> ParamCount:
     lm_head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
     total = embedding + attention + dense_ffn + routed + shared + router + norms + lm_head
     active = total - routed + active_routed
-    return ParamCount(total, active, embedding, attention, dense_ffn, routed, active_routed, shared, router,
-                      norms, lm_head)
+    return ParamCount(
+        total, active, embedding, attention, dense_ffn, routed, active_routed, shared, router, norms, lm_head
+    )
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int | None = None, active_k: float | None = None) -> dict[str, int]:
@@ -81,8 +82,9 @@ def memory_bytes(cfg: ModelConfig, dtype: str = "float32") -> dict[str, int]:
     return {"weights": n * b, "grads": n * b, "adamw_state": adam}
 
 
-def summary(cfg: ModelConfig, dtype: str = "float32", seq_len: int | None = None,
-            active_k: float | None = None) -> dict:
+def summary(
+    cfg: ModelConfig, dtype: str = "float32", seq_len: int | None = None, active_k: float | None = None
+) -> dict:
     pc = count_params(cfg, active_k)
     return {
         "params": asdict(pc),

@@ -18,8 +18,7 @@ def validate_dynamic(cfg, prefix: str = "moe") -> list[str]:
     if cfg.num_null_experts < 0:
         p.append(f"{prefix}.num_null_experts: expected >= 0, got {cfg.num_null_experts}")
     elif cfg.num_null_experts and cfg.router not in NULL_ROUTERS:
-        p.append(f"{prefix}.num_null_experts: null experts need router softmax_topk or top_p, router is "
-                 f"{cfg.router!r}")
+        p.append(f"{prefix}.num_null_experts: null experts need router softmax_topk or top_p, router is {cfg.router!r}")
     elif cfg.num_null_experts and cfg.top_k > cfg.num_experts + cfg.num_null_experts:
         p.append(f"{prefix}.top_k: {cfg.top_k} is larger than num_experts + num_null_experts")
     if cfg.num_groups < 1:
@@ -29,8 +28,10 @@ def validate_dynamic(cfg, prefix: str = "moe") -> list[str]:
     elif not 1 <= cfg.top_groups <= cfg.num_groups:
         p.append(f"{prefix}.top_groups: expected between 1 and num_groups={cfg.num_groups}, got {cfg.top_groups}")
     elif cfg.router == "hierarchical" and cfg.top_k > cfg.top_groups * (cfg.num_experts // cfg.num_groups):
-        p.append(f"{prefix}.top_k: {cfg.top_k} is more than the {cfg.top_groups} chosen groups hold "
-                 f"({cfg.top_groups} x {cfg.num_experts // cfg.num_groups} experts)")
+        p.append(
+            f"{prefix}.top_k: {cfg.top_k} is more than the {cfg.top_groups} chosen groups hold "
+            f"({cfg.top_groups} x {cfg.num_experts // cfg.num_groups} experts)"
+        )
     if cfg.router != "hierarchical" and cfg.num_groups != 1:
         p.append(f"{prefix}.num_groups: expert groups need router hierarchical, router is {cfg.router!r}")
     if cfg.num_tasks < 0:

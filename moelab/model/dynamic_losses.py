@@ -36,8 +36,14 @@ def group_balance(group_probs: torch.Tensor, group_ids: torch.Tensor, mask: torc
     return switch_load_balance(group_probs, group_ids, None, mask)
 
 
-def task_balance(probs: torch.Tensor, topk_ids: torch.Tensor, keep, task_ids: torch.Tensor, num_tasks: int,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
+def task_balance(
+    probs: torch.Tensor,
+    topk_ids: torch.Tensor,
+    keep,
+    task_ids: torch.Tensor,
+    num_tasks: int,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Switch balance computed within each task's tokens, averaged over the tasks present: no task may
     pile onto a few experts even when the mix as a whole looks balanced."""
     tasks = task_ids.reshape(-1)

@@ -29,8 +29,9 @@ class ExpertFFN(nn.Module):
     def num_experts(self) -> int:
         return self.gate_up.shape[0]
 
-    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x [T, D], topk_ids/weights [T, K] (weights 0 where dropped), keep [T, K] or None -> [T, D] fp32."""
         if self.lora is not None:
             return self.backend.moe(x, self.gate_up, self.down, topk_ids, weights, keep, lora=self.lora.deltas(x))

@@ -58,8 +58,9 @@ class Attention(nn.Module):
     `attn_mask` [B, 1, S, S_all] (bool, True = attend) must describe which cached positions each
     query may see. Without a cache the mask defaults to plain causal."""
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, qkv_bias: bool = False,
-                 layer_idx: int = 0):
+    def __init__(
+        self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, qkv_bias: bool = False, layer_idx: int = 0
+    ):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.layer_idx = layer_idx
@@ -99,8 +100,16 @@ class HeadQKNormAttention(Attention):
     """Qwen3-style qk-norm: RMSNorm over each head's query and key (one [Dh] weight shared by all
     heads), before RoPE. Bounds attention logits, which keeps large-lr training stable."""
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, qkv_bias: bool = False,
-                 layer_idx: int = 0, eps: float = 1e-5):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        qkv_bias: bool = False,
+        layer_idx: int = 0,
+        eps: float = 1e-5,
+    ):
         super().__init__(d_model, n_heads, n_kv_heads, head_dim, qkv_bias, layer_idx)
         self.q_norm = RMSNorm(head_dim, eps)
         self.k_norm = RMSNorm(head_dim, eps)
@@ -117,8 +126,16 @@ class FullQKNormAttention(Attention):
     """OLMoE-style qk-norm: RMSNorm over the whole query projection [H*Dh] and key projection [G*Dh],
     before the split into heads and before RoPE."""
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, qkv_bias: bool = False,
-                 layer_idx: int = 0, eps: float = 1e-5):
+    def __init__(
+        self,
+        d_model: int,
+        n_heads: int,
+        n_kv_heads: int,
+        head_dim: int,
+        qkv_bias: bool = False,
+        layer_idx: int = 0,
+        eps: float = 1e-5,
+    ):
         super().__init__(d_model, n_heads, n_kv_heads, head_dim, qkv_bias, layer_idx)
         self.q_norm = RMSNorm(n_heads * head_dim, eps)
         self.k_norm = RMSNorm(n_kv_heads * head_dim, eps)

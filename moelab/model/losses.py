@@ -29,8 +29,9 @@ def _weights(mask: torch.Tensor | None, t: int, device) -> torch.Tensor:
     return mask.reshape(-1).float()
 
 
-def expert_counts(topk_ids: torch.Tensor, num_experts: int, keep: torch.Tensor | None = None,
-                  mask: torch.Tensor | None = None) -> torch.Tensor:
+def expert_counts(
+    topk_ids: torch.Tensor, num_experts: int, keep: torch.Tensor | None = None, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """Assignments per expert [E] (fp32), counting only kept assignments of real tokens."""
     w = _weights(mask, topk_ids.shape[0], topk_ids.device)[:, None].expand(topk_ids.shape)
     if keep is not None:
@@ -96,8 +97,10 @@ def router_entropy(probs: torch.Tensor, mask: torch.Tensor | None = None) -> tor
 # name -> (function of (routing, mask, counts=None), MoEConfig coefficient attribute); `counts` [E] are the
 # batch's routed assignments per expert (see `switch_load_balance`), ignored by the other losses.
 AUX_LOSSES = {
-    "load_balance": (lambda r, m, counts=None: switch_load_balance(r.probs, r.topk_ids, r.keep, m, counts),
-                     "load_balance_coef"),
+    "load_balance": (
+        lambda r, m, counts=None: switch_load_balance(r.probs, r.topk_ids, r.keep, m, counts),
+        "load_balance_coef",
+    ),
     "z_loss": (lambda r, m, counts=None: router_z_loss(r.logits, m), "z_loss_coef"),
     "cv": (lambda r, m, counts=None: load_cv(r.probs, m), "cv_coef"),
     "variance": (lambda r, m, counts=None: usage_variance(r.probs, m), "variance_coef"),

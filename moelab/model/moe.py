@@ -55,8 +55,9 @@ def expert_capacity(capacity_factor: float, num_tokens: int, top_k: int, num_exp
     return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
-def capacity_keep(topk_ids: torch.Tensor, priority: torch.Tensor, num_experts: int, capacity: int,
-                  keep: torch.Tensor | None = None) -> torch.Tensor:
+def capacity_keep(
+    topk_ids: torch.Tensor, priority: torch.Tensor, num_experts: int, capacity: int, keep: torch.Tensor | None = None
+) -> torch.Tensor:
     """Keep at most `capacity` assignments per expert, highest `priority` first (earlier token on
     ties). Returns keep [T, K] bool. Dropped assignments leave their token on the residual path."""
     flat_e = topk_ids.reshape(-1)
@@ -134,9 +135,12 @@ class MoELayer(nn.Module):
             return None
         return expert_capacity(cf, num_tokens, self.router.top_k, self.cfg.num_experts)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None,
-                forced: tuple[torch.Tensor, torch.Tensor | None] | None = None,
-                ) -> tuple[torch.Tensor, RoutingStats | None]:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        forced: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+    ) -> tuple[torch.Tensor, RoutingStats | None]:
         """x [B, S, D], mask [B, S] (1 = real token) -> (y [B, S, D], RoutingStats or None when
         `record_stats` is off). `forced` = (ids [B, S, K] encoded as in RoutingRecord, weights [B, S, K]
         or None) replays a routing: no top-k selection and no capacity (drops are in the ids); weights

@@ -52,11 +52,11 @@ class TopPRouter(Router):
         real = ids < self.num_real
         keep = keep & real
         ids = torch.where(real, ids, torch.zeros_like(ids))  # a null slot: any valid id, keep False
-        return Routing(ids, w * keep, z, p[:, :self.num_real], keep)
+        return Routing(ids, w * keep, z, p[:, : self.num_real], keep)
 
     def replay_weights(self, z, ids):
         p = z.softmax(dim=-1)
-        return self._finish(p.gather(-1, ids)), p[:, :self.num_real]
+        return self._finish(p.gather(-1, ids)), p[:, : self.num_real]
 
 
 class HierarchicalRouter(Router):

@@ -109,12 +109,22 @@ class Transformer(nn.Module):
             if "bias" in router._buffers and "bias" in router._non_persistent_buffers_set:
                 router.register_buffer("bias", torch.zeros(router.num_experts, device=device), persistent=False)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                mask: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                cache=None, attn_mask: torch.Tensor | None = None, last_only: bool = False,
-                return_logits: bool = True, routing: torch.Tensor | None = None,
-                routing_weights: torch.Tensor | None = None, tasks: torch.Tensor | None = None,
-                aux_coefs: dict[str, float] | None = None) -> ModelOutput:
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        *,
+        mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cache=None,
+        attn_mask: torch.Tensor | None = None,
+        last_only: bool = False,
+        return_logits: bool = True,
+        routing: torch.Tensor | None = None,
+        routing_weights: torch.Tensor | None = None,
+        tasks: torch.Tensor | None = None,
+        aux_coefs: dict[str, float] | None = None,
+    ) -> ModelOutput:
         """idx [B, S] token ids; targets [B, S] (-100 = ignore); mask [B, S] (1 = real token, used to
         keep padding out of routing and its losses); positions [B, S] for RoPE (default 0..S-1);
         cache / attn_mask for incremental decoding (see `Attention`); last_only: logits [B, 1, V] of
@@ -152,14 +162,17 @@ class Transformer(nn.Module):
         h = self.norm(x)
         out = ModelOutput(logits=None, routing=layer_stats)
         if layer_stats:  # layers compute the losses with a non-zero coefficient (the same in every layer)
-            out.aux_losses = {name: torch.stack([r.aux_losses[name] for r in layer_stats.values()]).mean()
-                              for name in next(iter(layer_stats.values())).aux_losses}
+            out.aux_losses = {
+                name: torch.stack([r.aux_losses[name] for r in layer_stats.values()]).mean()
+                for name in next(iter(layer_stats.values())).aux_losses
+            }
         if targets is None or return_logits:
             out.logits = self.lm_head(h)
         if targets is not None:
             if out.logits is not None:
-                out.ce_loss = F.cross_entropy(out.logits.float().view(-1, out.logits.shape[-1]),
-                                              targets.reshape(-1), ignore_index=IGNORE_INDEX)
+                out.ce_loss = F.cross_entropy(
+                    out.logits.float().view(-1, out.logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
+                )
             else:
                 out.ce_loss = linear_cross_entropy(h.reshape(b * s, -1), self.lm_head.weight, targets.reshape(-1))
             coefs = aux_coefs if aux_coefs is not None else config_coefs(self.cfg.moe, out.aux_losses)
@@ -173,8 +186,9 @@ class Transformer(nn.Module):
                 setattr(layer.router, name, value)
 
 
-def check_routing(model: Transformer, idx: torch.Tensor, routing: torch.Tensor,
-                  weights: torch.Tensor | None) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
+def check_routing(
+    model: Transformer, idx: torch.Tensor, routing: torch.Tensor, weights: torch.Tensor | None
+) -> dict[int, tuple[torch.Tensor, torch.Tensor | None]]:
     """A forced routing -> {layer index: (ids [B, S, K], weights or None)}; UserError (one line) when it
     does not fit the model and the batch."""
     from moelab.errors import UserError
@@ -184,11 +198,16 @@ def check_routing(model: Transformer, idx: torch.Tensor, routing: torch.Tensor,
     if not moe:
         raise UserError("routing: the model has no MoE layers to replay a routing into")
     e = min(layer.cfg.num_experts for layer in moe.values())
-    if not isinstance(routing, torch.Tensor) or routing.dim() != 4 or tuple(routing.shape[:3]) != (b, s, len(moe)) \
-            or not 1 <= routing.shape[3] <= e:
+    if (
+        not isinstance(routing, torch.Tensor)
+        or routing.dim() != 4
+        or tuple(routing.shape[:3]) != (b, s, len(moe))
+        or not 1 <= routing.shape[3] <= e
+    ):
         got = tuple(routing.shape) if isinstance(routing, torch.Tensor) else type(routing).__name__
-        raise UserError(f"routing: expected expert ids of shape [batch={b}, seq={s}, moe_layers={len(moe)}, "
-                        f"k in 1..{e}], got {got}")
+        raise UserError(
+            f"routing: expected expert ids of shape [batch={b}, seq={s}, moe_layers={len(moe)}, k in 1..{e}], got {got}"
+        )
     if routing.dtype.is_floating_point or routing.dtype == torch.bool:
         raise UserError(f"routing: expected integer expert ids, got {routing.dtype}")
     if bool(((routing < -e) | (routing >= e)).any()):
@@ -197,5 +216,6 @@ def check_routing(model: Transformer, idx: torch.Tensor, routing: torch.Tensor,
         got = tuple(weights.shape) if isinstance(weights, torch.Tensor) else type(weights).__name__
         raise UserError(f"routing_weights: expected the routing's shape {tuple(routing.shape)}, got {got}")
     routing = routing.to(device=idx.device, dtype=torch.long)
-    return {i: (routing[:, :, j], None if weights is None else weights[:, :, j].to(idx.device))
-            for j, i in enumerate(moe)}
+    return {
+        i: (routing[:, :, j], None if weights is None else weights[:, :, j].to(idx.device)) for j, i in enumerate(moe)
+    }

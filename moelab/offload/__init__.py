@@ -5,5 +5,14 @@ from moelab.offload.model import OffloadedExperts, load_offloaded
 from moelab.offload.placement import LRU, HostLayers, KeepAll, OffloadMetrics, Placement, build_placement
 from moelab.offload.store import MmapExpertStore
 
-__all__ = ["HostLayers", "KeepAll", "LRU", "MmapExpertStore", "OffloadMetrics", "OffloadedExperts", "Placement",
-           "build_placement", "load_offloaded"]
+__all__ = [
+    "HostLayers",
+    "KeepAll",
+    "LRU",
+    "MmapExpertStore",
+    "OffloadMetrics",
+    "OffloadedExperts",
+    "Placement",
+    "build_placement",
+    "load_offloaded",
+]

@@ -31,8 +31,9 @@ class OffloadedExperts(nn.Module):
         super().__init__()
         self.layer_idx, self.num_experts, self.placement = layer_idx, num_experts, placement
 
-    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("offloaded experts are for inference: run under torch.no_grad()")
         plan = plan_dispatch(topk_ids, keep, self.num_experts)
@@ -44,24 +45,31 @@ class OffloadedExperts(nn.Module):
         for e, c in enumerate(counts):
             if c:
                 gu, dn = self.placement.get(self.layer_idx, e)
-                rows = x_sorted[start:start + c]
+                rows = x_sorted[start : start + c]
                 h = F.linear(rows, gu.to(rows.dtype))  # [c, 2F]
                 f = dn.shape[-1]
-                y[start:start + c] = F.linear(F.silu(h[:, :f]) * h[:, f:], dn.to(rows.dtype))
+                y[start : start + c] = F.linear(F.silu(h[:, :f]) * h[:, f:], dn.to(rows.dtype))
             start += c
         return y
 
 
-def load_offloaded(path: str | Path, placement: str = "lru:64", device: str | torch.device = "cpu",
-                   dtype: torch.dtype | None = None, remap_bytes: int = 64 << 20):
+def load_offloaded(
+    path: str | Path,
+    placement: str = "lru:64",
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    remap_bytes: int = 64 << 20,
+):
     """(model in eval mode, Config, placement) for a checkpoint or run directory."""
     from moelab.checkpoint import build_model, read_config, resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
     cfg = read_config(ckpt)
     if cfg.model.moe.expert_backend == "reference":
-        raise UserError(f"{ckpt}: model.moe.expert_backend 'reference' reads the stacked expert weights; "
-                        "offloading needs auto, cpu_buckets or grouped_mm")
+        raise UserError(
+            f"{ckpt}: model.moe.expert_backend 'reference' reads the stacked expert weights; "
+            "offloading needs auto, cpu_buckets or grouped_mm"
+        )
     store = MmapExpertStore(ckpt / "model.safetensors", remap_bytes)
     ids = cfg.model.moe_layer_ids()
     missing = [i for i in ids if not store.has_layer(i)]

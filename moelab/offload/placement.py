@@ -51,8 +51,13 @@ def _nbytes(*ts: torch.Tensor) -> int:
 class Placement:
     """Serves (gate_up [2F, D], down [D, F]) of expert `e` of MoE layer `layer` on `device`."""
 
-    def __init__(self, store: MmapExpertStore, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-                 metrics: OffloadMetrics | None = None):
+    def __init__(
+        self,
+        store: MmapExpertStore,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        metrics: OffloadMetrics | None = None,
+    ):
         self.store, self.device, self.dtype = store, torch.device(device), dtype
         self.metrics = metrics if metrics is not None else OffloadMetrics()
 
@@ -136,8 +141,16 @@ class LRU(Placement):
 class HostLayers(Placement):
     """Experts of MoE layers with index < the first `n` MoE layer ids stay in host memory."""
 
-    def __init__(self, store, n_layers: int, moe_layer_ids: list[int], inner: Placement | None = None,
-                 device="cpu", dtype=None, metrics=None):
+    def __init__(
+        self,
+        store,
+        n_layers: int,
+        moe_layer_ids: list[int],
+        inner: Placement | None = None,
+        device="cpu",
+        dtype=None,
+        metrics=None,
+    ):
         super().__init__(store, device, dtype, metrics)
         if n_layers < 0:
             raise UserError(f"expert placement: host layers must be >= 0, got {n_layers}")
@@ -167,8 +180,9 @@ class HostLayers(Placement):
         return sum(_nbytes(*w) for w in self.host.values()) + self.inner.resident_bytes()
 
 
-def build_placement(spec: str, store: MmapExpertStore, moe_layer_ids: list[int], device="cpu",
-                    dtype: torch.dtype | None = None) -> Placement:
+def build_placement(
+    spec: str, store: MmapExpertStore, moe_layer_ids: list[int], device="cpu", dtype: torch.dtype | None = None
+) -> Placement:
     """'keep-all' | 'lru:N' | 'host-layers:N' | 'host-layers:N+lru:M'."""
     spec = spec.strip()
     head, _, rest = spec.partition("+")

@@ -15,8 +15,20 @@ from moelab.parallel.state import (
 )
 
 __all__ = [
-    "AllRanksBatch", "ExpertParallelFFN", "ParallelContext", "all_to_all", "clip_grad_norm_",
-    "full_model_state", "full_optimizer_state", "gather_train_state", "grad_norm",
-    "init_parallel", "is_sharded", "load_full_model_state", "load_full_optimizer_state", "parallelize",
-    "resolve_sizes", "shard_experts",
+    "AllRanksBatch",
+    "ExpertParallelFFN",
+    "ParallelContext",
+    "all_to_all",
+    "clip_grad_norm_",
+    "full_model_state",
+    "full_optimizer_state",
+    "gather_train_state",
+    "grad_norm",
+    "init_parallel",
+    "is_sharded",
+    "load_full_model_state",
+    "load_full_optimizer_state",
+    "parallelize",
+    "resolve_sizes",
+    "shard_experts",
 ]

@@ -32,8 +32,11 @@ def compile_blocks(model: nn.Module, device: torch.device, dtype: torch.dtype) -
     whole = 0
     for block in model.layers:
         ffn = block.ffn
-        sync_free = isinstance(ffn, MoELayer) and isinstance(ffn.experts, ExpertFFN) and \
-            backend_name(ffn.experts.backend, device, dtype) == "grouped_mm"
+        sync_free = (
+            isinstance(ffn, MoELayer)
+            and isinstance(ffn.experts, ExpertFFN)
+            and backend_name(ffn.experts.backend, device, dtype) == "grouped_mm"
+        )
         if not isinstance(ffn, MoELayer) or sync_free:
             block.compile(dynamic=False)
             whole += 1

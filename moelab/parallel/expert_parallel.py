@@ -85,8 +85,9 @@ class ExpertParallelFFN(nn.Module):
     def _local(p: torch.Tensor) -> torch.Tensor:
         return p.to_local() if isinstance(p, DTensor) else p
 
-    def forward(self, x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
         plan = plan_dispatch(topk_ids, keep, self.num_experts)
         y_sorted = self._exchange_and_run(dispatch(x.to(compute_dtype(x)), plan), plan.counts)
         return combine(y_sorted, weights, plan)
@@ -99,8 +100,9 @@ class ExpertParallelFFN(nn.Module):
         in_splits, out_splits = send.sum(1).tolist(), recv.sum(1).tolist()  # the one host sync
         x_recv = all_to_all(x_sorted, out_splits, in_splits, self.group)  # [M, D] source-major
         order = source_to_expert_order(recv)
-        y = self.backend.sorted_experts(x_recv[order], self._local(self.gate_up), self._local(self.down),
-                                        recv.sum(0))  # [M, D] expert-major
+        y = self.backend.sorted_experts(
+            x_recv[order], self._local(self.gate_up), self._local(self.down), recv.sum(0)
+        )  # [M, D] expert-major
         back = torch.empty_like(order)
         back[order] = torch.arange(order.numel(), device=order.device)
         return all_to_all(y[back], in_splits, out_splits, self.group)  # [N, D] in the sender's order

@@ -22,8 +22,11 @@ from moelab.errors import UserError
 def world_from_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank) as torchrun exported them; (0, 1, 0) outside torchrun."""
     try:
-        return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
-                int(os.environ.get("LOCAL_RANK", "0")))
+        return (
+            int(os.environ.get("RANK", "0")),
+            int(os.environ.get("WORLD_SIZE", "1")),
+            int(os.environ.get("LOCAL_RANK", "0")),
+        )
     except ValueError as e:
         raise UserError(f"torchrun environment: RANK/WORLD_SIZE/LOCAL_RANK must be integers ({e})") from None
 
@@ -32,17 +35,23 @@ def resolve_sizes(pcfg: ParallelConfig, world_size: int, model_cfg: ModelConfig 
     """(dp, ep) for this world size, or a UserError naming the field that does not fit."""
     ep = pcfg.ep
     if world_size % ep:
-        raise UserError(f"parallel.ep={ep} does not divide the world size {world_size} "
-                        f"(launch with torchrun --nproc-per-node a multiple of {ep})")
+        raise UserError(
+            f"parallel.ep={ep} does not divide the world size {world_size} "
+            f"(launch with torchrun --nproc-per-node a multiple of {ep})"
+        )
     dp = pcfg.dp if pcfg.dp is not None else world_size // ep
     if dp * ep != world_size:
-        raise UserError(f"parallel.dp * parallel.ep = {dp} * {ep} = {dp * ep} processes, but the world size is "
-                        f"{world_size} (torchrun --nproc-per-node * nodes must equal dp * ep)")
+        raise UserError(
+            f"parallel.dp * parallel.ep = {dp} * {ep} = {dp * ep} processes, but the world size is "
+            f"{world_size} (torchrun --nproc-per-node * nodes must equal dp * ep)"
+        )
     if model_cfg is not None and model_cfg.moe_layer_ids() and model_cfg.moe.num_experts % ep:
         raise UserError(f"parallel.ep={ep} does not divide model.moe.num_experts={model_cfg.moe.num_experts}")
     if model_cfg is not None and ep > 1 and model_cfg.moe.expert_backend == "reference":
-        raise UserError("model.moe.expert_backend: 'reference' runs every expert locally; expert parallelism "
-                        "(parallel.ep > 1) needs auto, cpu_buckets or grouped_mm")
+        raise UserError(
+            "model.moe.expert_backend: 'reference' runs every expert locally; expert parallelism "
+            "(parallel.ep > 1) needs auto, cpu_buckets or grouped_mm"
+        )
     return dp, ep
 
 
@@ -76,8 +85,9 @@ class ParallelContext:
         """Rows of a global batch this rank takes. Every rank draws the same global batch and keeps its
         slice, so the run sees the same data whatever the number of processes (and resumes across them)."""
         if global_batch % self.world_size:
-            raise UserError(f"{what}={global_batch} (the global batch) is not divisible by the world size "
-                            f"{self.world_size}")
+            raise UserError(
+                f"{what}={global_batch} (the global batch) is not divisible by the world size {self.world_size}"
+            )
         n = global_batch // self.world_size
         return slice(self.rank * n, (self.rank + 1) * n)
 
@@ -102,7 +112,7 @@ class ParallelContext:
         flat /= self.world_size
         out, i = {}, 0
         for k, v in values.items():
-            out[k] = flat[i:i + v.numel()].view(v.shape).to(v.dtype)
+            out[k] = flat[i : i + v.numel()].view(v.shape).to(v.dtype)
             i += v.numel()
         return out
 
@@ -138,13 +148,13 @@ def _pick_device(backend: str, local_rank: int, requested: str) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     if requested not in ("auto", "cpu"):
-        raise UserError(f"train.device={requested!r} with the gloo backend: gloo runs on cpu "
-                        "(use parallel.backend=nccl for CUDA)")
+        raise UserError(
+            f"train.device={requested!r} with the gloo backend: gloo runs on cpu (use parallel.backend=nccl for CUDA)"
+        )
     return torch.device("cpu")
 
 
-def init_parallel(pcfg: ParallelConfig, model_cfg: ModelConfig | None = None,
-                  device: str = "auto") -> ParallelContext:
+def init_parallel(pcfg: ParallelConfig, model_cfg: ModelConfig | None = None, device: str = "auto") -> ParallelContext:
     """Validate sizes against the torchrun environment, then create the process group and mesh.
     In a single process nothing is initialised and the context describes one rank."""
     rank, world, local_rank = world_from_env()
@@ -171,6 +181,7 @@ def init_parallel(pcfg: ParallelConfig, model_cfg: ModelConfig | None = None,
     # Replication is FSDP2's HSDP with shard groups of one, so both modes are one code path.
     shape, dense_shape = ((1, dp, ep), (world,)) if pcfg.fsdp else ((dp, 1, ep), (world, 1))
     mesh = init_device_mesh(dev.type, shape, mesh_dim_names=("dp_rep", "dp_shard", "ep"))
-    dense_mesh = init_device_mesh(dev.type, dense_shape,
-                                  mesh_dim_names=("shard",) if pcfg.fsdp else ("replicate", "shard"))
+    dense_mesh = init_device_mesh(
+        dev.type, dense_shape, mesh_dim_names=("shard",) if pcfg.fsdp else ("replicate", "shard")
+    )
     return ParallelContext(rank, world, local_rank, dp, ep, dev, mesh, dense_mesh, **common)

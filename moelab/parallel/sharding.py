@@ -60,9 +60,10 @@ def parallelize(model: nn.Module, ctx: ParallelContext) -> nn.Module:
         layer.batch = AllRanksBatch()
     if ctx.ep > 1:
         shard_experts(model, ctx.mesh["ep"])
-    kw = dict(reshard_after_forward=ctx.reshard_after_forward,
-              offload_policy=CPUOffloadPolicy(pin_memory=ctx.device.type == "cuda") if ctx.cpu_offload
-              else OffloadPolicy())
+    kw = dict(
+        reshard_after_forward=ctx.reshard_after_forward,
+        offload_policy=CPUOffloadPolicy(pin_memory=ctx.device.type == "cuda") if ctx.cpu_offload else OffloadPolicy(),
+    )
     expert_mesh = ctx.mesh["dp_shard"] if ctx.fsdp else ctx.mesh["dp_rep", "dp_shard"]
     for layer in _moe_layers(model):
         fully_shard(layer.experts, mesh=expert_mesh, **kw)

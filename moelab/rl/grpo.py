@@ -69,9 +69,18 @@ class RLConfig:
     threads: int | None = None
 
     def validate(self) -> RLConfig:
-        bad = [(n, v) for n, v in [("steps", self.steps), ("prompts_per_step", self.prompts_per_step),
-                                    ("group_size", self.group_size), ("max_new_tokens", self.max_new_tokens),
-                                    ("epochs", self.epochs), ("max_batch", self.max_batch)] if v < 1]
+        bad = [
+            (n, v)
+            for n, v in [
+                ("steps", self.steps),
+                ("prompts_per_step", self.prompts_per_step),
+                ("group_size", self.group_size),
+                ("max_new_tokens", self.max_new_tokens),
+                ("epochs", self.epochs),
+                ("max_batch", self.max_batch),
+            ]
+            if v < 1
+        ]
         if bad:
             raise UserError(f"--{bad[0][0].replace('_', '-')}: expected >= 1, got {bad[0][1]}")
         if self.group_size < 2:
@@ -104,8 +113,9 @@ def token_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: flo
     return torch.log_softmax(logits.float() / temperature, -1).gather(-1, targets[..., None])[..., 0]
 
 
-def routing_mismatch(used: torch.Tensor, rollout: torch.Tensor, valid: torch.Tensor,
-                     choice_only: bool = False) -> torch.Tensor:
+def routing_mismatch(
+    used: torch.Tensor, rollout: torch.Tensor, valid: torch.Tensor, choice_only: bool = False
+) -> torch.Tensor:
     """Share of valid (token, layer) pairs whose expert set differs. used/rollout [B, S, L, K] encoded
     ids: a dropped assignment counts as a different expert, unless `choice_only` (compare what the
     routers chose, whatever capacity then dropped); valid [B, S] bool."""
@@ -145,8 +155,9 @@ class RLTrainer:
         self.file_prompts = self._read_prompts(Path(cfg.prompts_file)) if cfg.prompts_file else None
         params = [p for p in self.model.parameters() if p.requires_grad]  # a LoRA model: the adapters only
         names = [n for n, p in self.model.named_parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW([{"params": params, "param_names": names}], lr=cfg.lr,
-                                           weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+        self.optimizer = torch.optim.AdamW(
+            [{"params": params, "param_names": names}], lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.99)
+        )
         self.params = params
         self.step, self.elapsed = 0, 0.0
         self.resume = resume
@@ -184,8 +195,12 @@ class RLTrainer:
             state.warn(f"{self.run_dir}: no usable checkpoint to resume from; starting from step 0")
 
     def _save(self) -> None:
-        st = {"step": self.step, "elapsed_s": self.elapsed, "rng": state.rng_state(torch.device("cpu")),
-              "rl_config": asdict(self.cfg)}
+        st = {
+            "step": self.step,
+            "elapsed_s": self.elapsed,
+            "rng": state.rng_state(torch.device("cpu")),
+            "rl_config": asdict(self.cfg),
+        }
         path = state.step_dir(self.run_dir, self.step)
         state.save_train_checkpoint(path, self.model, self.model_cfg, self.tokenizer_dir, self.optimizer, st)
         state.rotate(self.run_dir, self.cfg.keep_last)
@@ -209,10 +224,18 @@ class RLTrainer:
         pairs = self.prompts_at(step)
         g = self.cfg.group_size
         prompts = [p for p, _ in pairs for _ in range(g)]
-        outs = generate(self.model, self.tok, prompts, max_new_tokens=self.cfg.max_new_tokens,
-                        temperature=self.cfg.temperature, seed=self.cfg.seed * 7919 + step * len(prompts),
-                        max_batch=self.cfg.max_batch, return_routing=True, return_logits="logprobs",
-                        deterministic=self.cfg.deterministic)
+        outs = generate(
+            self.model,
+            self.tok,
+            prompts,
+            max_new_tokens=self.cfg.max_new_tokens,
+            temperature=self.cfg.temperature,
+            seed=self.cfg.seed * 7919 + step * len(prompts),
+            max_batch=self.cfg.max_batch,
+            return_routing=True,
+            return_logits="logprobs",
+            deterministic=self.cfg.deterministic,
+        )
         rewards = torch.tensor([self.reward(*pairs[i // g], o.text) for i, o in enumerate(outs)])
         return outs, rewards
 
@@ -235,10 +258,10 @@ class RLTrainer:
         recorded = torch.zeros(b, s, dtype=torch.bool)
         for i, (q, o) in enumerate(zip(seqs, outs, strict=True)):
             p, n, r = len(o.prompt_ids), len(o.token_ids), o.routing.shape[0]
-            idx[i, :len(q)] = torch.tensor(q)
-            mask[i, :len(q)] = 1
-            loss_mask[i, p - 1:p - 1 + n] = 1  # position t predicts token t+1
-            old[i, p - 1:p - 1 + n] = torch.tensor(o.logprobs)
+            idx[i, : len(q)] = torch.tensor(q)
+            mask[i, : len(q)] = 1
+            loss_mask[i, p - 1 : p - 1 + n] = 1  # position t predicts token t+1
+            old[i, p - 1 : p - 1 + n] = torch.tensor(o.logprobs)
             routing[i, :r] = o.routing
             routing[i, r:] = o.routing[r - 1]  # the last token (never fed at rollout) and padding: any valid ids
             recorded[i, :r] = True
@@ -261,14 +284,15 @@ class RLTrainer:
         if cfg.replay and cfg.replay_weights == "fixed":
             weights = torch.zeros(routing.shape)
             for i, o in enumerate(outs):
-                weights[i, :o.routing_weights.shape[0]] = o.routing_weights
+                weights[i, : o.routing_weights.shape[0]] = o.routing_weights
         targets = idx[:, 1:]
         ntok = loss_mask.sum().clamp_min(1)
         ref_lp = None
         if self.ref is not None:
             with torch.no_grad():
-                ref_lp = token_logprobs(self._forward(self.ref, idx, mask, routing, weights).logits[:, :-1], targets,
-                                        cfg.temperature)
+                ref_lp = token_logprobs(
+                    self._forward(self.ref, idx, mask, routing, weights).logits[:, :-1], targets, cfg.temperature
+                )
         layers = list(model.moe_layers.values())
         for layer in layers:
             layer.record_routing = True
@@ -290,8 +314,9 @@ class RLTrainer:
                 if out.aux_losses:
                     loss = total_loss(loss, out.aux_losses, config_coefs(self.model_cfg.model.moe, out.aux_losses))
                 if not torch.isfinite(loss):
-                    raise UserError(f"step {self.step + 1}: non-finite RL loss; lower --lr (the last checkpoint "
-                                    "is intact)")
+                    raise UserError(
+                        f"step {self.step + 1}: non-finite RL loss; lower --lr (the last checkpoint is intact)"
+                    )
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 gnorm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
@@ -302,8 +327,10 @@ class RLTrainer:
                 valid = recorded & mask.bool()
                 clipped = ((ratio - 1).abs() > cfg.clip_eps).float()
                 rec = {
-                    "rl/reward": float(rewards.mean()), "rl/reward_std": float(rewards.std()),
-                    "rl/loss": float(loss), "rl/kl": float(kl),
+                    "rl/reward": float(rewards.mean()),
+                    "rl/reward_std": float(rewards.std()),
+                    "rl/loss": float(loss),
+                    "rl/kl": float(kl),
                     "rl/clip_fraction": float((clipped * loss_mask).sum() / ntok),
                     "rl/ratio_mean": float((ratio * loss_mask).sum() / ntok),
                     "rl/routing_mismatch": float(routing_mismatch(used, routing, valid)) if layers else 0.0,
@@ -326,8 +353,14 @@ class RLTrainer:
         if self.cfg.task is None or n <= 0:
             return {}
         pairs = tasks.task_prompts(self.cfg.task, self.cfg.seed + 10**6, n)
-        texts = generate(self.model, self.tok, [p for p, _ in pairs], max_new_tokens=self.cfg.max_new_tokens,
-                         temperature=0, max_batch=self.cfg.max_batch)
+        texts = generate(
+            self.model,
+            self.tok,
+            [p for p, _ in pairs],
+            max_new_tokens=self.cfg.max_new_tokens,
+            temperature=0,
+            max_batch=self.cfg.max_batch,
+        )
         return {"eval/exact_match": sum(tasks.exact_match(a, t) for (_, a), t in zip(pairs, texts, strict=True)) / n}
 
     def run(self) -> RLResult:

@@ -33,7 +33,9 @@ def reversal(rng: random.Random) -> tuple[str, str]:
 
 
 TASKS: dict[str, Callable[[random.Random], tuple[str, str]]] = {
-    "arithmetic": arithmetic, "sorting": sorting, "reversal": reversal,
+    "arithmetic": arithmetic,
+    "sorting": sorting,
+    "reversal": reversal,
 }
 
 
@@ -77,9 +79,12 @@ def check_reward(spec: str, fn: Callable[[str, str], float], prompt: str, comple
     try:
         value = fn(prompt, completion)
     except Exception as e:
-        raise UserError(f"reward {spec} raised {type(e).__name__}: {e} (prompt {prompt!r}, completion "
-                        f"{completion!r})") from None
+        raise UserError(
+            f"reward {spec} raised {type(e).__name__}: {e} (prompt {prompt!r}, completion {completion!r})"
+        ) from None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UserError(f"reward {spec} returned {value!r} for prompt {prompt!r}, completion {completion!r}; "
-                        "expected a finite number")
+        raise UserError(
+            f"reward {spec} returned {value!r} for prompt {prompt!r}, completion {completion!r}; "
+            "expected a finite number"
+        )
     return float(value)

@@ -24,8 +24,10 @@ class ChatSource:
         self.train_ids, self.train_mask, meta = load_split(path, "train")
         self.val_ids, self.val_mask, _ = load_split(path, "val")
         if meta["seq_len"] != cfg.data.seq_len:
-            raise UserError(f"data.seq_len: {cfg.data.seq_len}, but the chat dataset {path} has rows of "
-                            f"seq_len {meta['seq_len']}; set data.seq_len={meta['seq_len']}")
+            raise UserError(
+                f"data.seq_len: {cfg.data.seq_len}, but the chat dataset {path} has rows of "
+                f"seq_len {meta['seq_len']}; set data.seq_len={meta['seq_len']}"
+            )
         self.meta, self.tokenizer_dir = meta, path / "tokenizer"
         self.batch_size = cfg.train.batch_size
         self.vocab_size = meta["tokenizer"]["vocab_size"]
@@ -66,7 +68,7 @@ class ChatSource:
             return
         tok = Tokenizer.load(tokenizer_dir)
         if tok.fingerprint != self.fingerprint:
-            raise UserError(f"{what} uses tokenizer {tok.fingerprint[:12]}, but the chat dataset was made with "
-                            f"{self.fingerprint[:12]}; prepare the chat data with the base model's tokenizer")
-
-
+            raise UserError(
+                f"{what} uses tokenizer {tok.fingerprint[:12]}, but the chat dataset was made with "
+                f"{self.fingerprint[:12]}; prepare the chat data with the base model's tokenizer"
+            )

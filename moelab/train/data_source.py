@@ -25,8 +25,16 @@ class InMemorySource:
     """Random windows of a token tensor (benchmarks, synthetic data). The window sampler is a seeded
     torch.Generator, so its state is one tensor."""
 
-    def __init__(self, train_tokens: torch.Tensor, val_tokens: torch.Tensor, seq_len: int, batch_size: int,
-                 vocab_size: int, seed: int = 0, bytes_per_token: float = 1.0):
+    def __init__(
+        self,
+        train_tokens: torch.Tensor,
+        val_tokens: torch.Tensor,
+        seq_len: int,
+        batch_size: int,
+        vocab_size: int,
+        seed: int = 0,
+        bytes_per_token: float = 1.0,
+    ):
         if train_tokens.numel() <= seq_len + 1 or val_tokens.numel() <= seq_len + 1:
             raise UserError(f"in-memory data: need more than seq_len + 1 = {seq_len + 1} tokens per split")
         self.train, self.val = train_tokens.long(), val_tokens.long()
@@ -66,8 +74,9 @@ class InMemorySource:
     def check_token_ids(self, model_vocab: int) -> None:
         top = int(max(self.train.max(), self.val.max()))
         if top >= model_vocab:
-            raise UserError(f"in-memory data: token id {top} is outside the model's vocabulary "
-                            f"(model.vocab_size {model_vocab})")
+            raise UserError(
+                f"in-memory data: token id {top} is outside the model's vocabulary (model.vocab_size {model_vocab})"
+            )
 
     def check_tokenizer_dir(self, tokenizer_dir: Path, what: str) -> None:
         pass
@@ -113,10 +122,12 @@ class DatasetSource:
             return
         tok = Tokenizer.load(tokenizer_dir)
         if tok.fingerprint != self.fingerprint:
-            raise UserError(f"{what} uses tokenizer {tok.fingerprint[:12]} ({tok.kind}, vocab {tok.vocab_size}), "
-                            f"but the dataset {self.train.dir} was made with {self.fingerprint[:12]} "
-                            f"({self.train.meta['tokenizer'].get('kind')}, vocab {self.vocab_size}); "
-                            "use a dataset prepared with the same tokenizer")
+            raise UserError(
+                f"{what} uses tokenizer {tok.fingerprint[:12]} ({tok.kind}, vocab {tok.vocab_size}), "
+                f"but the dataset {self.train.dir} was made with {self.fingerprint[:12]} "
+                f"({self.train.meta['tokenizer'].get('kind')}, vocab {self.vocab_size}); "
+                "use a dataset prepared with the same tokenizer"
+            )
 
     def train_batch(self, device: torch.device):
         x, y = self.train.get_batch(self.batch_size)
@@ -143,8 +154,12 @@ class DatasetSource:
     def copy_tokenizer(self, dst: Path) -> None:
         from moelab.tokenizer import META_FILE
 
-        write_dir_atomic(dst, lambda tmp: shutil.copytree(self.tokenizer_dir, tmp, dirs_exist_ok=True),
-                         overwrite=True, marker=META_FILE)
+        write_dir_atomic(
+            dst,
+            lambda tmp: shutil.copytree(self.tokenizer_dir, tmp, dirs_exist_ok=True),
+            overwrite=True,
+            marker=META_FILE,
+        )
 
     def check_token_ids(self, model_vocab: int) -> None:
         """Refuse token ids the model has no embedding for (a dataset that does not match its meta.json),
@@ -155,12 +170,14 @@ class DatasetSource:
             if ds is None:
                 continue
             tokens, chunk = ds.tokens, 1 << 24
-            top = max((int(tokens[i:i + chunk].max()) for i in range(0, len(tokens), chunk)), default=0)
+            top = max((int(tokens[i : i + chunk].max()) for i in range(0, len(tokens), chunk)), default=0)
             if top >= limit:
-                raise UserError(f"{ds.dir}: the {ds.split} split holds token id {top}, outside the vocabulary "
-                                f"(the dataset's tokenizer has {self.vocab_size} ids, model.vocab_size is "
-                                f"{model_vocab}); the dataset is corrupt or was not made by its tokenizer: "
-                                "prepare it again")
+                raise UserError(
+                    f"{ds.dir}: the {ds.split} split holds token id {top}, outside the vocabulary "
+                    f"(the dataset's tokenizer has {self.vocab_size} ids, model.vocab_size is "
+                    f"{model_vocab}); the dataset is corrupt or was not made by its tokenizer: "
+                    "prepare it again"
+                )
 
 
 def _split_bytes(tokens, table: torch.Tensor, chunk: int = 1 << 24) -> float:
@@ -169,15 +186,17 @@ def _split_bytes(tokens, table: torch.Tensor, chunk: int = 1 << 24) -> float:
 
     hist = np.zeros(len(table), dtype=np.int64)
     for i in range(0, len(tokens), chunk):
-        hist += np.bincount(np.asarray(tokens[i:i + chunk]), minlength=len(table))[:len(table)]
+        hist += np.bincount(np.asarray(tokens[i : i + chunk]), minlength=len(table))[: len(table)]
     return float(torch.from_numpy(hist).double() @ table)
 
 
 def open_source(cfg: Config):
     """The data source a config names (`data.path`, a prepared dataset directory)."""
     if not cfg.data.path:
-        raise UserError("data.path: no dataset given; prepare one with `moelab prepare` and set data.path "
-                        "(e.g. --set data.path=data/stdlib)")
+        raise UserError(
+            "data.path: no dataset given; prepare one with `moelab prepare` and set data.path "
+            "(e.g. --set data.path=data/stdlib)"
+        )
     from moelab.data.chat import is_chat_dataset
 
     if is_chat_dataset(cfg.data.path):  # `prepare --format chat`: padded rows with a loss mask

@@ -91,8 +91,14 @@ def report_step(run_dir: Path) -> Path | None:
     return report
 
 
-def run_demo(run_dir: str | Path | None = None, inputs=("stdlib",), overrides=(), config: str | Path | None = None,
-             samples: bool = True, minutes: float | None = 2.5) -> Path:
+def run_demo(
+    run_dir: str | Path | None = None,
+    inputs=("stdlib",),
+    overrides=(),
+    config: str | Path | None = None,
+    samples: bool = True,
+    minutes: float | None = 2.5,
+) -> Path:
     """Run the demo; `minutes` is the training budget (steps are fitted to it; None = train.steps)."""
     from moelab.data import prepare
     from moelab.data.tokenizer_training import train_tokenizer
@@ -115,8 +121,10 @@ def run_demo(run_dir: str | Path | None = None, inputs=("stdlib",), overrides=()
     t0 = time.perf_counter()
     meta = prepare(list(inputs), run / "tokenizer", run / "data")
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
-    print(f"[2/4] data: {tr['tokens']:,} train / {va['tokens']:,} val tokens from {len(meta['sources'])} files, "
-          f"{tr['bytes_per_token']:.2f} bytes per token ({time.perf_counter() - t0:.1f} s)")
+    print(
+        f"[2/4] data: {tr['tokens']:,} train / {va['tokens']:,} val tokens from {len(meta['sources'])} files, "
+        f"{tr['bytes_per_token']:.2f} bytes per token ({time.perf_counter() - t0:.1f} s)"
+    )
 
     overrides = [*overrides, f"data.path={run / 'data'}"]
     cfg = load_config(config, overrides)
@@ -130,12 +138,19 @@ def run_demo(run_dir: str | Path | None = None, inputs=("stdlib",), overrides=()
         every = max(10, steps // 8)
         # max_seconds: if the machine gets busier than when it was measured, stop at 1.3x the budget
         # (the run says so) rather than overrun it
-        overrides += [f"train.steps={steps}", f"train.batch_size={batch}", f"eval.every={every}",
-                      f"log.every={min(cfg.log.every, every)}", f"train.max_seconds={max(1.0, minutes * 60 * 1.3):.1f}"]
+        overrides += [
+            f"train.steps={steps}",
+            f"train.batch_size={batch}",
+            f"eval.every={every}",
+            f"log.every={min(cfg.log.every, every)}",
+            f"train.max_seconds={max(1.0, minutes * 60 * 1.3):.1f}",
+        ]
         cfg = load_config(config, overrides)
         eta = f", batch {batch}: ~{step_s:.2f} s per step measured now, ETA {steps * step_s / 60:.1f} min"
-    print(f"\n[3/4] training {cfg.train.steps} steps of {config.name}{eta} (progress below; metrics in "
-          f"{run / 'metrics.jsonl'})")
+    print(
+        f"\n[3/4] training {cfg.train.steps} steps of {config.name}{eta} (progress below; metrics in "
+        f"{run / 'metrics.jsonl'})"
+    )
     result = train(config, run_dir=run, overrides=overrides)
     rec = result.last_record
     from moelab.checkpoint import load_model
@@ -145,8 +160,10 @@ def run_demo(run_dir: str | Path | None = None, inputs=("stdlib",), overrides=()
         show("samples after training", PROMPTS, sample(model, tok))
     report = report_step(run)
     stopped = " (stopped early at train.max_seconds: the machine got busier)" if rec.get("stopped") else ""
-    print(f"\n[4/4] done in {time.perf_counter() - t_start:.0f} s: step {result.step}{stopped}, "
-          f"val loss {rec['val/loss']:.3f} ({rec['val/bpb']:.3f} bits per byte)")
+    print(
+        f"\n[4/4] done in {time.perf_counter() - t_start:.0f} s: step {result.step}{stopped}, "
+        f"val loss {rec['val/loss']:.3f} ({rec['val/bpb']:.3f} bits per byte)"
+    )
     print(f"  run directory: {run}")
     print(f"  metrics:       {run / 'metrics.jsonl'}")
     print(f"  checkpoint:    {result.checkpoint}")

@@ -69,15 +69,31 @@ class TrainResult:
     skipped_steps: int
 
 
-def train(config, run_dir: str | Path | None = None, resume: bool = False, init_from: str | Path | None = None,
-          overrides=(), progress: bool | None = None, data=None, restart: bool = False) -> TrainResult:
+def train(
+    config,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    init_from: str | Path | None = None,
+    overrides=(),
+    progress: bool | None = None,
+    data=None,
+    restart: bool = False,
+) -> TrainResult:
     """Train a model from `config` (a Config, a dict or a YAML path, plus `--set`-style overrides) into
     `run_dir` (default runs/<config name>). `resume` continues the newest usable checkpoint of run_dir;
     `init_from` starts a new run from a checkpoint's weights; `restart` first deletes the run already in
     run_dir (checkpoints, metrics, config). `data` replaces the dataset at data.path
     with another source (see data_source.py), e.g. tokens in memory. Returns where things were written."""
-    return Trainer(config, run_dir, resume=resume, init_from=init_from, overrides=overrides,
-                   progress=progress, data=data, restart=restart).run()
+    return Trainer(
+        config,
+        run_dir,
+        resume=resume,
+        init_from=init_from,
+        overrides=overrides,
+        progress=progress,
+        data=data,
+        restart=restart,
+    ).run()
 
 
 @dataclass
@@ -102,8 +118,18 @@ class TrainProgress:
 
 
 class Trainer:
-    def __init__(self, config, run_dir=None, *, resume=False, init_from=None, overrides=(), progress=None,
-                 data=None, restart=False):
+    def __init__(
+        self,
+        config,
+        run_dir=None,
+        *,
+        resume=False,
+        init_from=None,
+        overrides=(),
+        progress=None,
+        data=None,
+        restart=False,
+    ):
         cfg = load_config(config, overrides)
         name = Path(config).stem if isinstance(config, (str, Path)) else None
         if resume and run_dir is None and name is None:
@@ -127,14 +153,17 @@ class Trainer:
         self.show_progress = self.show_progress and self.is_main
         self.dtype = getattr(torch, cfg.train.dtype)
         if self.dtype == torch.float16 and self.device.type != "cuda":
-            raise UserError("train.dtype: float16 training needs CUDA (it relies on a GradScaler); "
-                            "on CPU use bfloat16 or float32")
+            raise UserError(
+                "train.dtype: float16 training needs CUDA (it relies on a GradScaler); on CPU use bfloat16 or float32"
+            )
         self.scaler = torch.amp.GradScaler("cuda") if self.dtype == torch.float16 else None
 
         self.data = data if data is not None else open_source(cfg)
         if cfg.model.vocab_size < self.data.vocab_size:
-            raise UserError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the dataset's tokenizer "
-                            f"vocabulary ({self.data.vocab_size}); set model.vocab_size >= {self.data.vocab_size}")
+            raise UserError(
+                f"model.vocab_size: {cfg.model.vocab_size} is smaller than the dataset's tokenizer "
+                f"vocabulary ({self.data.vocab_size}); set model.vocab_size >= {self.data.vocab_size}"
+            )
         self.data.check_token_ids(cfg.model.vocab_size)  # before anything is written (else an IndexError mid-run)
         self.multitask = bool(cfg.model.moe.num_tasks) and hasattr(self.data, "train")
         if self.multitask:  # task (source) ids for the routers, from meta.json's per-source ranges
@@ -150,8 +179,10 @@ class Trainer:
 
         self.finetune = setup_trainer(self, init_from)  # freezes / adds LoRA per `finetune:` (docs/finetune.md)
         if self.par.ep > 1 and cfg.finetune.is_lora and "experts" in cfg.finetune.lora.targets:
-            raise UserError("finetune.lora.targets: LoRA on routed experts does not run under expert parallelism "
-                            "(parallel.ep > 1) yet; drop 'experts' from the targets or train with ep=1")
+            raise UserError(
+                "finetune.lora.targets: LoRA on routed experts does not run under expert parallelism "
+                "(parallel.ep > 1) yet; drop 'experts' from the targets or train with ep=1"
+            )
         if cfg.train.activation_checkpointing:
             enable_activation_checkpointing(self.model)
         self.model = parallelize(self.model, self.par)  # FSDP2 + expert parallel under torchrun, else a no-op
@@ -201,8 +232,9 @@ class Trainer:
             rundir.clear_run(self.run_dir)
         # config.yaml last: it is what makes the directory a run, so a kill before it leaves no half-run
         self.data.copy_tokenizer(self.run_dir / "tokenizer")
-        rundir.write_run_info(self.run_dir, {"init_from": str(self.init_from) if self.init_from else None,
-                                             "resumed_from": None})
+        rundir.write_run_info(
+            self.run_dir, {"init_from": str(self.init_from) if self.init_from else None, "resumed_from": None}
+        )
         pause_for_test("run_config")
         rundir.write_config(self.cfg, self.run_dir)
 
@@ -236,7 +268,7 @@ class Trainer:
     def _load_checkpoint(self, ckpt: Path) -> None:
         weights, st, optim = state.read_train_state(ckpt)
         grown = sum(g < int(st["step"]) for g in self.cfg.schedule.grow_at)  # growths this checkpoint has seen
-        while self.cfg.model.moe.num_experts < self.base_experts[0] * 2 ** grown:
+        while self.cfg.model.moe.num_experts < self.base_experts[0] * 2**grown:
             self._grow(measure=False)  # structure only: the checkpoint's weights and moments replace it
         problems = self._weight_problems(weights)
         if problems:
@@ -270,8 +302,11 @@ class Trainer:
         metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         if self.is_main:
             metrics.truncate_after(self.progress.step)
-        tb = TensorBoard(self.run_dir / "tb", cfg.log.tensorboard and self.is_main,
-                         purge_step=self.progress.step + 1 if self.resume else None)
+        tb = TensorBoard(
+            self.run_dir / "tb",
+            cfg.log.tensorboard and self.is_main,
+            purge_step=self.progress.step + 1 if self.resume else None,
+        )
         bar = Progress(cfg.train.steps, self.progress.step, self.show_progress)
         last: dict = {}
         stop, finished = None, False
@@ -283,8 +318,11 @@ class Trainer:
                     stop = "max_seconds"
                 end = self.progress.step >= cfg.train.steps or stop is not None
                 do_ckpt = end or (cfg.checkpoint.every and self.progress.step % cfg.checkpoint.every == 0)
-                do_eval = end or (cfg.eval.every and self.progress.step % cfg.eval.every == 0) or \
-                    (do_ckpt and cfg.checkpoint.keep_best)
+                do_eval = (
+                    end
+                    or (cfg.eval.every and self.progress.step % cfg.eval.every == 0)
+                    or (do_ckpt and cfg.checkpoint.keep_best)
+                )
                 val = self._evaluate() if do_eval else {}
                 if do_eval or self.progress.step % cfg.log.every == 0:
                     last = self._record(val, stop)
@@ -393,7 +431,8 @@ class Trainer:
                 raise TrainingDiverged(
                     f"training diverged: {self.progress.bad_in_row} non-finite steps in a row (train.max_bad_steps="
                     f"{cfg.train.max_bad_steps}) at step {self.progress.step}; {hint}, keep train.grad_clip > 0, "
-                    "or train in float32")
+                    "or train in float32"
+                )
 
     def _flops_per_token(self, k: int) -> int:
         """Training FLOPs per token with k experts active (the top-k schedule changes k)."""
@@ -482,9 +521,11 @@ class Trainer:
     def _save(self, val_loss: float | None) -> None:
         cfg = self.cfg
         st = {
-            **self.progress.state_dict(), "val_loss": val_loss,
+            **self.progress.state_dict(),
+            "val_loss": val_loss,
             "tokenizer_fingerprint": self.data.fingerprint,
-            "window": self.window.state_dict(), "data": self.data.state_dict(),
+            "window": self.window.state_dict(),
+            "data": self.data.state_dict(),
             "rng": state.rng_state(self.device),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
         }
@@ -497,8 +538,16 @@ class Trainer:
         if self.finetune.adapter_only:
             weights = self.finetune.own_state(weights if weights is not None else self.model.state_dict())
         if self.is_main:
-            state.save_train_checkpoint(path, self.model, cfg, self.run_dir / "tokenizer", self.optimizer, st,
-                                        weights=weights, optim_state=optim)
+            state.save_train_checkpoint(
+                path,
+                self.model,
+                cfg,
+                self.run_dir / "tokenizer",
+                self.optimizer,
+                st,
+                weights=weights,
+                optim_state=optim,
+            )
             if is_best and cfg.checkpoint.keep_best:
                 state.set_best(self.run_dir, path)
             state.rotate(self.run_dir, cfg.checkpoint.keep_last, current=path)

@@ -38,13 +38,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for name, p in model.named_parameters():  # tied weights are yielded once, under the first name
         if p.requires_grad:
             named[param_group(name, p)].append((name, p))
-    groups = [{"name": g, "params": [p for _, p in items], "param_names": [n for n, _ in items],
-               "weight_decay": weight_decay if g == "decay" else 0.0}
-              for g, items in named.items() if items]
+    groups = [
+        {
+            "name": g,
+            "params": [p for _, p in items],
+            "param_names": [n for n, _ in items],
+            "weight_decay": weight_decay if g == "decay" else 0.0,
+        }
+        for g, items in named.items()
+        if items
+    ]
     in_groups = [id(p) for g in groups for p in g["params"]]
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
-    assert len(in_groups) == len(set(in_groups)) and set(in_groups) == trainable, \
+    assert len(in_groups) == len(set(in_groups)) and set(in_groups) == trainable, (
         "every trainable parameter must be in exactly one optimizer group"
+    )
     return groups
 
 
@@ -54,8 +62,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     result up to rounding."""
     device = next(model.parameters()).device
     kw = {"fused": True} if device.type in ("cpu", "cuda") and _plain_tensors(model) else {}
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                             eps=cfg.eps, **kw)
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, **kw
+    )
 
 
 def _plain_tensors(model: nn.Module) -> bool:

@@ -29,10 +29,20 @@ from moelab.fileio import remove_dir, write_file_atomic
 
 # Config keys that may change when a run is resumed: they alter how long it runs, what it logs or how
 # fast it computes, never the numbers of a step already taken. Anything else must match the run's.
-RESUME_MAY_CHANGE = ("train.steps", "train.max_seconds", "train.compile", "train.activation_checkpointing",
-                     "train.peak_flops", "train.max_bad_steps", "train.device", "log.", "eval.", "checkpoint.",
-                     "parallel.",  # checkpoints hold full tensors: any mesh resumes any other
-                     "finetune.base")  # a LoRA run resumes on the base pinned in its own config.yaml
+RESUME_MAY_CHANGE = (
+    "train.steps",
+    "train.max_seconds",
+    "train.compile",
+    "train.activation_checkpointing",
+    "train.peak_flops",
+    "train.max_bad_steps",
+    "train.device",
+    "log.",
+    "eval.",
+    "checkpoint.",
+    "parallel.",  # checkpoints hold full tensors: any mesh resumes any other
+    "finetune.base",
+)  # a LoRA run resumes on the base pinned in its own config.yaml
 
 
 def holds_run(run_dir: Path) -> bool:
@@ -57,8 +67,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 def incompatible(saved: Config, new: Config) -> list[str]:
     """Keys whose values differ between a run's config and a config offered for resuming it."""
     a, b = _flatten(dataclasses.asdict(saved)), _flatten(dataclasses.asdict(new))
-    return [f"{k} (run: {a.get(k)!r}, now: {b.get(k)!r})" for k in sorted(set(a) | set(b))
-            if a.get(k) != b.get(k) and not k.startswith(RESUME_MAY_CHANGE)]
+    return [
+        f"{k} (run: {a.get(k)!r}, now: {b.get(k)!r})"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k) and not k.startswith(RESUME_MAY_CHANGE)
+    ]
 
 
 def read_run_config(run_dir: Path) -> Config:
@@ -81,13 +94,17 @@ def prepare_run_dir(cfg: Config, run_dir: Path, resume: bool, restart: bool = Fa
         saved = read_run_config(run_dir)
         diff = incompatible(saved, cfg)
         if diff:
-            raise UserError(f"{run_dir}: --resume with a config that differs from the run's config.yaml in "
-                            f"{'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''} "
-                            "(start a new run, or use --init-from to start from its weights)")
+            raise UserError(
+                f"{run_dir}: --resume with a config that differs from the run's config.yaml in "
+                f"{'; '.join(diff[:4])}{' ...' if len(diff) > 4 else ''} "
+                "(start a new run, or use --init-from to start from its weights)"
+            )
         return cfg
     if holds_run(run_dir) and not restart:
-        raise UserError(f"{run_dir}: already holds a run; pass --resume to continue it, --restart to delete it "
-                        "and start over, or choose another --run-dir")
+        raise UserError(
+            f"{run_dir}: already holds a run; pass --resume to continue it, --restart to delete it "
+            "and start over, or choose another --run-dir"
+        )
     return cfg
 
 
@@ -112,8 +129,10 @@ def no_checkpoint_message(run_dir: Path, bad: list[tuple[Path, str]]) -> str:
         what = f"none of its {len(bad)} checkpoint(s) is usable ({why})"
     else:
         what = "it has no checkpoint (killed before the first one was written?)"
-    return (f"{run_dir}: cannot resume: {what}; start it over with --restart (deletes its checkpoints and "
-            "metrics) or train into a new --run-dir")
+    return (
+        f"{run_dir}: cannot resume: {what}; start it over with --restart (deletes its checkpoints and "
+        "metrics) or train into a new --run-dir"
+    )
 
 
 def write_config(cfg: Config, run_dir: Path) -> None:

@@ -112,8 +112,10 @@ def optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
     names = [n for g in optimizer.param_groups for n in g["param_names"]]
     groups = []
     for g in sd["param_groups"]:
-        groups.append({k: v for k, v in g.items() if k not in ("params", "param_names")}
-                      | {"params": [names[i] for i in g["params"]]})
+        groups.append(
+            {k: v for k, v in g.items() if k not in ("params", "param_names")}
+            | {"params": [names[i] for i in g["params"]]}
+        )
     return {"state": {names[i]: s for i, s in sd["state"].items()}, "param_groups": groups}
 
 
@@ -148,15 +150,25 @@ def write_manifest(root: Path) -> None:
     (root / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": entries}, indent=1), encoding="utf-8")
 
 
-def save_train_checkpoint(path: Path, model: torch.nn.Module, cfg, tokenizer_dir: Path | None,
-                          optimizer: torch.optim.Optimizer, state: dict, weights: dict | None = None,
-                          optim_state: dict | None = None) -> Path:
+def save_train_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    cfg,
+    tokenizer_dir: Path | None,
+    optimizer: torch.optim.Optimizer,
+    state: dict,
+    weights: dict | None = None,
+    optim_state: dict | None = None,
+) -> Path:
     """Atomically write model + training state. `state` is any nested JSON-ish dict (tensors allowed).
     `weights` / `optim_state`: full state already gathered from a sharded model (moelab.parallel)."""
     tensors: dict[str, torch.Tensor] = {}
     opt = optim_state if optim_state is not None else optimizer_state(optimizer)
-    meta = {"format": FORMAT, **split_tensors(state, "state", tensors),
-            "optimizer": split_tensors(opt, "optim", tensors)}
+    meta = {
+        "format": FORMAT,
+        **split_tensors(state, "state", tensors),
+        "optimizer": split_tensors(opt, "optim", tensors),
+    }
 
     def write(tmp: Path) -> None:
         write_model(tmp, model, cfg, tokenizer_dir, weights=weights)

@@ -21,7 +21,7 @@ def token_tasks(meta: dict, split: str, num_tokens: int) -> np.ndarray:
     for s in meta.get("sources") or []:
         r = s.get(split)
         if isinstance(r, dict) and r.get("tokens", 0) > 0:
-            out[r["offset"]:r["offset"] + r["tokens"]] = names.index(str(s.get("input", "?")))
+            out[r["offset"] : r["offset"] + r["tokens"]] = names.index(str(s.get("input", "?")))
     return out
 
 

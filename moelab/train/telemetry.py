@@ -26,8 +26,9 @@ from moelab.model.losses import hard_load_cv
 
 
 @cache
-def measure_matmul_peak(dtype: str = "float32", device: str = "cpu", seconds: float = 1.0,
-                        n: int | None = None) -> float:
+def measure_matmul_peak(
+    dtype: str = "float32", device: str = "cpu", seconds: float = 1.0, n: int | None = None
+) -> float:
     """Achieved FLOP/s of an n^3 matmul in `dtype` on `device`: the ceiling MFU is measured against (a
     datasheet peak is meaningless on a shared, throttled CPU, and a GPU's depends on its clocks and power).
     CPU: n = 2048, timed for about `seconds`. CUDA: n = 8192, timed with CUDA events, the best of several
@@ -146,8 +147,14 @@ class Window:
         return rec
 
     def state_dict(self) -> dict:
-        return {"sums": {k: v.tolist() for k, v in self.sums.items()}, "steps": self.steps,
-                "skipped": self.skipped, "tokens": self.tokens, "flops": self.flops, "seconds": self.seconds}
+        return {
+            "sums": {k: v.tolist() for k, v in self.sums.items()},
+            "steps": self.steps,
+            "skipped": self.skipped,
+            "tokens": self.tokens,
+            "flops": self.flops,
+            "seconds": self.seconds,
+        }
 
     def load_state_dict(self, state: dict, device: torch.device) -> None:
         self.sums = {k: torch.tensor(v, dtype=torch.float32, device=device) for k, v in state["sums"].items()}
@@ -181,8 +188,10 @@ def k_fields(hist: torch.Tensor | None, prefix: str) -> dict:
     total = float(h.sum())
     if total <= 0:
         return {}
-    return {f"{prefix}k_mean": float((h * torch.arange(h.numel(), dtype=h.dtype, device=h.device)).sum()) / total,
-            f"{prefix}k_dist": (h / total).tolist()}
+    return {
+        f"{prefix}k_mean": float((h * torch.arange(h.numel(), dtype=h.dtype, device=h.device)).sum()) / total,
+        f"{prefix}k_dist": (h / total).tolist(),
+    }
 
 
 def mean_experts_per_token(values: dict) -> float | None:

@@ -15,8 +15,15 @@ from moelab.config import Config, ModelConfig, MoEConfig
 from moelab.data import prepare
 from moelab.model import Transformer
 
-TINY_MOE = dict(vocab_size=64, d_model=32, n_layers=3, n_heads=4, ffn_dim=64, max_seq_len=32,
-                moe=MoEConfig(num_experts=4, top_k=2, expert_dim=32))
+TINY_MOE = dict(
+    vocab_size=64,
+    d_model=32,
+    n_layers=3,
+    n_heads=4,
+    ffn_dim=64,
+    max_seq_len=32,
+    moe=MoEConfig(num_experts=4, top_k=2, expert_dim=32),
+)
 
 
 def tiny_config(moe_layers="all", **model) -> Config:
@@ -27,16 +34,33 @@ def tiny_config(moe_layers="all", **model) -> Config:
     return cfg
 
 
-def metrics_records(num_layers: list[int], num_experts: int = 4, steps=range(10, 60, 10), speed: float = 1.0,
-                    bpb0: float = 3.0, fpt: float = 1e6) -> list[dict]:
+def metrics_records(
+    num_layers: list[int],
+    num_experts: int = 4,
+    steps=range(10, 60, 10),
+    speed: float = 1.0,
+    bpb0: float = 3.0,
+    fpt: float = 1e6,
+) -> list[dict]:
     """Records with the brief's keys; loss falls, layer loads drift from skewed to balanced."""
     recs = []
     for j, step in enumerate(steps):
         tokens = step * 256
-        r = {"step": step, "tokens": tokens, "elapsed_s": step * 0.1 / speed, "flops": tokens * fpt,
-             "train/loss": 4.0 - 0.02 * step, "train/ce_loss": 3.9 - 0.02 * step, "lr": 1e-3 * min(1, step / 20),
-             "grad_norm": 1.0, "tokens_per_s": 2560.0 * speed, "mfu": 0.1, "peak_mem_bytes": 1 << 28,
-             "train/aux/load_balance": 1.2 - 0.002 * step, "train/aux/z_loss": 0.5}
+        r = {
+            "step": step,
+            "tokens": tokens,
+            "elapsed_s": step * 0.1 / speed,
+            "flops": tokens * fpt,
+            "train/loss": 4.0 - 0.02 * step,
+            "train/ce_loss": 3.9 - 0.02 * step,
+            "lr": 1e-3 * min(1, step / 20),
+            "grad_norm": 1.0,
+            "tokens_per_s": 2560.0 * speed,
+            "mfu": 0.1,
+            "peak_mem_bytes": 1 << 28,
+            "train/aux/load_balance": 1.2 - 0.002 * step,
+            "train/aux/z_loss": 0.5,
+        }
         if step % 20 == 0 or step == steps[-1]:
             r["val/loss"] = 3.8 - 0.02 * step
             r["val/bpb"] = bpb0 - 0.01 * step
@@ -44,10 +68,18 @@ def metrics_records(num_layers: list[int], num_experts: int = 4, steps=range(10,
             skew = torch.linspace(1.0, 1.0 + 2.0 / (1 + j), num_experts).double()
             load = (skew / skew.sum()).tolist()
             mean = 1 / num_experts
-            r.update({f"moe/{i}/load": load, f"moe/{i}/max_load": max(load), f"moe/{i}/min_load": min(load),
-                      f"moe/{i}/load_cv": float(torch.tensor(load).std(unbiased=False)) / mean, f"moe/{i}/dead": 0,
-                      f"moe/{i}/entropy": math.log(num_experts) - 0.1, f"moe/{i}/dropped_frac": 0.0,
-                      f"moe/{i}/aux/load_balance": 1.1})
+            r.update(
+                {
+                    f"moe/{i}/load": load,
+                    f"moe/{i}/max_load": max(load),
+                    f"moe/{i}/min_load": min(load),
+                    f"moe/{i}/load_cv": float(torch.tensor(load).std(unbiased=False)) / mean,
+                    f"moe/{i}/dead": 0,
+                    f"moe/{i}/entropy": math.log(num_experts) - 0.1,
+                    f"moe/{i}/dropped_frac": 0.0,
+                    f"moe/{i}/aux/load_balance": 1.1,
+                }
+            )
         recs.append(r)
     return recs
 

@@ -40,8 +40,9 @@ def test_analyze_end_to_end(analyzed):
     # every token's router puts ~all its mass on its source's two experts: entropy ln 2 of ln 4
     assert first["router_entropy_nats"] == pytest.approx(math.log(2), abs=0.02)
     assert first["max_router_entropy_nats"] == pytest.approx(math.log(4))
-    assert first["coactivation"][0][1] == pytest.approx(a["domains"][0]["tokens"] / 640 + letters[0] *
-                                                        a["domains"][1]["tokens"] / 640, abs=0.02)
+    assert first["coactivation"][0][1] == pytest.approx(
+        a["domains"][0]["tokens"] / 640 + letters[0] * a["domains"][1]["tokens"] / 640, abs=0.02
+    )
     # expert 2's most frequent tokens are letters, rendered as text
     texts = [t["text"] for t in first["top_tokens"]["frequent"][2]]
     assert texts and set(texts) <= set("abcdefghij")
@@ -138,8 +139,11 @@ def test_analyze_refuses_data_from_another_tokenizer(tmp_path, dataset, capsys):
 
 
 def test_group_sources():
-    src = [{"path": f"/x/lib/{d}/f{i}.py", "input": "stdlib", "val": {"offset": 10 * (3 * j + i), "tokens": 10}}
-           for j, d in enumerate(["a", "b", "c"]) for i in range(3)]
+    src = [
+        {"path": f"/x/lib/{d}/f{i}.py", "input": "stdlib", "val": {"offset": 10 * (3 * j + i), "tokens": 10}}
+        for j, d in enumerate(["a", "b", "c"])
+        for i in range(3)
+    ]
     spans = analysis_run.group_sources(src, "val", "file")
     assert spans[0] == ("a/f0.py", 0, 10) and len({s[0] for s in spans}) == 9
     assert [s[0] for s in analysis_run.group_sources(src, "val", "dir")] == ["a"] * 3 + ["b"] * 3 + ["c"] * 3

@@ -28,9 +28,17 @@ def chromium(tmp: Path, *args: str) -> subprocess.CompletedProcess:
     # a fresh profile per call: nothing left over (locks, caches) from an earlier run can interfere;
     # the network is closed, so everything that would phone home is switched off
     profile = tempfile.mkdtemp(prefix="chromium-profile-", dir=tmp)
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}"]
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+    ]
     return subprocess.run([str(CHROMIUM), *flags, *args], capture_output=True, text=True, timeout=120)
 
 
@@ -62,8 +70,9 @@ def test_report_images_load_in_chromium(analyzed, tmp_path):
     assert broken != html and image_counts(tmp_path, broken, report) == (9, 8)
 
     shot = run / "report" / "screenshot.png"
-    res = chromium(tmp_path, "--window-size=1280,7000", "--hide-scrollbars", f"--screenshot={shot}",
-                   report.resolve().as_uri())
+    res = chromium(
+        tmp_path, "--window-size=1280,7000", "--hide-scrollbars", f"--screenshot={shot}", report.resolve().as_uri()
+    )
     assert shot.is_file(), f"no screenshot (exit {res.returncode}): {res.stderr[-500:]}"
     assert shot.read_bytes().startswith(PNG_MAGIC)
     from PIL import Image  # matplotlib's dependency

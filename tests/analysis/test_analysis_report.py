@@ -59,12 +59,15 @@ def test_report_bad_inputs(tmp_path, moe_run, capsys):
     assert "metrics.jsonl:2: not a JSON object" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("content, message", [
-    (b'{"step": 1}\n\xff\xfe\n{"step": 3}\n', "metrics.jsonl:2: not a JSON object (not UTF-8)"),
-    (b'{"step": 1}\n{"step": 1.5}\n', "metrics.jsonl:2: expected a JSON object with an integer 'step'"),
-    (b'{"step": true}\n', "metrics.jsonl:1: expected a JSON object with an integer 'step'"),
-    (b'{"step": 1, "tra', "metrics.jsonl: no complete training records: line 1, the only one, is cut off"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"step": 1}\n\xff\xfe\n{"step": 3}\n', "metrics.jsonl:2: not a JSON object (not UTF-8)"),
+        (b'{"step": 1}\n{"step": 1.5}\n', "metrics.jsonl:2: expected a JSON object with an integer 'step'"),
+        (b'{"step": true}\n', "metrics.jsonl:1: expected a JSON object with an integer 'step'"),
+        (b'{"step": 1, "tra', "metrics.jsonl: no complete training records: line 1, the only one, is cut off"),
+    ],
+)
 def test_report_corrupt_metrics_is_one_line(moe_run, capsys, content, message):
     (moe_run / "metrics.jsonl").write_bytes(content)
     assert main(["report", str(moe_run)]) == 2
@@ -80,11 +83,16 @@ def test_report_load_lists_of_different_lengths_is_one_line(moe_run, capsys):
     assert "step 2: moe/0/load lists 3 experts, step 1 listed 2" in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("content, message", [
-    ("{bad", "not valid JSON"), ("[]", "expected a JSON object, got list"), ('{"layers": 3}', "missing 'tokens'"),
-    ('{"tokens": 1, "num_experts": 4, "top_k": 2, "layers": []}', "'layers': expected a non-empty list"),
-    ('{"tokens": 1, "num_experts": 4, "top_k": 2, "layers": [{"layer": 0}]}', "layers[0]: missing 'fraction'"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("{bad", "not valid JSON"),
+        ("[]", "expected a JSON object, got list"),
+        ('{"layers": 3}', "missing 'tokens'"),
+        ('{"tokens": 1, "num_experts": 4, "top_k": 2, "layers": []}', "'layers': expected a non-empty list"),
+        ('{"tokens": 1, "num_experts": 4, "top_k": 2, "layers": [{"layer": 0}]}', "layers[0]: missing 'fraction'"),
+    ],
+)
 def test_report_bad_analysis_json_is_one_line(moe_run, capsys, content, message):
     (moe_run / "report").mkdir()
     (moe_run / "report" / "analysis.json").write_text(content)
@@ -96,8 +104,12 @@ def test_report_bad_analysis_json_is_one_line(moe_run, capsys, content, message)
 
 def test_training_figures_show_every_curve(moe_run):
     recs = runlog.read_metrics(moe_run)
-    assert visible_titles(plots.training_curves(recs)) == ["loss", "val bits per byte", "learning rate",
-                                                           "throughput (tokens/s)"]
+    assert visible_titles(plots.training_curves(recs)) == [
+        "loss",
+        "val bits per byte",
+        "learning rate",
+        "throughput (tokens/s)",
+    ]
     assert visible_titles(plots.aux_curves(recs)) == ["load_balance", "z_loss"]  # each aux loss, one panel
     heat = plots.load_heatmaps(recs)
     assert visible_titles(heat) == ["layer 0", "layer 1", "layer 2"]
@@ -119,8 +131,9 @@ def test_torn_last_line_is_skipped(moe_run):
 def test_compare_equal_budget_interpolation(tmp_path):
     # run b is twice as fast per second and its FLOPs per token are half of a's
     a = make_run(tmp_path / "a", tiny_config(), metrics_records([0, 1, 2], steps=[20, 40, 60], fpt=2e6))
-    b = make_run(tmp_path / "b", tiny_config(), metrics_records([0, 1, 2], steps=[20, 40], speed=2.0,
-                                                                   bpb0=2.5, fpt=1e6))
+    b = make_run(
+        tmp_path / "b", tiny_config(), metrics_records([0, 1, 2], steps=[20, 40], speed=2.0, bpb0=2.5, fpt=1e6)
+    )
     comp = compare.comparison(compare.load_runs([a, b]))
     # the common token budget is b's last val point: 40 steps * 256 tokens
     assert comp["budgets"]["tokens"] == 40 * 256

@@ -52,20 +52,32 @@ def test_balanced_and_collapsed_extremes():
 
 def test_coactivation_by_hand():
     c = stats.coactivation(IDS, 4)
-    expected = torch.tensor([
-        [4, 2, 1, 1],
-        [2, 2, 0, 0],
-        [1, 0, 1, 0],
-        [1, 0, 0, 1],
-    ], dtype=torch.float64) / 4
+    expected = (
+        torch.tensor(
+            [
+                [4, 2, 1, 1],
+                [2, 2, 0, 0],
+                [1, 0, 1, 0],
+                [1, 0, 0, 1],
+            ],
+            dtype=torch.float64,
+        )
+        / 4
+    )
     torch.testing.assert_close(c, expected)
     kept = stats.coactivation(IDS, 4, KEEP)  # sets {0}, {0,2}, {1,0}, {0}
-    expected = torch.tensor([
-        [4, 1, 1, 0],
-        [1, 1, 0, 0],
-        [1, 0, 1, 0],
-        [0, 0, 0, 0],
-    ], dtype=torch.float64) / 4
+    expected = (
+        torch.tensor(
+            [
+                [4, 1, 1, 0],
+                [1, 1, 0, 0],
+                [1, 0, 1, 0],
+                [0, 0, 0, 0],
+            ],
+            dtype=torch.float64,
+        )
+        / 4
+    )
     torch.testing.assert_close(kept, expected)
 
 
@@ -131,8 +143,11 @@ def test_shuffled_mutual_information_is_chance_level():
     # plug-in bias (M-1)(E-1) / (2 N ln 2) with N = 8000 assignments: ~1.3e-3 bits
     assert 0 < chance < 5e-3
     specialised = torch.stack([dom * 2, dom * 2 + 1], 1)
-    assert stats.shuffled_mutual_information(specialised, dom, 3, 8) < 0.01 < \
-        stats.mutual_information(stats.domain_expert_counts(specialised, dom, 3, 8))
+    assert (
+        stats.shuffled_mutual_information(specialised, dom, 3, 8)
+        < 0.01
+        < stats.mutual_information(stats.domain_expert_counts(specialised, dom, 3, 8))
+    )
 
 
 def test_top_tokens_by_hand():

@@ -14,8 +14,9 @@ def test_layer_stats_by_domain_groups_and_tasks():
     ids = torch.tensor([[0, 1], [2, 3], [0, 1], [2, 3]])
     keep = torch.tensor([[True, False], [True, True], [True, False], [True, True]])
     dom = torch.tensor([0, 1, 0, 1])
-    trace = RoutingTrace(torch.arange(4), 4, 2, {0: LayerTrace(ids, keep, 0.0)}, dom, ["easy", "hard"], 8,
-                         num_groups=2, task_ids=dom)
+    trace = RoutingTrace(
+        torch.arange(4), 4, 2, {0: LayerTrace(ids, keep, 0.0)}, dom, ["easy", "hard"], 8, num_groups=2, task_ids=dom
+    )
     s = summarise(trace)
     lay = s["layers"][0]
     assert lay["experts_per_token"] == 1.5 and lay["k_dist"] == [0.0, 0.5, 0.5]

@@ -31,8 +31,31 @@ def toy_config(tmp_path):
 
 def test_bench_generate_with_transformers(toy_config, tmp_path):
     out = tmp_path / "g.json"
-    assert main(["bench", "generate", "--configs", str(toy_config), "--prompt-len", "16", "--new-tokens", "6",
-                 "--batch-sizes", "1", "2", "--repeats", "1", "--compare", "hf", "--compile", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "generate",
+                "--configs",
+                str(toy_config),
+                "--prompt-len",
+                "16",
+                "--new-tokens",
+                "6",
+                "--batch-sizes",
+                "1",
+                "2",
+                "--repeats",
+                "1",
+                "--compare",
+                "hf",
+                "--compile",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     res = json.loads(out.read_text())["models"]["toy"]
     assert res["greedy_match_hf"] is True  # both sides run the same weights
     assert res["greedy_match_moelab_compiled"] is True
@@ -48,8 +71,28 @@ def test_bench_generate_with_transformers(toy_config, tmp_path):
 
 def test_bench_serve_has_no_errors(toy_config, tmp_path):
     out = tmp_path / "s.json"
-    assert main(["bench", "serve", "--config", str(toy_config), "--clients", "1", "3", "--duration", "2",
-                 "--max-tokens", "6", "--max-batch", "4", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "serve",
+                "--config",
+                str(toy_config),
+                "--clients",
+                "1",
+                "3",
+                "--duration",
+                "2",
+                "--max-tokens",
+                "6",
+                "--max-batch",
+                "4",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     levels = json.loads(out.read_text())["levels"]
     assert [lv["clients"] for lv in levels] == [1, 3]
     for lv in levels:
@@ -62,11 +105,34 @@ def test_bench_generate_llamacpp_missing_is_one_clear_line(toy_config, tmp_path,
 
     monkeypatch.setattr(moelab.interop.gguf, "llama_cpp_available", lambda: False)
     out = tmp_path / "g.json"
-    assert main(["bench", "generate", "--configs", str(toy_config), "--prompt-len", "8", "--new-tokens", "3",
-                 "--batch-sizes", "1", "--repeats", "1", "--compare", "llamacpp", "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "generate",
+                "--configs",
+                str(toy_config),
+                "--prompt-len",
+                "8",
+                "--new-tokens",
+                "3",
+                "--batch-sizes",
+                "1",
+                "--repeats",
+                "1",
+                "--compare",
+                "llamacpp",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     lines = [ln for ln in capsys.readouterr().out.splitlines() if "llama.cpp" in ln]
-    assert lines == ["[toy] llama.cpp comparison skipped: llama-cpp-python is not installed "
-                     "(pip install 'moelab[llamacpp]'; it compiles llama.cpp for ~10 min)"]
+    assert lines == [
+        "[toy] llama.cpp comparison skipped: llama-cpp-python is not installed "
+        "(pip install 'moelab[llamacpp]'; it compiles llama.cpp for ~10 min)"
+    ]
     res = json.loads(out.read_text())["models"]["toy"]
     assert "llamacpp" not in res and res["moelab"]["decode_tok_s_b1"] > 0
     assert "not installed" in res["llamacpp_skipped"]
@@ -76,9 +142,32 @@ def test_bench_generate_with_llama_cpp(toy_config, tmp_path):
     pytest.importorskip("gguf")
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (the llamacpp extra)")
     out = tmp_path / "g.json"
-    assert main(["bench", "generate", "--configs", str(toy_config), "--prompt-len", "16", "--new-tokens", "6",
-                 "--batch-sizes", "1", "2", "--repeats", "1", "--compare", "llamacpp", "--threads", "1",
-                 "--json", str(out)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "generate",
+                "--configs",
+                str(toy_config),
+                "--prompt-len",
+                "16",
+                "--new-tokens",
+                "6",
+                "--batch-sizes",
+                "1",
+                "2",
+                "--repeats",
+                "1",
+                "--compare",
+                "llamacpp",
+                "--threads",
+                "1",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     data = json.loads(out.read_text())
     res = data["models"]["toy"]
     assert data["llama_cpp_python"] and res["greedy_match_llamacpp"] is True  # same weights, fp32 both sides

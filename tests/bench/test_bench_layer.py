@@ -9,8 +9,29 @@ pytestmark = pytest.mark.slow  # end to end (subprocesses, torchrun, transformer
 
 def test_bench_layer_writes_json_with_ratios(tmp_path, capsys):
     out = tmp_path / "layer.json"
-    rc = main(["bench", "layer", "--tokens", "64", "--d-model", "16", "--expert-dim", "8", "--experts", "2", "4",
-               "--dtypes", "float32", "--repeats", "2", "--hf", "grouped_mm", "--json", str(out)])
+    rc = main(
+        [
+            "bench",
+            "layer",
+            "--tokens",
+            "64",
+            "--d-model",
+            "16",
+            "--expert-dim",
+            "8",
+            "--experts",
+            "2",
+            "4",
+            "--dtypes",
+            "float32",
+            "--repeats",
+            "2",
+            "--hf",
+            "grouped_mm",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     res = json.loads(out.read_text())
     med = res["median_s"]["float32"]
@@ -26,8 +47,30 @@ def test_bench_layer_skips_hf_eager_where_it_runs_out_of_memory(tmp_path, monkey
 
     monkeypatch.setattr(layer, "HF_EAGER_BF16_MAX_EXPERTS", 2)
     out = tmp_path / "layer.json"
-    rc = main(["bench", "layer", "--tokens", "64", "--d-model", "16", "--expert-dim", "8", "--experts", "2", "4",
-               "--dtypes", "float32", "bfloat16", "--repeats", "2", "--hf", "eager", "--json", str(out)])
+    rc = main(
+        [
+            "bench",
+            "layer",
+            "--tokens",
+            "64",
+            "--d-model",
+            "16",
+            "--expert-dim",
+            "8",
+            "--experts",
+            "2",
+            "4",
+            "--dtypes",
+            "float32",
+            "bfloat16",
+            "--repeats",
+            "2",
+            "--hf",
+            "eager",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     res = json.loads(out.read_text())
     assert "hf_eager_E4" in res["median_s"]["float32"] and "hf_eager_E4" not in res["median_s"]["bfloat16"]

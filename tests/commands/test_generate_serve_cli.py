@@ -25,9 +25,19 @@ def run_dir(tmp_path_factory):
     """A run directory holding one checkpoint, the way training leaves it."""
     root = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
-    cfg = Config(model=ModelConfig(vocab_size=257, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
-                                   max_seq_len=64, moe=MoEConfig(num_experts=4, top_k=2, expert_dim=32)),
-                 data=DataConfig(seq_len=64))
+    cfg = Config(
+        model=ModelConfig(
+            vocab_size=257,
+            d_model=32,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            ffn_dim=64,
+            max_seq_len=64,
+            moe=MoEConfig(num_experts=4, top_k=2, expert_dim=32),
+        ),
+        data=DataConfig(seq_len=64),
+    )
     model = Transformer(cfg.model)
     with torch.no_grad():
         for p in model.parameters():
@@ -42,8 +52,9 @@ def test_load_from_run_or_checkpoint(run_dir):
     model, tok = load(run_dir)
     model2, _ = load(run_dir / "checkpoints" / "step_0000010")
     assert tok.vocab_size == 257 and not model.training
-    assert generate(model, tok, "abc", max_new_tokens=6, temperature=0) == \
-        generate(model2, tok, "abc", max_new_tokens=6, temperature=0)
+    assert generate(model, tok, "abc", max_new_tokens=6, temperature=0) == generate(
+        model2, tok, "abc", max_new_tokens=6, temperature=0
+    )
 
 
 def test_generate_cli_matches_api(run_dir, tmp_path, capsys):
@@ -51,26 +62,53 @@ def test_generate_cli_matches_api(run_dir, tmp_path, capsys):
     want = generate(model, tok, ["to be", "or not"], max_new_tokens=8, temperature=0.7, seed=3)
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps("or not") + "\n\n" + json.dumps({"prompt": "x"}) + "\n")
-    assert main(["generate", str(run_dir), "--prompt", "to be", "--prompts-file", str(prompts), "--max-new-tokens", "8",
-                 "--temperature", "0.7", "--seed", "3", "--json"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(run_dir),
+                "--prompt",
+                "to be",
+                "--prompts-file",
+                str(prompts),
+                "--max-new-tokens",
+                "8",
+                "--temperature",
+                "0.7",
+                "--seed",
+                "3",
+                "--json",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["completion"] for r in rows[:2]] == want and [r["prompt"] for r in rows] == ["to be", "or not", "x"]
-    assert main(["generate", str(run_dir), "--prompt", "to be", "--max-new-tokens", "8", "--temperature", "0",
-                 "--stream"]) == 0
+    assert (
+        main(["generate", str(run_dir), "--prompt", "to be", "--max-new-tokens", "8", "--temperature", "0", "--stream"])
+        == 0
+    )
     streamed = capsys.readouterr().out
     assert streamed == "to be" + generate(model, tok, "to be", max_new_tokens=8, temperature=0) + "\n"
-    assert main(["generate", str(run_dir), "--prompt", "to be", "--max-new-tokens", "8", "--temperature", "0",
-                 "--compile"]) == 0
+    assert (
+        main(
+            ["generate", str(run_dir), "--prompt", "to be", "--max-new-tokens", "8", "--temperature", "0", "--compile"]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == streamed
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["--prompt", "x", "--temperature", "-1"], "temperature"),
-    (["--prompt", "x", "--num-experts-per-tok", "9"], "num_experts_per_tok"),
-    (["--prompt", "x" * 64], "context"),
-    (["--prompt", "x", "--max-new-tokens", "100"], "max_tokens"),
-    ([], "no prompt"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--prompt", "x", "--temperature", "-1"], "temperature"),
+        (["--prompt", "x", "--num-experts-per-tok", "9"], "num_experts_per_tok"),
+        (["--prompt", "x" * 64], "context"),
+        (["--prompt", "x", "--max-new-tokens", "100"], "max_tokens"),
+        ([], "no prompt"),
+    ],
+)
 def test_generate_cli_bad_input(run_dir, capsys, argv, fragment):
     assert main(["generate", str(run_dir), *argv]) == 2
     err = capsys.readouterr().err
@@ -87,9 +125,26 @@ def test_generate_cli_missing_run_and_bad_prompts_file(tmp_path, run_dir, capsys
 
 def test_serve_cli_subprocess(run_dir):
     # --compile: the decode step is compiled in the warm-up, before the server listens
-    proc = subprocess.Popen([sys.executable, "-m", "moelab", "serve", str(run_dir), "--port", "0", "--api-key", "k",
-                             "--log-level", "warning", "--compile", "--max-batch", "2"], stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "moelab",
+            "serve",
+            str(run_dir),
+            "--port",
+            "0",
+            "--api-key",
+            "k",
+            "--log-level",
+            "warning",
+            "--compile",
+            "--max-batch",
+            "2",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         url, deadline, lines = None, time.monotonic() + 300, []
         while url is None and time.monotonic() < deadline:
@@ -113,13 +168,19 @@ def test_serve_cli_bad_port(run_dir, capsys):
     assert "--port" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--seed", str(10**30)], "sampling.seed: expected an integer in [-9223372036854775808, 18446744073709551615]"),
-    (["--prompt", "abc\udcff\udcfe"], "--prompt: not valid UTF-8 text (byte 0xff at character 3)"),
-    (["--device", "banana"], "--device: expected auto, cpu, cuda or cuda:N, got 'banana'"),
-    pytest.param(["--device", "cuda"], "--device='cuda', but CUDA is not available",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--seed", str(10**30)], "sampling.seed: expected an integer in [-9223372036854775808, 18446744073709551615]"),
+        (["--prompt", "abc\udcff\udcfe"], "--prompt: not valid UTF-8 text (byte 0xff at character 3)"),
+        (["--device", "banana"], "--device: expected auto, cpu, cuda or cuda:N, got 'banana'"),
+        pytest.param(
+            ["--device", "cuda"],
+            "--device='cuda', but CUDA is not available",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present"),
+        ),
+    ],
+)
 def test_generate_bad_arguments_are_one_line(run_dir, capsys, extra, message):
     assert main(["generate", str(run_dir), "--prompt", "x", "--max-new-tokens", "2", *extra]) == 2
     err = capsys.readouterr().err
@@ -127,8 +188,24 @@ def test_generate_bad_arguments_are_one_line(run_dir, capsys, extra, message):
 
 
 def test_largest_seed_samples_every_prompt(run_dir, capsys):
-    assert main(["generate", str(run_dir), "--prompt", "a", "--prompt", "b", "--max-new-tokens", "2",
-                 "--seed", str(2**64 - 1), "--stream"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(run_dir),
+                "--prompt",
+                "a",
+                "--prompt",
+                "b",
+                "--max-new-tokens",
+                "2",
+                "--seed",
+                str(2**64 - 1),
+                "--stream",
+            ]
+        )
+        == 0
+    )
 
 
 def test_generation_refuses_nan_weights_and_a_swapped_tokenizer(run_dir, tmp_path, capsys):

@@ -13,7 +13,12 @@ def base_run(tmp_path_factory, toy_data):  # noqa: F811
 
     torch.set_num_threads(1)
     run = tmp_path_factory.mktemp("base") / "run"
-    cfg = tiny_cfg(toy_data, train={"steps": 4}, model={"moe": {"num_shared_experts": 1}},
-                   checkpoint={"every": 0}, eval={"every": 0, "batches": 1})
+    cfg = tiny_cfg(
+        toy_data,
+        train={"steps": 4},
+        model={"moe": {"num_shared_experts": 1}},
+        checkpoint={"every": 0},
+        eval={"every": 0, "batches": 1},
+    )
     train(cfg, run_dir=run, progress=False)
     return run

@@ -33,11 +33,20 @@ def chat_tok(tmp_path_factory):
 
 def test_prepare_chat_masks_only_assistant_tokens_and_counts_bad_records(chat_tok, tmp_path, capsys):
     src = tmp_path / "c.jsonl"
-    good = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
-                         {"role": "assistant", "content": "yo"}]}
-    lines = [json.dumps(good), json.dumps({"prompt": "2+2=", "completion": "4"}), "not json",
-             json.dumps({"messages": [{"role": "robot", "content": "x"}]}),
-             json.dumps({"prompt": "x" * 100, "completion": "y"})]
+    good = {
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"},
+        ]
+    }
+    lines = [
+        json.dumps(good),
+        json.dumps({"prompt": "2+2=", "completion": "4"}),
+        "not json",
+        json.dumps({"messages": [{"role": "robot", "content": "x"}]}),
+        json.dumps({"prompt": "x" * 100, "completion": "y"}),
+    ]
     src.write_text("\n".join(lines) + "\n")
     meta = prepare_chat([str(src)], str(chat_tok), tmp_path / "data", seq_len=32, val_fraction=0.0)
     assert meta["bad_records"] == 3 and meta["splits"]["train"]["rows"] == 2
@@ -57,8 +66,12 @@ def test_prepare_chat_masks_only_assistant_tokens_and_counts_bad_records(chat_to
 
 def _cfg():
     moe = MoEConfig(num_experts=4, top_k=2, expert_dim=32)
-    return Config(model=ModelConfig(vocab_size=264, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
-                                    max_seq_len=96, moe=moe), data=DataConfig(seq_len=64))
+    return Config(
+        model=ModelConfig(
+            vocab_size=264, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=96, moe=moe
+        ),
+        data=DataConfig(seq_len=64),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -80,8 +93,9 @@ def base_and_adapters(chat_tok, tmp_path_factory):
                 weights[n] = torch.randn_like(p) * 0.3
         assert set(weights) == set(trainable_names(model))
         acfg = dataclasses.replace(cfg, finetune=ft)
-        runs[name] = atomic_dir(root / name, lambda tmp, m=model, c=acfg, w=weights: write_model(tmp, m, c, chat_tok,
-                                                                                                weights=w))
+        runs[name] = atomic_dir(
+            root / name, lambda tmp, m=model, c=acfg, w=weights: write_model(tmp, m, c, chat_tok, weights=w)
+        )
     return base, runs
 
 
@@ -93,8 +107,11 @@ def test_stacked_adapters_equal_each_merged_adapter(base_and_adapters):
     select.batch = torch.tensor([slots["alpha"], 0, slots["beta"]])
     with torch.no_grad():
         mixed = model(x).logits
-        expect = [load_model(runs["alpha"])[0](x[:1]).logits, load_model(base)[0](x[1:2]).logits,
-                  load_model(runs["beta"])[0](x[2:]).logits]
+        expect = [
+            load_model(runs["alpha"])[0](x[:1]).logits,
+            load_model(base)[0](x[1:2]).logits,
+            load_model(runs["beta"])[0](x[2:]).logits,
+        ]
     torch.testing.assert_close(mixed, torch.cat(expect), atol=1e-4, rtol=1e-4)
 
 
@@ -119,18 +136,24 @@ def test_openai_chat_with_two_adapters(base_and_adapters):
                 r = client.chat.completions.create(model=name, messages=msgs, max_tokens=8, temperature=0)
                 assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
                 outs[name] = r.choices[0].message.content
-                stream = client.chat.completions.create(model=name, messages=msgs, max_tokens=8, temperature=0,
-                                                        stream=True)
+                stream = client.chat.completions.create(
+                    model=name, messages=msgs, max_tokens=8, temperature=0, stream=True
+                )
                 text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
                 assert text == outs[name]
             assert len(set(outs.values())) >= 2  # the adapters change the model
-            r = client.chat.completions.create(model="alpha", messages=msgs, max_tokens=6, temperature=0.8, top_p=0.9,
-                                               n=3, seed=1, stop=["zz"])
+            r = client.chat.completions.create(
+                model="alpha", messages=msgs, max_tokens=6, temperature=0.8, top_p=0.9, n=3, seed=1, stop=["zz"]
+            )
             assert len(r.choices) == 3
             assert [m.id for m in client.models.list().data] == ["base", "alpha", "beta"]
-            for kwargs, status in [({"model": "nope"}, 404), ({"messages": []}, 400),
-                                   ({"messages": [{"role": "wizard", "content": "x"}]}, 400),
-                                   ({"max_tokens": 10_000}, 400), ({"temperature": 5}, 400)]:
+            for kwargs, status in [
+                ({"model": "nope"}, 404),
+                ({"messages": []}, 400),
+                ({"messages": [{"role": "wizard", "content": "x"}]}, 400),
+                ({"max_tokens": 10_000}, 400),
+                ({"temperature": 5}, 400),
+            ]:
                 args = {"model": "alpha", "messages": msgs, "max_tokens": 4, **kwargs}
                 with pytest.raises(openai.APIStatusError) as info:
                     client.chat.completions.create(**args)

@@ -9,8 +9,12 @@ from moelab.kernels import CpuBucketsBackend, GroupedMMBackend, ReferenceBackend
 from moelab.kernels.lora import ExpertLoRA, merged_weights
 from moelab.kernels.reference import reference_moe
 
-BACKENDS = {"reference": ReferenceBackend, "cpu_buckets": CpuBucketsBackend, "grouped_mm": lambda: GroupedMMBackend(1),
-            "grouped_mm-align8": lambda: GroupedMMBackend(8)}
+BACKENDS = {
+    "reference": ReferenceBackend,
+    "cpu_buckets": CpuBucketsBackend,
+    "grouped_mm": lambda: GroupedMMBackend(1),
+    "grouped_mm-align8": lambda: GroupedMMBackend(8),
+}
 
 
 def setup(t=29, e=6, k=2, d=16, f=24, r=4, seed=0, drop=False, stack=None):
@@ -21,8 +25,12 @@ def setup(t=29, e=6, k=2, d=16, f=24, r=4, seed=0, drop=False, stack=None):
     x = torch.randn(t, d, generator=g)
     gate_up, down = torch.randn(e, 2 * f, d, generator=g) * 0.3, torch.randn(e, d, f, generator=g) * 0.3
     lead = () if stack is None else (stack,)
-    ab = [torch.randn(*lead, e, r, d, generator=g) * 0.3, torch.randn(*lead, e, 2 * f, r, generator=g) * 0.3,
-          torch.randn(*lead, e, r, f, generator=g) * 0.3, torch.randn(*lead, e, d, r, generator=g) * 0.3]
+    ab = [
+        torch.randn(*lead, e, r, d, generator=g) * 0.3,
+        torch.randn(*lead, e, 2 * f, r, generator=g) * 0.3,
+        torch.randn(*lead, e, r, f, generator=g) * 0.3,
+        torch.randn(*lead, e, d, r, generator=g) * 0.3,
+    ]
     return ids, keep, w, x, gate_up, down, ab
 
 

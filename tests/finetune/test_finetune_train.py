@@ -14,9 +14,14 @@ from tests.train.train_helpers import tiny_cfg
 
 def ft_cfg(data, mode, shared=1, **lora):
     targets = ["attn", "experts", "shared"] if shared else ["attn", "experts"]
-    return tiny_cfg(data, train={"steps": 3, "warmup_steps": 0}, model={"moe": {"num_shared_experts": shared}},
-                    checkpoint={"every": 0}, eval={"every": 0, "batches": 1},
-                    finetune={"mode": mode, "lora": {"rank": 4, "targets": targets, **lora}})
+    return tiny_cfg(
+        data,
+        train={"steps": 3, "warmup_steps": 0},
+        model={"moe": {"num_shared_experts": shared}},
+        checkpoint={"every": 0},
+        eval={"every": 0, "batches": 1},
+        finetune={"mode": mode, "lora": {"rank": 4, "targets": targets, **lora}},
+    )
 
 
 def run_trainer(cfg, run_dir, init_from=None, resume=False):
@@ -26,12 +31,15 @@ def run_trainer(cfg, run_dir, init_from=None, resume=False):
     return t, before
 
 
-@pytest.mark.parametrize("mode,trains", [
-    ("router", lambda n: ".router." in n),
-    ("experts", lambda n: ".experts." in n),
-    ("non_experts", lambda n: ".experts." not in n),
-    ("lora", lambda n: ".lora" in n),
-])
+@pytest.mark.parametrize(
+    "mode,trains",
+    [
+        ("router", lambda n: ".router." in n),
+        ("experts", lambda n: ".experts." in n),
+        ("non_experts", lambda n: ".experts." not in n),
+        ("lora", lambda n: ".lora" in n),
+    ],
+)
 def test_modes_freeze_and_frozen_weights_get_no_grad_or_state(mode, trains, toy_data, base_run, tmp_path):
     t, before = run_trainer(ft_cfg(toy_data, mode), tmp_path / "ft", init_from=base_run)
     named = dict(t.model.named_parameters())
@@ -108,8 +116,11 @@ def test_export_hf_of_an_adapter_run_merges_and_matches_transformers(toy_data, b
     from moelab.train import train
 
     base = tmp_path / "base"  # Mixtral-shaped (no shared expert), so transformers has a class for it
-    train(tiny_cfg(toy_data, train={"steps": 2}, checkpoint={"every": 0}, eval={"every": 0, "batches": 1}),
-          run_dir=base, progress=False)
+    train(
+        tiny_cfg(toy_data, train={"steps": 2}, checkpoint={"every": 0}, eval={"every": 0, "batches": 1}),
+        run_dir=base,
+        progress=False,
+    )
     run_trainer(ft_cfg(toy_data, "lora", shared=0), tmp_path / "ft", init_from=base)
     res = export_hf(tmp_path / "ft", tmp_path / "hf", tolerance=1e-4)
     assert res.report is not None and res.report.max_abs_delta <= 1e-4

@@ -39,8 +39,9 @@ def test_earliest_of_several_stops_wins(tokenizer):
 
 
 @settings(max_examples=100, deadline=None)
-@given(text=st.text(max_size=30), stop=st.lists(st.text(min_size=1, max_size=3), max_size=2),
-       prompt=st.text(max_size=5))
+@given(
+    text=st.text(max_size=30), stop=st.lists(st.text(min_size=1, max_size=3), max_size=2), prompt=st.text(max_size=5)
+)
 def test_pieces_concatenate_to_the_text_before_the_first_stop(tokenizer, text, stop, prompt):
     pieces, _ = run(tokenizer, text, stop, prompt)
     cut = min([i for i in (text.find(s) for s in stop) if i >= 0], default=len(text))

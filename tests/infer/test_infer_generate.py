@@ -32,8 +32,9 @@ def test_batched_greedy_equals_naive_loop(model, tokenizer):
 
 
 def test_small_max_batch_queues_and_still_matches(model, tokenizer):
-    assert generate(model, tokenizer, PROMPTS, max_new_tokens=8, temperature=0, max_batch=1) == \
-        generate(model, tokenizer, PROMPTS, max_new_tokens=8, temperature=0)
+    assert generate(model, tokenizer, PROMPTS, max_new_tokens=8, temperature=0, max_batch=1) == generate(
+        model, tokenizer, PROMPTS, max_new_tokens=8, temperature=0
+    )
 
 
 def test_seeded_sampling_is_reproducible(model, tokenizer):
@@ -59,7 +60,7 @@ def test_stop_string_ends_generation(model, tokenizer):
     assert len(full) > 4
     stop = full[3:5]
     cut = generate(model, tokenizer, PROMPTS[2], max_new_tokens=24, temperature=0, stop=[stop, "\x00never"])
-    assert cut == full[:full.find(stop)]
+    assert cut == full[: full.find(stop)]
 
 
 def test_num_experts_per_tok_override(model, tokenizer):
@@ -150,8 +151,11 @@ def test_warmup_runs_every_expert_and_changes_nothing(model, tokenizer, monkeypa
     before = generate(model, tokenizer, PROMPTS[0], max_new_tokens=8, temperature=0)
     monkeypatch.setattr(warmup_module, "F", Spy())
     info = warmup_module.warmup(model, tokenizer, max_batch=2)
-    experts = [(layer.experts.gate_up[e], layer.experts.down[e]) for layer in model.moe_layers.values()
-               for e in range(layer.cfg.num_experts)]
+    experts = [
+        (layer.experts.gate_up[e], layer.experts.down[e])
+        for layer in model.moe_layers.values()
+        for e in range(layer.cfg.num_experts)
+    ]
     assert info["experts"] == len(experts)
     assert {w.data_ptr() for pair in experts for w in pair} <= seen
     assert generate(model, tokenizer, PROMPTS[0], max_new_tokens=8, temperature=0) == before

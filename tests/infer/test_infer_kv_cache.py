@@ -30,7 +30,7 @@ def test_prefill_then_decode_equals_full_forward_batched_left_padded(make_model,
         pos, am = cache.prefill(slice(0, 3), pad, longest)
         out = model(idx, mask=mask, positions=pos, cache=cache, attn_mask=am).logits
         for i, n in enumerate(lens):
-            torch.testing.assert_close(out[i, pad[i]:], ref[i][:n], atol=ATOL, rtol=0)
+            torch.testing.assert_close(out[i, pad[i] :], ref[i][:n], atol=ATOL, rtol=0)
         for t in range(extra):
             tok = torch.tensor([[s[n + t]] for s, n in zip(seqs, lens, strict=True)])
             pos, am = cache.extend(slice(0, 3))

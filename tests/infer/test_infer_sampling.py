@@ -10,7 +10,8 @@ from moelab.infer.sampling import SamplingParams, logits_to_probs, next_tokens, 
 
 # Distinct logits at least 0.01 apart: which of two tied tokens survives a cut is arbitrary.
 logit_rows = st.lists(st.integers(-2000, 2000), min_size=2, max_size=40, unique=True).map(
-    lambda xs: [x / 100 for x in xs])
+    lambda xs: [x / 100 for x in xs]
+)
 
 
 def assert_keeps(probs, logits, kept, temperature=1.0):
@@ -40,7 +41,7 @@ def test_top_p_keeps_the_smallest_set_reaching_p(row, p):
     assume(bool(((mass_before - p).abs() > 1e-5).all()))  # a cut within rounding error goes either way
     n = int((mass_before < p).sum())
     kept = torch.zeros(len(row), dtype=torch.bool)
-    kept[order[:max(n, 1)]] = True
+    kept[order[: max(n, 1)]] = True
     assert_keeps(logits_to_probs(logits[None], 1.0, top_p=p)[0], logits, kept)
 
 
@@ -68,8 +69,10 @@ def test_next_tokens_mixes_greedy_and_sampled_rows():
     assert next_tokens(logits, params, [None, torch.Generator().manual_seed(0), None]).tolist() == [1, 2, 0]
 
 
-@pytest.mark.parametrize("field, value", [("max_new_tokens", 0), ("temperature", -1.0), ("top_k", -2),
-                                          ("top_p", 0.0), ("top_p", 1.5), ("stop", [""])])
+@pytest.mark.parametrize(
+    "field, value",
+    [("max_new_tokens", 0), ("temperature", -1.0), ("top_k", -2), ("top_p", 0.0), ("top_p", 1.5), ("stop", [""])],
+)
 def test_bad_params_name_the_field(field, value):
     with pytest.raises(UserError, match=field):
         SamplingParams(**{field: value}).validate()

@@ -73,7 +73,7 @@ def test_prompt_lists_n_stop_and_echo(client):
     full = client.completions.create(model="tiny", prompt="stop test", max_tokens=20, temperature=0).choices[0].text
     stop = full[2:4]
     r = client.completions.create(model="tiny", prompt="stop test", max_tokens=20, temperature=0, stop=[stop])
-    assert r.choices[0].text == full[:full.find(stop)] and r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == full[: full.find(stop)] and r.choices[0].finish_reason == "stop"
 
 
 def test_concurrent_requests(client, reference):
@@ -87,16 +87,19 @@ def test_concurrent_requests(client, reference):
     assert got == [reference(p, 12, temperature=0) for p in prompts]
 
 
-@pytest.mark.parametrize("kwargs, status, fragment", [
-    (dict(prompt="x" * 96, max_tokens=1), 400, "context"),
-    (dict(prompt="x" * 10, max_tokens=90), 400, "max_tokens"),
-    (dict(prompt="x", max_tokens="many"), 400, "max_tokens"),
-    (dict(prompt="x", temperature="hot"), 400, "temperature"),
-    (dict(prompt=5), 400, "prompt"),
-    (dict(prompt="x", extra_body={"bogus": 1}), 400, "bogus"),
-    (dict(prompt="x", logprobs=2), 400, "logprobs"),
-    (dict(prompt="x", model="gpt-4"), 404, "gpt-4"),
-])
+@pytest.mark.parametrize(
+    "kwargs, status, fragment",
+    [
+        (dict(prompt="x" * 96, max_tokens=1), 400, "context"),
+        (dict(prompt="x" * 10, max_tokens=90), 400, "max_tokens"),
+        (dict(prompt="x", max_tokens="many"), 400, "max_tokens"),
+        (dict(prompt="x", temperature="hot"), 400, "temperature"),
+        (dict(prompt=5), 400, "prompt"),
+        (dict(prompt="x", extra_body={"bogus": 1}), 400, "bogus"),
+        (dict(prompt="x", logprobs=2), 400, "logprobs"),
+        (dict(prompt="x", model="gpt-4"), 404, "gpt-4"),
+    ],
+)
 def test_bad_requests_get_openai_errors(client, kwargs, status, fragment):
     kwargs = {"model": "tiny", **kwargs}
     with pytest.raises(openai.APIStatusError) as info:
@@ -131,8 +134,14 @@ def test_metrics_count_requests_and_tokens(client, live):
     client.completions.create(model="tiny", prompt="count", max_tokens=4, temperature=0)
     assert metric(live, "moelab_generated_tokens_total") >= before + 1
     text = httpx.get(f"{live}/metrics").text
-    for name in ("moelab_queue_depth", "moelab_running_requests", "moelab_time_to_first_token_seconds_bucket",
-                 "moelab_request_latency_seconds_count", "moelab_requests_total", "moelab_prompt_tokens_total"):
+    for name in (
+        "moelab_queue_depth",
+        "moelab_running_requests",
+        "moelab_time_to_first_token_seconds_bucket",
+        "moelab_request_latency_seconds_count",
+        "moelab_requests_total",
+        "moelab_prompt_tokens_total",
+    ):
         assert name in text
 
 
@@ -198,6 +207,6 @@ def test_stream_sends_the_last_text_even_when_the_request_is_already_done():
     assert chunks[-1] == "data: [DONE]\n\n"
     texts = {}
     for c in chunks[:-1]:
-        for ch in _json.loads(c[len("data: "):])["choices"]:
+        for ch in _json.loads(c[len("data: ") :])["choices"]:
             texts[ch["index"]] = texts.get(ch["index"], "") + ch["text"]
     assert texts == {0: "ab", 1: "cd"}

@@ -25,14 +25,21 @@ def live(make_model, tokenizer, serve):
 
 
 def _post(url, content, headers=None):
-    return httpx.post(f"{url}/v1/completions", content=content, timeout=30,
-                      headers={"Content-Type": "application/json", **(headers or {})})
+    return httpx.post(
+        f"{url}/v1/completions",
+        content=content,
+        timeout=30,
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
 
 
 def _count(url, status):
     text = httpx.get(f"{url}/metrics").text
-    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-               if line.split("{")[0].endswith("_total") and f'"http_{status}"' in line)
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.split("{")[0].endswith("_total") and f'"http_{status}"' in line
+    )
 
 
 def _error(r, status):
@@ -50,17 +57,21 @@ def test_body_over_the_limit_is_refused_before_it_is_read(live):
     def chunks():  # no Content-Length: refused once it grows past the limit
         for _ in range(8):
             yield b" " * (LIMIT // 4)
+
     assert _error(_post(live, chunks()), 413)["code"] == "request_too_large"
     assert _count(live, 413) == before + 2
 
 
-@pytest.mark.parametrize("raw, param", [
-    ('{"model": "tiny", "prompt": "ab\\ud800cd"}', "prompt"),  # a lone surrogate
-    ('{"model": "tiny", "prompt": "ab", "stop": "\\udfff"}', "stop"),
-    ('{"model": "tiny", "prompt": "ab", "seed": 1000000000000000000000000000000}', "seed"),
-    ('{"model": "tiny", "prompt": "ab", "seed": 1' + "0" * 5000 + "}", None),  # past Python's int-parse limit
-    ('{"model": "tiny", "prompt": ' + "[" * 20000 + "]" * 20000 + "}", None),
-])
+@pytest.mark.parametrize(
+    "raw, param",
+    [
+        ('{"model": "tiny", "prompt": "ab\\ud800cd"}', "prompt"),  # a lone surrogate
+        ('{"model": "tiny", "prompt": "ab", "stop": "\\udfff"}', "stop"),
+        ('{"model": "tiny", "prompt": "ab", "seed": 1000000000000000000000000000000}', "seed"),
+        ('{"model": "tiny", "prompt": "ab", "seed": 1' + "0" * 5000 + "}", None),  # past Python's int-parse limit
+        ('{"model": "tiny", "prompt": ' + "[" * 20000 + "]" * 20000 + "}", None),
+    ],
+)
 def test_malformed_requests_are_json_400s_counted_in_metrics(live, raw, param):
     before = _count(live, 400)
     assert _error(_post(live, raw), 400)["param"] == param
@@ -85,8 +96,10 @@ def test_client_gone_mid_body_logs_no_traceback(live, caplog):
     with caplog.at_level(logging.DEBUG):
         for _ in range(3):
             s = socket.create_connection((host, int(port)))
-            s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                      b"Content-Length: 5000\r\n\r\n{\"model\": ")
+            s.sendall(
+                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b'Content-Length: 5000\r\n\r\n{"model": '
+            )
             time.sleep(0.1)
             s.close()
         time.sleep(0.5)
@@ -97,6 +110,10 @@ def test_client_gone_mid_body_logs_no_traceback(live, caplog):
 def test_empty_api_key_is_refused_at_start(make_model, tokenizer):
     with pytest.raises(UserError, match="--api-key: empty"):
         create_app(Engine(make_model(), tokenizer), "tiny", api_key="")
-    p = subprocess.run([sys.executable, "-m", "moelab", "serve", "no-such-run", "--api-key", ""],
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "moelab", "serve", "no-such-run", "--api-key", ""],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "--api-key: empty" in p.stderr, p.stderr

@@ -26,15 +26,28 @@ MOE = dict(num_experts=4, top_k=2, expert_dim=32)
 VARIANTS = {  # name -> (model kwargs, llama.cpp architecture)
     "mixtral_like": ({"moe": MoEConfig(**MOE)}, "llama"),
     "dense_tied_bias": ({"moe": MoEConfig(layers="none"), "tie_embeddings": True, "qkv_bias": True}, "llama"),
-    "qwen2moe_like": ({"qkv_bias": True, "moe": MoEConfig(**MOE, normalize=False, num_shared_experts=1,
-                                                           shared_expert_dim=40, shared_expert_gate=True)}, "qwen2moe"),
+    "qwen2moe_like": (
+        {
+            "qkv_bias": True,
+            "moe": MoEConfig(
+                **MOE, normalize=False, num_shared_experts=1, shared_expert_dim=40, shared_expert_gate=True
+            ),
+        },
+        "qwen2moe",
+    ),
     "qwen3moe_like": ({"qk_norm": "head", "head_dim": 24, "moe": MoEConfig(**MOE)}, "qwen3moe"),
     "olmoe_like": ({"qk_norm": "full", "n_kv_heads": 4, "moe": MoEConfig(**MOE, normalize=False)}, "olmoe"),
     "mixtral_like_tied": ({"tie_embeddings": True, "moe": MoEConfig(**MOE)}, "llama"),
     # ungated shared experts (configs/small.yaml): two shared experts of the routed width, either top-k kind
     "shared_ungated": ({"moe": MoEConfig(**MOE, num_shared_experts=2)}, "bailingmoe"),
-    "shared_ungated_unnormalised_tied": ({"tie_embeddings": True, "qkv_bias": True, "moe": MoEConfig(
-        **MOE, normalize=False, num_shared_experts=1, shared_expert_dim=64)}, "bailingmoe"),
+    "shared_ungated_unnormalised_tied": (
+        {
+            "tie_embeddings": True,
+            "qkv_bias": True,
+            "moe": MoEConfig(**MOE, normalize=False, num_shared_experts=1, shared_expert_dim=64),
+        },
+        "bailingmoe",
+    ),
 }
 PROMPT = "First Citizen:\nBefore we proceed any further, hear me speak."
 
@@ -155,8 +168,9 @@ def test_rounded_check_judges_the_median_position():
     from moelab.errors import UserError
     from moelab.interop.parity import ParityReport
 
-    report = ParityReport(max_abs_delta=0.5, max_abs_logit=3.0, shape=(2, 16), greedy_ours=[1], greedy_theirs=[1],
-                          median_abs_delta=0.002)
+    report = ParityReport(
+        max_abs_delta=0.5, max_abs_logit=3.0, shape=(2, 16), greedy_ours=[1], greedy_theirs=[1], median_abs_delta=0.002
+    )
     report.check(1e-2, "f16", rounded=True)
     with pytest.raises(UserError, match="differ by 0.5 > tolerance 0.03"):
         report.check(1e-2, "f32")
@@ -195,17 +209,24 @@ def test_byte_tokenizer_and_quantised_types(tmp_path, cli):
     assert len(pieces) == 320 and pieces[-1] == "[PAD319]"
 
 
-@pytest.mark.parametrize("model_kw,needle", [
-    ({"moe": MoEConfig(**MOE, layers=[1])}, "layers [0] are dense but others are MoE"),
-    ({"moe": MoEConfig(**MOE, router="gumbel")}, "router 'gumbel'"),
-    ({"qk_norm": "full", "moe": MoEConfig(**MOE, normalize=False)}, "full-width qk-norm with kv_heads 2/4"),
-    ({"moe": MoEConfig(**MOE, normalize=False)}, "un-normalised top-k weights without qk-norm or a shared expert"),
-    ({"moe": MoEConfig(**MOE, num_shared_experts=1, shared_expert_gate=True)},
-     "a sigmoid-gated shared expert with renormalised top-k weights"),
-    ({"moe": MoEConfig(**MOE, num_shared_experts=1, shared_expert_dim=40)},
-     "an ungated shared expert of width 40, not a multiple of the expert width 32"),
-    ({"qk_norm": "head", "moe": MoEConfig(**MOE, num_shared_experts=1)}, "shared experts with qk_norm='head'"),
-])
+@pytest.mark.parametrize(
+    "model_kw,needle",
+    [
+        ({"moe": MoEConfig(**MOE, layers=[1])}, "layers [0] are dense but others are MoE"),
+        ({"moe": MoEConfig(**MOE, router="gumbel")}, "router 'gumbel'"),
+        ({"qk_norm": "full", "moe": MoEConfig(**MOE, normalize=False)}, "full-width qk-norm with kv_heads 2/4"),
+        ({"moe": MoEConfig(**MOE, normalize=False)}, "un-normalised top-k weights without qk-norm or a shared expert"),
+        (
+            {"moe": MoEConfig(**MOE, num_shared_experts=1, shared_expert_gate=True)},
+            "a sigmoid-gated shared expert with renormalised top-k weights",
+        ),
+        (
+            {"moe": MoEConfig(**MOE, num_shared_experts=1, shared_expert_dim=40)},
+            "an ungated shared expert of width 40, not a multiple of the expert width 32",
+        ),
+        ({"qk_norm": "head", "moe": MoEConfig(**MOE, num_shared_experts=1)}, "shared experts with qk_norm='head'"),
+    ],
+)
 def test_gguf_refuses_inexpressible_models(tmp_path, cli, model_kw, needle):
     ckpt = moelab_checkpoint(tmp_path / "ck", ByteTokenizer().save(tmp_path / "tok"), vocab_size=257, **model_kw)
     code, _, err = cli("export", "gguf", ckpt, tmp_path / "m.gguf")

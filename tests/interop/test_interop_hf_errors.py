@@ -109,11 +109,14 @@ def test_ill_typed_field_and_invalid_json(mixtral_dir, tmp_path, cli):
     _refused(cli, tmp_path, bad, "config.json: not valid JSON")
 
 
-@pytest.mark.parametrize("change,needle", [
-    ({"sliding_window": 16}, "sliding_window=16 is not supported"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_parameters type 'yarn'"),
-    ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
-])
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"sliding_window": 16}, "sliding_window=16 is not supported"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope_parameters type 'yarn'"),
+        ({"hidden_act": "gelu"}, "hidden_act='gelu'"),
+    ],
+)
 def test_inexpressible_features_refused(mixtral_dir, tmp_path, cli, change, needle):
     bad = _copy(mixtral_dir, tmp_path / "bad")
     _edit_config(bad, **change)
@@ -150,18 +153,30 @@ def test_no_weights_and_existing_output(mixtral_dir, tmp_path, cli):
     assert (tmp_path / "taken" / "notes.txt").read_text() == "keep me"
 
 
-@pytest.mark.parametrize("arch,model_kw,needle", [
-    ("mixtral", {"moe": MoEConfig(num_experts=4, top_k=2, expert_dim=32, router="gumbel")},
-     "router 'gumbel' cannot be expressed as mixtral"),
-    ("mixtral", {"moe": MoEConfig(num_experts=4, top_k=2, expert_dim=32, normalize=False)},
-     "mixtral always renormalises"),
-    ("mixtral", {"moe": MoEConfig(num_experts=4, top_k=2, expert_dim=32, layers=[1])}, "layers [0] are dense"),
-    ("mixtral", {"qk_norm": "head"}, "qk_norm='head' cannot be expressed as mixtral"),
-    ("qwen2_moe", {}, "qwen2_moe needs a sigmoid-gated shared expert"),
-    ("olmoe", {"moe": MoEConfig(num_experts=4, top_k=2, expert_dim=32, capacity_factor=1.25), "qk_norm": "full"},
-     "transformers is dropless"),
-    ("llama", {}, "llama is a dense architecture"),
-])
+@pytest.mark.parametrize(
+    "arch,model_kw,needle",
+    [
+        (
+            "mixtral",
+            {"moe": MoEConfig(num_experts=4, top_k=2, expert_dim=32, router="gumbel")},
+            "router 'gumbel' cannot be expressed as mixtral",
+        ),
+        (
+            "mixtral",
+            {"moe": MoEConfig(num_experts=4, top_k=2, expert_dim=32, normalize=False)},
+            "mixtral always renormalises",
+        ),
+        ("mixtral", {"moe": MoEConfig(num_experts=4, top_k=2, expert_dim=32, layers=[1])}, "layers [0] are dense"),
+        ("mixtral", {"qk_norm": "head"}, "qk_norm='head' cannot be expressed as mixtral"),
+        ("qwen2_moe", {}, "qwen2_moe needs a sigmoid-gated shared expert"),
+        (
+            "olmoe",
+            {"moe": MoEConfig(num_experts=4, top_k=2, expert_dim=32, capacity_factor=1.25), "qk_norm": "full"},
+            "transformers is dropless",
+        ),
+        ("llama", {}, "llama is a dense architecture"),
+    ],
+)
 def test_export_refuses_what_the_target_cannot_express(tmp_path, cli, arch, model_kw, needle):
     ckpt = moelab_checkpoint(tmp_path / "ck", **model_kw)
     code, _, err = cli("export", "hf", ckpt, tmp_path / "out", "--arch", arch)

@@ -100,8 +100,16 @@ def test_tied_embeddings_and_bf16_export(tmp_path, cli):
 def test_qwen2_moe_export_without_biases_writes_zeros_and_reimports_without(tmp_path, cli):
     from moelab.config import MoEConfig
 
-    moe = MoEConfig(num_experts=4, top_k=2, expert_dim=32, normalize=False, num_shared_experts=2,
-                    shared_expert_dim=16, shared_expert_gate=True, layers=[0])
+    moe = MoEConfig(
+        num_experts=4,
+        top_k=2,
+        expert_dim=32,
+        normalize=False,
+        num_shared_experts=2,
+        shared_expert_dim=16,
+        shared_expert_gate=True,
+        layers=[0],
+    )
     ckpt = moelab_checkpoint(tmp_path / "ck", moe=moe)
     code, out, err = cli("export", "hf", ckpt, tmp_path / "hf", "--max-shard-size", "30KB")
     assert code == 0 and "as qwen2_moe" in out, err  # chosen automatically: gated shared expert

@@ -16,8 +16,17 @@ pytestmark = pytest.mark.slow  # end to end (subprocesses, torchrun, transformer
 
 @pytest.mark.parametrize("qk_norm,cls", [("head", HeadQKNormAttention), ("full", FullQKNormAttention)])
 def test_qk_norm_model_counts_and_decodes(qk_norm, cls):
-    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=12, max_seq_len=32,
-                      qk_norm=qk_norm, moe=MoEConfig(num_experts=4, top_k=2, expert_dim=16))
+    cfg = ModelConfig(
+        vocab_size=64,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=12,
+        max_seq_len=32,
+        qk_norm=qk_norm,
+        moe=MoEConfig(num_experts=4, top_k=2, expert_dim=16),
+    )
     torch.manual_seed(0)
     model = randomize(Transformer(cfg), seed=5, std=0.3).eval()
     assert isinstance(model.layers[0].attn, cls)
@@ -33,7 +42,7 @@ def test_qk_norm_model_counts_and_decodes(qk_norm, cls):
         steps = [model(ids[:, :8], positions=positions, cache=cache, attn_mask=mask).logits]
         for t in range(8, 12):
             positions, mask = cache.extend(slice(0, 1))
-            steps.append(model(ids[:, t:t + 1], positions=positions, cache=cache, attn_mask=mask).logits)
+            steps.append(model(ids[:, t : t + 1], positions=positions, cache=cache, attn_mask=mask).logits)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
 
 

@@ -27,9 +27,14 @@ def sp_dir(tmp_path_factory, text):
 
 
 def test_hf_defaults_match_transformers_classes():
-    classes = {"mixtral": transformers.MixtralConfig, "qwen2_moe": transformers.Qwen2MoeConfig,
-               "qwen3_moe": transformers.Qwen3MoeConfig, "olmoe": transformers.OlmoeConfig,
-               "llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}
+    classes = {
+        "mixtral": transformers.MixtralConfig,
+        "qwen2_moe": transformers.Qwen2MoeConfig,
+        "qwen3_moe": transformers.Qwen3MoeConfig,
+        "olmoe": transformers.OlmoeConfig,
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+    }
     for arch, defaults in HF_DEFAULTS.items():
         fields = classes[arch].__dataclass_fields__
         for key, value in defaults.items():
@@ -49,8 +54,7 @@ def test_exported_tokenizer_reproduces_moelab_ids(kind, tmp_path, cli, text, sp_
     assert f"tokenizer files written ({kind})" in out
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert config["eos_token_id"] == tok.eod_id
-    for old, new in (("num_experts", "num_local_experts"), ("rope_theta", "rope_parameters"),
-                     ("torch_dtype", "dtype")):
+    for old, new in (("num_experts", "num_local_experts"), ("rope_theta", "rope_parameters"), ("torch_dtype", "dtype")):
         assert old in config and new in config  # read by transformers 4.x and 5.x alike
     tok_cfg = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
     assert tok_cfg["tokenizer_class"] == "PreTrainedTokenizerFast"
@@ -76,8 +80,9 @@ def test_sentencepiece_round_trip_keeps_fingerprint_and_generates(tmp_path, cli,
         model, tok = load(path)
         outs.append(generate(model, tok, ["First Citizen:"], max_new_tokens=12, temperature=0.0))
     assert outs[0] == outs[1] and outs[0][0]
-    code, out, err = cli("generate", tmp_path / "back", "--prompt", "First Citizen:", "--max-new-tokens", 4,
-                         "--temperature", 0)
+    code, out, err = cli(
+        "generate", tmp_path / "back", "--prompt", "First Citizen:", "--max-new-tokens", 4, "--temperature", 0
+    )
     assert code == 0 and out.startswith("First Citizen:"), err
 
 
@@ -89,8 +94,9 @@ def test_import_llama_style_sentencepiece_model(tmp_path, text):
     from moelab.interop.hf_tokenizer import import_tokenizer
 
     buf = io.BytesIO()  # sentencepiece defaults: <unk>=0, <s>=1, </s>=2, dummy prefix
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(text[:50_000].splitlines()), model_writer=buf,
-                                   vocab_size=300, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text[:50_000].splitlines()), model_writer=buf, vocab_size=300, minloglevel=2
+    )
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "tokenizer.model").write_bytes(buf.getvalue())
     note = import_tokenizer(tmp_path / "hf", tmp_path / "tok", 320)
@@ -104,15 +110,42 @@ def test_import_llama_style_sentencepiece_model(tmp_path, text):
 def test_upcycled_checkpoint_trains_with_init_from(tmp_path, cli, text):
     tok_dir = ByteTokenizer().save(tmp_path / "tok")
     (tmp_path / "corpus.txt").write_text(text[:60_000], encoding="utf-8")
-    code, _, err = cli("prepare", "--tokenizer", tok_dir, "--input", tmp_path / "corpus.txt", "--out",
-                       tmp_path / "data", "--doc-boundary", "blank", "--quiet")
+    code, _, err = cli(
+        "prepare",
+        "--tokenizer",
+        tok_dir,
+        "--input",
+        tmp_path / "corpus.txt",
+        "--out",
+        tmp_path / "data",
+        "--doc-boundary",
+        "blank",
+        "--quiet",
+    )
     assert code == 0, err
     dense = moelab_checkpoint(tmp_path / "dense", tok_dir, vocab_size=257, moe=MoEConfig(layers="none"))
     assert cli("upcycle", dense, tmp_path / "moe", "--experts", 4, "--top-k", 2)[0] == 0
-    code, out, err = cli("train", tmp_path / "moe" / "config.yaml", "--init-from", tmp_path / "moe",
-                         "--run-dir", tmp_path / "run", "--set", f"data.path={tmp_path / 'data'}",
-                         "--set", "train.steps=2", "--set", "train.batch_size=2", "--set", "data.seq_len=16",
-                         "--set", "eval.batches=1", "--set", "train.warmup_steps=0", "--no-progress")
+    code, out, err = cli(
+        "train",
+        tmp_path / "moe" / "config.yaml",
+        "--init-from",
+        tmp_path / "moe",
+        "--run-dir",
+        tmp_path / "run",
+        "--set",
+        f"data.path={tmp_path / 'data'}",
+        "--set",
+        "train.steps=2",
+        "--set",
+        "train.batch_size=2",
+        "--set",
+        "data.seq_len=16",
+        "--set",
+        "eval.batches=1",
+        "--set",
+        "train.warmup_steps=0",
+        "--no-progress",
+    )
     assert code == 0, err
     model, cfg, _ = load_model(tmp_path / "run")
     assert cfg.model.moe_layer_ids() == [0, 1] and cfg.model.moe.num_experts == 4

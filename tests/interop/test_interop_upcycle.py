@@ -42,8 +42,9 @@ def test_upcycle_moelab_run_with_layer_pattern_and_noise(tmp_path, cli):
     ids = random_ids(128)
     assert (ml_logits(moe, ids) - ml_logits(dense, ids)).abs().max() < 1e-4
 
-    code, _, err = cli("upcycle", dense_ckpt, tmp_path / "noisy", "--experts", 8, "--top-k", 2, "--layers", "0,2",
-                       "--noise", 0.05)
+    code, _, err = cli(
+        "upcycle", dense_ckpt, tmp_path / "noisy", "--experts", 8, "--top-k", 2, "--layers", "0,2", "--noise", 0.05
+    )
     assert code == 0, err
     noisy, cfg, _ = load_model(tmp_path / "noisy")
     assert cfg.model.moe_layer_ids() == [0, 2]
@@ -58,8 +59,9 @@ def test_upcycle_model_api_keeps_dense_weights():
     from moelab.config import ModelConfig
     from moelab.model import Transformer
 
-    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, ffn_dim=40, max_seq_len=32,
-                      moe=MoEConfig(layers="none"))
+    cfg = ModelConfig(
+        vocab_size=64, d_model=32, n_layers=2, n_heads=4, ffn_dim=40, max_seq_len=32, moe=MoEConfig(layers="none")
+    )
     dense = Transformer(cfg).eval()
     moe, new_cfg = upcycle_model(dense, cfg, experts=3, top_k=1, layers=parse_layers("1"))
     assert new_cfg.moe_layer_ids() == [1] and cfg.moe_layer_ids() == []  # input config untouched
@@ -69,12 +71,15 @@ def test_upcycle_model_api_keeps_dense_weights():
     assert (ml_logits(moe, ids) - ml_logits(dense, ids)).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["--experts", 2, "--top-k", 3], "1 <= --top-k <= --experts"),
-    (["--experts", 2, "--top-k", 1, "--layers", "9"], "--layers: layer indices must be in [0, 2)"),
-    (["--experts", 2, "--top-k", 1, "--layers", "sometimes"], "--layers: expected 'all'"),
-    (["--experts", 2, "--top-k", 1, "--noise", -1], "--noise must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--experts", 2, "--top-k", 3], "1 <= --top-k <= --experts"),
+        (["--experts", 2, "--top-k", 1, "--layers", "9"], "--layers: layer indices must be in [0, 2)"),
+        (["--experts", 2, "--top-k", 1, "--layers", "sometimes"], "--layers: expected 'all'"),
+        (["--experts", 2, "--top-k", 1, "--noise", -1], "--noise must be >= 0"),
+    ],
+)
 def test_upcycle_bad_arguments(tmp_path, cli, args, needle):
     dense_ckpt = moelab_checkpoint(tmp_path / "dense", moe=MoEConfig(layers="none"))
     code, _, err = cli("upcycle", dense_ckpt, tmp_path / "out", *args)

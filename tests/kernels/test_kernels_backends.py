@@ -21,8 +21,12 @@ from moelab.model.moe import MoELayer
 def routing(t, e, k, seed, drop, one_expert=False):
     g = torch.Generator().manual_seed(seed)
     if one_expert:  # every token's first choice is expert 0
-        ids = torch.stack([torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(e - 1, generator=g)[:k - 1] + 1])
-                           for _ in range(t)])
+        ids = torch.stack(
+            [
+                torch.cat([torch.zeros(1, dtype=torch.long), torch.randperm(e - 1, generator=g)[: k - 1] + 1])
+                for _ in range(t)
+            ]
+        )
     else:
         ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
     keep = torch.rand(t, k, generator=g) > 0.3 if drop else None
@@ -39,8 +43,11 @@ def grads_of(fn, x, gate_up, down, w, grad_out):
     return out.detach(), [t.grad for t in leaves]
 
 
-BACKENDS = {"grouped_mm": lambda: GroupedMMBackend(1), "grouped_mm-align8": lambda: GroupedMMBackend(8),
-            "cpu_buckets": CpuBucketsBackend}
+BACKENDS = {
+    "grouped_mm": lambda: GroupedMMBackend(1),
+    "grouped_mm-align8": lambda: GroupedMMBackend(8),
+    "cpu_buckets": CpuBucketsBackend,
+}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -48,8 +55,9 @@ BACKENDS = {"grouped_mm": lambda: GroupedMMBackend(1), "grouped_mm-align8": lamb
 @pytest.mark.parametrize("case", ["plain", "drop", "idle", "one_expert", "odd"])
 def test_backend_equals_reference_forward_and_grads(dtype, backend_name_, case):
     t, e, k, d, f = {"odd": (37, 7, 3, 24, 40), "idle": (3, 16, 2, 16, 8)}.get(case, (29, 6, 2, 16, 24))
-    ids, keep, w, g = routing(t, e, k, seed=len(case) * 7 + len(backend_name_), drop=case == "drop",
-                              one_expert=case == "one_expert")
+    ids, keep, w, g = routing(
+        t, e, k, seed=len(case) * 7 + len(backend_name_), drop=case == "drop", one_expert=case == "one_expert"
+    )
     x = torch.randn(t, d, generator=g).to(dtype)
     gate_up = (torch.randn(e, 2 * f, d, generator=g) * 0.3).to(dtype)
     down = (torch.randn(e, d, f, generator=g) * 0.3).to(dtype)
@@ -78,8 +86,14 @@ def test_backend_equals_reference_forward_and_grads(dtype, backend_name_, case):
 
 
 @settings(max_examples=60, deadline=None)
-@given(t=st.integers(1, 40), e=st.integers(1, 9), k=st.integers(1, 4), align=st.sampled_from([1, 4, 8]),
-       drop=st.booleans(), seed=st.integers(0, 10_000))
+@given(
+    t=st.integers(1, 40),
+    e=st.integers(1, 9),
+    k=st.integers(1, 4),
+    align=st.sampled_from([1, 4, 8]),
+    drop=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
 def test_device_plan_invariants(t, e, k, align, drop, seed):
     k = min(k, e)
     ids, keep, _, _ = routing(t, e, k, seed, drop)
@@ -103,15 +117,16 @@ def test_device_plan_invariants(t, e, k, align, drop, seed):
     # kept rows per expert group equal the kept assignments per expert
     for ex in range(e):
         end = offs[ex] if ex < e - 1 else starts[ex] + ((ids == ex) & kept).sum()
-        rows = plan.assignment[starts[ex]:int(end)]
+        rows = plan.assignment[starts[ex] : int(end)]
         assert int((rows < t * k).sum()) == int(((ids == ex) & kept).sum())
 
 
 def test_no_host_reads_on_the_grouped_mm_path(monkeypatch):
     """Routing -> dispatch -> experts -> combine, forward and backward, never reads a tensor on the host
     (on a GPU each such read would stall the stream)."""
-    layer = MoELayer(16, MoEConfig(num_experts=4, top_k=2, expert_dim=8, expert_backend="grouped_mm",
-                                   capacity_factor=1.0))
+    layer = MoELayer(
+        16, MoEConfig(num_experts=4, top_k=2, expert_dim=8, expert_backend="grouped_mm", capacity_factor=1.0)
+    )
     for p in layer.parameters():
         torch.nn.init.normal_(p, 0.0, 0.3)
     x = torch.randn(2, 9, 16, requires_grad=True)

@@ -21,8 +21,14 @@ def random_routing(t, e, k, seed, drop):
 
 
 @settings(max_examples=80, deadline=None)
-@given(t=st.integers(1, 30), e=st.integers(1, 8), k=st.integers(1, 3), blocks=st.sampled_from(list(BLOCKS)),
-       drop=st.booleans(), seed=st.integers(0, 10_000))
+@given(
+    t=st.integers(1, 30),
+    e=st.integers(1, 8),
+    k=st.integers(1, 3),
+    blocks=st.sampled_from(list(BLOCKS)),
+    drop=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
 def test_plan_invariants(t, e, k, blocks, drop, seed):
     k = min(k, e)
     ids, keep, _ = random_routing(t, e, k, seed, drop)
@@ -36,7 +42,7 @@ def test_plan_invariants(t, e, k, blocks, drop, seed):
     pos_kept = plan.pos[kept_mask]
     assert torch.all(plan.pos[~kept_mask] == plan.rows)  # dropped read the zero row
     assert pos_kept.unique().numel() == pos_kept.numel()  # one row per kept assignment
-    for (ti, j) in kept_mask.nonzero().tolist():
+    for ti, j in kept_mask.nonzero().tolist():
         row, ex = int(plan.pos[ti, j]), int(ids[ti, j])
         assert starts[ex] <= row < starts[ex + 1]  # inside its expert's block
         assert int(plan.src[row]) == ti and int(plan.inv[row]) == ti * k + j
@@ -73,8 +79,12 @@ def test_dispatch_combine_equal_autograd_gathers(blocks, drop):
 
 
 @settings(max_examples=80, deadline=None)
-@given(counts=st.lists(st.integers(0, 300), min_size=1, max_size=9), call_rows=st.sampled_from([0, 5, 50, 1e9]),
-       gather=st.sampled_from([(0.0, 0.0), (40.0, 0.5)]), binary=st.booleans())
+@given(
+    counts=st.lists(st.integers(0, 300), min_size=1, max_size=9),
+    call_rows=st.sampled_from([0, 5, 50, 1e9]),
+    gather=st.sampled_from([(0.0, 0.0), (40.0, 0.5)]),
+    binary=st.booleans(),
+)
 def test_buckets_cover_every_active_expert_once(counts, call_rows, gather, binary):
     buckets = plan_buckets(counts, call_rows, *gather, binary=binary)
     n = sum(counts)
@@ -90,8 +100,8 @@ def test_buckets_cover_every_active_expert_once(counts, call_rows, gather, binar
         else:
             idx = b.index.view(len(b.experts), b.rows)
             for i, e in enumerate(b.experts):
-                assert idx[i, :counts[e]].tolist() == list(range(starts[e], starts[e] + counts[e]))
-                assert torch.all(idx[i, counts[e]:] == n)  # padding reads the zero row
+                assert idx[i, : counts[e]].tolist() == list(range(starts[e], starts[e] + counts[e]))
+                assert torch.all(idx[i, counts[e] :] == n)  # padding reads the zero row
     if call_rows >= 1e9 and seen and not binary and gather == (0.0, 0.0):
         assert len(buckets) == 1
     if call_rows == 0 and not binary and gather == (0.0, 0.0):  # free calls: one bucket per distinct load
@@ -110,8 +120,10 @@ def run_cost(n, rows, call_rows, gather, binary):
 def brute_force_cost(loads, call_rows, gather, binary):
     if not loads:
         return 0
-    return min(run_cost(i, loads[0], call_rows, gather, binary) + brute_force_cost(loads[i:], call_rows, gather, binary)
-               for i in range(1, len(loads) + 1))
+    return min(
+        run_cost(i, loads[0], call_rows, gather, binary) + brute_force_cost(loads[i:], call_rows, gather, binary)
+        for i in range(1, len(loads) + 1)
+    )
 
 
 def costs(call_s):

@@ -13,8 +13,7 @@ from moelab.model.moe import MoELayer
 
 
 @settings(max_examples=40, deadline=None)
-@given(t=st.integers(1, 8), e=st.integers(1, 6), k=st.integers(1, 3), seed=st.integers(0, 10_000),
-       drop=st.booleans())
+@given(t=st.integers(1, 8), e=st.integers(1, 6), k=st.integers(1, 3), seed=st.integers(0, 10_000), drop=st.booleans())
 def test_few_tokens_moe_equals_reference(t, e, k, seed, drop):
     k = min(k, e)
     g = torch.Generator().manual_seed(seed)
@@ -25,15 +24,19 @@ def test_few_tokens_moe_equals_reference(t, e, k, seed, drop):
     keep = torch.rand(t, k, generator=g) > 0.4 if drop else None
     if keep is not None:
         w = w * keep
-    torch.testing.assert_close(few_tokens_moe(x, gate_up, down, ids, w, keep), reference_moe(x, gate_up, down, ids, w),
-                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(
+        few_tokens_moe(x, gate_up, down, ids, w, keep), reference_moe(x, gate_up, down, ids, w), atol=1e-5, rtol=1e-5
+    )
 
 
-@pytest.mark.parametrize("cfg", [
-    MoEConfig(num_experts=4, top_k=2, expert_dim=24),
-    MoEConfig(num_experts=4, top_k=2, expert_dim=24, num_shared_experts=1, shared_expert_gate=True),
-    MoEConfig(num_experts=4, top_k=1, expert_dim=24, capacity_factor=1.0),
-])
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        MoEConfig(num_experts=4, top_k=2, expert_dim=24),
+        MoEConfig(num_experts=4, top_k=2, expert_dim=24, num_shared_experts=1, shared_expert_gate=True),
+        MoEConfig(num_experts=4, top_k=1, expert_dim=24, capacity_factor=1.0),
+    ],
+)
 def test_moe_layer_no_grad_small_batch_equals_grad_path(cfg):
     torch.manual_seed(0)
     layer = MoELayer(16, cfg).eval()
@@ -58,8 +61,17 @@ def test_last_only_logits_equal_the_last_position():
     from moelab.model import Transformer
 
     torch.manual_seed(0)
-    model = Transformer(ModelConfig(vocab_size=50, d_model=16, n_layers=2, n_heads=2, ffn_dim=32, max_seq_len=16,
-                                    moe=MoEConfig(num_experts=4, top_k=2, expert_dim=8))).eval()
+    model = Transformer(
+        ModelConfig(
+            vocab_size=50,
+            d_model=16,
+            n_layers=2,
+            n_heads=2,
+            ffn_dim=32,
+            max_seq_len=16,
+            moe=MoEConfig(num_experts=4, top_k=2, expert_dim=8),
+        )
+    ).eval()
     x = torch.randint(0, 50, (3, 7))
     full = model(x).logits
     last = model(x, last_only=True).logits

@@ -105,8 +105,11 @@ def test_hierarchical_experts_lie_in_the_chosen_groups_and_match_slow_reference(
     for t in range(15):
         groups = gp[t].topk(tg).indices.tolist()
         assert sorted(r.extra["group_ids"][t].tolist()) == sorted(groups)
-        scores = {i: float(gp[t, i // m] * ez[t, i // m * m:(i // m + 1) * m].softmax(-1)[i % m])
-                  for grp in groups for i in range(grp * m, grp * m + m)}
+        scores = {
+            i: float(gp[t, i // m] * ez[t, i // m * m : (i // m + 1) * m].softmax(-1)[i % m])
+            for grp in groups
+            for i in range(grp * m, grp * m + m)
+        }
         best = sorted(scores, key=lambda i: -scores[i])[:k]
         assert sorted(r.topk_ids[t].tolist()) == sorted(best)
     torch.testing.assert_close(r.probs.sum(-1), torch.ones(15))
@@ -118,7 +121,7 @@ def test_diversity_zero_for_orthogonal_one_for_identical(e, seed):
     f, d = 4, 16  # 2F*D + D*F = 192 >= e: room for e orthogonal experts
     q, _ = torch.linalg.qr(torch.randn(3 * f * d, e, generator=torch.Generator().manual_seed(seed)))
     w = q.t()  # [E, 192] orthonormal rows
-    gu, dn = w[:, :2 * f * d].reshape(e, 2 * f, d), w[:, 2 * f * d:].reshape(e, d, f)
+    gu, dn = w[:, : 2 * f * d].reshape(e, 2 * f, d), w[:, 2 * f * d :].reshape(e, d, f)
     assert float(expert_diversity(gu, dn)) < 1e-6  # fp32 rounding of cos ~ 1e-4
     same_gu, same_dn = gu[:1].expand(e, -1, -1) * 3.0, dn[:1].expand(e, -1, -1) * 3.0
     torch.testing.assert_close(expert_diversity(same_gu, same_dn), torch.tensor(1.0))
@@ -158,8 +161,17 @@ def test_extra_losses_only_when_enabled_and_counting_matches_model():
         cfg = ModelConfig(**base, moe=MoEConfig(**{"num_experts": 4, "expert_dim": 16, **kw}))
         model = Transformer(cfg)
         assert count_params(cfg).total == sum(p.numel() for p in model.parameters()), kw
-    cfg = ModelConfig(**base, moe=MoEConfig(num_experts=8, expert_dim=16, router="hierarchical", num_groups=2,
-                                            group_balance_coef=0.1, diversity_coef=0.1))
+    cfg = ModelConfig(
+        **base,
+        moe=MoEConfig(
+            num_experts=8,
+            expert_dim=16,
+            router="hierarchical",
+            num_groups=2,
+            group_balance_coef=0.1,
+            diversity_coef=0.1,
+        ),
+    )
     x = torch.randint(0, 64, (2, 8))
     out = Transformer(cfg)(x, x)
     assert set(out.aux_losses) == {"load_balance", "z_loss", "diversity", "group_balance"}  # (cv, variance: coef 0)
@@ -174,21 +186,25 @@ def test_experts_per_token_histogram_and_fields():
     assert h.tolist() == [0.0, 1.0, 1.0, 1.0]
     fields = k_fields(h, "moe/0/")
     assert fields["moe/0/k_mean"] == pytest.approx(2.0) and fields["moe/0/k_dist"][0] == 0.0
-    assert mean_experts_per_token({"moe/0/k_hist": h, "moe/1/k_hist": torch.tensor([0.0, 3.0, 0.0, 0.0])}) \
-        == pytest.approx(1.5)
+    assert mean_experts_per_token(
+        {"moe/0/k_hist": h, "moe/1/k_hist": torch.tensor([0.0, 3.0, 0.0, 0.0])}
+    ) == pytest.approx(1.5)
 
 
-@pytest.mark.parametrize("kw, message", [
-    (dict(top_p=0.0), "moe.top_p: expected 0 < top_p <= 1"),
-    (dict(router="sigmoid", num_null_experts=2), "moe.num_null_experts: null experts need router"),
-    (dict(router="hierarchical", num_groups=3), "moe.num_groups: 3 does not divide num_experts=8"),
-    (dict(router="hierarchical", num_groups=4, top_groups=5), "moe.top_groups: expected between 1"),
-    (dict(router="hierarchical", num_groups=4, top_groups=1, top_k=3), "moe.top_k: 3 is more than"),
-    (dict(num_groups=2), "moe.num_groups: expert groups need router hierarchical"),
-    (dict(group_balance_coef=0.1), "moe.group_balance_coef: group balancing needs router hierarchical"),
-    (dict(task_balance_coef=0.1), "moe.task_balance_coef: per-task balancing needs num_tasks > 0"),
-    (dict(diversity_coef=-1.0), "moe.diversity_coef: expected >= 0"),
-])
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        (dict(top_p=0.0), "moe.top_p: expected 0 < top_p <= 1"),
+        (dict(router="sigmoid", num_null_experts=2), "moe.num_null_experts: null experts need router"),
+        (dict(router="hierarchical", num_groups=3), "moe.num_groups: 3 does not divide num_experts=8"),
+        (dict(router="hierarchical", num_groups=4, top_groups=5), "moe.top_groups: expected between 1"),
+        (dict(router="hierarchical", num_groups=4, top_groups=1, top_k=3), "moe.top_k: 3 is more than"),
+        (dict(num_groups=2), "moe.num_groups: expert groups need router hierarchical"),
+        (dict(group_balance_coef=0.1), "moe.group_balance_coef: group balancing needs router hierarchical"),
+        (dict(task_balance_coef=0.1), "moe.task_balance_coef: per-task balancing needs num_tasks > 0"),
+        (dict(diversity_coef=-1.0), "moe.diversity_coef: expected >= 0"),
+    ],
+)
 def test_config_errors_are_one_line(kw, message):
     problems = MoEConfig(**kw).validate()
     assert len(problems) == 1 and problems[0].startswith(message) and "\n" not in problems[0]

@@ -52,8 +52,16 @@ def test_no_grad_needs_no_gradient_buffer():
 @pytest.mark.parametrize("tie", [False, True])
 def test_model_loss_without_logits_equals_default(tie):
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=40, d_model=16, n_layers=2, n_heads=2, ffn_dim=32, max_seq_len=16,
-                      tie_embeddings=tie, moe=MoEConfig(num_experts=4, top_k=2, expert_dim=8))
+    cfg = ModelConfig(
+        vocab_size=40,
+        d_model=16,
+        n_layers=2,
+        n_heads=2,
+        ffn_dim=32,
+        max_seq_len=16,
+        tie_embeddings=tie,
+        moe=MoEConfig(num_experts=4, top_k=2, expert_dim=8),
+    )
     model = Transformer(cfg)
     x, y = torch.randint(0, 40, (2, 9)), torch.randint(0, 40, (2, 9))
     y[0, :3] = IGNORE_INDEX

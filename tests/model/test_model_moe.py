@@ -37,9 +37,7 @@ def run(layer, x, backend, training=True):
     return y.detach(), xx.grad, grads, stats
 
 
-CASES = [
-    dict(router=r) for r in ROUTERS if r != "expert_choice"
-] + [
+CASES = [dict(router=r) for r in ROUTERS if r != "expert_choice"] + [
     dict(router="expert_choice", capacity_factor=1.0),
     dict(router="softmax_topk", normalize=False),
     dict(router="sigmoid", router_bias=True, routed_scaling_factor=2.5),
@@ -112,7 +110,10 @@ def test_padding_mask_takes_no_expert_slot():
 
 @settings(max_examples=60, deadline=None)
 @given(
-    t=st.integers(1, 40), e=st.integers(1, 9), k=st.integers(1, 4), cf=st.floats(0.1, 3.0),
+    t=st.integers(1, 40),
+    e=st.integers(1, 9),
+    k=st.integers(1, 4),
+    cf=st.floats(0.1, 3.0),
     seed=st.integers(0, 10_000),
 )
 def test_capacity_never_exceeded_and_drop_count_exact(t, e, k, cf, seed):
@@ -135,8 +136,12 @@ def test_capacity_never_exceeded_and_drop_count_exact(t, e, k, cf, seed):
 
 
 @settings(max_examples=40, deadline=None)
-@given(router=st.sampled_from([r for r in ROUTERS if r != "expert_choice"]), e=st.integers(2, 8),
-       k=st.integers(1, 4), seed=st.integers(0, 1000))
+@given(
+    router=st.sampled_from([r for r in ROUTERS if r != "expert_choice"]),
+    e=st.integers(2, 8),
+    k=st.integers(1, 4),
+    seed=st.integers(0, 1000),
+)
 def test_routing_invariants(router, e, k, seed):
     k = min(k, e)
     layer = make_layer(seed=seed, router=router, num_experts=e, top_k=k)

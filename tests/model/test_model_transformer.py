@@ -10,8 +10,16 @@ from moelab.model.layers import SwiGLU
 
 
 def tiny(**moe) -> ModelConfig:
-    return ModelConfig(vocab_size=97, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=48,
-                       max_seq_len=32, moe=MoEConfig(num_experts=4, top_k=2, expert_dim=16, **moe))
+    return ModelConfig(
+        vocab_size=97,
+        d_model=32,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=48,
+        max_seq_len=32,
+        moe=MoEConfig(num_experts=4, top_k=2, expert_dim=16, **moe),
+    )
 
 
 def test_output_contract():
@@ -66,12 +74,26 @@ def test_determinism_under_seed():
     assert torch.equal(build_and_run(), build_and_run())
 
 
-@pytest.mark.parametrize("layers, expected", [
-    ("all", [0, 1, 2, 3]), ("none", []), ("every:2", [1, 3]), ("first_dense:1", [1, 2, 3]), ([2], [2]),
-])
+@pytest.mark.parametrize(
+    "layers, expected",
+    [
+        ("all", [0, 1, 2, 3]),
+        ("none", []),
+        ("every:2", [1, 3]),
+        ("first_dense:1", [1, 2, 3]),
+        ([2], [2]),
+    ],
+)
 def test_moe_layer_placement(layers, expected):
-    cfg = ModelConfig(vocab_size=50, d_model=16, n_layers=4, n_heads=2, ffn_dim=24, max_seq_len=8,
-                      moe=MoEConfig(num_experts=2, top_k=1, expert_dim=8, layers=layers))
+    cfg = ModelConfig(
+        vocab_size=50,
+        d_model=16,
+        n_layers=4,
+        n_heads=2,
+        ffn_dim=24,
+        max_seq_len=8,
+        moe=MoEConfig(num_experts=2, top_k=1, expert_dim=8, layers=layers),
+    )
     model = Transformer(cfg)
     assert [i for i, b in enumerate(model.layers) if isinstance(b.ffn, MoELayer)] == expected
     assert all(isinstance(b.ffn, SwiGLU) for i, b in enumerate(model.layers) if i not in expected)
@@ -109,9 +131,15 @@ def test_tied_embeddings_share_one_tensor_and_count_once():
 
 def test_init_rules():
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, d_model=256, n_layers=8, n_heads=4, ffn_dim=512, max_seq_len=8,
-                      moe=MoEConfig(num_experts=4, top_k=2, expert_dim=256, num_shared_experts=1,
-                                    shared_expert_gate=True))
+    cfg = ModelConfig(
+        vocab_size=64,
+        d_model=256,
+        n_layers=8,
+        n_heads=4,
+        ffn_dim=512,
+        max_seq_len=8,
+        moe=MoEConfig(num_experts=4, top_k=2, expert_dim=256, num_shared_experts=1, shared_expert_gate=True),
+    )
     model = Transformer(cfg)
     layer = model.layers[0]
     assert torch.all(layer.attn_norm.weight == 1)

@@ -17,8 +17,16 @@ E = 8
 
 
 def tiny_cfg(**model) -> Config:
-    m = dict(vocab_size=300, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64,
-             moe={"num_experts": E, "top_k": 2, "expert_dim": 16, "layers": [0, 2], "num_shared_experts": 1})
+    m = dict(
+        vocab_size=300,
+        d_model=32,
+        n_layers=3,
+        n_heads=4,
+        n_kv_heads=2,
+        ffn_dim=64,
+        max_seq_len=64,
+        moe={"num_experts": E, "top_k": 2, "expert_dim": 16, "layers": [0, 2], "num_shared_experts": 1},
+    )
     m.update(model)
     return from_dict(Config, {"model": m, "data": {"seq_len": 32}})
 
@@ -83,8 +91,7 @@ def test_lru_hits_misses_evictions_bytes_by_hand(store):
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.lists(st.tuples(st.sampled_from([0, 2]), st.integers(0, E - 1)), min_size=1, max_size=60),
-       st.integers(1, 6))
+@given(st.lists(st.tuples(st.sampled_from([0, 2]), st.integers(0, E - 1)), min_size=1, max_size=60), st.integers(1, 6))
 def test_lru_matches_a_reference_lru_and_serves_the_right_expert(store, accesses, capacity):
     lru = LRU(store, capacity)
     ref: OrderedDict = OrderedDict()
@@ -130,9 +137,11 @@ def test_store_remaps_so_touched_pages_do_not_stay_resident(tmp_path):
     from safetensors.torch import save_file
 
     n_layers = 6  # 6 x 16 MiB of experts, read through an 8 MiB remap window
-    save_file({f"layers.{i}.ffn.experts.gate_up": torch.randn(16, 256, 512) for i in range(n_layers)}
-              | {f"layers.{i}.ffn.experts.down": torch.randn(16, 512, 256) for i in range(n_layers)},
-              str(tmp_path / "w.safetensors"))
+    save_file(
+        {f"layers.{i}.ffn.experts.gate_up": torch.randn(16, 256, 512) for i in range(n_layers)}
+        | {f"layers.{i}.ffn.experts.down": torch.randn(16, 512, 256) for i in range(n_layers)},
+        str(tmp_path / "w.safetensors"),
+    )
     store = MmapExpertStore(tmp_path / "w.safetensors", remap_bytes=8 << 20)
     lru = LRU(store, capacity=2)
     proc = psutil.Process()

@@ -18,10 +18,24 @@ import torch
 from moelab.config import Config, from_dict
 
 TINY = {
-    "model": {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 64,
-              "max_seq_len": 16,
-              "moe": {"num_experts": 4, "top_k": 2, "expert_dim": 16, "num_shared_experts": 1,
-                      "shared_expert_dim": 8, "load_balance_coef": 0.01, "z_loss_coef": 0.001}},
+    "model": {
+        "vocab_size": 64,
+        "d_model": 32,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "ffn_dim": 64,
+        "max_seq_len": 16,
+        "moe": {
+            "num_experts": 4,
+            "top_k": 2,
+            "expert_dim": 16,
+            "num_shared_experts": 1,
+            "shared_expert_dim": 8,
+            "load_balance_coef": 0.01,
+            "z_loss_coef": 0.001,
+        },
+    },
     "data": {"seq_len": 16},
     "train": {"batch_size": 8, "lr": 1e-2, "weight_decay": 0.1, "grad_clip": 1.0},
 }
@@ -84,8 +98,14 @@ def free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, job: dict, out_dir: str) -> None:
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    os.environ.update(
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
     torch.set_num_threads(1)
     result: dict = {}
     try:
@@ -101,8 +121,9 @@ def spawn(world: int, job: dict, out_dir: Path, timeout: float = 120.0) -> list[
     """Run `job` on `world` spawned ranks; return each rank's result dict."""
     import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(_worker, args=(world, free_port(), job, str(out_dir)), nprocs=world, join=False,
-                             start_method="spawn")
+    ctx = mp.start_processes(
+        _worker, args=(world, free_port(), job, str(out_dir)), nprocs=world, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + timeout
     try:
         while not ctx.join(timeout=1.0):

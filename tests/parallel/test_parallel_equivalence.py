@@ -17,9 +17,13 @@ def assert_close_runs(got: dict, want: dict) -> None:
     # fp32 everywhere; the tolerance is the relative 1e-5 on every step's loss, and the
     # gradient norm is checked too because Adam would hide a wrongly scaled gradient from the losses.
     for key in ("loss", "grad_norm"):
-        torch.testing.assert_close(torch.tensor(got[key], dtype=torch.float64),
-                                   torch.tensor(want[key], dtype=torch.float64), rtol=1e-5, atol=0.0,
-                                   msg=lambda m, key=key: f"{key}: {m}")
+        torch.testing.assert_close(
+            torch.tensor(got[key], dtype=torch.float64),
+            torch.tensor(want[key], dtype=torch.float64),
+            rtol=1e-5,
+            atol=0.0,
+            msg=lambda m, key=key: f"{key}: {m}",
+        )
 
 
 def run_ranks(world, parallel, tmp_path, model=None):
@@ -37,11 +41,15 @@ def reference():
     return train(tiny_config(), range(STEPS))
 
 
-@pytest.mark.parametrize("world,parallel", [
-    (2, {"dp": 2, "reshard_after_forward": False}),  # ZeRO-2-like: gathered params kept for backward
-    (2, {"ep": 2}),
-    (4, {"dp": 2, "ep": 2}),
-], ids=["dp2-zero2", "ep2", "dp2xep2"])
+@pytest.mark.parametrize(
+    "world,parallel",
+    [
+        (2, {"dp": 2, "reshard_after_forward": False}),  # ZeRO-2-like: gathered params kept for backward
+        (2, {"ep": 2}),
+        (4, {"dp": 2, "ep": 2}),
+    ],
+    ids=["dp2-zero2", "ep2", "dp2xep2"],
+)
 def test_parallel_run_reproduces_single_process(world, parallel, reference, tmp_path):
     got = run_ranks(world, parallel, tmp_path)
     assert reference["loss"][-1] < reference["loss"][0] - 0.5  # the run really trains

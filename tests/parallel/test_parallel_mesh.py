@@ -22,13 +22,16 @@ def torchrun_env(monkeypatch, world, rank=0):
     monkeypatch.setenv("MASTER_PORT", "1")  # nothing may connect: the error must come first
 
 
-@pytest.mark.parametrize("world,parallel,match", [
-    (4, {"dp": 3}, "dp \\* parallel.ep = 3 \\* 1 = 3 processes, but the world size is 4"),
-    (4, {"dp": 2, "ep": 4}, "= 2 \\* 4 = 8 processes, but the world size is 4"),
-    (2, {"dp": 2, "ep": 2}, "= 2 \\* 2 = 4 processes, but the world size is 2"),
-    (1, {"ep": 2}, "does not divide the world size 1"),
-    (3, {"ep": 3}, "parallel.ep=3 does not divide model.moe.num_experts=4"),
-])
+@pytest.mark.parametrize(
+    "world,parallel,match",
+    [
+        (4, {"dp": 3}, "dp \\* parallel.ep = 3 \\* 1 = 3 processes, but the world size is 4"),
+        (4, {"dp": 2, "ep": 4}, "= 2 \\* 4 = 8 processes, but the world size is 4"),
+        (2, {"dp": 2, "ep": 2}, "= 2 \\* 2 = 4 processes, but the world size is 2"),
+        (1, {"ep": 2}, "does not divide the world size 1"),
+        (3, {"ep": 3}, "parallel.ep=3 does not divide model.moe.num_experts=4"),
+    ],
+)
 def test_mesh_that_does_not_fit_is_an_error_before_any_work(monkeypatch, world, parallel, match):
     torchrun_env(monkeypatch, world)
     cfg = tiny_config()  # 4 experts

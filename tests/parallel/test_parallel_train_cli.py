@@ -17,11 +17,26 @@ from moelab.data import prepare
 pytestmark = pytest.mark.slow  # end to end (subprocesses, torchrun, transformers, benchmarks)
 
 CFG = {
-    "model": {"vocab_size": 264, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 64,
-              "max_seq_len": 32, "moe": {"num_experts": 4, "top_k": 2, "expert_dim": 32}},
+    "model": {
+        "vocab_size": 264,
+        "d_model": 32,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "ffn_dim": 64,
+        "max_seq_len": 32,
+        "moe": {"num_experts": 4, "top_k": 2, "expert_dim": 32},
+    },
     "data": {"seq_len": 32},
-    "train": {"steps": 6, "batch_size": 4, "lr": 0.01, "min_lr": 0.001, "warmup_steps": 1, "peak_flops": 1.0e11,
-              "seed": 3},
+    "train": {
+        "steps": 6,
+        "batch_size": 4,
+        "lr": 0.01,
+        "min_lr": 0.001,
+        "warmup_steps": 1,
+        "peak_flops": 1.0e11,
+        "seed": 3,
+    },
     "eval": {"every": 3, "batches": 2},
     "checkpoint": {"every": 3, "keep_last": 3},
     "log": {"every": 1, "progress": False},
@@ -34,8 +49,9 @@ def config(tmp_path_factory) -> Path:
     corpus = root / "corpus"
     corpus.mkdir()
     for d in range(20):
-        (corpus / f"doc{d:02d}.py").write_text("".join(f"def f{d}_{i}(x):\n    return x * {i} + {d}\n"
-                                                       for i in range(30)))
+        (corpus / f"doc{d:02d}.py").write_text(
+            "".join(f"def f{d}_{i}(x):\n    return x * {i} + {d}\n" for i in range(30))
+        )
     prepare([str(corpus)], "byte", root / "data", val_fraction=0.1, workers=0)
     cfg = json.loads(json.dumps(CFG))
     cfg["data"]["path"] = str(root / "data")
@@ -46,8 +62,22 @@ def config(tmp_path_factory) -> Path:
 
 def torchrun(nproc: int, *args: str, timeout: float = 150) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-                           "-m", "moelab", *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "moelab",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 def losses(run_dir: Path) -> dict[int, tuple[float, float | None]]:

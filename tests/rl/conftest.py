@@ -22,8 +22,9 @@ class BytesTokenizer:
 def tiny_model(seed: int = 0, layers: int = 2, **moe) -> Transformer:
     torch.manual_seed(seed)
     moe_cfg = MoEConfig(**{"num_experts": 4, "top_k": 2, "expert_dim": 32, **moe})
-    cfg = ModelConfig(vocab_size=257, d_model=32, n_layers=layers, n_heads=4, n_kv_heads=2, ffn_dim=64,
-                      max_seq_len=96, moe=moe_cfg)
+    cfg = ModelConfig(
+        vocab_size=257, d_model=32, n_layers=layers, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=96, moe=moe_cfg
+    )
     model = Transformer(cfg).eval()
     with torch.no_grad():  # larger weights than init: routing decisions are not near-ties
         for p in model.parameters():

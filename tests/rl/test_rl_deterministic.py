@@ -8,11 +8,26 @@ from moelab.train import train
 from moelab.train.data_source import InMemorySource
 
 CFG = {
-    "model": {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 64,
-              "max_seq_len": 32, "moe": {"num_experts": 4, "top_k": 2, "expert_dim": 32, "router": "noisy_topk"}},
+    "model": {
+        "vocab_size": 64,
+        "d_model": 32,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "ffn_dim": 64,
+        "max_seq_len": 32,
+        "moe": {"num_experts": 4, "top_k": 2, "expert_dim": 32, "router": "noisy_topk"},
+    },
     "data": {"seq_len": 16},
-    "train": {"steps": 50, "batch_size": 4, "lr": 0.01, "warmup_steps": 2, "peak_flops": 1.0e11, "seed": 5,
-              "deterministic": True},
+    "train": {
+        "steps": 50,
+        "batch_size": 4,
+        "lr": 0.01,
+        "warmup_steps": 2,
+        "peak_flops": 1.0e11,
+        "seed": 5,
+        "deterministic": True,
+    },
     "eval": {"every": 0, "batches": 1},
     "checkpoint": {"every": 0, "keep_last": 1},
     "log": {"every": 1, "progress": False, "tensorboard": False},
@@ -39,8 +54,24 @@ def test_two_runs_of_50_steps_give_identical_losses(tmp_path):
     torch.use_deterministic_algorithms(False)
 
 
-MIXED = ["12+7=", "hello world, this is a longer prompt", "z", "sort: dcba ->", "ab", "The quick brown fox jumps",
-         "0", "reverse: moelab", "x" * 30, "3*4=", "Once upon a time", "!", "99-1=", "routing replay", "q", "MoE"]
+MIXED = [
+    "12+7=",
+    "hello world, this is a longer prompt",
+    "z",
+    "sort: dcba ->",
+    "ab",
+    "The quick brown fox jumps",
+    "0",
+    "reverse: moelab",
+    "x" * 30,
+    "3*4=",
+    "Once upon a time",
+    "!",
+    "99-1=",
+    "routing replay",
+    "q",
+    "MoE",
+]
 
 
 @pytest.mark.parametrize("router", ["softmax_topk", "expert_choice"])
@@ -50,7 +81,7 @@ def test_greedy_tokens_and_logits_are_batch_invariant(make_model, tokenizer, rou
     kw = dict(max_new_tokens=10, temperature=0, return_logits=True, deterministic=True)
     alone = generate(model, tokenizer, [target], **kw)[0]
     for size, pos in [(1, 0), (4, 2), (16, 3), (16, 15)]:
-        others = [p for p in MIXED if p != target][:size - 1]
+        others = [p for p in MIXED if p != target][: size - 1]
         batch = others[:pos] + [target] + others[pos:]
         for max_batch in (None, 3):  # 3: rows join the running batch as others finish (continuous batching)
             got = generate(model, tokenizer, batch, max_batch=max_batch, **kw)[pos]

@@ -21,9 +21,19 @@ def make_base(root, **moe):
     tok = ByteTokenizer()
     tok.save(root / "tok")
     moe_cfg = MoEConfig(**{"num_experts": 4, "top_k": 2, "expert_dim": 32, **moe})
-    cfg = Config(data=DataConfig(seq_len=32), model=ModelConfig(
-        vocab_size=tok.vocab_size, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=48,
-        moe=moe_cfg))
+    cfg = Config(
+        data=DataConfig(seq_len=32),
+        model=ModelConfig(
+            vocab_size=tok.vocab_size,
+            d_model=32,
+            n_layers=2,
+            n_heads=4,
+            n_kv_heads=2,
+            ffn_dim=64,
+            max_seq_len=48,
+            moe=moe_cfg,
+        ),
+    )
     model = Transformer(cfg.model)
     with torch.no_grad():
         for p in model.parameters():
@@ -33,9 +43,20 @@ def make_base(root, **moe):
 
 
 def rl_cfg(root, base, **kw):
-    return RLConfig(**{"init_from": str(base), "run_dir": str(root / "rl"), "steps": 3, "prompts_per_step": 2,
-                       "group_size": 4, "max_new_tokens": 4, "lr": 1e-3, "checkpoint_every": 2, "threads": 1,
-                       **kw})
+    return RLConfig(
+        **{
+            "init_from": str(base),
+            "run_dir": str(root / "rl"),
+            "steps": 3,
+            "prompts_per_step": 2,
+            "group_size": 4,
+            "max_new_tokens": 4,
+            "lr": 1e-3,
+            "checkpoint_every": 2,
+            "threads": 1,
+            **kw,
+        }
+    )
 
 
 def metrics(run_dir):
@@ -95,13 +116,30 @@ def late_bad_reward(prompt, completion):
     return 1.0 if len(CALLS) <= 8 * 3 else float("nan")  # 3 good steps (8 samples each), then NaN
 
 
-@pytest.mark.parametrize("fn,match", [("raising_reward", "raised ValueError: boom"),
-                                      ("nan_reward", "returned nan")])
+@pytest.mark.parametrize("fn,match", [("raising_reward", "raised ValueError: boom"), ("nan_reward", "returned nan")])
 def test_bad_reward_is_one_line(tmp_path, capsys, fn, match):
     base = make_base(tmp_path)
-    code = main(["rl", "--init-from", str(base), "--run-dir", str(tmp_path / "rl"), "--steps", "2",
-                 "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "3", "--threads", "1",
-                 "--reward", f"test_rl_grpo:{fn}"])
+    code = main(
+        [
+            "rl",
+            "--init-from",
+            str(base),
+            "--run-dir",
+            str(tmp_path / "rl"),
+            "--steps",
+            "2",
+            "--prompts-per-step",
+            "2",
+            "--group-size",
+            "2",
+            "--max-new-tokens",
+            "3",
+            "--threads",
+            "1",
+            "--reward",
+            f"test_rl_grpo:{fn}",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and match in err[0] and err[0].startswith("moelab rl: error:")
 
@@ -110,7 +148,16 @@ def test_bad_reward_mid_run_keeps_finished_steps(tmp_path):
     base = make_base(tmp_path)
     CALLS.clear()
     with pytest.raises(UserError, match="returned nan"):
-        rl_train(rl_cfg(tmp_path, base, steps=10, checkpoint_every=10, reward="test_rl_grpo:late_bad_reward",
-                        prompts_per_step=2, group_size=4))
+        rl_train(
+            rl_cfg(
+                tmp_path,
+                base,
+                steps=10,
+                checkpoint_every=10,
+                reward="test_rl_grpo:late_bad_reward",
+                prompts_per_step=2,
+                group_size=4,
+            )
+        )
     assert (tmp_path / "rl/checkpoints/step_0000003").is_dir()  # nothing finished is lost
     assert len(metrics(tmp_path / "rl")) == 3

@@ -8,9 +8,15 @@ from moelab.errors import UserError
 from moelab.infer.generate import generate
 from moelab.model.moe import decode_ids
 
-ROUTERS = [dict(router="softmax_topk"), dict(router="topk_softmax"), dict(router="sigmoid", router_bias=True),
-           dict(router="noisy_topk"), dict(router="gumbel"), dict(router="expert_choice"),
-           dict(router="softmax_topk", eval_capacity_factor=0.6)]
+ROUTERS = [
+    dict(router="softmax_topk"),
+    dict(router="topk_softmax"),
+    dict(router="sigmoid", router_bias=True),
+    dict(router="noisy_topk"),
+    dict(router="gumbel"),
+    dict(router="expert_choice"),
+    dict(router="softmax_topk", eval_capacity_factor=0.6),
+]
 PROMPTS = ["12+7=", "hello there", "z"]
 
 
@@ -24,23 +30,22 @@ def replay_batch(outs):
     r0 = outs[0].routing
     routing = torch.zeros(len(seqs), s, *r0.shape[1:], dtype=torch.long)
     for i, (q, o) in enumerate(zip(seqs, outs, strict=True)):
-        idx[i, :len(q)] = torch.tensor(q)
-        mask[i, :len(q)] = 1
-        routing[i, :o.routing.shape[0]] = o.routing
+        idx[i, : len(q)] = torch.tensor(q)
+        mask[i, : len(q)] = 1
+        routing[i, : o.routing.shape[0]] = o.routing
     return idx, mask, routing
 
 
 @pytest.mark.parametrize("moe", ROUTERS, ids=lambda m: "-".join(str(v) for v in m.values()))
 def test_replayed_forward_equals_rollout_logits(make_model, tokenizer, moe):
     model = make_model(**moe)
-    outs = generate(model, tokenizer, PROMPTS, max_new_tokens=6, temperature=0, return_routing=True,
-                    return_logits=True)
+    outs = generate(model, tokenizer, PROMPTS, max_new_tokens=6, temperature=0, return_routing=True, return_logits=True)
     idx, mask, routing = replay_batch(outs)
     with torch.no_grad():
         logits = model(idx, mask=mask, routing=routing).logits
     for i, o in enumerate(outs):
         p, n = len(o.prompt_ids), len(o.token_ids)
-        torch.testing.assert_close(logits[i, p - 1:p - 1 + n], o.logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(logits[i, p - 1 : p - 1 + n], o.logits, rtol=1e-4, atol=1e-4)
     if "eval_capacity_factor" in moe:  # the rollout dropped some assignments; replay drops the same
         assert any(bool((o.routing < 0).any()) for o in outs)
 
@@ -72,8 +77,9 @@ def _lowest_routing(model, idx):
     of the layers before it, so it is found layer by layer. -> (inputs [T, D] per layer, routing)."""
     layers = list(model.moe_layers.values())
     xs = []
-    hooks = [m.register_forward_pre_hook(lambda mod, args: xs.append(args[0].reshape(-1, args[0].shape[-1])))
-             for m in layers]
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, args: xs.append(args[0].reshape(-1, args[0].shape[-1]))) for m in layers
+    ]
     ids = torch.zeros(*idx.shape, len(layers), 2, dtype=torch.long)
     try:
         with torch.no_grad():
@@ -111,14 +117,17 @@ def test_dropped_assignment_encoding():
     assert ids.tolist() == [[0, 3], [2, 1]] and keep.tolist() == [[True, False], [True, True]]
 
 
-@pytest.mark.parametrize("bad,match", [
-    (torch.zeros(2, 8, 2, dtype=torch.long), "shape"),
-    (torch.zeros(2, 7, 2, 2, dtype=torch.long), "shape"),
-    (torch.zeros(2, 8, 3, 2, dtype=torch.long), "moe_layers=2"),
-    (torch.zeros(2, 8, 2, 9, dtype=torch.long), "k in 1..4"),
-    (torch.zeros(2, 8, 2, 2), "integer"),
-    (torch.full((2, 8, 2, 2), 4), r"\[0, 4\)"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (torch.zeros(2, 8, 2, dtype=torch.long), "shape"),
+        (torch.zeros(2, 7, 2, 2, dtype=torch.long), "shape"),
+        (torch.zeros(2, 8, 3, 2, dtype=torch.long), "moe_layers=2"),
+        (torch.zeros(2, 8, 2, 9, dtype=torch.long), "k in 1..4"),
+        (torch.zeros(2, 8, 2, 2), "integer"),
+        (torch.full((2, 8, 2, 2), 4), r"\[0, 4\)"),
+    ],
+)
 def test_wrong_routing_is_one_clear_error(make_model, bad, match):
     model = make_model()
     with pytest.raises(UserError, match=match) as e:

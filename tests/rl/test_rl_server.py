@@ -17,8 +17,11 @@ def _post(engine, *bodies):
 def test_return_routing_matches_generate(make_model, tokenizer):
     model = make_model()
     engine = Engine(model, tokenizer, max_batch=2, record_routing=True)
-    r, plain = _post(engine, {"prompt": "12+7=", "max_tokens": 5, "temperature": 0, "return_routing": True},
-                     {"prompt": "a", "max_tokens": 2})
+    r, plain = _post(
+        engine,
+        {"prompt": "12+7=", "max_tokens": 5, "temperature": 0, "return_routing": True},
+        {"prompt": "a", "max_tokens": 2},
+    )
     assert r.status_code == 200, r.text
     got = r.json()["choices"][0]["moelab_routing"]
     ref = generate(model, tokenizer, ["12+7="], max_new_tokens=5, temperature=0, return_routing=True)[0]

@@ -18,16 +18,23 @@ from tests.train.train_helpers import tiny_cfg
 
 def small(**moe) -> Transformer:
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=2, n_heads=4, ffn_dim=64,
-                      moe=MoEConfig(**{"num_experts": 4, "top_k": 2, "expert_dim": 16, **moe}))
+    cfg = ModelConfig(
+        vocab_size=64,
+        d_model=32,
+        n_layers=2,
+        n_heads=4,
+        ffn_dim=64,
+        moe=MoEConfig(**{"num_experts": 4, "top_k": 2, "expert_dim": 16, **moe}),
+    )
     m = Transformer(cfg)
     for layer in m.moe_layers.values():  # trained-looking, peaked routers
         torch.nn.init.normal_(layer.router.weight, 0.0, 0.5)
     return m.eval()
 
 
-@pytest.mark.parametrize("moe", [{}, {"normalize": False}, {"num_null_experts": 2, "top_k": 3},
-                                 {"router": "sigmoid", "router_bias": True}])
+@pytest.mark.parametrize(
+    "moe", [{}, {"normalize": False}, {"num_null_experts": 2, "top_k": 3}, {"router": "sigmoid", "router_bias": True}]
+)
 def test_grown_model_with_doubled_k_computes_the_same_function(moe):
     m = small(**moe)
     x = torch.randint(0, 64, (2, 12))
@@ -52,8 +59,9 @@ def test_noise_splits_the_load_between_copies():
 def test_optimizer_state_carried_and_new_rows_copy_parents():
     m = small()
     m.train()
-    opt = build_optimizer(m, type("T", (), {"weight_decay": 0.1, "lr": 1e-3, "beta1": 0.9, "beta2": 0.95,
-                                               "eps": 1e-8})())
+    opt = build_optimizer(
+        m, type("T", (), {"weight_decay": 0.1, "lr": 1e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8})()
+    )
     x = torch.randint(0, 64, (2, 12))
     m(x, x).loss.backward()
     opt.step()
@@ -64,8 +72,9 @@ def test_optimizer_state_carried_and_new_rows_copy_parents():
     assert name in grown
     a = new["state"][name]["exp_avg_sq"]
     assert a.shape[0] == 6 and torch.equal(a[:4], old["state"][name]["exp_avg_sq"]) and torch.equal(a[4:], a[:2])
-    opt2 = build_optimizer(m, type("T", (), {"weight_decay": 0.1, "lr": 1e-3, "beta1": 0.9, "beta2": 0.95,
-                                                "eps": 1e-8})())
+    opt2 = build_optimizer(
+        m, type("T", (), {"weight_decay": 0.1, "lr": 1e-3, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8})()
+    )
     state.load_optimizer_state(opt2, new)  # fits the grown model
 
 
@@ -86,8 +95,13 @@ def test_shrink_prune_and_merge():
 
 
 def test_grow_at_in_training_is_loss_continuous_and_resumable(toy_data, tmp_path):
-    cfg = tiny_cfg(toy_data, schedule={"grow_at": [6], "grow_anneal_steps": 3},
-                   train={"steps": 10}, checkpoint={"every": 8, "keep_last": 2}, eval={"every": 0, "batches": 2})
+    cfg = tiny_cfg(
+        toy_data,
+        schedule={"grow_at": [6], "grow_anneal_steps": 3},
+        train={"steps": 10},
+        checkpoint={"every": 8, "keep_last": 2},
+        eval={"every": 0, "batches": 2},
+    )
     res = train(cfg, tmp_path / "run")
     recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     g = next(r for r in recs if "grow/experts" in r)
@@ -126,18 +140,25 @@ def test_grow_cli_grow_and_shrink(toy_data, tmp_path, capsys):
     assert main(["grow", str(tmp_path / "run"), str(tmp_path / "g"), "--experts", "8", "--batches", "2"]) == 0
     out = capsys.readouterr().out
     assert "grown to 8 experts" in out and "at top-4" in out
-    assert main(["grow", str(tmp_path / "g"), str(tmp_path / "s"), "--experts", "3", "--shrink", "merge",
-                 "--batches", "2"]) == 0
+    assert (
+        main(
+            ["grow", str(tmp_path / "g"), str(tmp_path / "s"), "--experts", "3", "--shrink", "merge", "--batches", "2"]
+        )
+        == 0
+    )
     assert "quality cost" in capsys.readouterr().out
     assert main(["grow", str(tmp_path / "run"), str(tmp_path / "x"), "--experts", "99"]) == 2
     assert "--experts must be in" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("override, message", [
-    ("schedule.grow_at=[0]", "schedule.grow_at: expected a list of positive optimizer steps"),
-    ("schedule.grow_noise=-1", "schedule.grow_anneal_steps / grow_noise: expected >= 0"),
-    ("moe.router=hierarchical", "schedule.grow_at: growing experts does not support router 'hierarchical'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("schedule.grow_at=[0]", "schedule.grow_at: expected a list of positive optimizer steps"),
+        ("schedule.grow_noise=-1", "schedule.grow_anneal_steps / grow_noise: expected >= 0"),
+        ("moe.router=hierarchical", "schedule.grow_at: growing experts does not support router 'hierarchical'"),
+    ],
+)
 def test_grow_config_errors_are_one_line(override, message):
     from moelab.config import load_config
     from moelab.errors import ConfigError

@@ -36,8 +36,10 @@ def test_existing_run_dir_without_resume_is_refused(toy_data, tmp_path, capsys):
     assert main(["train", str(cfg), "--run-dir", str(run), "--no-progress"]) == 0
     capsys.readouterr()
     assert main(["train", str(cfg), "--run-dir", str(run)]) == 2
-    assert _err(capsys) == [f"moelab train: error: {run}: already holds a run; pass --resume to continue it, "
-                            "--restart to delete it and start over, or choose another --run-dir"]
+    assert _err(capsys) == [
+        f"moelab train: error: {run}: already holds a run; pass --resume to continue it, "
+        "--restart to delete it and start over, or choose another --run-dir"
+    ]
 
 
 def test_resume_with_incompatible_config_is_refused(toy_data, tmp_path, capsys):
@@ -61,8 +63,9 @@ def test_dataset_made_with_another_tokenizer_is_refused(toy_data, tmp_path, caps
     corpus = [str(p) for p in sorted((toy_data.parent / "corpus").iterdir())]
     prepare(corpus, ByteTokenizer(specials=("<|endoftext|>", "<pad>")), other, val_fraction=0.1, workers=0)
     capsys.readouterr()
-    code = main(["train", str(cfg), "--run-dir", str(tmp_path / "ft"), "--set", f"data.path={other}",
-                 "--init-from", str(run)])
+    code = main(
+        ["train", str(cfg), "--run-dir", str(tmp_path / "ft"), "--set", f"data.path={other}", "--init-from", str(run)]
+    )
     assert code == 2
     (line,) = _err(capsys)
     assert "--init-from" in line and "but the dataset" in line and "was made with" in line
@@ -77,8 +80,21 @@ def test_dataset_made_with_another_tokenizer_is_refused(toy_data, tmp_path, caps
 
 def test_config_and_data_errors_are_one_line_each(toy_data, tmp_path, capsys):
     cfg = write_yaml(tmp_path / "tiny.yaml", tiny_cfg(toy_data))
-    assert main(["train", str(cfg), "--run-dir", str(tmp_path / "a"), "--set", "train.lrr=1",
-                 "--set", "schedule.top_k_start=9"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                str(cfg),
+                "--run-dir",
+                str(tmp_path / "a"),
+                "--set",
+                "train.lrr=1",
+                "--set",
+                "schedule.top_k_start=9",
+            ]
+        )
+        == 2
+    )
     lines = _err(capsys)
     assert any("train.lrr: unknown key (did you mean 'lr'?)" in ln for ln in lines)
     assert any("schedule.top_k_start" in ln for ln in lines)  # every problem, each on its own line
@@ -86,8 +102,21 @@ def test_config_and_data_errors_are_one_line_each(toy_data, tmp_path, capsys):
     assert "data.path: no dataset given" in _err(capsys)[0]
     assert main(["train", str(cfg), "--run-dir", str(tmp_path / "c"), "--set", "model.vocab_size=200"]) == 2
     assert "model.vocab_size: 200 is smaller than the dataset's tokenizer vocabulary (257)" in _err(capsys)[0]
-    assert main(["train", str(cfg), "--run-dir", str(tmp_path / "d"), "--set", "train.dtype=float16",
-                 "--set", "train.device=cpu"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                str(cfg),
+                "--run-dir",
+                str(tmp_path / "d"),
+                "--set",
+                "train.dtype=float16",
+                "--set",
+                "train.device=cpu",
+            ]
+        )
+        == 2
+    )
     assert "float16 training needs CUDA" in _err(capsys)[0]
     assert main(["train"]) == 2
     assert "a CONFIG file is required" in _err(capsys)[0]

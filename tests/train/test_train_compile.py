@@ -8,8 +8,15 @@ from moelab.parallel.compute import compile_blocks
 
 
 def _model(backend: str) -> Transformer:
-    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=3, n_heads=4, ffn_dim=64, max_seq_len=16,
-                      moe=MoEConfig(num_experts=4, top_k=2, expert_dim=16, layers=[0, 2], expert_backend=backend))
+    cfg = ModelConfig(
+        vocab_size=64,
+        d_model=32,
+        n_layers=3,
+        n_heads=4,
+        ffn_dim=64,
+        max_seq_len=16,
+        moe=MoEConfig(num_experts=4, top_k=2, expert_dim=16, layers=[0, 2], expert_backend=backend),
+    )
     return Transformer(cfg)
 
 

@@ -1,6 +1,5 @@
 """Every shipped preset parses, builds and gets a complete optimizer; dense baselines match active params."""
 
-
 import pytest
 import torch
 

@@ -7,10 +7,23 @@ from moelab.cli import main
 
 pytestmark = pytest.mark.slow  # end to end (subprocesses, torchrun, transformers, benchmarks)
 
-SMALL = ["model.vocab_size=300", "model.d_model=32", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
-         "model.ffn_dim=64", "model.moe.expert_dim=32", "model.moe.num_experts=4", "data.seq_len=32",
-         "train.batch_size=4", "train.steps=6", "train.warmup_steps=2", "eval.every=3", "eval.batches=2",
-         "train.peak_flops=1e11"]
+SMALL = [
+    "model.vocab_size=300",
+    "model.d_model=32",
+    "model.n_layers=2",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.ffn_dim=64",
+    "model.moe.expert_dim=32",
+    "model.moe.num_experts=4",
+    "data.seq_len=32",
+    "train.batch_size=4",
+    "train.steps=6",
+    "train.warmup_steps=2",
+    "eval.every=3",
+    "eval.batches=2",
+    "train.peak_flops=1e11",
+]
 
 
 def test_demo_runs_end_to_end_and_never_overwrites(tmp_path, monkeypatch, capsys):

@@ -14,14 +14,19 @@ def test_trainer_model_stays_on_the_requested_device(toy_data, tmp_path, monkeyp
     """Issue 13: in one process `parallelize` moved the model to the context's device after the trainer had put
     it on CUDA. Here the context reports `meta` while train.device=cpu: the model (and so training) must stay on
     the CPU, through init, activation checkpointing, training, eval and resume."""
+
     def other_device(*a, **kw):
         ctx = init_parallel(*a, **kw)
         ctx.device = torch.device("meta")
         return ctx
 
     monkeypatch.setattr(sys.modules["moelab.train.loop"], "init_parallel", other_device)
-    cfg = tiny_cfg(toy_data, train={"steps": 4, "device": "cpu", "activation_checkpointing": True},
-                   eval={"every": 2}, checkpoint={"every": 2})
+    cfg = tiny_cfg(
+        toy_data,
+        train={"steps": 4, "device": "cpu", "activation_checkpointing": True},
+        eval={"every": 2},
+        checkpoint={"every": 2},
+    )
     trainer = Trainer(cfg, tmp_path / "run")
     assert trainer.device == torch.device("cpu")
     assert_on_device(trainer.model, "cpu")
@@ -34,8 +39,9 @@ def test_trainer_model_stays_on_the_requested_device(toy_data, tmp_path, monkeyp
     resumed = Trainer(cfg, tmp_path / "run", resume=True)
     assert resumed.run().step == 6
     assert_on_device(resumed.model, "cpu")
-    init = Trainer(tiny_cfg(toy_data, train={"steps": 1, "device": "cpu"}), tmp_path / "init",
-                   init_from=tmp_path / "run")
+    init = Trainer(
+        tiny_cfg(toy_data, train={"steps": 1, "device": "cpu"}), tmp_path / "init", init_from=tmp_path / "run"
+    )
     assert_on_device(init.model, "cpu")
 
 

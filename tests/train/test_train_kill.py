@@ -22,8 +22,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 def _moelab(args, env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "moelab", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "moelab", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _kill_when(cond, proc, what, timeout=90.0):
@@ -51,8 +57,10 @@ def _curves(run: Path):
 
 
 def test_kill_during_rotation_leaves_no_half_checkpoint(toy_data, tmp_path):
-    cfg = write_yaml(tmp_path / "cfg.yaml", tiny_cfg(toy_data, train={"steps": 8},
-                                                     checkpoint={"every": 2, "keep_last": 1, "keep_best": False}))
+    cfg = write_yaml(
+        tmp_path / "cfg.yaml",
+        tiny_cfg(toy_data, train={"steps": 8}, checkpoint={"every": 2, "keep_last": 1, "keep_best": False}),
+    )
     run, ck = tmp_path / "run", tmp_path / "run" / "checkpoints"
     p = _moelab(["train", str(cfg), "--run-dir", str(run), "--no-progress"], {PAUSE_ENV: "remove_dir"})
     _kill_when(lambda: ck.is_dir() and any(".trash-" in d.name for d in ck.iterdir()), p, "a rotation")
@@ -87,8 +95,9 @@ def test_random_kills_then_resume_are_exact(toy_data, tmp_path):
     lands in steps, metrics writes, checkpoint writes and rotation alike), resume each time (--restart
     when it died before its first checkpoint), and compare per-step metrics and final weights with an
     uninterrupted run."""
-    spec = tiny_cfg(toy_data, train={"steps": 30}, checkpoint={"every": 3, "keep_last": 2}, eval={"every": 5},
-                    log={"every": 1})
+    spec = tiny_cfg(
+        toy_data, train={"steps": 30}, checkpoint={"every": 3, "keep_last": 2}, eval={"every": 5}, log={"every": 1}
+    )
     cfg = write_yaml(tmp_path / "cfg.yaml", spec)
     ref = _moelab(["train", str(cfg), "--run-dir", str(tmp_path / "ref"), "--no-progress"])
     run = tmp_path / "run"

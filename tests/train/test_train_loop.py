@@ -20,9 +20,23 @@ def test_loss_falls_and_run_dir_layout(toy_data, tmp_path):
     assert vals[-1] < vals[0] and math.isfinite(recs[-1]["val/bpb"])
     last = recs[-1]
     assert last["tokens"] == 30 * 4 * 32 and last["flops"] > 0 and last["elapsed_s"] > 0
-    for key in ("train/loss", "train/aux/load_balance", "train/aux/z_loss", "lr", "grad_norm", "tokens_per_s", "mfu",
-                "peak_mem_bytes", "moe/0/load_cv", "moe/1/entropy", "moe/1/dead", "moe/0/dropped_frac",
-                "moe/0/aux/load_balance", "moe/0/max_load", "moe/0/min_load"):
+    for key in (
+        "train/loss",
+        "train/aux/load_balance",
+        "train/aux/z_loss",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "mfu",
+        "peak_mem_bytes",
+        "moe/0/load_cv",
+        "moe/1/entropy",
+        "moe/1/dead",
+        "moe/0/dropped_frac",
+        "moe/0/aux/load_balance",
+        "moe/0/max_load",
+        "moe/0/min_load",
+    ):
         assert key in last, key
     assert sum(last["moe/0/load"]) == pytest.approx(1.0) and len(last["moe/0/load"]) == 4
     # checkpoints: the last two, plus the best by val loss; the run holds config, tokenizer, metrics
@@ -43,7 +57,7 @@ class FixedBatches:
         self.vocab_size, self.fingerprint, self.bytes_per_token = 257, "fixed", 1.0
 
     def train_batch(self, device):
-        rows = self.tokens[self.row:self.row + self.batch_size]
+        rows = self.tokens[self.row : self.row + self.batch_size]
         self.row += self.batch_size
         return rows[:, :-1].to(device), rows[:, 1:].to(device)
 
@@ -72,8 +86,11 @@ def test_four_accumulated_micro_batches_equal_one_big_batch(tmp_path):
     moe = {"load_balance_coef": 0.0, "z_loss_coef": 0.0}
     params = {}
     for name, bs, accum in (("big", 8, 1), ("accum", 2, 4)):
-        cfg = tiny_cfg(model={"moe": moe}, train={"steps": 3, "batch_size": bs, "grad_accum": accum, "grad_clip": 0.5},
-                       checkpoint={"every": 0})
+        cfg = tiny_cfg(
+            model={"moe": moe},
+            train={"steps": 3, "batch_size": bs, "grad_accum": accum, "grad_clip": 0.5},
+            checkpoint={"every": 0},
+        )
         t = Trainer(cfg, tmp_path / name, data=FixedBatches(tokens, bs, 32))
         t.run()
         params[name] = {n: p.detach().clone() for n, p in t.model.named_parameters()}
@@ -120,16 +137,16 @@ def test_nan_step_is_skipped_and_counted(toy_data, tmp_path, capsys):
 
 
 def test_consecutive_non_finite_steps_abort(toy_data, tmp_path):
-    t = Trainer(tiny_cfg(toy_data, train={"steps": 10, "max_bad_steps": 3}, checkpoint={"every": 2}),
-                tmp_path / "run")
+    t = Trainer(tiny_cfg(toy_data, train={"steps": 10, "max_bad_steps": 3}, checkpoint={"every": 2}), tmp_path / "run")
     _poison(t, {4, 5, 6, 7, 8})
     with pytest.raises(TrainingDiverged, match=r"3 non-finite steps in a row .* at step 7; resume from .*step_0000006"):
         t.run()
 
 
 def test_bf16_autocast_and_activation_checkpointing_train(toy_data, tmp_path):
-    cfg = tiny_cfg(toy_data, train={"steps": 4, "dtype": "bfloat16", "activation_checkpointing": True},
-                   checkpoint={"every": 0})
+    cfg = tiny_cfg(
+        toy_data, train={"steps": 4, "dtype": "bfloat16", "activation_checkpointing": True}, checkpoint={"every": 0}
+    )
     train(cfg, run_dir=tmp_path / "run")
     recs = read_metrics(tmp_path / "run")
     assert all(math.isfinite(r["train/loss"]) for r in recs) and recs[-1]["skipped_steps"] == 0

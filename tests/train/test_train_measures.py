@@ -46,7 +46,7 @@ def test_validation_spreads_over_the_whole_split_and_counts_bytes_evaluated(two_
     starts = all_starts[np.linspace(0, len(all_starts) - 1, 8).round().astype(int)]
     assert starts[-1] > len(val) * 0.9
     xs = torch.cat([x for x, _ in t.data.val_batches(4, 2, torch.device("cpu"))])
-    assert torch.equal(xs[-1], torch.from_numpy(val.tokens[starts[-1]:starts[-1] + 32].astype(np.int64)))
+    assert torch.equal(xs[-1], torch.from_numpy(val.tokens[starts[-1] : starts[-1] + 32].astype(np.int64)))
     # bits per byte: nats over the bytes of exactly the targets evaluated (EOD = 0 bytes), not the split average
     res = t._evaluate()
     nats = n = nbytes = 0.0
@@ -60,8 +60,11 @@ def test_validation_spreads_over_the_whole_split_and_counts_bytes_evaluated(two_
     assert res["val/loss"] == pytest.approx(nats / n, rel=1e-5)
     assert res["val/bpb"] == pytest.approx(nats / math.log(2) / nbytes, rel=1e-5)
     # the two sources differ in bytes per token, so a split-wide average misstates a partial sample's bytes
-    per_window = {t.data.target_bytes(y[i:i + 1]) for x, y in t.data.val_batches(4, 2, torch.device("cpu"))
-                  for i in range(len(y))}
+    per_window = {
+        t.data.target_bytes(y[i : i + 1])
+        for x, y in t.data.val_batches(4, 2, torch.device("cpu"))
+        for i in range(len(y))
+    }
     assert max(per_window) - min(per_window) > 2
 
 
@@ -110,13 +113,19 @@ def test_warns_on_a_vocabulary_far_too_large(tmp_path, capsys):
     from moelab.data.preparation import check_vocab_fits
 
     np.arange(2000, dtype=np.uint16).repeat(1).tofile(tmp_path / "train.bin")
-    meta = {"dtype": "uint16", "tokenizer": {"vocab_size": 8000},
-            "splits": {"train": {"file": "train.bin", "tokens": 2000}}}
+    meta = {
+        "dtype": "uint16",
+        "tokenizer": {"vocab_size": 8000},
+        "splits": {"train": {"file": "train.bin", "tokens": 2000}},
+    }
     assert check_vocab_fits(tmp_path, meta) == 8000
     assert "far too large" in capsys.readouterr().err
     np.tile(np.arange(1000, dtype=np.uint16), 20).tofile(tmp_path / "train.bin")
-    meta = {"dtype": "uint16", "tokenizer": {"vocab_size": 1000},
-            "splits": {"train": {"file": "train.bin", "tokens": 20000}}}
+    meta = {
+        "dtype": "uint16",
+        "tokenizer": {"vocab_size": 1000},
+        "splits": {"train": {"file": "train.bin", "tokens": 20000}},
+    }
     assert check_vocab_fits(tmp_path, meta) == 0
     assert capsys.readouterr().err == ""
 
@@ -124,8 +133,9 @@ def test_warns_on_a_vocabulary_far_too_large(tmp_path, capsys):
 def test_max_seconds_stop_says_why(toy_data, tmp_path):
     from moelab.cli import main
 
-    cfg = write_yaml(tmp_path / "c.yaml", tiny_cfg(toy_data, train={"steps": 1000, "max_seconds": 0.001},
-                                                   checkpoint={"every": 0}))
+    cfg = write_yaml(
+        tmp_path / "c.yaml", tiny_cfg(toy_data, train={"steps": 1000, "max_seconds": 0.001}, checkpoint={"every": 0})
+    )
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert main(["train", str(cfg), "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 0
@@ -135,8 +145,17 @@ def test_max_seconds_stop_says_why(toy_data, tmp_path):
 def test_plots_name_soft_cv_apart_show_chance_bars_and_keep_token_labels_apart():
     from moelab.analysis import plots
 
-    recs = [{"step": s, "train/aux/cv": 0.3, "moe/0/cv": 0.2, "moe/0/dead": 0, "moe/0/dropped_frac": 0.0,
-             "moe/0/load": [0.5, 0.5]} for s in (1, 2)]
+    recs = [
+        {
+            "step": s,
+            "train/aux/cv": 0.3,
+            "moe/0/cv": 0.2,
+            "moe/0/dead": 0,
+            "moe/0/dropped_frac": 0.0,
+            "moe/0/load": [0.5, 0.5],
+        }
+        for s in (1, 2)
+    ]
     aux_title = plots.aux_curves(recs).axes[0].get_title()
     hard_title = plots.balance_over_time(recs).axes[0].get_title()
     assert "soft" in aux_title and "hard" in hard_title and aux_title != hard_title
@@ -145,8 +164,16 @@ def test_plots_name_soft_cv_apart_show_chance_bars_and_keep_token_labels_apart()
     ax = fig.axes[0]
     chance = [p for p in ax.patches if p.get_label() == "null: shuffled sources" or p.get_height() < 0.05]
     assert chance and all(p.get_height() >= 0.005 * ax.get_ylim()[1] for p in chance)
-    runs = [{"name": n, "records": [{"step": s, "tokens": s * 123_456, "flops": s * 3.3e12, "elapsed_s": s * 1.5,
-                                     "val/bpb": 3 - s / 100} for s in range(1, 40)]} for n in ("a", "b")]
+    runs = [
+        {
+            "name": n,
+            "records": [
+                {"step": s, "tokens": s * 123_456, "flops": s * 3.3e12, "elapsed_s": s * 1.5, "val/bpb": 3 - s / 100}
+                for s in range(1, 40)
+            ],
+        }
+        for n in ("a", "b")
+    ]
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
     fig = plots.compare_curves(runs)
@@ -155,7 +182,7 @@ def test_plots_name_soft_cv_apart_show_chance_bars_and_keep_token_labels_apart()
     renderer = canvas.get_renderer()
     for ax in fig.axes[:2]:
         boxes = [t.get_window_extent(renderer) for t in ax.get_xticklabels() if t.get_text()]
-        assert all(not a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
+        assert all(not a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
         assert all(len(t.get_text()) <= 5 for t in ax.get_xticklabels())
 
 

@@ -10,8 +10,7 @@ from moelab.train.telemetry import mfu_fields
 
 def test_mfu_fields_cap_and_flag():
     assert mfu_fields(50.0, 1.0, 100.0) == {"flops_per_s": 50.0, "peak_flops": 100.0, "mfu": 0.5}
-    assert mfu_fields(300.0, 1.0, 100.0) == {"flops_per_s": 300.0, "peak_flops": 100.0, "mfu": 1.0,
-                                             "mfu_capped": True}
+    assert mfu_fields(300.0, 1.0, 100.0) == {"flops_per_s": 300.0, "peak_flops": 100.0, "mfu": 1.0, "mfu_capped": True}
     assert mfu_fields(1.0, 0.0, 100.0) == {"mfu": None}
 
 
@@ -28,8 +27,9 @@ def test_a_beaten_start_peak_is_measured_again_once_then_capped(toy_data, tmp_pa
 
     at_start.__wrapped__ = fresh
     monkeypatch.setattr(sys.modules["moelab.train.loop"], "measure_matmul_peak", at_start)
-    cfg = tiny_cfg(toy_data, train={"steps": 3, "peak_flops": None, "device": "cpu"}, eval={"every": 0},
-                   checkpoint={"every": 0})
+    cfg = tiny_cfg(
+        toy_data, train={"steps": 3, "peak_flops": None, "device": "cpu"}, eval={"every": 0}, checkpoint={"every": 0}
+    )
     Trainer(cfg, tmp_path / "run").run()
     assert calls == [("start", "float32", "cpu"), ("fresh", "float32", "cpu")]
     recs = read_metrics(tmp_path / "run")
@@ -38,8 +38,9 @@ def test_a_beaten_start_peak_is_measured_again_once_then_capped(toy_data, tmp_pa
 
 
 def test_a_stated_peak_is_kept(toy_data, tmp_path):
-    cfg = tiny_cfg(toy_data, train={"steps": 2, "peak_flops": 1.0e15, "device": "cpu"}, eval={"every": 0},
-                   checkpoint={"every": 0})
+    cfg = tiny_cfg(
+        toy_data, train={"steps": 2, "peak_flops": 1.0e15, "device": "cpu"}, eval={"every": 0}, checkpoint={"every": 0}
+    )
     Trainer(cfg, tmp_path / "run").run()
     for r in read_metrics(tmp_path / "run"):
         assert r["peak_flops"] == 1.0e15 and 0 < r["mfu"] < 1 and "mfu_capped" not in r

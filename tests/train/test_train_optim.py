@@ -11,10 +11,22 @@ from moelab.train.optim import build_optimizer, lr_at, param_groups
 
 
 def _model(**moe):
-    cfg = from_dict(Config, {"model": {"vocab_size": 64, "d_model": 32, "n_layers": 3, "n_heads": 4, "n_kv_heads": 2,
-                                       "ffn_dim": 48, "max_seq_len": 256, "qkv_bias": True,
-                                       "moe": {"num_experts": 4, "top_k": 2, "expert_dim": 16,
-                                               "layers": [1, 2], **moe}}})
+    cfg = from_dict(
+        Config,
+        {
+            "model": {
+                "vocab_size": 64,
+                "d_model": 32,
+                "n_layers": 3,
+                "n_heads": 4,
+                "n_kv_heads": 2,
+                "ffn_dim": 48,
+                "max_seq_len": 256,
+                "qkv_bias": True,
+                "moe": {"num_experts": 4, "top_k": 2, "expert_dim": 16, "layers": [1, 2], **moe},
+            }
+        },
+    )
     return Transformer(cfg.model), cfg
 
 
@@ -42,9 +54,19 @@ def test_every_parameter_in_exactly_one_group(moe):
 
 
 def test_tied_embedding_counted_once_and_not_decayed():
-    cfg = from_dict(Config, {"model": {"vocab_size": 64, "d_model": 32, "n_layers": 1, "n_heads": 4,
-                                       "tie_embeddings": True, "moe": {"num_experts": 2, "top_k": 1,
-                                                                        "expert_dim": 16}}})
+    cfg = from_dict(
+        Config,
+        {
+            "model": {
+                "vocab_size": 64,
+                "d_model": 32,
+                "n_layers": 1,
+                "n_heads": 4,
+                "tie_embeddings": True,
+                "moe": {"num_experts": 2, "top_k": 1, "expert_dim": 16},
+            }
+        },
+    )
     model = Transformer(cfg.model)
     opt = build_optimizer(model, cfg.train)
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -72,8 +94,9 @@ def test_lr_schedule_values():
     assert lr_at(109, t) == pytest.approx(0.1)
     mid = 10 + 99 / 2
     assert lr_at(int(mid), t) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * (int(mid) - 10) / 99)))
-    lin = from_dict(Config, {"train": {"steps": 110, "lr": 1.0, "min_lr": 0.1, "warmup_steps": 10,
-                                       "schedule": "linear"}}).train
+    lin = from_dict(
+        Config, {"train": {"steps": 110, "lr": 1.0, "min_lr": 0.1, "warmup_steps": 10, "schedule": "linear"}}
+    ).train
     assert lr_at(10 + 33, lin) == pytest.approx(1.0 - 0.9 / 3)
     const = from_dict(Config, {"train": {"steps": 110, "lr": 1.0, "warmup_steps": 0, "schedule": "constant"}}).train
     assert {lr_at(s, const) for s in range(110)} == {1.0}

@@ -21,8 +21,14 @@ CFG = {"train": {"steps": 24}, "checkpoint": {"every": 4, "keep_last": 2}, "eval
 
 def _moelab(args, env_extra=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "moelab", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "moelab", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait(cond, proc, what, timeout=90.0):
@@ -62,8 +68,11 @@ def test_sigkill_anywhere_then_resume_matches_uninterrupted_run_bit_for_bit(toy_
     # 2. resume, and kill -9 while it writes the next checkpoint (the test hook sleeps inside the write)
     p = _moelab(["train", str(cfg), "--run-dir", str(run), "--resume", "--no-progress"], {SLEEP_ENV: "60"})
     ck = run / "checkpoints"
-    _wait(lambda: any(d.name.startswith(".step_") and (d / "model.safetensors").exists() for d in ck.iterdir()),
-          p, "a checkpoint write in progress")
+    _wait(
+        lambda: any(d.name.startswith(".step_") and (d / "model.safetensors").exists() for d in ck.iterdir()),
+        p,
+        "a checkpoint write in progress",
+    )
     p.send_signal(signal.SIGKILL)
     p.wait()
     partial = [d.name for d in ck.iterdir() if d.name.startswith(".step_")]
@@ -113,8 +122,11 @@ def test_resume_without_a_usable_checkpoint_stops_and_changes_nothing(toy_data, 
     for step in (4, 8):  # truncated weights, and weights replaced by something that is not safetensors
         w = run / "checkpoints" / f"step_{step:07d}" / "model.safetensors"
         w.write_bytes(w.read_bytes()[:50] if step == 4 else b"\x80\x04K\x01.")
-    with pytest.raises(UserError, match=r"cannot resume: none of its 2 checkpoint\(s\) is usable \(step_0000008: "
-                                        r".*--restart.*new --run-dir"):
+    with pytest.raises(
+        UserError,
+        match=r"cannot resume: none of its 2 checkpoint\(s\) is usable \(step_0000008: "
+        r".*--restart.*new --run-dir",
+    ):
         train(cfg, run_dir=run, resume=True)
     assert (run / "metrics.jsonl").read_bytes() == metrics  # not restarted, not truncated
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_0000004", "step_0000008"]
@@ -129,8 +141,12 @@ def test_resume_without_a_usable_checkpoint_stops_and_changes_nothing(toy_data, 
 def test_cli_resume_without_checkpoint_is_one_line_and_nonzero(toy_data, tmp_path):
     cfg = write_yaml(tmp_path / "cfg.yaml", tiny_cfg(toy_data, train={"steps": 2}, checkpoint={"every": 0}))
     run = tmp_path / "run"
-    assert subprocess.run([sys.executable, "-m", "moelab", "train", str(cfg), "--run-dir", str(run)],
-                          cwd=REPO, capture_output=True).returncode == 0
+    assert (
+        subprocess.run(
+            [sys.executable, "-m", "moelab", "train", str(cfg), "--run-dir", str(run)], cwd=REPO, capture_output=True
+        ).returncode
+        == 0
+    )
     shutil.rmtree(run / "checkpoints")
     p = _moelab(["train", "--run-dir", str(run), "--resume"])
     out, err = p.communicate(timeout=120)
@@ -145,8 +161,10 @@ def test_corrupt_newer_checkpoints_neither_win_nor_push_good_ones_out(toy_data, 
     """keep_best=false: corrupt step 12/16 used to count as the newest, so rotation deleted each good
     checkpoint as soon as it was written."""
     run = tmp_path / "run"
-    train(tiny_cfg(toy_data, train={"steps": 16}, checkpoint={"every": 4, "keep_last": 4, "keep_best": False}),
-          run_dir=run)
+    train(
+        tiny_cfg(toy_data, train={"steps": 16}, checkpoint={"every": 4, "keep_last": 4, "keep_best": False}),
+        run_dir=run,
+    )
     ck = run / "checkpoints"
     for step in (12, 16):
         _flip_byte(ck / f"step_{step:07d}" / "model.safetensors")
@@ -164,9 +182,15 @@ def test_corrupt_newer_checkpoints_neither_win_nor_push_good_ones_out(toy_data, 
 def test_resume_is_exact_with_random_routers_and_schedules(toy_data, tmp_path, router):
     moe = {"router": router, "num_experts": 6}
     sched = {"gumbel_tau_end": 0.3} if router == "gumbel" else {}
-    cfg = tiny_cfg(toy_data, model={"moe": moe}, schedule={"top_k_start": 6, "top_k_steps": 6, **sched},
-                   train={"steps": 10, "grad_accum": 2}, checkpoint={"every": 3, "keep_last": 4, "keep_best": False},
-                   eval={"every": 0}, log={"every": 4})
+    cfg = tiny_cfg(
+        toy_data,
+        model={"moe": moe},
+        schedule={"top_k_start": 6, "top_k_steps": 6, **sched},
+        train={"steps": 10, "grad_accum": 2},
+        checkpoint={"every": 3, "keep_last": 4, "keep_best": False},
+        eval={"every": 0},
+        log={"every": 4},
+    )
     train(cfg, run_dir=tmp_path / "ref")
     train(cfg, run_dir=tmp_path / "run")
     for step in (9, 10):

@@ -12,10 +12,22 @@ from moelab.train import schedules
 
 
 def _cfg(moe=None, schedule=None, steps=100):
-    return from_dict(Config, {"model": {"vocab_size": 64, "d_model": 32, "n_layers": 2, "n_heads": 4,
-                                        "max_seq_len": 64, "moe": {"num_experts": 8, "top_k": 2, "expert_dim": 16,
-                                                                   **(moe or {})}},
-                              "data": {"seq_len": 32}, "train": {"steps": steps}, "schedule": schedule or {}})
+    return from_dict(
+        Config,
+        {
+            "model": {
+                "vocab_size": 64,
+                "d_model": 32,
+                "n_layers": 2,
+                "n_heads": 4,
+                "max_seq_len": 64,
+                "moe": {"num_experts": 8, "top_k": 2, "expert_dim": 16, **(moe or {})},
+            },
+            "data": {"seq_len": 32},
+            "train": {"steps": steps},
+            "schedule": schedule or {},
+        },
+    )
 
 
 def test_defaults_are_constant():

@@ -16,8 +16,12 @@ from moelab.train.telemetry import MetricsLog, Window
 
 
 def test_nested_state_round_trips_through_json_and_tensors():
-    obj = {"a": torch.arange(5), "b": [np.arange(3, dtype=np.uint32), 1.5, None, "x"], "c": {"d": np.int64(7)},
-           "py": random.getstate()}
+    obj = {
+        "a": torch.arange(5),
+        "b": [np.arange(3, dtype=np.uint32), 1.5, None, "x"],
+        "c": {"d": np.int64(7)},
+        "py": random.getstate(),
+    }
     tensors = {}
     meta = json.loads(json.dumps(state.split_tensors(obj, "s", tensors)))
     back = state.join_tensors(meta, tensors)
@@ -65,8 +69,12 @@ def test_rotate_keeps_last_k_and_best(tmp_path):
         if step == 4:
             state.set_best(tmp_path, path)
         state.rotate(tmp_path, keep_last=2)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["best", "step_0000004", "step_0000006",
-                                                                            "step_0000008"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "best",
+        "step_0000004",
+        "step_0000006",
+        "step_0000008",
+    ]
     assert [p.name for p in state.training_checkpoints(tmp_path)] == ["step_0000008", "step_0000006", "step_0000004"]
     weights, st, _ = state.read_train_state(tmp_path / "checkpoints" / "best")
     assert st["step"] == 4 and "embed.weight" in weights
@@ -74,12 +82,26 @@ def test_rotate_keeps_last_k_and_best(tmp_path):
 
 def test_window_summary_on_hand_counts():
     w = Window()
-    w.add({"train/loss": torch.tensor(2.0), "moe/3/counts": torch.tensor([6.0, 2.0, 0.0, 0.0]),
-           "moe/3/dropped": torch.tensor(1.0), "moe/3/assignments": torch.tensor(9.0),
-           "moe/3/entropy": torch.tensor(1.0), "moe/3/aux/z_loss": torch.tensor(0.5)})
-    w.add({"train/loss": torch.tensor(4.0), "moe/3/counts": torch.tensor([2.0, 2.0, 4.0, 0.0]),
-           "moe/3/dropped": torch.tensor(0.0), "moe/3/assignments": torch.tensor(8.0),
-           "moe/3/entropy": torch.tensor(0.5), "moe/3/aux/z_loss": torch.tensor(1.5)})
+    w.add(
+        {
+            "train/loss": torch.tensor(2.0),
+            "moe/3/counts": torch.tensor([6.0, 2.0, 0.0, 0.0]),
+            "moe/3/dropped": torch.tensor(1.0),
+            "moe/3/assignments": torch.tensor(9.0),
+            "moe/3/entropy": torch.tensor(1.0),
+            "moe/3/aux/z_loss": torch.tensor(0.5),
+        }
+    )
+    w.add(
+        {
+            "train/loss": torch.tensor(4.0),
+            "moe/3/counts": torch.tensor([2.0, 2.0, 4.0, 0.0]),
+            "moe/3/dropped": torch.tensor(0.0),
+            "moe/3/assignments": torch.tensor(8.0),
+            "moe/3/entropy": torch.tensor(0.5),
+            "moe/3/aux/z_loss": torch.tensor(1.5),
+        }
+    )
     s = w.summary()
     assert s["train/loss"] == 3.0
     assert s["moe/3/load"] == [0.5, 0.25, 0.25, 0.0]

@@ -6,11 +6,26 @@ import json
 from pathlib import Path
 
 TINY = {
-    "model": {"vocab_size": 264, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 64,
-              "max_seq_len": 32, "moe": {"num_experts": 4, "top_k": 2, "expert_dim": 32}},
+    "model": {
+        "vocab_size": 264,
+        "d_model": 32,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "ffn_dim": 64,
+        "max_seq_len": 32,
+        "moe": {"num_experts": 4, "top_k": 2, "expert_dim": 32},
+    },
     "data": {"seq_len": 32},
-    "train": {"steps": 12, "batch_size": 4, "lr": 0.01, "min_lr": 0.001, "warmup_steps": 2, "peak_flops": 1.0e11,
-              "seed": 3},
+    "train": {
+        "steps": 12,
+        "batch_size": 4,
+        "lr": 0.01,
+        "min_lr": 0.001,
+        "warmup_steps": 2,
+        "peak_flops": 1.0e11,
+        "seed": 3,
+    },
     "eval": {"every": 6, "batches": 2},
     "checkpoint": {"every": 4, "keep_last": 2},
     "log": {"every": 1, "progress": False},
