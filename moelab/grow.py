@@ -215,7 +215,7 @@ def grow_trainer(self, measure: bool = True) -> None:
     self.optimizer = build_optimizer(self.model, self.cfg.train)
     self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
     state.load_optimizer_state(self.optimizer, grow_optimizer_state(optim, grown, e))
-    self._fpt.clear()  # router sizes changed
+    self.step_flops.clear()  # router sizes changed
     if measure:
         self.model.set_router_attr("top_k", 2 * self.cfg.model.moe.top_k)
         after = self._evaluate().get("val/loss")

@@ -97,10 +97,6 @@ def plan_buckets(
     return buckets
 
 
-def _with_zero_row(x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([x, x.new_zeros(1, x.shape[1])])
-
-
 def _rows(x: torch.Tensor, x_pad: torch.Tensor | None, b: Bucket) -> torch.Tensor:
     """This bucket's rows of x [N, D] as [E_b, C, D]."""
     n = len(b.experts)

@@ -32,8 +32,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from moelab.kernels.buckets import Bucket, MatmulCosts, _rows, _weights, _with_zero_row, plan_buckets
-from moelab.kernels.common import compute_dtype
+from moelab.kernels.buckets import Bucket, MatmulCosts, _rows, _weights, plan_buckets
+from moelab.kernels.common import compute_dtype, with_zero_row
 from moelab.kernels.few_tokens import few_tokens_moe
 from moelab.kernels.lora_buckets import lora_grouped_swiglu
 from moelab.kernels.sort_dispatch import combine, dispatch, plan_dispatch
@@ -123,7 +123,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
         costs = MatmulCosts.of(dtype, x.device).in_rows(down.shape[1], f, x.element_size())
         binary = row_grid(dtype, x.device) is not None  # shapes from a small set (oneDNN kernel cache)
         buckets = plan_buckets(counts, *costs, device=x.device, binary=binary)
-        x_pad = _with_zero_row(x) if any(b.index is not None for b in buckets) else None
+        x_pad = with_zero_row(x) if any(b.index is not None for b in buckets) else None
         y = x.new_empty(n + 1, down.shape[1])
         saved = []
         for b in buckets:
@@ -147,7 +147,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
         gu_shape, dn_shape, gu_dtype, dn_dtype = ctx.shapes
         n, f = dy.shape[0], dn_shape[-1]
         buckets = ctx.buckets
-        dy_pad = _with_zero_row(dy) if any(b.index is not None for b in buckets) else None
+        dy_pad = with_zero_row(dy) if any(b.index is not None for b in buckets) else None
         dx = dy.new_empty(n + 1, gu_shape[-1])
         d_gate_up, d_down = dy.new_empty(gu_shape), dy.new_empty(dn_shape)
         busy = {e for b in buckets for e in b.experts}

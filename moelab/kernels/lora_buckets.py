@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from moelab.kernels.buckets import MatmulCosts, _rows, _weights, _with_zero_row, plan_buckets
+from moelab.kernels.buckets import MatmulCosts, _rows, _weights, plan_buckets
+from moelab.kernels.common import with_zero_row
 from moelab.kernels.lora import ExpertLoRA, delta_bmm, delta_rows
 
 
@@ -31,7 +32,7 @@ def lora_grouped_swiglu(
     lora = lora.cast(dtype)
     costs = MatmulCosts.of(dtype, x_sorted.device).in_rows(d, f, x_sorted.element_size())
     buckets = plan_buckets(counts, *costs, device=x_sorted.device)
-    x_pad = _with_zero_row(x_sorted) if any(b.index is not None for b in buckets) else None
+    x_pad = with_zero_row(x_sorted) if any(b.index is not None for b in buckets) else None
     ad_pad = None
     if row_adapter is not None:
         ad_pad = torch.cat([row_adapter, row_adapter.new_zeros(1)])

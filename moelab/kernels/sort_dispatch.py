@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from moelab.kernels.common import with_zero_row
+
 
 @dataclass
 class DispatchPlan:
@@ -78,10 +80,6 @@ def _starts(counts: list[int]) -> list[int]:
     return out
 
 
-def _with_zero_row(x: torch.Tensor) -> torch.Tensor:
-    return torch.cat([x, x.new_zeros(1, x.shape[1])])
-
-
 class _Dispatch(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, plan: DispatchPlan):
@@ -92,7 +90,7 @@ class _Dispatch(torch.autograd.Function):
     def backward(ctx, g):
         plan = ctx.plan
         if plan.kept < plan.pos.numel():  # dropped assignments point at row N
-            g = _with_zero_row(g)
+            g = with_zero_row(g)
         k = plan.pos.shape[1]
         dx = g.index_select(0, plan.pos.reshape(-1)).view(ctx.t, k, g.shape[1])
         return (dx.sum(1) if k > 1 else dx[:, 0]), None
@@ -120,7 +118,7 @@ class _Combine(torch.autograd.Function):
         dw = torch.bmm(_per_token(y_sorted, plan), g.unsqueeze(-1)).squeeze(-1)  # [T, K]
         contrib = (w.unsqueeze(-1) * g.unsqueeze(1)).view(t * k, -1).to(y_sorted.dtype)  # [A, D]
         if plan.rows > plan.kept:  # padding rows read the zero row A
-            contrib = _with_zero_row(contrib)
+            contrib = with_zero_row(contrib)
         return contrib.index_select(0, plan.inv), dw, None
 
 
@@ -128,7 +126,7 @@ def _per_token(y_sorted: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     """[T, K, D] fp32: each assignment's expert output, zeros where dropped."""
     t, k = plan.pos.shape
     if plan.kept < plan.pos.numel():
-        y_sorted = _with_zero_row(y_sorted)
+        y_sorted = with_zero_row(y_sorted)
     return y_sorted.index_select(0, plan.pos.reshape(-1)).view(t, k, -1).float()
 
 

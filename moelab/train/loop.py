@@ -12,7 +12,6 @@ the checkpoint, and the schedules are functions of the step, so a resumed run co
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -25,8 +24,8 @@ from moelab.config import load_config
 from moelab.device import check_on_device, resolve_device, use_device
 from moelab.errors import UserError
 from moelab.fileio import pause_for_test, warn
+from moelab.grow import grow_trainer
 from moelab.model import Transformer
-from moelab.model.counting import flops_per_token
 from moelab.parallel import (
     clip_grad_norm_,
     gather_train_state,
@@ -40,13 +39,14 @@ from moelab.parallel.compute import compile_blocks, enable_activation_checkpoint
 from moelab.train import rundir, schedules, state
 from moelab.train.data_source import open_source
 from moelab.train.optim import build_optimizer, lr_at, set_lr
+from moelab.train.state import TrainProgress
 from moelab.train.telemetry import (
     MetricsLog,
     Progress,
+    StepFlops,
     TensorBoard,
     Window,
     _sync,
-    mean_experts_per_token,
     measure_matmul_peak,
     merge_micro,
     mfu_fields,
@@ -94,27 +94,6 @@ def train(
         data=data,
         restart=restart,
     ).run()
-
-
-@dataclass
-class TrainProgress:
-    """Where a run is, saved in every checkpoint and restored as a whole on resume (the field names are
-    train_state.json's keys)."""
-
-    step: int = 0
-    tokens: int = 0
-    flops: float = 0.0
-    elapsed_s: float = 0.0  # seconds spent in training steps (eval and checkpoint writes excluded)
-    skipped: int = 0  # steps skipped for non-finite values
-    bad_in_row: int = 0
-    best_val_loss: float | None = None
-
-    def state_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_state(cls, st: dict) -> TrainProgress:
-        return cls(**{f.name: st[f.name] for f in dataclasses.fields(cls)})
 
 
 class Trainer:
@@ -197,7 +176,7 @@ class Trainer:
         self.progress = TrainProgress()
         self.window = Window()
         self.last_ckpt: Path | None = None
-        self._fpt: dict[int, int] = {}
+        self.step_flops = StepFlops(cfg)
         self.base_experts = (cfg.model.moe.num_experts, cfg.model.moe.num_null_experts)  # grow_at changes these
 
     # ------------------------------------------------------------------------------------------------
@@ -269,7 +248,7 @@ class Trainer:
         weights, st, optim = state.read_train_state(ckpt)
         grown = sum(g < int(st["step"]) for g in self.cfg.schedule.grow_at)  # growths this checkpoint has seen
         while self.cfg.model.moe.num_experts < self.base_experts[0] * 2**grown:
-            self._grow(measure=False)  # structure only: the checkpoint's weights and moments replace it
+            grow_trainer(self, measure=False)  # structure only: the checkpoint's weights and moments replace it
         problems = self._weight_problems(weights)
         if problems:
             raise state.BadCheckpoint(f"weights do not fit the run's model ({problems})")
@@ -357,7 +336,7 @@ class Trainer:
         cfg, model, opt = self.cfg, self.model, self.optimizer
         t0 = time.perf_counter()
         if self.progress.step in cfg.schedule.grow_at:
-            self._grow()
+            grow_trainer(self)
             model, opt = self.model, self.optimizer
         sched = schedules.at_step(self.progress.step, cfg)
         schedules.apply(model, sched, cfg)
@@ -411,7 +390,7 @@ class Trainer:
         if ok:
             acc["grad_norm"] = gnorm.detach()
             self.window.add({k: v for k, v in acc.items()})
-        flops = self.tokens_per_step * self._step_flops_per_token(sched.top_k, acc)
+        flops = self.tokens_per_step * self.step_flops.for_step(sched.top_k, acc)
         self.progress.step += 1
         self.progress.tokens += self.tokens_per_step
         self.progress.flops += flops
@@ -433,31 +412,6 @@ class Trainer:
                     f"{cfg.train.max_bad_steps}) at step {self.progress.step}; {hint}, keep train.grad_clip > 0, "
                     "or train in float32"
                 )
-
-    def _flops_per_token(self, k: int) -> int:
-        """Training FLOPs per token with k experts active (the top-k schedule changes k)."""
-        if k not in self._fpt:
-            m = self.cfg.model
-            m = dataclasses.replace(m, moe=dataclasses.replace(m.moe, top_k=k))
-            self._fpt[k] = flops_per_token(m, self.cfg.data.seq_len)["train"]
-        return self._fpt[k]
-
-    def _grow(self, measure: bool = True) -> None:
-        """Double every MoE layer's experts (schedule.grow_at); see `moelab.grow.grow_trainer`."""
-        from moelab.grow import grow_trainer
-
-        grow_trainer(self, measure)
-
-    def _step_flops_per_token(self, k: int, acc: dict) -> float:
-        """Adaptive routers (top-p, null experts): FLOPs at this step's measured mean experts per token
-        (linear in k); fixed top-k keeps the config's k, so capacity drops leave existing runs' MFU alone."""
-        from moelab.model.dynamic_config import adaptive
-
-        mean_k = mean_experts_per_token(acc) if adaptive(self.cfg.model.moe) else None
-        if mean_k is None:
-            return self._flops_per_token(k)
-        f0 = self._flops_per_token(0)
-        return f0 + mean_k * (self._flops_per_token(1) - f0)
 
     @torch.no_grad()
     def _evaluate(self) -> dict:

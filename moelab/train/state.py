@@ -19,6 +19,7 @@ walks checkpoints newest first and skips, with a warning, any that fail verifica
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,6 +27,7 @@ import random
 import re
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -287,3 +289,24 @@ def read_train_state(ckpt: Path) -> tuple[dict[str, torch.Tensor], dict, dict]:
 def training_checkpoints(run_dir: Path) -> list[Path]:
     """Complete step checkpoints of a run, newest first."""
     return [p for p in reversed(list_checkpoints(run_dir)) if p.name.startswith("step_") and not p.is_symlink()]
+
+
+@dataclass
+class TrainProgress:
+    """Where a run is, saved in every checkpoint and restored as a whole on resume (the field names are
+    train_state.json's keys)."""
+
+    step: int = 0
+    tokens: int = 0
+    flops: float = 0.0
+    elapsed_s: float = 0.0  # seconds spent in training steps (eval and checkpoint writes excluded)
+    skipped: int = 0  # steps skipped for non-finite values
+    bad_in_row: int = 0
+    best_val_loss: float | None = None
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_state(cls, st: dict) -> TrainProgress:
+        return cls(**{f.name: st[f.name] for f in dataclasses.fields(cls)})

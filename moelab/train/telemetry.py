@@ -343,3 +343,38 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class StepFlops:
+    """Training FLOPs per token, by how many experts each token uses (cached per k: the top-k schedule
+    changes k, and adaptive routers -- top-p, null experts -- use a measured mean k). `clear()` after the
+    model changes shape (growing experts)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self._by_k: dict[int, int] = {}
+
+    def clear(self) -> None:
+        self._by_k.clear()
+
+    def at_k(self, k: int) -> int:
+        if k not in self._by_k:
+            import dataclasses
+
+            from moelab.model.counting import flops_per_token
+
+            m = self.cfg.model
+            m = dataclasses.replace(m, moe=dataclasses.replace(m.moe, top_k=k))
+            self._by_k[k] = flops_per_token(m, self.cfg.data.seq_len)["train"]
+        return self._by_k[k]
+
+    def for_step(self, k: int, acc: dict) -> float:
+        """Adaptive routers: FLOPs at the step's measured mean experts per token (linear in k); fixed top-k
+        keeps the scheduled k, so capacity drops leave existing runs' MFU alone."""
+        from moelab.model.dynamic_config import adaptive
+
+        mean_k = mean_experts_per_token(acc) if adaptive(self.cfg.model.moe) else None
+        if mean_k is None:
+            return self.at_k(k)
+        f0 = self.at_k(0)
+        return f0 + mean_k * (self.at_k(1) - f0)
