@@ -181,7 +181,7 @@ def run(args) -> int:
     from moelab.train.telemetry import measure_matmul_peak
 
     _resolve(args)
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     if args.threads:
         torch.set_num_threads(args.threads)
     t, d = args.tokens, args.d_model

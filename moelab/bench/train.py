@@ -85,7 +85,7 @@ def run(args) -> int:
             setattr(args, key, value)
     from moelab.device import resolve_device
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, "--device")
     impls = ["moelab"] + (["hf"] if args.compare == "hf" else [])
     if args.compare == "hf":
         try:

@@ -76,3 +76,13 @@ def test_bench_layer_skips_hf_eager_where_it_runs_out_of_memory(tmp_path, monkey
     assert "hf_eager_E4" in res["median_s"]["float32"] and "hf_eager_E4" not in res["median_s"]["bfloat16"]
     assert "hf_eager_E2" in res["median_s"]["bfloat16"]
     assert list(res["skipped"]["bfloat16"]) == ["hf_eager_E4"]
+
+
+def test_bench_layer_bad_device_and_shapes_are_one_line(capsys):
+    assert main(["bench", "layer", "--device", "banana"]) == 2
+    assert main(["bench", "layer", "--shapes", "8:x:3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "moelab bench: error: --device: expected auto, cpu, cuda or cuda:N, got 'banana'",
+        "moelab bench: error: --shapes: expected E:K:F integers like 64:8:512, got ['8:x:3']",
+    ]
