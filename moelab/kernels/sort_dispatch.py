@@ -102,7 +102,12 @@ class _Combine(torch.autograd.Function):
         ctx.plan = plan
         ctx.save_for_backward(y_sorted, weights)
         with torch.autocast(y_sorted.device.type, enabled=False):  # the sum stays fp32
-            return torch.bmm(weights.unsqueeze(1), _per_token(y_sorted, plan)).squeeze(1)
+            per_token = _per_token(y_sorted, plan)  # [T, K, D] fp32
+            # into a tensor of its own, not a squeezed view: FSDP2 hooks a wrapped module's output, and an
+            # in-place op on a view would drop that hook (it warns, as it did before this was a kernel)
+            out = per_token.new_empty(per_token.shape[0], per_token.shape[2])
+            torch.bmm(weights.unsqueeze(1), per_token, out=out.unsqueeze(1))
+            return out
 
     @staticmethod
     def backward(ctx, g):
