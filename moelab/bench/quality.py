@@ -1,16 +1,13 @@
-"""`moelab bench quality`: validation bits per byte for the same wall-clock budget, MoE vs dense vs
-transformers' Mixtral.
+"""`moelab bench quality`: does the MoE pay? Validation bits per byte of the shipped MoE recipe, its dense twin
+of equal active parameters and transformers' model of the same shape, on several corpora, several seeds, with
+each model's learning rate picked by the same small sweep, for an equal wall-clock budget (`--minutes`) or an
+equal number of training tokens (`--tokens`). Corpora and models: `moelab.bench.quality_setup`.
 
-Data: tinyshakespeare, byte-level tokens (bits per byte is then exact and no tokenizer is fitted to
-the validation text), split by paragraph, 5% validation. Models (all trained with the same AdamW, LR
-schedule, batch, sequence length and seed):
-- `moe`: the tiny preset's shape (d_model 256, 4 layers, 8 experts of width 512, top-2);
-- `dense`: the same with a dense SwiGLU of width 1024 = top_k x expert width (the same active parameters);
-- `hf`: transformers' MixtralForCausalLM of the MoE's shape (its default expert implementation).
-Each model gets the budget: its step time is measured first (a short run in its own process), the step
-count is set to fill the budget (so each LR schedule completes), and the run is capped at 1.1x the
-budget. Each trains in its own process: one after the other with the whole machine, or (`--concurrent`)
-all at once, one thread each, so that a shared machine's load falls on all of them alike.
+Fairness: every model gets the same data, batch, sequence length, schedule shape, seed and budget. With
+`--minutes`, each model's step time is measured first (a short run in its own process), its step count set to
+fill the budget (so its LR schedule completes) and the run capped at 1.1x the budget. `--concurrent` trains the
+models of one (corpus, seed) side by side, one thread each, so that a shared machine's load falls on all of them
+alike; without it they run one after the other with `--threads` each.
 """
 
 from __future__ import annotations
@@ -19,17 +16,43 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "tinyshakespeare.txt"
+from moelab.bench.quality_setup import CORPORA, DEFAULT_RECIPE
+
 MODELS = ("moe", "dense", "hf")
 
 
 def add_arguments(p):
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="a text file (default ../shared/data/tinyshakespeare.txt)")
-    p.add_argument("--minutes", type=float, default=5.0, help="training wall-clock budget per model (default 5)")
+    p.add_argument(
+        "--corpora",
+        nargs="+",
+        default=list(CORPORA),
+        metavar="NAME",
+        help=f"corpora: {', '.join(CORPORA)} or file:PATH (default: all three)",
+    )
+    p.add_argument("--data", help="a text file to use as the only corpus (byte tokens); same as --corpora file:PATH")
+    p.add_argument(
+        "--recipe",
+        default=DEFAULT_RECIPE,
+        help=f"the MoE: a preset name or a YAML config (default {DEFAULT_RECIPE}); the dense twin is derived from it",
+    )
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds (default 0 1)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--minutes", type=float, help="equal wall-clock budget per run (default 5)")
+    budget.add_argument("--tokens", type=float, help="equal training tokens per run instead of equal time")
+    p.add_argument(
+        "--lrs",
+        nargs="+",
+        type=float,
+        default=[],
+        metavar="LR",
+        help="learning-rate sweep: each model trains --sweep-tokens at each LR on the first corpus (seed 0) and "
+        "keeps the LR with the lowest final val bits/byte (default: no sweep, the recipe's train.lr)",
+    )
+    p.add_argument("--sweep-tokens", type=float, default=5e5, help="tokens per sweep run (default 500000)")
     p.add_argument("--evals", type=int, default=15, help="validation points per curve (default 15)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument(
@@ -38,7 +61,7 @@ def add_arguments(p):
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="config override for every model, e.g. --set train.lr=2e-3",
+        help="config override for every model, e.g. --set train.batch_size=16",
     )
     p.add_argument(
         "--threads", type=int, default=None, help="torch threads per run (default: torch's choice; 1 with --concurrent)"
@@ -46,47 +69,12 @@ def add_arguments(p):
     p.add_argument(
         "--concurrent",
         action="store_true",
-        help="train the models at the same time (each on its own thread) so load on a shared machine "
-        "hits them alike; default: one after the other, each with the whole machine",
+        help="train the models of one corpus and seed at the same time, one thread each, so that load on a shared "
+        "machine hits them alike; default: one after the other, each with the whole machine",
     )
-    p.add_argument("--work-dir", default="benchmarks/quality-work", help="dataset and run directories")
+    p.add_argument("--work-dir", default="benchmarks/quality-work", help="datasets and run directories")
     p.add_argument("--json", dest="json_out", default="benchmarks/quality.json")
     p.add_argument("--plot", default="benchmarks/quality.png")
-
-
-def base_config(data_dir: Path, dtype: str) -> dict:
-    return {
-        "model": {
-            "vocab_size": 264,
-            "d_model": 256,
-            "n_layers": 4,
-            "n_heads": 8,
-            "n_kv_heads": 4,
-            "ffn_dim": 1024,
-            "max_seq_len": 256,
-            "moe": {"num_experts": 8, "top_k": 2, "expert_dim": 512, "load_balance_coef": 0.01, "z_loss_coef": 0.001},
-        },
-        "data": {"path": str(data_dir), "seq_len": 256},
-        "train": {
-            "batch_size": 8,
-            "lr": 2e-3,
-            "min_lr": 2e-4,
-            "warmup_steps": 30,
-            "dtype": dtype,
-            "seed": 0,
-            "peak_flops": 1.0,
-        },
-        "eval": {"batches": 16},
-        "checkpoint": {"every": 0, "keep_last": 1, "keep_best": False},
-        "log": {"progress": False},
-    }
-
-
-def model_config(which: str, base: dict) -> dict:
-    cfg = json.loads(json.dumps(base))
-    if which == "dense":
-        cfg["model"]["moe"]["layers"] = "none"
-    return cfg
 
 
 def _run_all(cmds: list[list[str]], env: dict, concurrent: bool) -> list[str]:
@@ -102,7 +90,7 @@ def _run_all(cmds: list[list[str]], env: dict, concurrent: bool) -> list[str]:
     for cmd, proc in zip(cmds, procs, strict=True):
         out, err = proc.communicate()
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd[:4])} failed:\n{err[-3000:]}")
+            raise RuntimeError(f"{' '.join(cmd[:5])} failed:\n{err[-3000:]}")
         outs.append(out)
     return outs
 
@@ -111,160 +99,169 @@ def _worker(spec: dict) -> list[str]:
     return [sys.executable, "-m", "moelab.bench.train_worker", json.dumps(spec)]
 
 
-def run(args) -> int:
-    import time
+class Study:
+    """Runs one batch of (model, config) training jobs at a time and turns their logs into result rows."""
 
-    import yaml
+    def __init__(self, args):
+        self.args, self.work = args, Path(args.work_dir)
+        self.threads = args.threads or (1 if args.concurrent else None)
+        self.env = {**os.environ, **({"OMP_NUM_THREADS": str(self.threads)} if self.threads else {})}
+        self.count = 0
 
-    from moelab.config import Config, apply_overrides, from_dict
-    from moelab.data import prepare
-    from moelab.errors import UserError
-    from moelab.model.counting import count_params
+    def probe(self, cfgs: dict[str, dict]) -> dict[str, float]:
+        """Seconds per optimizer step of each model (median of 4 after 2 warm-ups, in its own process)."""
+        specs = [
+            {"impl": "hf" if w == "hf" else "moelab", "steps": 4, "warmup": 2, "threads": self.threads, "config": c}
+            for w, c in cfgs.items()
+        ]
+        outs = _run_all([_worker(s) for s in specs], self.env, self.args.concurrent)
+        return {w: json.loads(o.strip().splitlines()[-1])["step_s"] for w, o in zip(cfgs, outs, strict=True)}
 
-    text = Path(args.data)
-    if not text.is_file():
-        raise UserError(f"--data {text}: no such file")
-    work = Path(args.work_dir)
-    data_dir = work / f"data-{text.stem}"  # one per corpus: a shared name would reuse another --data's tokens
-    if not (data_dir / "meta.json").is_file():
-        prepare([str(text)], "byte", data_dir, val_fraction=0.05, doc_boundary="blank", workers=0)
-    base = base_config(data_dir.resolve(), args.dtype)
-    budget = args.minutes * 60
-    threads = args.threads or (1 if args.concurrent else None)
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    results: dict = {
-        "data": str(text),
-        "budget_s": budget,
-        "dtype": args.dtype,
-        "concurrent": args.concurrent,
-        "threads": threads,
-        "models": {},
-    }
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    cfgs = {
-        w: apply_overrides(model_config("dense" if w == "dense" else "moe", base), args.overrides) for w in args.models
-    }
-    probes = _run_all(
-        [
-            _worker(
-                {
-                    "impl": "hf" if w == "hf" else "moelab",
-                    "steps": 4,
-                    "warmup": 2,
-                    "threads": threads,
-                    "config": cfgs[w],
-                }
-            )
-            for w in args.models
-        ],
-        env,
-        args.concurrent,
-    )
-    cmds, plan = [], {}
-    for which, out in zip(args.models, probes, strict=True):
-        step_s = json.loads(out.strip().splitlines()[-1])["step_s"]
-        steps = max(20, int(budget / step_s))
-        every = max(1, steps // args.evals)
-        cfg_dict = cfgs[which]
-        cfg_dict["train"].update(steps=steps, max_seconds=budget * 1.1)
-        cfg_dict["eval"]["every"] = every
-        cfg_dict["log"]["every"] = every
-        plan[which] = (step_s, steps)
-        print(f"[{which}] {step_s:.2f} s/step -> {steps} steps, eval every {every}", flush=True)
-        if which == "hf":
-            cmds.append(
-                _worker(
-                    {
-                        "task": "quality_hf",
-                        "config": cfg_dict,
-                        "eval_every": every,
-                        "max_seconds": budget * 1.1,
-                        "threads": threads,
-                    }
-                )
-            )
-        else:
-            cfg_file = work / f"{which}-{stamp}.yaml"
-            cfg_file.write_text(yaml.safe_dump(cfg_dict))
-            cmds.append(
-                [
-                    sys.executable,
-                    "-m",
-                    "moelab",
-                    "train",
-                    str(cfg_file),
-                    "--run-dir",
-                    str(work / f"{which}-{stamp}"),
-                    "--no-progress",
-                ]
-            )
-    outs = _run_all(cmds, env, args.concurrent)
-    for which, out in zip(args.models, outs, strict=True):
+    def train(self, cfgs: dict[str, dict], steps: dict[str, int], max_seconds: float | None) -> dict[str, dict]:
+        """Train each model for its step count; {model: {"curve", "impl", "health"}}."""
+        import yaml
+
+        cmds, dirs = [], {}
+        for which, cfg in cfgs.items():
+            cfg = json.loads(json.dumps(cfg))
+            every = max(1, steps[which] // self.args.evals)
+            cfg["train"].update(steps=steps[which], max_seconds=max_seconds)
+            cfg.setdefault("eval", {})["every"] = every
+            cfg["log"]["every"] = every
+            if which == "hf":
+                spec = {"task": "quality_hf", "config": cfg, "eval_every": every, "max_seconds": max_seconds}
+                cmds.append(_worker({**spec, "threads": self.threads}))
+                continue
+            self.count += 1
+            run_dir = self.work / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{self.count:03d}-{which}"
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            cfg_file = run_dir.with_suffix(".yaml")
+            cfg_file.write_text(yaml.safe_dump(cfg))
+            dirs[which] = run_dir
+            cmds.append([sys.executable, "-m", "moelab", "train", str(cfg_file), "--run-dir", str(run_dir)])
+            cmds[-1].append("--no-progress")
+        outs = _run_all(cmds, self.env, self.args.concurrent)
+        return {w: self._result(w, out, dirs.get(w)) for w, out in zip(cfgs, outs, strict=True)}
+
+    @staticmethod
+    def _result(which: str, out: str, run_dir: Path | None) -> dict:
+        from moelab.bench.quality_setup import routing_health
+
         if which == "hf":
             res = json.loads(out.strip().splitlines()[-1])
-            curve, impl = res["curve"], res["impl"]
-        else:
-            recs = [json.loads(ln) for ln in (work / f"{which}-{stamp}" / "metrics.jsonl").read_text().splitlines()]
-            curve = [
-                {k: r[k] for k in ("step", "elapsed_s", "tokens", "val/loss", "val/bpb")}
-                for r in recs
-                if "val/bpb" in r
-            ]
-            impl = f"moelab ({'dense' if which == 'dense' else 'MoE'})"
-        pc = count_params(from_dict(Config, cfgs[which]).model)
-        results["models"][which] = {
-            "impl": impl,
-            "params_total": pc.total,
-            "params_active": pc.active,
-            "probe_step_s": plan[which][0],
-            "steps_planned": plan[which][1],
-            "steps_done": curve[-1]["step"] if curve else 0,
-            "curve": curve,
-            "final_bpb": curve[-1]["val/bpb"] if curve else None,
-            "best_bpb": min(c["val/bpb"] for c in curve) if curve else None,
-        }
-        print(
-            f"[{which}] final val bpb {results['models'][which]['final_bpb']:.4f} after "
-            f"{results['models'][which]['steps_done']} steps",
-            flush=True,
-        )
-    finals = {k: v["final_bpb"] for k, v in results["models"].items() if v["final_bpb"] is not None}
-    results["winner"] = min(finals, key=finals.get) if finals else None
-    out = Path(args.json_out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(out)
-    _plot(results, Path(args.plot))
-    print(f"wrote {out} and {args.plot}; lowest final val bpb: {results['winner']}")
+            return {"curve": res["curve"], "impl": res["impl"], "health": {}}
+        recs = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        keys = ("step", "elapsed_s", "tokens", "val/loss", "val/bpb")
+        curve = [{k: r[k] for k in keys} for r in recs if "val/bpb" in r]
+        impl = f"moelab {'dense' if which == 'dense' else 'MoE'}"
+        return {"curve": curve, "impl": impl, "health": routing_health(recs), "run_dir": str(run_dir)}
+
+
+def _steps_for_tokens(cfg: dict, tokens: float) -> int:
+    per_step = cfg["train"]["batch_size"] * cfg["data"]["seq_len"] * cfg["train"].get("grad_accum", 1)
+    return max(20, round(tokens / per_step))
+
+
+def run(args) -> int:
+    from moelab.bench.quality_setup import load_recipe, model_configs, plot, prepare_corpus, summarise
+    from moelab.config import Config, apply_overrides, from_dict
+    from moelab.data import load_meta
+    from moelab.model.counting import count_params
+
+    corpora = [f"file:{args.data}"] if args.data else args.corpora
+    if args.tokens:
+        budget = {"kind": "tokens", "value": args.tokens}
+    else:
+        budget = {"kind": "minutes", "value": args.minutes or 5.0}
+    recipe = load_recipe(args.recipe)
+    recipe.setdefault("train", {})["dtype"] = args.dtype
+    study = Study(args)
+    results: dict = {
+        "recipe": args.recipe,
+        "corpora": corpora,
+        "budget": budget,
+        "dtype": args.dtype,
+        "concurrent": args.concurrent,
+        "threads": study.threads,
+        "seeds": args.seeds,
+        "lr": {},
+        "sweep": [],
+        "runs": [],
+    }
+    prepared = {c: prepare_corpus(c, study.work) for c in corpora}
+    configs = {}
+    for c, d in prepared.items():
+        base = model_configs(recipe, d, load_meta(d)["tokenizer"]["vocab_size"])
+        configs[c] = {w: apply_overrides(base[w], args.overrides) for w in args.models}
+    for c in corpora:  # validate every config up front: a typo must not surface an hour into the study
+        for cfg in configs[c].values():
+            from_dict(Config, cfg)
+
+    # The LR sweep: same token budget for every model and LR, first corpus, seed 0.
+    lrs = {w: configs[corpora[0]][w]["train"].get("lr") for w in args.models}
+    if args.lrs:
+        sweep_cfgs = configs[corpora[0]]
+        for lr in args.lrs:
+            cfgs = {w: _with(c, lr=lr, seed=0) for w, c in sweep_cfgs.items()}
+            steps = {w: _steps_for_tokens(c, args.sweep_tokens) for w, c in cfgs.items()}
+            for w, r in study.train(cfgs, steps, None).items():
+                final = r["curve"][-1]["val/bpb"] if r["curve"] else None
+                results["sweep"].append({"model": w, "lr": lr, "final_bpb": final, "steps": steps[w]})
+                print(f"[sweep {corpora[0]}] {w:5s} lr {lr:g}: final val bpb {final}", flush=True)
+        for w in args.models:
+            done = [s for s in results["sweep"] if s["model"] == w and s["final_bpb"] is not None]
+            lrs[w] = min(done, key=lambda s: s["final_bpb"])["lr"]
+    results["lr"] = lrs
+
+    for c in corpora:
+        for seed in args.seeds:
+            cfgs = {w: _with(configs[c][w], lr=lrs[w], seed=seed) for w in args.models}
+            if budget["kind"] == "tokens":
+                steps = {w: _steps_for_tokens(cfg, budget["value"]) for w, cfg in cfgs.items()}
+                max_seconds = None
+            else:
+                seconds = budget["value"] * 60
+                step_s = study.probe(cfgs)
+                steps = {w: max(20, int(seconds / s)) for w, s in step_s.items()}
+                max_seconds = seconds * 1.1
+            for w, r in study.train(cfgs, steps, max_seconds).items():
+                from moelab.bench.quality_setup import curve_stats
+
+                pc = count_params(from_dict(Config, cfgs[w]).model)
+                row = {"corpus": c, "model": w, "seed": seed, "lr": lrs[w], "steps_planned": steps[w]}
+                row.update(impl=r["impl"], params_active=pc.active, params_total=pc.total, **curve_stats(r["curve"]))
+                row.update(health=r["health"], curve=r["curve"], run_dir=r.get("run_dir"))
+                results["runs"].append(row)
+                print(
+                    f"[{c} seed {seed}] {w:5s} final val bpb {row['final_bpb']:.4f} after {row['steps_done']} "
+                    f"steps ({row['tokens'] / 1e6:.2f}M tokens)",
+                    flush=True,
+                )
+            _write(results, args)  # after every (corpus, seed): a long study is never lost whole
+    results["summary"] = summarise(results["runs"])
+    _write(results, args)
+    plot(results, Path(args.plot))
+    for c, s in results["summary"].items():
+        line = ", ".join(f"{m} {v['mean']:.4f} [{v['min']:.4f}, {v['max']:.4f}]" for m, v in s["models"].items())
+        diff = s.get("moe_minus_dense")
+        extra = f"; MoE - dense {diff['mean']:+.4f} (n={diff['n']})" if diff else ""
+        print(f"{c}: {line}{extra}")
+    print(f"wrote {args.json_out} and {args.plot}")
     return 0
 
 
-def _plot(results: dict, path: Path) -> None:
-    import matplotlib
+def _with(cfg: dict, *, lr: float | None, seed: int) -> dict:
+    out = json.loads(json.dumps(cfg))
+    if lr is not None:
+        ratio = out["train"].get("min_lr", lr / 10) / out["train"].get("lr", lr)
+        out["train"].update(lr=lr, min_lr=lr * ratio)  # the schedule's shape is kept
+    out["train"]["seed"] = seed
+    return out
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for m in results["models"].values():
-        xs = [c["elapsed_s"] / 60 for c in m["curve"]]
-        ts = [c["tokens"] / 1e6 for c in m["curve"]]
-        ys = [c["val/bpb"] for c in m["curve"]]
-        label = f"{m['impl']} ({m['params_active'] / 1e6:.1f}M active / {m['params_total'] / 1e6:.1f}M)"
-        axes[0].plot(xs, ys, marker="o", ms=3, label=label)
-        axes[1].plot(ts, ys, marker="o", ms=3, label=label)
-    axes[0].set_xlabel("training time (min)")
-    axes[1].set_xlabel("training tokens (M)")
-    for ax in axes:
-        ax.set_ylabel("val bits per byte")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(
-        f"{Path(results['data']).name}, byte-level, equal wall-clock budget "
-        f"({results['budget_s'] / 60:.0f} min, {results['dtype']})"
-    )
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+def _write(results: dict, args) -> None:
+    from moelab.fileio import write_file_atomic
+
+    out = Path(args.json_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_file_atomic(out, json.dumps(results, indent=1))

@@ -36,7 +36,7 @@ def synthetic_tokens(vocab: int, n: int, seed: int = 0) -> torch.Tensor:
 
 
 def hf_model(cfg: Config):
-    """transformers' Mixtral (or Llama when the config is dense) of the same shape as `cfg.model`."""
+    """transformers' Mixtral (Qwen2-MoE with shared experts, Llama when dense) of the same shape as `cfg.model`."""
     from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
     m = cfg.model
@@ -55,6 +55,26 @@ def hf_model(cfg: Config):
     )
     if not m.moe_layer_ids():
         return LlamaForCausalLM(LlamaConfig(intermediate_size=m.ffn_dim, **common))
+    if m.moe.num_shared_experts:
+        # Mixtral has no shared expert; Qwen2-MoE has one (always behind a sigmoid gate, which moelab's
+        # `shared_expert_gate` matches) and is otherwise the same block.
+        from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
+
+        qwen = Qwen2MoeConfig(
+            intermediate_size=m.ffn_dim,
+            moe_intermediate_size=m.moe.expert_dim,
+            shared_expert_intermediate_size=m.moe.num_shared_experts * (m.moe.shared_expert_dim or m.moe.expert_dim),
+            num_experts=m.moe.num_experts,
+            num_experts_per_tok=m.moe.top_k,
+            norm_topk_prob=m.moe.normalize,
+            decoder_sparse_step=1,
+            mlp_only_layers=[i for i in range(m.n_layers) if i not in m.moe_layer_ids()],
+            output_router_logits=True,
+            router_aux_loss_coef=m.moe.load_balance_coef,
+            qkv_bias=False,
+            **common,
+        )
+        return Qwen2MoeForCausalLM(qwen)
     hf = MixtralConfig(
         intermediate_size=m.moe.expert_dim,
         num_local_experts=m.moe.num_experts,
@@ -233,7 +253,7 @@ def quality_hf(spec: dict) -> dict:
         if out_of_time:
             break
     return {
-        "impl": f"transformers ({hf.implementation})",
+        "impl": f"transformers {type(hf.model).__name__} ({hf.implementation})",
         "curve": curve,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
     }
