@@ -1,5 +1,3 @@
-import sys
+from moelab.cli import run
 
-from moelab.cli import main
-
-sys.exit(main())
+run()

@@ -115,6 +115,12 @@ def _worker(rank: int, world: int, port: int, job: dict, out_dir: str) -> None:
         result["error"] = f"{type(e).__name__}: {e}"
         result["traceback"] = traceback.format_exc()
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
+    # Leave without interpreter finalization, as `moelab` itself does under torchrun (cli.exit_process):
+    # gloo worker threads of a process group that DTensor meshes keep alive can abort the process
+    # (SIGABRT, "terminate called without an active exception") when finalization destroys them.
+    from moelab.cli import exit_process
+
+    exit_process(0)
 
 
 def spawn(world: int, job: dict, out_dir: Path, timeout: float = 120.0) -> list[dict]:
