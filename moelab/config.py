@@ -261,6 +261,9 @@ class TrainConfig:
     peak_flops: float | None = None  # device matmul FLOP/s for MFU; None = measured once at start
     max_bad_steps: int = 5  # abort after this many non-finite steps in a row (each one is skipped)
     max_seconds: float | None = None  # stop (and checkpoint) once training has run this long; None = no limit
+    # A time-budgeted run: stop after this many seconds of training or train.steps, whichever comes first,
+    # with the LR schedule decaying over whichever is ahead (it ends with the run). None = steps only.
+    budget_seconds: float | None = None
     deterministic: bool = False  # bit-reproducible run to run (moelab/determinism.py; docs/rl.md)
 
     def validate(self, prefix: str = "train") -> list[str]:
@@ -279,7 +282,7 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 p.append(f"{prefix}.{name}: expected 0 <= {name} < 1, got {getattr(self, name)}")
-        for name in ("peak_flops", "max_seconds"):
+        for name in ("peak_flops", "max_seconds", "budget_seconds"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 p.append(f"{prefix}.{name}: expected > 0 or null, got {getattr(self, name)}")
         if self.warmup_steps < 0:

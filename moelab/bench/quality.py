@@ -4,8 +4,9 @@ each model's learning rate picked by the same small sweep, for an equal wall-clo
 equal number of training tokens (`--tokens`). Corpora and models: `moelab.bench.quality_setup`.
 
 Fairness: every model gets the same data, batch, sequence length, schedule shape, seed and budget. With
-`--minutes`, each model's step time is measured first (a short run in its own process), its step count set to
-fill the budget (so its LR schedule completes) and the run capped at 1.1x the budget. `--concurrent` trains the
+`--minutes`, each run is budgeted in seconds of training (`train.budget_seconds`: its LR schedule decays over
+the time, whatever speed the machine gives it, and it stops when the time is spent); a short probe of each
+model's step time sets the evaluation cadence only. `--concurrent` trains the
 models of one (corpus, seed) side by side, one thread each, so that a shared machine's load falls on all of them
 alike; without it they run one after the other with `--threads` each.
 """
@@ -117,19 +118,22 @@ class Study:
         outs = _run_all([_worker(s) for s in specs], self.env, self.args.concurrent)
         return {w: json.loads(o.strip().splitlines()[-1])["step_s"] for w, o in zip(cfgs, outs, strict=True)}
 
-    def train(self, cfgs: dict[str, dict], steps: dict[str, int], max_seconds: float | None) -> dict[str, dict]:
-        """Train each model for its step count; {model: {"curve", "impl", "health"}}."""
+    def train(self, cfgs: dict[str, dict], steps: dict[str, int], budget_s: float | None = None) -> dict[str, dict]:
+        """Train each model for its step count, or for `budget_s` seconds of training (train.budget_seconds:
+        the LR schedule runs over the time; `steps` is then the expected count, which sets the eval cadence,
+        and the cap is three times it); {model: {"curve", "impl", "health"}}."""
         import yaml
 
         cmds, dirs = [], {}
         for which, cfg in cfgs.items():
             cfg = json.loads(json.dumps(cfg))
             every = max(1, steps[which] // self.args.evals)
-            cfg["train"].update(steps=steps[which], max_seconds=max_seconds)
+            cap = steps[which] if budget_s is None else 3 * steps[which]
+            cfg["train"].update(steps=cap, budget_seconds=budget_s)
             cfg.setdefault("eval", {})["every"] = every
             cfg["log"]["every"] = every
             if which == "hf":
-                spec = {"task": "quality_hf", "config": cfg, "eval_every": every, "max_seconds": max_seconds}
+                spec = {"task": "quality_hf", "config": cfg, "eval_every": every}
                 cmds.append(_worker({**spec, "threads": self.threads}))
                 continue
             self.count += 1
@@ -204,7 +208,7 @@ def run(args) -> int:
         for lr in args.lrs:
             cfgs = {w: _with(c, lr=lr, seed=0) for w, c in sweep_cfgs.items()}
             steps = {w: _steps_for_tokens(c, args.sweep_tokens) for w, c in cfgs.items()}
-            for w, r in study.train(cfgs, steps, None).items():
+            for w, r in study.train(cfgs, steps).items():
                 final = r["curve"][-1]["val/bpb"] if r["curve"] else None
                 results["sweep"].append({"model": w, "lr": lr, "final_bpb": final, "steps": steps[w]})
                 print(f"[sweep {corpora[0]}] {w:5s} lr {lr:g}: final val bpb {final}", flush=True)
@@ -218,13 +222,12 @@ def run(args) -> int:
             cfgs = {w: _with(configs[c][w], lr=lrs[w], seed=seed) for w in args.models}
             if budget["kind"] == "tokens":
                 steps = {w: _steps_for_tokens(cfg, budget["value"]) for w, cfg in cfgs.items()}
-                max_seconds = None
+                budget_s = None
             else:
-                seconds = budget["value"] * 60
-                step_s = study.probe(cfgs)
-                steps = {w: max(20, int(seconds / s)) for w, s in step_s.items()}
-                max_seconds = seconds * 1.1
-            for w, r in study.train(cfgs, steps, max_seconds).items():
+                budget_s = budget["value"] * 60
+                step_s = study.probe(cfgs)  # the expected step counts set the eval cadence only
+                steps = {w: max(20, int(budget_s / s)) for w, s in step_s.items()}
+            for w, r in study.train(cfgs, steps, budget_s).items():
                 from moelab.bench.quality_setup import curve_stats
 
                 pc = count_params(from_dict(Config, cfgs[w]).model)

@@ -117,6 +117,7 @@ class HFStep:
         self.model.to(self.device)
         self.opt = hf_optimizer(self.model, cfg)  # (fused AdamW wants its parameters on their device)
         self.step = 0
+        self.elapsed_s = 0.0  # seconds of training so far, set by the caller: train.budget_seconds' schedule
 
     @property
     def implementation(self) -> str:
@@ -125,7 +126,7 @@ class HFStep:
 
     def __call__(self) -> float:
         t = self.cfg.train
-        set_lr(self.opt, lr_at(self.step, t))
+        set_lr(self.opt, lr_at(self.step, t, self.elapsed_s))
         total = 0.0
         for _ in range(t.grad_accum):
             x, y = self.data.train_batch(self.device)
@@ -238,7 +239,9 @@ def quality_hf(spec: dict) -> dict:
         t0 = time.perf_counter()
         hf()
         elapsed += time.perf_counter() - t0
-        out_of_time = bool(spec.get("max_seconds")) and elapsed >= spec["max_seconds"]
+        hf.elapsed_s = elapsed
+        budget = cfg.train.budget_seconds or spec.get("max_seconds")
+        out_of_time = bool(budget) and elapsed >= budget
         if step % spec["eval_every"] == 0 or step == cfg.train.steps or out_of_time:
             val = hf.val_loss(val_src.val_batches(n_val, cfg.eval.batches, cpu))
             curve.append(

@@ -75,6 +75,8 @@ def run(args) -> int:
     summary = [f"step {result.step}"]
     if rec.get("stopped") == "max_seconds":  # else "done: step 51" reads like train.steps was 51
         summary[0] += f" (stopped early: train.max_seconds reached after {rec.get('elapsed_s', 0):.0f} s of training)"
+    elif rec.get("stopped") == "budget_seconds":
+        summary[0] += f" (train.budget_seconds spent: {rec.get('elapsed_s', 0):.0f} s of training)"
     if rec.get("val/loss") is not None:
         bpb = f" ({rec['val/bpb']:.3f} bits/byte)" if rec.get("val/bpb") is not None else ""
         summary.append(f"val loss {rec['val/loss']:.4f}{bpb}")

@@ -295,6 +295,8 @@ class Trainer:
                 bar.update()
                 if cfg.train.max_seconds is not None and self.progress.elapsed_s >= cfg.train.max_seconds:
                     stop = "max_seconds"
+                if cfg.train.budget_seconds is not None and self.progress.elapsed_s >= cfg.train.budget_seconds:
+                    stop = "budget_seconds"
                 end = self.progress.step >= cfg.train.steps or stop is not None
                 do_ckpt = end or (cfg.checkpoint.every and self.progress.step % cfg.checkpoint.every == 0)
                 do_eval = (
@@ -346,7 +348,7 @@ class Trainer:
             s = cfg.schedule
             sched.top_k = anneal_top_k(self.progress.step, sched.top_k, 2.0, s.grow_at, s.grow_anneal_steps)
             model.set_router_attr("top_k", sched.top_k)
-        lr = lr_at(self.progress.step, cfg.train)
+        lr = lr_at(self.progress.step, cfg.train, self.progress.elapsed_s)
         set_lr(opt, lr)
         accum = cfg.train.grad_accum
         acc: dict[str, torch.Tensor] = {}

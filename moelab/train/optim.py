@@ -73,15 +73,20 @@ def _plain_tensors(model: nn.Module) -> bool:
     return not any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
+def lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup from lr / (warmup + 1) to lr over
-    `warmup_steps`, then `schedule` from lr down to min_lr at the last step (constant stays at lr)."""
+    `warmup_steps`, then `schedule` from lr down to min_lr at the last step (constant stays at lr). With
+    `budget_seconds` the decay runs over time as well: progress is the larger of the step's share of
+    train.steps and `elapsed_s` (seconds of training so far) over the budget, matching the run's stop at
+    whichever comes first, so a run on a slow or busy machine still ends its schedule when its time ends."""
     if step < cfg.warmup_steps:
         return cfg.lr * (step + 1) / (cfg.warmup_steps + 1)
     if cfg.schedule == "constant":
         return cfg.lr
     span = max(1, cfg.steps - 1 - cfg.warmup_steps)
     progress = min(1.0, (step - cfg.warmup_steps) / span)
+    if cfg.budget_seconds is not None:
+        progress = max(progress, min(1.0, elapsed_s / cfg.budget_seconds))
     if cfg.schedule == "linear":
         return cfg.lr + (cfg.min_lr - cfg.lr) * progress
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))

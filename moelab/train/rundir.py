@@ -32,6 +32,7 @@ from moelab.fileio import remove_dir, write_file_atomic
 RESUME_MAY_CHANGE = (
     "train.steps",
     "train.max_seconds",
+    "train.budget_seconds",  # like train.steps: a longer budget stretches the rest of the schedule
     "train.compile",
     "train.activation_checkpointing",
     "train.peak_flops",

@@ -119,7 +119,7 @@ def test_study_equal_tokens_with_sweep_seeds_and_reference(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_study_equal_wall_clock_fits_steps_to_the_budget(tmp_path):
+def test_study_equal_wall_clock_budgets_seconds_of_training(tmp_path):
     text = tmp_path / "text.txt"
     text.write_text("".join(f"Speaker {i}:\nline {i} of the play.\n\n" for i in range(300)))
     out = tmp_path / "quality.json"
@@ -130,5 +130,7 @@ def test_study_equal_wall_clock_fits_steps_to_the_budget(tmp_path):
     res = json.loads(out.read_text())
     assert res["budget"] == {"kind": "minutes", "value": 0.05} and res["sweep"] == []
     for r in res["runs"]:
-        assert r["steps_planned"] >= 20 and 1 <= r["steps_done"] <= r["steps_planned"]
-        assert r["curve"][-1]["elapsed_s"] <= 0.05 * 60 * 1.1 + 5  # capped at 1.1x the budget (+ the last step)
+        assert r["steps_planned"] >= 20 and 1 <= r["steps_done"] <= 3 * r["steps_planned"]
+        if r["steps_done"] < 3 * r["steps_planned"]:  # stopped by the budget, not by the step cap
+            assert r["curve"][-1]["elapsed_s"] >= 0.05 * 60
+        assert r["curve"][-1]["elapsed_s"] <= 0.05 * 60 + 5  # the budget (+ the last step)

@@ -41,7 +41,7 @@ def test_demo_runs_end_to_end_and_never_overwrites(tmp_path, monkeypatch, capsys
     assert f"report:        {report.relative_to(tmp_path)}" in out and (run / "report" / "analysis.json").is_file()
     assert report.read_text().count('src="data:image/png;base64,') >= 5
     assert main([*args, "--no-samples", "--minutes", "0.001"]) == 0  # a second demo goes next to the first
-    assert "training 6 steps" in capsys.readouterr().out  # fitted to the budget, at least 20, at most train.steps
+    assert "at most 6 steps" in capsys.readouterr().out  # a time budget, train.steps the cap
     assert (tmp_path / "runs" / "demo-2" / "metrics.jsonl").is_file()
     assert main(args + ["--run-dir", str(run)]) == 2  # an explicit existing run directory is refused
     assert "already holds a run" in capsys.readouterr().err
@@ -58,3 +58,32 @@ def test_demo_budget_trades_batch_for_steps_on_a_slow_machine(monkeypatch):
     assert demo.fit_budget(None, cfg, 100) == (200, 8, 0.5)
     assert demo.fit_budget(None, cfg, 1000) == (600, 16, 1.0)  # fast enough: the config's batch, steps capped
     assert demo.fit_budget(None, cfg, 10)[1] == 4  # never below batch 4
+
+
+def test_pylike_scores_python_above_token_soup():
+    import random
+
+    from moelab.train import pylike
+
+    code = "def area(self, r):\n    if r is None:\n        return 0\n    return 3.14 * r * (r + 1)\n"
+    assert pylike.checks(code) == {"keywords": True, "indentation": True, "brackets": True}
+    assert pylike.score([code]) == 1.0
+    # the null a reader could mistake for learning: the same characters shuffled
+    rng = random.Random(0)
+    soup = ["".join(rng.sample(code, len(code))) for _ in range(20)]
+    assert pylike.score(soup) < 0.25
+    assert pylike.checks("x = f(a, [b)\ny = 1\n")["brackets"] is False  # crossed brackets
+    assert pylike.checks("s = 'open\nt = 2\n")["brackets"] is False  # a string left open
+    assert pylike.checks("if x:\nreturn y\n")["indentation"] is False  # a block with no indent
+    assert pylike.score([]) == 0.0
+
+
+def test_demo_threads_follow_the_free_cores(monkeypatch):
+    from moelab.train import demo
+
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(demo.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (0.1, 0.0, 0.0))
+    assert demo.pick_threads() == 2
+    monkeypatch.setattr(demo.os, "getloadavg", lambda: (2.4, 0.0, 0.0))
+    assert demo.pick_threads() == 1  # a busy machine: one thread, never zero

@@ -202,3 +202,30 @@ def test_compare_outputs_get_ordinary_modes(tmp_path):
         os.umask(old)
     for f in path.parent.iterdir():
         assert f.stat().st_mode & 0o777 == 0o644, f
+
+
+def test_budget_seconds_run_stops_on_time_with_its_schedule_finished(toy_data, tmp_path):
+    import json
+
+    from moelab.cli import main
+
+    cfg = write_yaml(
+        tmp_path / "c.yaml",
+        tiny_cfg(
+            toy_data,
+            train={"steps": 100_000, "budget_seconds": 1.0, "warmup_steps": 2, "lr": 1e-2, "min_lr": 1e-3},
+            checkpoint={"every": 0},
+            log={"every": 1},
+        ),
+    )
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["train", str(cfg), "--run-dir", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert "(train.budget_seconds spent:" in out.getvalue()
+    recs = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    last = recs[-1]
+    assert last["stopped"] == "budget_seconds" and 1.0 <= last["elapsed_s"] < 100_000
+    assert last["step"] < 100_000
+    # the schedule ends with the budget: the last step's LR is near min_lr, not the peak
+    lrs = [r["lr"] for r in recs if "lr" in r]
+    assert max(lrs) > 5e-3 and lrs[-1] < 2e-3

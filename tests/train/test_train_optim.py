@@ -102,3 +102,34 @@ def test_lr_schedule_values():
     assert {lr_at(s, const) for s in range(110)} == {1.0}
     values = [lr_at(s, t) for s in range(10, 110)]
     assert all(a >= b for a, b in zip(values, values[1:], strict=False))  # monotone decay after warmup
+
+
+def test_budget_seconds_schedule_runs_over_time_not_steps():
+    t = from_dict(
+        Config,
+        {"train": {"steps": 10_000, "lr": 1.0, "min_lr": 0.1, "warmup_steps": 10, "budget_seconds": 60.0}},
+    ).train
+    assert lr_at(5, t, elapsed_s=3.0) == pytest.approx(6 / 11)  # warmup still counts steps
+    assert lr_at(50, t, elapsed_s=30.0) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(50, t, elapsed_s=60.0) == pytest.approx(0.1)  # the budget is spent: min_lr, whatever the step
+    assert lr_at(9_000, t, elapsed_s=90.0) == pytest.approx(0.1)
+    lin = from_dict(
+        Config, {"train": {"lr": 1.0, "min_lr": 0.0, "warmup_steps": 0, "schedule": "linear", "budget_seconds": 8}}
+    ).train
+    assert lr_at(3, lin, elapsed_s=2.0) == pytest.approx(0.75)
+    # whichever ends first leads the schedule: train.steps on a fast machine
+    fast = from_dict(Config, {"train": {"steps": 110, "lr": 1.0, "min_lr": 0.1, "warmup_steps": 10}}).train
+    both = from_dict(
+        Config, {"train": {"steps": 110, "lr": 1.0, "min_lr": 0.1, "warmup_steps": 10, "budget_seconds": 1e6}}
+    ).train
+    assert [lr_at(s, both, elapsed_s=s * 1e-3) for s in range(110)] == pytest.approx(
+        [lr_at(s, fast) for s in range(110)]
+    )
+
+
+@pytest.mark.parametrize("bad", [0, -5])
+def test_budget_seconds_must_be_positive(bad):
+    from moelab.errors import UserError
+
+    with pytest.raises(UserError, match=r"train.budget_seconds: expected > 0 or null, got"):
+        from_dict(Config, {"train": {"budget_seconds": bad}})

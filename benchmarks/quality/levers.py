@@ -1,0 +1,85 @@
+"""The recipe levers of issue 19, item 2, at equal tokens on one corpus: each variant of the CPU recipe trains
+with `moelab bench quality --models moe` (same data, batch, schedule, seed), the dense twin once. Writes one
+JSON per variant under --out and prints final val bits/byte. Usage:
+
+    python benchmarks/quality/levers.py --out benchmarks/quality/levers --tokens 6e5 --seeds 0 [--only NAME ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from moelab.bench.quality_setup import load_recipe
+
+BASE = load_recipe("recipe-cpu")
+ACTIVE = 512  # every variant keeps top_k * expert_dim + shared = 512 (= the dense twin's ffn_dim)
+
+
+def variant(**moe) -> dict:
+    cfg = copy.deepcopy(BASE)
+    m = cfg["model"]["moe"]
+    m.update(num_shared_experts=0, shared_expert_dim=None)
+    m.update(moe)
+    return cfg
+
+
+VARIANTS = {
+    "e8k2-shared": variant(num_experts=8, top_k=2, expert_dim=128, num_shared_experts=1, shared_expert_dim=256),
+    "e8k2": variant(num_experts=8, top_k=2, expert_dim=256),
+    "e16k4": variant(num_experts=16, top_k=4, expert_dim=128),
+    "e32k8": variant(num_experts=32, top_k=8, expert_dim=64),
+    "e16k2-shared": variant(num_experts=16, top_k=2, expert_dim=128, num_shared_experts=1, shared_expert_dim=256),
+    "e16k4-auxfree": variant(
+        num_experts=16,
+        top_k=4,
+        expert_dim=128,
+        router="sigmoid",
+        router_bias=True,
+        bias_update_rate=1e-3,
+        load_balance_coef=0.0,
+    ),
+    "e16k4-noz": variant(num_experts=16, top_k=4, expert_dim=128, z_loss_coef=0.0),
+    "e16k4-capacity": variant(num_experts=16, top_k=4, expert_dim=128, capacity_factor=1.25),
+    "e16k4-alternate": variant(num_experts=16, top_k=4, expert_dim=128, layers=[1, 3]),
+}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--tokens", type=float, default=6e5)
+    p.add_argument("--seeds", nargs="+", default=["0"])
+    p.add_argument("--corpus", default="shakespeare")
+    p.add_argument("--only", nargs="+", choices=[*VARIANTS, "dense"])
+    p.add_argument("--work-dir", default="benchmarks/quality-work")
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name in args.only or [*VARIANTS, "dense"]:
+        recipe = args.out / f"{name}.yaml"
+        recipe.write_text(yaml.safe_dump(VARIANTS.get(name, VARIANTS["e16k4"])))
+        models = ["dense"] if name == "dense" else ["moe"]
+        cmd = [sys.executable, "-m", "moelab", "bench", "quality", "--recipe", str(recipe), "--models", *models]
+        cmd += ["--corpora", args.corpus, "--tokens", str(args.tokens), "--seeds", *args.seeds, "--threads", "1"]
+        cmd += [
+            "--work-dir",
+            args.work_dir,
+            "--json",
+            str(args.out / f"{name}.json"),
+            "--plot",
+            str(args.out / f"{name}.png"),
+        ]
+        subprocess.run(cmd, check=True)
+        runs = json.loads((args.out / f"{name}.json").read_text())["runs"]
+        print(name, [round(r["final_bpb"], 4) for r in runs], flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
