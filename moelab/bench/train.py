@@ -41,6 +41,12 @@ def add_arguments(p):
         help="preset names in configs/ or YAML paths (default tiny; e.g. tiny tiny-fine)",
     )
     p.add_argument("--compare", choices=["hf"], default=None, help="also train transformers' Mixtral of the same shape")
+    p.add_argument(
+        "--twin",
+        action="store_true",
+        help="also measure each MoE config's dense twin (every MoE FFN replaced by a SwiGLU of the active width: "
+        "equal active parameters) and report MoE / dense step time, wall clock and process CPU time",
+    )
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     p.add_argument("--steps", type=int, default=6, help="timed steps per round (default 6)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (default 2)")
@@ -61,6 +67,18 @@ def config_path(name: str) -> Path:
     from moelab.presets import preset_path
 
     return preset_path(name)
+
+
+def dense_twin(cfg):
+    """`cfg` with every MoE feed-forward replaced by a SwiGLU of the MoE's active width (top_k routed + shared
+    experts): equal active parameters and FLOPs per token, up to the router."""
+    import dataclasses
+
+    from moelab.bench.quality_setup import active_ffn_width
+    from moelab.config import load_config
+
+    moe = dataclasses.asdict(cfg.model.moe)
+    return load_config(cfg, [f"model.ffn_dim={active_ffn_width(moe)}", "model.moe.layers=none"])
 
 
 def run_worker(spec: dict) -> dict:
@@ -119,6 +137,8 @@ def run(args) -> int:
         )
         for name in args.config
     }
+    if args.twin:
+        cfgs.update({f"{Path(name).stem}-twin": dense_twin(cfg) for name, cfg in cfgs.items() if cfg.model.moe_layer_ids()})
     # every config's variants in each round (not config after config): a MoE and its dense twin then see
     # the same machine load, which is what their ratio needs on a shared machine
     all_runs: dict[str, dict[str, list[dict]]] = {name: {} for name in cfgs}
@@ -183,23 +203,28 @@ def _dense_twins(configs: dict, all_runs: dict) -> dict:
     dense per dtype, the ratio of medians and the median of per-round ratios (rounds ran side by side)."""
     out = {}
     for name in configs:
-        twin = f"{Path(name).stem}-dense"
-        if twin not in configs:
+        twin = next((t for t in (f"{Path(name).stem}-twin", f"{Path(name).stem}-dense") if t in configs), None)
+        if twin is None:
             continue
         for key, rs in all_runs[name].items():
             if key.startswith("moelab/") and key in all_runs[twin]:
                 moe = [r["tokens_per_s"] for r in rs]
                 dense = [r["tokens_per_s"] for r in all_runs[twin][key]]
                 per_round = [d / m for m, d in zip(moe, dense, strict=False)]
+                cpu_m = [r["cpu_step_s"] for r in rs]
+                cpu_d = [r["cpu_step_s"] for r in all_runs[twin][key]]
                 r = {
                     "step_time_ratio": statistics.median(dense) / statistics.median(moe),
                     "median_round_ratio": statistics.median(per_round),
                     "rounds": per_round,
+                    "cpu_time_ratio": statistics.median(cpu_m) / statistics.median(cpu_d),
+                    "cpu_rounds": [m / d for m, d in zip(cpu_m, cpu_d, strict=False)],
                 }
                 out[f"{name}/{key.split('/')[1]}"] = r
                 print(
-                    f"{name} vs {twin} ({key.split('/')[1]}): MoE step time / dense = {r['step_time_ratio']:.3f} "
-                    f"(median of per-round ratios {r['median_round_ratio']:.3f})"
+                    f"{name} vs {twin} ({key.split('/')[1]}): MoE / dense step time {r['step_time_ratio']:.3f} wall "
+                    f"(median of per-round ratios {r['median_round_ratio']:.3f}), {r['cpu_time_ratio']:.3f} process "
+                    "CPU time"
                 )
     return out
 

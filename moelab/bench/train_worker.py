@@ -189,14 +189,15 @@ def throughput(spec: dict) -> dict:
         step, impl = hf, f"transformers ({hf.implementation})"
     device = torch.device(cfg.train.device if cfg.train.device != "auto" else "cpu")
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    times = []
+    times, cpu_times = [], []
     for i in range(spec["warmup"] + spec["steps"]):
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         sync()
         if i >= spec["warmup"]:
             times.append(time.perf_counter() - t0)
+            cpu_times.append(time.process_time() - c0)
     med = statistics.median(times)
     tokens_per_step = b * s * cfg.train.grad_accum
     memory = (
@@ -208,6 +209,9 @@ def throughput(spec: dict) -> dict:
         "impl": impl,
         "step_s": med,
         "step_times": times,
+        # process CPU seconds per step: what other jobs on a shared machine do not inflate (at 1 thread, the
+        # fairest measure of work per step; with more threads it includes their spinning)
+        "cpu_step_s": statistics.median(cpu_times),
         "tokens_per_s": tokens_per_step / med,
         "peak_rss_bytes": memory,
         "threads": torch.get_num_threads(),

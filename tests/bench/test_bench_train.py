@@ -59,3 +59,23 @@ def test_bench_train_compares_with_transformers(tmp_path, capsys):
     assert "grouped_mm" in r["variants"]["hf/float32"]["impl"]  # which transformers expert path was timed
     assert r["ratios"]["float32"]["speed_moelab_over_hf"] > 0
     assert "moelab / transformers speed" in capsys.readouterr().out
+
+
+def test_bench_train_twin_measures_moe_over_dense_in_wall_and_cpu_time(tmp_path, capsys):
+    from moelab.bench.train import dense_twin
+    from moelab.config import load_config
+    from moelab.model.counting import count_params
+
+    cfg = tmp_path / "micro.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    twin = dense_twin(load_config(cfg))
+    assert twin.model.moe_layer_ids() == [] and twin.model.ffn_dim == 2 * 32  # top-2 x expert_dim 32
+    assert count_params(twin.model).active == pytest.approx(count_params(load_config(cfg).model).active, rel=0.02)
+    out = tmp_path / "train.json"
+    args = ["bench", "train", "--config", str(cfg), "--twin", "--dtypes", "float32", "--steps", "2"]
+    assert main([*args, "--warmup", "1", "--repeats", "2", "--threads", "1", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert set(res["configs"]) == {str(cfg), "micro-twin"}
+    r = res["moe_over_dense"][f"{cfg}/float32"]
+    assert len(r["rounds"]) == len(r["cpu_rounds"]) == 2 and r["cpu_time_ratio"] > 0 and r["step_time_ratio"] > 0
+    assert "process CPU time" in capsys.readouterr().out
