@@ -34,7 +34,7 @@ class TrainerFinetune:
     def own_state(self, state: dict) -> dict:
         """The part of a model state dict a checkpoint of this run holds. An empty state stays empty:
         that is what ranks other than 0 get from gathering a sharded model (only rank 0 writes)."""
-        if not self.adapter_only or not state:
+        if self.keys is None or not state:  # (not adapter_only)
             return state
         return {k: state[k].detach().contiguous() for k in self.keys}
 
