@@ -119,7 +119,8 @@ class _GroupedSwiGLU(torch.autograd.Function):
         u = torch._grouped_mm(x, gate_up[:, f:].transpose(1, 2), offs=offs)  # [N, F]
         t_in = t_out = mask = None
         if gu_a is not None:
-            t_in = torch._grouped_mm(lora_x, gu_a.transpose(1, 2), offs=offs) * scale  # [N, r]
+            lx = x if lora_x is None else lora_x
+            t_in = torch._grouped_mm(lx, gu_a.transpose(1, 2), offs=offs) * scale  # [N, r]
             g = g + torch._grouped_mm(t_in, gu_b[:, :f].transpose(1, 2), offs=offs)
             u = u + torch._grouped_mm(t_in, gu_b[:, f:].transpose(1, 2), offs=offs)
         a = F.silu(g) * u
@@ -169,8 +170,11 @@ class _GroupedSwiGLU(torch.autograd.Function):
         if gu_a is not None:
             d_gu_b = torch._grouped_mm(dh.t(), t_in, offs=offs) if need[7] else None  # [E, 2F, r]
             dt = torch._grouped_mm(dh, gu_b, offs=offs) * s  # [N, r]
-            d_gu_a = torch._grouped_mm(dt.t(), lx, offs=offs) if need[6] else None  # [E, r, D]
-            d_lx = torch._grouped_mm(dt, gu_a, offs=offs) if need[5] else None  # [N, D]
+            d_gu_a = torch._grouped_mm(dt.t(), x if lx is None else lx, offs=offs) if need[6] else None  # [E, r, D]
+            if lx is None and need[0]:  # no dropout: the adapters read x itself
+                dx = dx + torch._grouped_mm(dt, gu_a, offs=offs)
+            elif need[5]:
+                d_lx = torch._grouped_mm(dt, gu_a, offs=offs)  # [N, D]
         return dx, d_gate_up, d_down, None, dw, d_lx, d_gu_a, d_gu_b, d_dn_a, d_dn_b, None, None
 
 
@@ -192,8 +196,9 @@ def grouped_swiglu_mm(
     if row_adapter is not None:
         return _adapter_rows_swiglu(x_sorted, gate_up, down, offs, row_weights, lora, row_adapter)
     gu_a, gu_b, dn_a, dn_b = _rank_padded(lora, x_sorted.element_size())
-    lora_x = lora.drop(x_sorted)
     dropout = lora.dropout if torch.is_grad_enabled() else 0.0  # (as `ExpertLoRA.drop`)
+    # None without dropout: the Function then reads x (one tensor passed twice breaks torch.compile)
+    lora_x = lora.drop(x_sorted) if dropout else None
     return _GroupedSwiGLU.apply(
         x_sorted, gate_up, down, offs, row_weights, lora_x, gu_a, gu_b, dn_a, dn_b, lora.scale, dropout
     )

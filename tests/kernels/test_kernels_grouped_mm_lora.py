@@ -156,3 +156,21 @@ def test_lora_dropout_backward_matches_its_forward():
         torch.manual_seed(0)
         dropped = backend.moe(x, *base, ids, w, keep, lora=ExpertLoRA(*ab, scale=0.5, dropout=0.3))
     assert not torch.allclose(dropped, plain)  # dropout did act while training
+
+
+@pytest.mark.slow  # ~45 s of inductor compilation on the 2-core CI machine
+def test_compiled_layer_with_lora_has_no_graph_break_and_matches_eager():
+    """A tensor passed twice to the Function (x as the adapters' input without dropout) broke the graph."""
+    grads = []
+    for compile_ in (False, True):
+        layer = layer_with_lora("softmax_topk", None, "grouped_mm", rank=3)
+        layer.experts.gate_up.requires_grad_(False)
+        layer.experts.down.requires_grad_(False)
+        run = torch.compile(layer, fullgraph=True) if compile_ else layer  # fullgraph: a graph break is an error
+        x = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(2))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, _ = run(x)
+        y.float().sum().backward()
+        grads.append([y.detach().float()] + [p.grad.float() for p in layer.experts.lora.parameters()])
+    for a, b in zip(*grads, strict=True):
+        assert (a - b).norm() / b.norm() < 2e-2
