@@ -69,6 +69,7 @@ for s in $STEPS; do
     train-compile) step bench-train-compile 130 $PY -m moelab bench train --device "$DEVICE" "${TRAIN_COMPILE[@]}" \
                --json "$OUT/train_compile.json" ;;
     probe) [ "$DEVICE" = cpu ] || step grouped-mm-probe 40 $PY benchmarks/grouped_mm_probe.py ;;
+    lora) step lora-grouped-mm 60 $PY benchmarks/lora_grouped_mm.py --device "$DEVICE" --out "$OUT/lora_grouped_mm.json" ;;
     *) echo "unknown step $s" ;;
     esac
 done

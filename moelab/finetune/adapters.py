@@ -32,14 +32,20 @@ class TrainerFinetune:
         return self.keys is not None
 
     def own_state(self, state: dict) -> dict:
-        """The part of a model state dict a checkpoint of this run holds."""
-        return {k: state[k].detach().contiguous() for k in self.keys} if self.adapter_only else state
+        """The part of a model state dict a checkpoint of this run holds. An empty state stays empty:
+        that is what ranks other than 0 get from gathering a sharded model (only rank 0 writes)."""
+        if self.keys is None or not state:  # (not adapter_only)
+            return state
+        return {k: state[k].detach().contiguous() for k in self.keys}
 
     def load(self, model: torch.nn.Module, weights: dict) -> bool:
-        """Load adapter-only weights (True), or leave full weights to the trainer (False)."""
+        """Load adapter-only weights (True), or leave full weights to the trainer (False). Sharded models
+        (expert parallel, FSDP) take the full adapter tensors and keep their own shards."""
         if not self.adapter_only:
             return False
-        model.load_state_dict(weights, strict=False)  # keys were checked by the trainer against own_state
+        from moelab.parallel.state import load_full_model_state
+
+        load_full_model_state(model, weights, strict=False)  # keys were checked by the trainer against own_state
         return True
 
 

@@ -96,66 +96,86 @@ class _SumRows(torch.autograd.Function):
         return g.index_select(0, tok), None, None
 
 
-class _WeightedSwiGLU(torch.autograd.Function):
-    """a = silu(g) * u * w for h = [g | u] [N, 2F], w [N]. Saves h and w only; backward recomputes
-    silu(g), cheaper than keeping the [N, F] intermediates."""
-
-    @staticmethod
-    def forward(ctx, h, w):
-        ctx.save_for_backward(h, w)
-        f = h.shape[-1] // 2
-        return F.silu(h[:, :f]) * h[:, f:] * w.to(h.dtype)[:, None]
-
-    @staticmethod
-    def backward(ctx, da):
-        h, w = ctx.saved_tensors
-        f = h.shape[-1] // 2
-        g, u = h[:, :f], h[:, f:]
-        act = F.silu(g) * u
-        dw = (act * da).sum(-1, dtype=torch.float32).to(w.dtype)
-        da = da * w.to(da.dtype)[:, None]
-        dh = torch.cat([torch.ops.aten.silu_backward(da * u, g), da * F.silu(g)], dim=-1)  # (no out=: compile)
-        return dh, dw
-
-
 class _GroupedSwiGLU(torch.autograd.Function):
-    """The experts' SwiGLU over sorted rows, forward and backward written out (the shape of
-    `cpu_buckets._GroupedSwiGLU`, with grouped matmuls instead of buckets).
+    """The experts' SwiGLU over sorted rows, with optional LoRA deltas, forward and backward written out
+    (the shape of `cpu_buckets._GroupedSwiGLU`, with grouped matmuls instead of buckets).
 
     Why by hand: gate and up come from two grouped matmuls over the halves of `gate_up` (views, no
     copy), so g, u and every elementwise step on them are contiguous -- one [N, 2F] product sliced in
     two made each silu/mul a strided, unvectorised kernel, which cost more than a third of the layer on
     an H200 (profiled: 1.8 ms of 7.2 at E=8). Saved: x, g, u and the row weights; silu(g) and the
-    activations are recomputed in backward, cheaper than keeping them."""
+    activations are recomputed in backward, cheaper than keeping them.
+
+    LoRA (`kernels/lora.py`) adds grouped matmuls over the same offsets and nothing strided: the gate
+    and up deltas share t = s * x A_gu^T [N, r] and use the halves of B_gu, like the base weights; the
+    down delta reads the (row-weighted) activations. Saved besides: the two [N, r] products and the
+    dropout mask of the activations. Gradients are computed only for inputs that need them: a LoRA or
+    router-only run never pays for the weight-sized base gradients."""
 
     @staticmethod
-    def forward(ctx, x, gate_up, down, offs, row_weights):
+    def forward(ctx, x, gate_up, down, offs, row_weights, lora_x, gu_a, gu_b, dn_a, dn_b, scale, dropout):
         f = down.shape[-1]
         g = torch._grouped_mm(x, gate_up[:, :f].transpose(1, 2), offs=offs)  # [N, F]
         u = torch._grouped_mm(x, gate_up[:, f:].transpose(1, 2), offs=offs)  # [N, F]
+        t_in = t_out = mask = None
+        if gu_a is not None:
+            lx = x if lora_x is None else lora_x
+            t_in = torch._grouped_mm(lx, gu_a.transpose(1, 2), offs=offs) * scale  # [N, r]
+            g = g + torch._grouped_mm(t_in, gu_b[:, :f].transpose(1, 2), offs=offs)
+            u = u + torch._grouped_mm(t_in, gu_b[:, f:].transpose(1, 2), offs=offs)
         a = F.silu(g) * u
         if row_weights is not None:
             a = a * row_weights.to(a.dtype)[:, None]
-        ctx.save_for_backward(x, gate_up, down, offs, g, u, row_weights)
-        return torch._grouped_mm(a, down.transpose(1, 2), offs=offs)  # [N, D]
+        y = torch._grouped_mm(a, down.transpose(1, 2), offs=offs)  # [N, D]
+        if dn_a is not None:
+            la = a
+            if dropout:
+                mask = torch.empty_like(a).bernoulli_(1.0 - dropout).div_(1.0 - dropout)
+                la = a * mask
+            t_out = torch._grouped_mm(la, dn_a.transpose(1, 2), offs=offs) * scale  # [N, r]
+            # linear in a, so the row weight already inside a scales the delta too
+            y = y + torch._grouped_mm(t_out, dn_b.transpose(1, 2), offs=offs)
+        ctx.save_for_backward(
+            x, gate_up, down, offs, g, u, row_weights, lora_x, gu_a, gu_b, dn_a, dn_b, t_in, t_out, mask
+        )
+        ctx.scale = scale
+        return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, gate_up, down, offs, g, u, w = ctx.saved_tensors
+        x, gate_up, down, offs, g, u, w, lx, gu_a, gu_b, dn_a, dn_b, t_in, t_out, mask = ctx.saved_tensors
+        need, s = ctx.needs_input_grad, ctx.scale
         dy = dy.contiguous()
         sg = F.silu(g)
         act = sg * u
         a = act if w is None else act * w.to(act.dtype)[:, None]
         da = torch._grouped_mm(dy, down, offs=offs)  # [N, F]
-        d_down = torch._grouped_mm(dy.t(), a, offs=offs)  # [E, D, F]
+        d_down = torch._grouped_mm(dy.t(), a, offs=offs) if need[2] else None  # [E, D, F]
+        d_dn_a = d_dn_b = None
+        if dn_a is not None:
+            d_dn_b = torch._grouped_mm(dy.t(), t_out, offs=offs) if need[9] else None  # [E, D, r]
+            dt = torch._grouped_mm(dy, dn_b, offs=offs) * s  # [N, r]
+            if need[8]:
+                d_dn_a = torch._grouped_mm(dt.t(), a if mask is None else a * mask, offs=offs)  # [E, r, F]
+            d_la = torch._grouped_mm(dt, dn_a, offs=offs)  # [N, F]
+            da = da + (d_la if mask is None else d_la * mask)
         dw = None
         if w is not None:
             dw = (act * da).sum(-1, dtype=torch.float32).to(w.dtype)
             da = da * w.to(da.dtype)[:, None]
         dh = torch.cat([torch.ops.aten.silu_backward(da * u, g), da * sg], dim=-1)  # [N, 2F]: d gate | d up
-        dx = torch._grouped_mm(dh, gate_up, offs=offs)  # [N, D]
-        d_gate_up = torch._grouped_mm(dh.t(), x, offs=offs)  # [E, 2F, D]
-        return dx, d_gate_up, d_down, None, dw
+        dx = torch._grouped_mm(dh, gate_up, offs=offs) if need[0] else None  # [N, D]
+        d_gate_up = torch._grouped_mm(dh.t(), x, offs=offs) if need[1] else None  # [E, 2F, D]
+        d_lx = d_gu_a = d_gu_b = None
+        if gu_a is not None:
+            d_gu_b = torch._grouped_mm(dh.t(), t_in, offs=offs) if need[7] else None  # [E, 2F, r]
+            dt = torch._grouped_mm(dh, gu_b, offs=offs) * s  # [N, r]
+            d_gu_a = torch._grouped_mm(dt.t(), x if lx is None else lx, offs=offs) if need[6] else None  # [E, r, D]
+            if lx is None and need[0]:  # no dropout: the adapters read x itself
+                dx = dx + torch._grouped_mm(dt, gu_a, offs=offs)
+            elif need[5]:
+                d_lx = torch._grouped_mm(dt, gu_a, offs=offs)  # [N, D]
+        return dx, d_gate_up, d_down, None, dw, d_lx, d_gu_a, d_gu_b, d_dn_a, d_dn_b, None, None
 
 
 def grouped_swiglu_mm(
@@ -169,37 +189,54 @@ def grouped_swiglu_mm(
 ) -> torch.Tensor:
     """Each expert's SwiGLU on its group of rows (groups end at `offs`), optionally scaling each row by
     `row_weights` [N] between the matmuls. Weights [E, 2F, D] / [E, D, F] are used transposed in place.
-    `lora`: low-rank expert deltas as two more grouped matmuls over the same groups (`kernels/lora.py`);
+    `lora`: low-rank expert deltas as more grouped matmuls over the same groups (`kernels/lora.py`);
     `row_adapter` [N] when serving several adapters (then rows gather their own A and B)."""
     if lora is None:
-        return _GroupedSwiGLU.apply(x_sorted, gate_up, down, offs, row_weights)
-    h = torch._grouped_mm(x_sorted, gate_up.transpose(1, 2), offs=offs)  # [N, 2F]
-    h = h + _lora_delta(x_sorted, lora.gu_a, lora.gu_b, lora, offs, row_adapter)
-    if row_weights is None:
-        f = h.shape[-1] // 2
-        a = F.silu(h[:, :f]) * h[:, f:]
-    else:
-        a = _WeightedSwiGLU.apply(h, row_weights)
-    y = torch._grouped_mm(a, down.transpose(1, 2), offs=offs)  # [N, D]
-    # linear in a, so the row weight already inside a scales the delta too
-    return y + _lora_delta(a, lora.dn_a, lora.dn_b, lora, offs, row_adapter)
-
-
-def _lora_delta(
-    x: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    lora: ExpertLoRA,
-    offs: torch.Tensor,
-    row_adapter: torch.Tensor | None,
-) -> torch.Tensor:
-    """s * (x A_e^T) B_e^T per group e: two grouped matmuls with the base's offsets (no host read)."""
+        return _GroupedSwiGLU.apply(x_sorted, gate_up, down, offs, row_weights, None, None, None, None, None, 1.0, 0.0)
     if row_adapter is not None:
-        rows = torch.arange(x.shape[0], device=x.device)
-        expert = torch.searchsorted(offs, rows.to(offs.dtype), right=True).clamp_(max=a.shape[1] - 1)
-        return delta_rows(x, a, b, lora, expert, row_adapter)
-    t = torch._grouped_mm(lora.drop(x), a.transpose(1, 2), offs=offs)  # [N, r]
-    return torch._grouped_mm(t, b.transpose(1, 2), offs=offs) * lora.scale
+        return _adapter_rows_swiglu(x_sorted, gate_up, down, offs, row_weights, lora, row_adapter)
+    gu_a, gu_b, dn_a, dn_b = _rank_padded(lora, x_sorted.element_size())
+    dropout = lora.dropout if torch.is_grad_enabled() else 0.0  # (as `ExpertLoRA.drop`)
+    # None without dropout: the Function then reads x (one tensor passed twice breaks torch.compile)
+    lora_x = lora.drop(x_sorted) if dropout else None
+    return _GroupedSwiGLU.apply(
+        x_sorted, gate_up, down, offs, row_weights, lora_x, gu_a, gu_b, dn_a, dn_b, lora.scale, dropout
+    )
+
+
+def _rank_padded(lora: ExpertLoRA, element_size: int) -> tuple[torch.Tensor, ...]:
+    """A and B with the rank padded by zeros to a multiple of 16 bytes, on the device: torch._grouped_mm
+    needs 16-byte strides, and the [N, r] products and transposed B halves have rank-long rows (r < 4 in
+    fp32 or r < 8 in bf16 failed with "strides should be multiple of 16 bytes"). Zero rows of A give
+    zero columns of x A^T, which meet zero columns of B: no result changes, and the padding's
+    gradients are cut off by the pad's own backward."""
+    r = lora.gu_a.shape[-2]
+    per = max(1, 16 // element_size)
+    pad = -r % per
+    if not pad:
+        return lora.gu_a, lora.gu_b, lora.dn_a, lora.dn_b
+    return (
+        F.pad(lora.gu_a, (0, 0, 0, pad)),
+        F.pad(lora.gu_b, (0, pad)),
+        F.pad(lora.dn_a, (0, 0, 0, pad)),
+        F.pad(lora.dn_b, (0, pad)),
+    )
+
+
+def _adapter_rows_swiglu(x, gate_up, down, offs, row_weights, lora: ExpertLoRA, row_adapter) -> torch.Tensor:
+    """Several adapters in one batch (serving; no hand-written backward): the base as two grouped
+    matmuls, each row's own (adapter, expert) A and B gathered (`delta_rows`)."""
+    f = down.shape[-1]
+    rows = torch.arange(x.shape[0], device=x.device)
+    expert = torch.searchsorted(offs, rows.to(offs.dtype), right=True).clamp_(max=gate_up.shape[0] - 1)
+    d = delta_rows(x, lora.gu_a, lora.gu_b, lora, expert, row_adapter)  # [N, 2F]
+    g = torch._grouped_mm(x, gate_up[:, :f].transpose(1, 2), offs=offs) + d[:, :f]
+    u = torch._grouped_mm(x, gate_up[:, f:].transpose(1, 2), offs=offs) + d[:, f:]
+    a = F.silu(g) * u
+    if row_weights is not None:
+        a = a * row_weights.to(a.dtype)[:, None]
+    y = torch._grouped_mm(a, down.transpose(1, 2), offs=offs)
+    return y + delta_rows(a, lora.dn_a, lora.dn_b, lora, expert, row_adapter)
 
 
 def aligned_for_grouped_mm(d_model: int, expert_dim: int) -> bool:

@@ -164,6 +164,7 @@ class MoELayer(nn.Module):
                 with torch.no_grad():
                     own = self.router.select(x, r.logits.detach())
                     natural = encode_ids(own.topk_ids, own.keep)
+        dropless = keep is None  # every real token keeps its K experts (padding aside)
         if tmask is not None:  # padding tokens take no expert slot
             real = tmask.bool()[:, None].expand_as(r.topk_ids)
             keep = real if keep is None else keep & real
@@ -178,10 +179,10 @@ class MoELayer(nn.Module):
             if self.shared_gate is not None:
                 s = torch.sigmoid(self.shared_gate(x).float()) * s
             y = y + s
-        stats = self._stats(r, keep, tmask) if self.record_stats else None
+        stats = self._stats(r, keep, tmask, dropless) if self.record_stats else None
         return y.to(x.dtype).view(shape), stats
 
-    def _stats(self, r: Routing, keep, tmask) -> RoutingStats:
+    def _stats(self, r: Routing, keep, tmask, dropless: bool = False) -> RoutingStats:
         with torch.no_grad():
             routed = expert_counts(r.topk_ids, self.cfg.num_experts, r.keep, tmask)
             kept = expert_counts(r.topk_ids, self.cfg.num_experts, keep, tmask) if keep is not None else routed
@@ -200,7 +201,7 @@ class MoELayer(nn.Module):
                 topk_ids=r.topk_ids.detach(),
                 keep=keep,
                 aux_losses=aux,
-                experts_per_token=experts_per_token_hist(r.topk_ids, keep, tmask),
+                experts_per_token=experts_per_token_hist(r.topk_ids, None if dropless else keep, tmask),
             )
 
 
@@ -208,7 +209,12 @@ def experts_per_token_hist(topk_ids: torch.Tensor, keep: torch.Tensor | None, tm
     """[K + 1] fp32: how many real tokens used 0, 1, ..., K kept experts (adaptive routers, null experts
     and capacity drops make it vary; fixed top-k without drops is all at K)."""
     t, k = topk_ids.shape
-    n = keep.sum(-1) if keep is not None else torch.full((t,), k, device=topk_ids.device)
+    if keep is None:  # fixed top-k, nothing dropped: every real token at K, no [T, K + 1] comparison needed
+        real = (
+            torch.full((1,), float(t), device=topk_ids.device) if tmask is None else tmask.reshape(1, -1).float().sum(1)
+        )
+        return torch.cat([real.new_zeros(k), real])
+    n = keep.sum(-1)
     w = torch.ones(t, device=topk_ids.device) if tmask is None else tmask.reshape(-1).float()
     # a [T, K + 1] comparison summed, not a scatter into K + 1 bins: deterministic, and inductor's CPU
     # code generator failed on that tiny atomic scatter inside a compiled layer

@@ -11,15 +11,21 @@ only the expert computation travels. Steps (torchtitan's all-to-all dispatcher):
 3. `all_to_all_single` with uneven splits sends the rows; they arrive source-major and are permuted
    to expert-major for the grouped kernel;
 4. the received rows run through the layer's expert backend (`sorted_experts`: grouped_mm on a GPU,
-   the bucketed CPU kernel on a CPU);
+   the bucketed CPU kernel on a CPU), with the layer's LoRA deltas when it has them;
 5. outputs are permuted back and returned by the reverse all-to-all, so the routing weights are
    applied and summed on the sender.
 Gradients take the same path backwards (`_AllToAll.backward` swaps the splits).
+
+LoRA on the experts (`ExpertFFN.lora`, per-expert A [E, r, D] / B [E, F, r]) is sharded on dim 0 like
+the base weights, so each rank runs its own experts' adapters on the rows it receives. Every expert
+parameter keeps the `requires_grad` the fine-tuning mode gave it: a frozen base stays frozen.
 
 Legend: E global experts, L local experts, P ep ranks, N rows sent, M rows received, D width.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.distributed as dist
@@ -78,8 +84,14 @@ class ExpertParallelFFN(nn.Module):
         self.group = ep_mesh.get_group()
         self.backend = experts.backend
         # Every rank built the same full experts from the same seed; each keeps its block of E / ep.
-        self.gate_up = nn.Parameter(distribute_tensor(experts.gate_up.detach(), ep_mesh, [Shard(0)]))
-        self.down = nn.Parameter(distribute_tensor(experts.down.detach(), ep_mesh, [Shard(0)]))
+        self.gate_up = _shard(experts.gate_up, ep_mesh)
+        self.down = _shard(experts.down, ep_mesh)
+        self.lora = experts.lora  # same module, same parameter names (checkpoints and adapter keys unchanged)
+        if self.lora is not None:
+            if self.lora.gu_a.ndim != 3:
+                raise ValueError("stacked (multi-adapter serving) expert LoRA does not run under expert parallelism")
+            for name, p in list(self.lora.named_parameters(recurse=False)):
+                setattr(self.lora, name, _shard(p, ep_mesh))
 
     @staticmethod
     def _local(p: torch.Tensor) -> torch.Tensor:
@@ -89,10 +101,20 @@ class ExpertParallelFFN(nn.Module):
         self, x: torch.Tensor, topk_ids: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor | None = None
     ) -> torch.Tensor:
         plan = plan_dispatch(topk_ids, keep, self.num_experts)
-        y_sorted = self._exchange_and_run(dispatch(x.to(compute_dtype(x)), plan), plan.counts)
+        lora = None
+        if self.lora is not None:  # this rank's experts' deltas, as local tensors for the backend
+            d = self.lora.deltas(x)
+            lora = dataclasses.replace(
+                d,
+                gu_a=self._local(d.gu_a),
+                gu_b=self._local(d.gu_b),
+                dn_a=self._local(d.dn_a),
+                dn_b=self._local(d.dn_b),
+            )
+        y_sorted = self._exchange_and_run(dispatch(x.to(compute_dtype(x)), plan), plan.counts, lora)
         return combine(y_sorted, weights, plan)
 
-    def _exchange_and_run(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def _exchange_and_run(self, x_sorted: torch.Tensor, counts: list[int], lora=None) -> torch.Tensor:
         p, l = self.ep, self.num_experts // self.ep
         send = torch.tensor(counts, dtype=torch.int64, device=x_sorted.device).view(p, l)  # [P, L]
         recv = torch.empty_like(send)
@@ -101,11 +123,16 @@ class ExpertParallelFFN(nn.Module):
         x_recv = all_to_all(x_sorted, out_splits, in_splits, self.group)  # [M, D] source-major
         order = source_to_expert_order(recv)
         y = self.backend.sorted_experts(
-            x_recv[order], self._local(self.gate_up), self._local(self.down), recv.sum(0)
+            x_recv[order], self._local(self.gate_up), self._local(self.down), recv.sum(0), lora=lora
         )  # [M, D] expert-major
         back = torch.empty_like(order)
         back[order] = torch.arange(order.numel(), device=order.device)
         return all_to_all(y[back], in_splits, out_splits, self.group)  # [N, D] in the sender's order
+
+
+def _shard(p: torch.Tensor, ep_mesh) -> nn.Parameter:
+    """p's block of E / ep experts (dim 0) on this rank, trainable only if p was."""
+    return nn.Parameter(distribute_tensor(p.detach(), ep_mesh, [Shard(0)]), requires_grad=p.requires_grad)
 
 
 def shard_experts(model: nn.Module, ep_mesh) -> int:

@@ -64,18 +64,19 @@ def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous() for k, v in state.items()}
 
 
-def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+def load_full_model_state(model: nn.Module, state: dict[str, torch.Tensor], strict: bool = True) -> None:
     """Load a full state dict (as `full_model_state` returns it) into a plain or sharded model; every
-    rank passes the full tensors (read from the same file) and keeps its own shard."""
+    rank passes the full tensors (read from the same file) and keeps its own shard. strict=False loads
+    a part (a LoRA run's adapters) and leaves the rest as it is."""
     state = dict(state)
     if _tied(model) and "lm_head.weight" not in state and "embed.weight" in state:
         state["lm_head.weight"] = state["embed.weight"]
     if not is_sharded(model):
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=strict)
         return
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    set_model_state_dict(model, state, options=_options(strict=True))
+    set_model_state_dict(model, state, options=_options(strict=strict))
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:

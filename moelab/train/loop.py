@@ -157,11 +157,6 @@ class Trainer:
         from moelab.finetune.adapters import setup_trainer
 
         self.finetune = setup_trainer(self, init_from)  # freezes / adds LoRA per `finetune:` (docs/finetune.md)
-        if self.par.ep > 1 and cfg.finetune.is_lora and "experts" in cfg.finetune.lora.targets:
-            raise UserError(
-                "finetune.lora.targets: LoRA on routed experts does not run under expert parallelism "
-                "(parallel.ep > 1) yet; drop 'experts' from the targets or train with ep=1"
-            )
         if cfg.train.activation_checkpointing:
             enable_activation_checkpointing(self.model)
         self.model = parallelize(self.model, self.par)  # FSDP2 + expert parallel under torchrun, else a no-op

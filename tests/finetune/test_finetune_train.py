@@ -134,20 +134,3 @@ def test_merge_cli_and_help(toy_data, base_run, tmp_path, capsys):
     assert (tmp_path / "m" / "COMPLETE").is_file()
     assert main(["merge", str(base_run), str(tmp_path / "m2")]) == 2
     assert "not a LoRA run" in capsys.readouterr().err
-
-
-def test_expert_lora_under_expert_parallelism_is_refused_not_dropped(toy_data, base_run, tmp_path, monkeypatch):
-    """Expert parallelism swaps the experts module, which would silently drop their adapters."""
-    import dataclasses
-    import importlib
-
-    loop = importlib.import_module("moelab.train.loop")  # (moelab.train the name is the train function)
-
-    real = loop.init_parallel
-
-    def pretend_ep2(*args, **kwargs):
-        return dataclasses.replace(real(*args, **kwargs), ep=2)
-
-    monkeypatch.setattr(loop, "init_parallel", pretend_ep2)
-    with pytest.raises(UserError, match="LoRA on routed experts does not run under expert parallelism"):
-        Trainer(ft_cfg(toy_data, "lora"), tmp_path / "run", init_from=base_run, progress=False)

@@ -12,7 +12,7 @@ from moelab.config import ModelConfig, MoEConfig
 from moelab.model import Transformer
 from moelab.model.counting import count_params, flops_per_token
 from moelab.model.dynamic_losses import expert_diversity, expert_output_similarity, group_balance, task_balance
-from moelab.model.moe import experts_per_token_hist
+from moelab.model.moe import MoELayer, experts_per_token_hist
 from moelab.train.telemetry import k_fields, mean_experts_per_token
 from tests.model.test_model_moe import D, make_layer, run
 
@@ -237,3 +237,31 @@ def test_info_mean_k(tmp_path, capsys):
     assert at["active_k"] == 1.5 and at["flops_per_token"]["train"] < full["flops_per_token"]["train"]
     assert main(["info", cfg, "--mean-k", "9"]) == 2
     assert "--mean-k: expected 0 <= K <= moe.top_k=2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("router", ["softmax_topk", "sigmoid", "expert_choice", "top_p"])
+@pytest.mark.parametrize("capacity", [None, 0.5])
+@pytest.mark.parametrize("masked", [False, True])
+def test_experts_per_token_shortcut_equals_the_count(router, capacity, masked):
+    """Fixed top-k without drops skips the per-token count (every real token at K); with or without the
+    shortcut, the histogram is the count of kept experts per real token."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(
+        num_experts=8,
+        top_k=2,
+        expert_dim=8,
+        router=router,
+        capacity_factor=1.0 if router == "expert_choice" else capacity,
+    )
+    layer = MoELayer(16, cfg)
+    x = torch.randn(3, 7, 16)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    if masked:
+        mask[0, :3] = 0
+    _, stats = layer(x, mask if masked else None)
+    keep = stats.keep if stats.keep is not None else torch.ones_like(stats.topk_ids, dtype=torch.bool)
+    real = mask.reshape(-1).bool()
+    want = torch.bincount(keep.sum(-1)[real], minlength=keep.shape[1] + 1).float()  # (expert choice: K = E)
+    assert torch.equal(stats.experts_per_token, want)
+    if router == "softmax_topk" and capacity is None:
+        assert stats.experts_per_token[:2].sum() == 0  # the shortcut's case: all at K

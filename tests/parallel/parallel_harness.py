@@ -41,10 +41,11 @@ TINY = {
 }
 
 
-def tiny_config(parallel: dict | None = None, **model_overrides) -> Config:
+def tiny_config(parallel: dict | None = None, finetune: dict | None = None, **model_overrides) -> Config:
     data = json.loads(json.dumps(TINY))
     data["model"].update(model_overrides)
     data["parallel"] = parallel or {}
+    data["finetune"] = finetune or {}
     return from_dict(Config, data)
 
 
@@ -67,28 +68,42 @@ def make_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer
     return build_optimizer(model, cfg.train)
 
 
-def train(cfg: Config, steps: range) -> dict[str, list[float]]:
+def train(cfg: Config, steps: range) -> dict[str, list]:
     """Train `steps` of the global batch sequence; return the global-batch loss and the gradient norm
-    of each step (Adam hides a wrongly scaled gradient from the losses; the norm does not)."""
+    of each step (Adam hides a wrongly scaled gradient from the losses; the norm does not), and which
+    parameters trained (`finetune:` freezes or adds LoRA before sharding, as the trainer does)."""
+    from moelab.finetune.lora import apply_finetune
     from moelab.model import Transformer
     from moelab.parallel import clip_grad_norm_, init_parallel, parallelize
 
     ctx = init_parallel(cfg.parallel, cfg.model)
     torch.manual_seed(0)
-    model = parallelize(Transformer(cfg.model), ctx)
+    model = Transformer(cfg.model)
+    if cfg.finetune.mode != "all":
+        apply_finetune(model, cfg.finetune)
+    model = parallelize(model, ctx)
     opt = make_optimizer(model, cfg)
-    losses, norms = [], []
+    losses, norms, frozen_with_grad = [], [], []
     for step in steps:
         x, y = global_batch(cfg, step)
         rows = ctx.local_batch(cfg.train.batch_size)
         out = model(x[rows], y[rows])
         out.loss.backward()
+        # a frozen parameter gets no gradient (and so no optimizer state)
+        frozen_with_grad += [n for n, p in model.named_parameters() if not p.requires_grad and p.grad is not None]
         norms.append(float(clip_grad_norm_(model.parameters(), cfg.train.grad_clip)))
         opt.step()
         opt.zero_grad(set_to_none=True)
         losses.append(ctx.mean(out.loss.detach()))
     ctx.close()
-    return {"loss": losses, "grad_norm": norms}
+    optimized = {id(p) for g in opt.param_groups for p in g["params"]}
+    return {
+        "loss": losses,
+        "grad_norm": norms,
+        "trainable": sorted(n for n, p in model.named_parameters() if p.requires_grad),
+        "optimized": sorted(n for n, p in model.named_parameters() if id(p) in optimized),
+        "frozen_with_grad": frozen_with_grad,
+    }
 
 
 def free_port() -> int:

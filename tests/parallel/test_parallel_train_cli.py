@@ -130,6 +130,31 @@ def test_one_process_checkpoint_resumes_under_torchrun_dp2(config, single, tmp_p
     assert_same_losses(losses(run), losses(single))
 
 
+LORA = ["--set", "finetune.mode=lora", "--set", "finetune.lora.rank=3", "--set", "finetune.lora.targets=[attn,experts]"]
+
+
+def test_torchrun_ep2_lora_finetune_matches_one_process_and_resumes(config, single, tmp_path):
+    """LoRA on the routed experts under expert parallelism: the adapters shard with their experts; the
+    adapter-only checkpoints are written by rank 0 and loaded by every rank."""
+    from safetensors import safe_open
+
+    one = tmp_path / "one"
+    assert main(["train", str(config), "--run-dir", str(one), "--init-from", str(single), *LORA, "--no-progress"]) == 0
+    run = tmp_path / "ep2"
+    args = ["train", str(config), "--run-dir", str(run), "--init-from", str(single), *LORA, "--no-progress"]
+    res = torchrun(2, *args, "--set", "parallel.ep=2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_losses(losses(run), losses(one))
+    with safe_open(str(run / "checkpoints" / "step_0000003" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert keys and all(".lora" in k for k in keys)  # adapters only
+        assert f.get_slice("layers.0.ffn.experts.lora.gu_a").get_shape() == [4, 3, 32]  # full, unsharded
+    rewind_to_step_3(run)
+    res = torchrun(2, "train", "--resume", "--run-dir", str(run), "--set", "parallel.ep=2", "--no-progress")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert_same_losses(losses(run), losses(one))
+
+
 def test_world_size_that_does_not_match_the_mesh_fails_before_training(config, tmp_path):
     res = torchrun(2, "train", str(config), "--run-dir", str(tmp_path / "bad"), "--set", "parallel.dp=3")
     assert res.returncode != 0
