@@ -45,6 +45,11 @@ VARIANTS = {
         bias_update_rate=1e-3,
         load_balance_coef=0.0,
     ),
+    "e32k8-auxfree": variant(
+        num_experts=32, top_k=8, expert_dim=64, router="sigmoid", router_bias=True, bias_update_rate=1e-3,
+        load_balance_coef=0.0,
+    ),
+    "e32k8-lb03": variant(num_experts=32, top_k=8, expert_dim=64, load_balance_coef=0.03),
     "e16k4-noz": variant(num_experts=16, top_k=4, expert_dim=128, z_loss_coef=0.0),
     "e16k4-capacity": variant(num_experts=16, top_k=4, expert_dim=128, capacity_factor=1.25),
     "e16k4-alternate": variant(num_experts=16, top_k=4, expert_dim=128, layers=[1, 3]),
