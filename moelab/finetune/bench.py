@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import statistics
 import tempfile
 import time
@@ -32,6 +33,7 @@ def add_arguments(p) -> None:
     p.add_argument("--held-out", type=int, default=150, help="held-out test questions, a third per family")
     p.add_argument("--val", type=int, default=60, help="validation questions (choose router-only's lr)")
     p.add_argument("--train-items", type=int, default=90, help="fine-tune train questions")
+    p.add_argument("--known-train", type=int, default=None, help="train items the base's prose states (default all)")
     p.add_argument("--repeats", type=int, default=8, help="times each seen item is stated in the prose")
     p.add_argument(
         "--chat-in-base", type=int, default=10, help="train items per family also in the base's stream as chats"
@@ -137,7 +139,7 @@ def run_seed(seed: int, args, root: Path) -> dict:
     from moelab.train.data_source import InMemorySource
 
     root.mkdir(parents=True)
-    task = make_task(seed, args.held_out, args.val, args.train_items)
+    task = make_task(seed, args.held_out, args.val, args.train_items, args.known_train)
     tmpl = ChatTemplate()
     tok = ByteTokenizer([EOD, *tmpl.specials])
     enc = ChatEncoder(tok, tmpl)
@@ -249,9 +251,13 @@ def run(args) -> int:
     root = Path(tempfile.mkdtemp(prefix="moelab-bench-ft-"))
     t0 = time.perf_counter()
     per_seed = []
-    for seed in seeds:
-        per_seed.append(run_seed(seed, args, root / f"seed{seed}"))
-        print(f"seed {seed}: " + ", ".join(f"{v} {per_seed[-1][v]['test_em']['all']:.1%}" for v in ("base", *VARIANTS)))
+    try:
+        for seed in seeds:
+            per_seed.append(run_seed(seed, args, root / f"seed{seed}"))
+            em = per_seed[-1]
+            print(f"seed {seed}: " + ", ".join(f"{v} {em[v]['test_em']['all']:.1%}" for v in ("base", *VARIANTS)))
+    finally:  # runs and checkpoints of every fine-tune: ~10 MB each
+        shutil.rmtree(root, ignore_errors=True)
     summary = summarize(per_seed)
     settings = {
         k: getattr(args, k)
@@ -261,6 +267,7 @@ def run(args) -> int:
             "held_out",
             "val",
             "train_items",
+            "known_train",
             "repeats",
             "chat_in_base",
             "full_lrs",

@@ -71,22 +71,26 @@ class Task:
     test: list[Item]
     val: list[Item]
     train: list[Item]
-    seen: list[Item]  # the items the pre-training stream states (all of them)
+    seen: list[Item]  # the items the pre-training stream states
 
 
-def make_task(seed: int, n_test: int, n_val: int, n_train: int) -> Task:
-    """Per family: n_test / 3 test, n_val / 3 validation and n_train / 3 fine-tune train items, disjoint;
-    the pre-training stream states all of them (the fine-tune's items too: instruction data about
-    things the base knows, so tuning teaches the format rather than new facts)."""
+def make_task(seed: int, n_test: int, n_val: int, n_train: int, n_known: int | None = None) -> Task:
+    """Per family: n_test / 3 test, n_val / 3 validation and n_train / 3 fine-tune train items, disjoint.
+    The pre-training stream states the test and validation items and the first n_known / 3 train items
+    of each family (default all: instruction data about things the base knows, so tuning teaches the
+    format rather than new facts)."""
     rng = random.Random(seed)
-    test, val, train = [], [], []
+    test, val, train, seen = [], [], [], []
     per = [max(1, n // len(FAMILIES)) for n in (n_test, n_val, n_train)]
+    known = per[2] if n_known is None else n_known // len(FAMILIES)
     for fam in FAMILIES:
         items = family_items(rng, fam, sum(per))
-        test += items[: per[0]]
-        val += items[per[0] : per[0] + per[1]]
-        train += items[per[0] + per[1] :]
-    return Task(test, val, train, test + val + train)
+        t, v, tr = items[: per[0]], items[per[0] : per[0] + per[1]], items[per[0] + per[1] :]
+        test += t
+        val += v
+        train += tr
+        seen += t + v + tr[:known]
+    return Task(test, val, train, seen)
 
 
 def pretrain_ids(task: Task, enc, rng: random.Random, repeats: int, n_chat: int) -> list[int]:
