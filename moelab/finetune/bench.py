@@ -29,16 +29,16 @@ VARIANTS = ("full", "lora_experts", "router_only")
 def add_arguments(p) -> None:
     p.add_argument("--seeds", default="0,1,2,3", help="comma-separated seeds, one task + base + fine-tunes each")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per fine-tune (default 150)")
-    p.add_argument("--base-steps", type=int, default=600, help="pre-training steps of the base (default 600)")
+    p.add_argument("--base-steps", type=int, default=1000, help="pre-training steps of the base (default 1000)")
     p.add_argument("--held-out", type=int, default=150, help="held-out test questions, a third per family")
-    p.add_argument("--val", type=int, default=60, help="validation questions (choose router-only's lr)")
+    p.add_argument("--val", type=int, default=60, help="validation questions (choose each variant's lr)")
     p.add_argument("--train-items", type=int, default=90, help="fine-tune train questions")
     p.add_argument("--known-train", type=int, default=None, help="train items the base's prose states (default all)")
     p.add_argument("--repeats", type=int, default=8, help="times each seen item is stated in the prose")
     p.add_argument(
         "--chat-in-base", type=int, default=10, help="train items per family also in the base's stream as chats"
     )
-    p.add_argument("--router-lrs", default="1e-2,3e-2,1e-1", help="router-only learning rates to choose from")
+    p.add_argument("--router-lrs", default="1e-3,3e-3,1e-2,3e-2", help="router-only learning rates to choose from")
     p.add_argument("--full-lrs", default="1e-4,3e-4,1e-3", help="full fine-tuning learning rates to choose from")
     p.add_argument("--lora-lrs", default="3e-4,1e-3,3e-3", help="LoRA learning rates to choose from")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
@@ -166,7 +166,7 @@ def run_seed(seed: int, args, root: Path) -> dict:
     jsonl.write_text("".join(json.dumps({"prompt": it.question, "completion": it.answer}) + "\n" for it in task.train))
     prepare_chat([str(jsonl)], str(tok_dir), root / "chat", seq_len=63, val_fraction=0.02, quiet=True)
     lora = {"rank": 8, "alpha": 16, "targets": ["attn", "experts"]}
-    variants = {
+    variants: dict[str, tuple[dict, str]] = {
         "full": ({"mode": "all"}, args.full_lrs),
         "lora_experts": ({"mode": "lora", "lora": lora}, args.lora_lrs),
         "router_only": ({"mode": "router"}, args.router_lrs),

@@ -37,9 +37,9 @@ class ChatSource:
 
     @staticmethod
     def _xy(ids: np.ndarray, mask: np.ndarray):
-        ids, mask = torch.from_numpy(np.asarray(ids, dtype=np.int64)), torch.from_numpy(np.array(mask)).bool()
-        y = ids[:, 1:].masked_fill(~mask[:, 1:], IGNORE_INDEX)
-        return ids[:, :-1].contiguous(), y.contiguous()
+        t, m = torch.from_numpy(np.asarray(ids, dtype=np.int64)), torch.from_numpy(np.array(mask)).bool()
+        y = t[:, 1:].masked_fill(~m[:, 1:], IGNORE_INDEX)
+        return t[:, :-1].contiguous(), y.contiguous()
 
     def train_batch(self, device: torch.device):
         rows = torch.randint(0, len(self.train_ids), (self.batch_size,), generator=self.gen).numpy()
