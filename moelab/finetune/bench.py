@@ -3,8 +3,8 @@ over several seeds; `--memory` measures memory and speed of the three on a prese
 (`bench_memory.py`).
 
 Per seed (the task, the base and every fine-tune are the seed's own; `bench_task.py` describes the task):
-pre-train a base on prose that states the test and validation items, then fine-tune it three ways on
-chat conversations about other items, and score greedy exact match on the held-out test questions in
+pre-train a base on prose that states the test, validation and train items, then fine-tune it three
+ways on chat conversations about the train items, and score greedy exact match on the held-out test questions in
 the chat template — the base and all three fine-tunes on the same questions. Each fine-tune runs once
 per learning rate of its list (`--full-lrs`, `--lora-lrs`, `--router-lrs`: router-only needs a much
 larger one) and the one reported is chosen per seed on the validation items, never the test items
@@ -127,7 +127,7 @@ def _fine_tune(root: Path, name: str, ft: dict, lr: float, args, seed: int, base
 
 
 def run_seed(seed: int, args, root: Path) -> dict:
-    """One seed: task, base, three fine-tunes (router-only once per candidate lr); exact matches."""
+    """One seed: task, base, three fine-tunes (each once per candidate lr); exact matches."""
     import torch
 
     from moelab.checkpoint import load_model
