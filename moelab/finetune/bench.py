@@ -1,131 +1,72 @@
-"""`moelab bench finetune`: full vs LoRA-on-experts vs router-only instruction tuning of one small base.
+"""`moelab bench finetune`: full vs LoRA-on-experts vs router-only instruction tuning of one small base,
+over several seeds; `--memory` measures memory and speed of the three on a preset instead
+(`bench_memory.py`).
 
-The task is generated here (no downloads): templated questions over arithmetic ("What is 17+25?"),
-string reversal ("Reverse the word: kelp") and a built-in facts table ("What is the capital of Peru?").
-The base is pre-trained demo-style on plain-text statements of the same knowledge ("17+25=42.") plus a
-few conversations in the chat template, so it knows facts and format only loosely; each fine-tune then
-trains on the chat data (loss on assistant tokens only). Reported per variant: held-out exact match
-(greedy, on questions never trained on; facts are asked with a phrasing never trained on), trainable
-parameters, optimizer state bytes, wall time and tokens/s.
+Per seed (the task, the base and every fine-tune are the seed's own; `bench_task.py` describes the task):
+pre-train a base on prose that states the test, validation and train items, then fine-tune it three
+ways on chat conversations about the train items, and score greedy exact match on the held-out test questions in
+the chat template — the base and all three fine-tunes on the same questions. Each fine-tune runs once
+per learning rate of its list (`--full-lrs`, `--lora-lrs`, `--router-lrs`: router-only needs a much
+larger one) and the one reported is chosen per seed on the validation items, never the test items
+(exact match, answer loss on a tie); every tried rate's numbers are in the JSON too. Reported: exact
+match per family and overall, mean and spread over seeds, how many seeds beat the base, trainable
+parameters, optimizer state bytes, wall time, tokens/s.
 """
 
 from __future__ import annotations
 
 import json
 import random
+import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
-FACTS = {
-    "France": "Paris",
-    "Peru": "Lima",
-    "Japan": "Tokyo",
-    "Kenya": "Nairobi",
-    "Chile": "Santiago",
-    "Egypt": "Cairo",
-    "Spain": "Madrid",
-    "Cuba": "Havana",
-    "Iran": "Tehran",
-    "Mali": "Bamako",
-    "Nepal": "Kathmandu",
-    "Oman": "Muscat",
-    "Italy": "Rome",
-    "Laos": "Vientiane",
-    "Fiji": "Suva",
-    "Chad": "Ndjamena",
-    "Togo": "Lome",
-    "Iraq": "Baghdad",
-    "Norway": "Oslo",
-}
-WORDS = [
-    "kelp",
-    "moss",
-    "fern",
-    "reed",
-    "lily",
-    "palm",
-    "sage",
-    "rose",
-    "iris",
-    "mint",
-    "dill",
-    "leek",
-    "kale",
-    "corn",
-    "bean",
-    "pear",
-    "plum",
-    "lime",
-    "date",
-    "fig",
-    "yam",
-    "oat",
-    "rye",
-    "hop",
-    "ivy",
-    "oak",
-    "elm",
-    "ash",
-    "fir",
-    "yew",
-]
+VARIANTS = ("full", "lora_experts", "router_only")
 
 
 def add_arguments(p) -> None:
+    p.add_argument("--seeds", default="0,1,2,3", help="comma-separated seeds, one task + base + fine-tunes each")
     p.add_argument("--steps", type=int, default=150, help="optimizer steps per fine-tune (default 150)")
-    p.add_argument("--base-steps", type=int, default=300, help="pre-training steps of the base (default 300)")
-    p.add_argument("--out", default="benchmarks/results/finetune.json", help="JSON results file")
-    p.add_argument("--seed", type=int, default=0)
-
-
-def examples(rng: random.Random, n: int, held_out: bool) -> list[tuple[str, str, str]]:
-    """(kind, question, answer). Held-out arithmetic and reversal use operands / words the training
-    split never asks about; held-out facts use another phrasing."""
-    out = []
-    for i in range(n):
-        kind = ("arith", "reverse", "fact")[i % 3]
-        if kind == "arith":
-            while True:
-                a, b = rng.randint(0, 49), rng.randint(0, 49)
-                if ((a + b) % 5 == 0) == held_out:
-                    break
-            out.append((kind, f"What is {a}+{b}?", str(a + b)))
-        elif kind == "reverse":
-            w = rng.choice(WORDS[:24] if not held_out else WORDS[24:])
-            out.append((kind, f"Reverse the word: {w}", w[::-1]))
-        else:
-            country = rng.choice(list(FACTS))
-            q = f"Which city is the capital of {country}?" if held_out else f"What is the capital of {country}?"
-            out.append((kind, q, FACTS[country]))
-    return out
-
-
-def statements(rng: random.Random, n: int) -> str:
-    """Plain-text knowledge for pre-training."""
-    lines = []
-    for _ in range(n):
-        a, b = rng.randint(0, 49), rng.randint(0, 49)
-        w = rng.choice(WORDS)
-        c = rng.choice(list(FACTS))
-        lines += [f"{a}+{b}={a + b}.", f"{w} backwards is {w[::-1]}.", f"The capital of {c} is {FACTS[c]}."]
-    rng.shuffle(lines)
-    return " ".join(lines)
+    p.add_argument("--base-steps", type=int, default=1000, help="pre-training steps of the base (default 1000)")
+    p.add_argument("--held-out", type=int, default=150, help="held-out test questions, a third per family")
+    p.add_argument("--val", type=int, default=60, help="validation questions (choose each variant's lr)")
+    p.add_argument("--train-items", type=int, default=90, help="fine-tune train questions")
+    p.add_argument("--known-train", type=int, default=None, help="train items the base's prose states (default all)")
+    p.add_argument("--repeats", type=int, default=8, help="times each seen item is stated in the prose")
+    p.add_argument(
+        "--chat-in-base", type=int, default=10, help="train items per family also in the base's stream as chats"
+    )
+    p.add_argument("--router-lrs", default="1e-3,3e-3,1e-2,3e-2", help="router-only learning rates to choose from")
+    p.add_argument("--full-lrs", default="1e-4,3e-4,1e-3", help="full fine-tuning learning rates to choose from")
+    p.add_argument("--lora-lrs", default="3e-4,1e-3,3e-3", help="LoRA learning rates to choose from")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    p.add_argument(
+        "--out",
+        default=None,
+        help="JSON results file (default benchmarks/finetune.json; benchmarks/finetune_memory.json with --memory)",
+    )
+    p.add_argument("--memory", action="store_true", help="memory and tokens/s of the three on --preset instead")
+    p.add_argument("--preset", default="small", help="--memory: the model preset (default small)")
+    p.add_argument("--batch-size", type=int, default=4, help="--memory: rows per step (default 4)")
+    p.add_argument("--seq-len", type=int, default=256, help="--memory: tokens per row (default 256)")
+    p.add_argument("--mem-steps", type=int, default=3, help="--memory: timed steps after one warm-up step")
 
 
 def _model_cfg() -> dict:
     return {
         "vocab_size": 264,
-        "d_model": 64,
+        "d_model": 128,
         "n_layers": 2,
         "n_heads": 4,
-        "ffn_dim": 128,
+        "ffn_dim": 256,
         "max_seq_len": 64,
-        "moe": {"num_experts": 8, "top_k": 2, "expert_dim": 64},
+        "moe": {"num_experts": 8, "top_k": 2, "expert_dim": 128},
     }
 
 
-def _train_cfg(steps: int, lr: float, data: str | None, **finetune) -> dict:
+def _train_cfg(steps: int, lr: float, data: str | None, seed: int, **finetune) -> dict:
     return {
         "model": _model_cfg(),
         "data": {"seq_len": 63, "path": data},
@@ -134,119 +75,216 @@ def _train_cfg(steps: int, lr: float, data: str | None, **finetune) -> dict:
             "batch_size": 16,
             "lr": lr,
             "min_lr": lr / 10,
-            "warmup_steps": 10,
+            "warmup_steps": min(10, steps // 2),
             "weight_decay": 0.0,
             "peak_flops": 1e11,
-            "seed": 0,
+            "seed": seed,
         },
-        "eval": {"every": 0, "batches": 2},
+        "eval": {"every": 0, "batches": 1},
         "checkpoint": {"every": 0, "keep_best": False},
         "log": {"every": 50, "progress": False, "tensorboard": False},
         "finetune": finetune,
     }
 
 
-def exact_match(model, enc, tests) -> float:
+def _lrs(text: str, variant: str = "router_only") -> list[float]:
+    from moelab.errors import UserError
+
+    try:
+        lrs = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        lrs = []
+    if not lrs or any(lr <= 0 for lr in lrs):
+        flag = {"full": "--full-lrs", "lora_experts": "--lora-lrs", "router_only": "--router-lrs"}[variant]
+        raise UserError(f"{flag}: expected comma-separated positive numbers, got {text!r}")
+    return lrs
+
+
+def _fine_tune(root: Path, name: str, ft: dict, lr: float, args, seed: int, base_ckpt: Path, chat: Path):
     import torch
 
-    model.eval()
-    hits = 0
-    with torch.no_grad():
-        for _, q, a in tests:
-            ids = enc.prompt([{"role": "user", "content": q}])
-            out = []
-            for _ in range(len(a) + 2):
-                nxt = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
-                if nxt in enc.stop_ids:
-                    break
-                out.append(nxt)
-            hits += enc.tok.decode(out) == a
-    return hits / len(tests)
+    from moelab.train import Trainer
+
+    cfg = _train_cfg(args.steps, lr, str(chat), seed, **ft)
+    trainer = Trainer(cfg, root / name, init_from=base_ckpt, progress=False)
+    t0 = time.perf_counter()
+    trainer.run()
+    wall = time.perf_counter() - t0
+    opt_bytes = sum(
+        t.numel() * t.element_size() for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t)
+    )
+    counts = trainer.finetune.counts
+    info = {
+        "lr": lr,
+        "trainable_params": counts["trainable"],
+        "total_params": counts["total"],
+        "trainable_frac": counts["trainable"] / counts["total"],
+        "optimizer_bytes": opt_bytes,
+        "wall_s": wall,
+        "tokens_per_s": trainer.progress.tokens / max(trainer.progress.elapsed_s, 1e-9),
+    }
+    return trainer.model, info
 
 
-def run(args) -> int:
+def run_seed(seed: int, args, root: Path) -> dict:
+    """One seed: task, base, three fine-tunes (each once per candidate lr); exact matches."""
     import torch
 
     from moelab.checkpoint import load_model
     from moelab.data.chat import prepare_chat
     from moelab.data.chat_template import ChatEncoder, ChatTemplate
+    from moelab.finetune.bench_task import answer_loss, exact_match, make_task, plain_exact_match, pretrain_ids
     from moelab.tokenizer import EOD, ByteTokenizer
     from moelab.train import Trainer
     from moelab.train.data_source import InMemorySource
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    rng = random.Random(args.seed)
+    root.mkdir(parents=True)
+    task = make_task(seed, args.held_out, args.val, args.train_items, args.known_train)
     tmpl = ChatTemplate()
     tok = ByteTokenizer([EOD, *tmpl.specials])
     enc = ChatEncoder(tok, tmpl)
-    train_ex, test_ex = examples(rng, 1500, False), examples(rng, 90, True)
-    root = Path(tempfile.mkdtemp(prefix="moelab-bench-ft-"))
     tok_dir = root / "tokenizer"
     tok.save(tok_dir)
     tmpl.save(tok_dir)
-    # Pre-training tokens: knowledge as statements, plus a tenth of the conversations in the template.
-    ids = list(tok.encode(statements(rng, 4000)))
-    for _, q, a in train_ex[:150]:
-        ids += enc.encode([{"role": "user", "content": q}, {"role": "assistant", "content": a}])[0] + [tok.eod_id]
-    tokens = torch.tensor(ids)
-    cut = int(len(tokens) * 0.95)
-    src = InMemorySource(tokens[:cut], tokens[cut:], 63, 16, tok.vocab_size)
+    ids = torch.tensor(pretrain_ids(task, enc, random.Random(seed), args.repeats, args.chat_in_base))
+    # the trainer wants a val split; its loss is not used here, so it is a copy of the stream's end
+    src = InMemorySource(ids, ids[-2000:], 63, 16, tok.vocab_size, seed=seed)
     t0 = time.perf_counter()
-    Trainer(_train_cfg(args.base_steps, 3e-3, None), root / "base", data=src, progress=False).run()
-    base_s = time.perf_counter() - t0
-    # the in-memory source has no tokenizer to copy; the checkpoint needs one for the chat template
+    Trainer(_train_cfg(args.base_steps, 3e-3, None, seed), root / "base", data=src, progress=False).run()
     base_ckpt = sorted((root / "base" / "checkpoints").glob("step_*"))[-1]
-    base_model, _, _ = load_model(base_ckpt)
-    results = {"base": {"exact_match": exact_match(base_model, enc, test_ex), "train_s": base_s}}
-    jsonl = root / "chat.jsonl"
-    jsonl.write_text("".join(json.dumps({"prompt": q, "completion": a}) + "\n" for _, q, a in train_ex))
-    prepare_chat([str(jsonl)], str(tok_dir), root / "chat", seq_len=63, val_fraction=0.05, quiet=True)
-    variants = {
-        "full": ({"mode": "all"}, 1e-3),
-        "lora_experts": ({"mode": "lora", "lora": {"rank": 8, "alpha": 16, "targets": ["attn", "experts"]}}, 3e-3),
-        "router_only": ({"mode": "router"}, 1e-2),
+    base, _, _ = load_model(base_ckpt)
+    out: dict = {
+        "seed": seed,
+        "base": {
+            "train_s": time.perf_counter() - t0,
+            "test_em": exact_match(base, enc, task.test),
+            "val_em": exact_match(base, enc, task.val),
+            "plain_test_em": plain_exact_match(base, tok, task.test),
+        },
     }
-    for name, (ft, lr) in variants.items():
-        trainer = Trainer(
-            _train_cfg(args.steps, lr, str(root / "chat"), **ft), root / name, init_from=base_ckpt, progress=False
-        )
-        t0 = time.perf_counter()
-        trainer.run()
-        wall = time.perf_counter() - t0
-        opt_bytes = sum(
-            t.numel() * t.element_size()
-            for s in trainer.optimizer.state.values()
-            for t in s.values()
-            if torch.is_tensor(t)
-        )
-        counts = trainer.finetune.counts
-        results[name] = {
-            "exact_match": exact_match(trainer.model, enc, test_ex),
-            "trainable_params": counts["trainable"],
-            "total_params": counts["total"],
-            "trainable_frac": counts["trainable"] / counts["total"],
-            "optimizer_bytes": opt_bytes,
-            "wall_s": wall,
-            "tokens_per_s": trainer.progress.tokens / max(trainer.progress.elapsed_s, 1e-9),
-        }
-    full_opt = results["full"]["optimizer_bytes"]
-    for name in variants:
-        results[name]["optimizer_vs_full"] = results[name]["optimizer_bytes"] / full_opt
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {"steps": args.steps, "base_steps": args.base_steps, "held_out": len(test_ex), "results": results}, indent=1
-        )
-        + "\n"
-    )
-    print(f"{'variant':14s} {'EM':>6s} {'trainable':>10s} {'frac':>7s} {'opt MB':>8s} {'wall s':>7s} {'tok/s':>8s}")
-    print(f"{'base':14s} {results['base']['exact_match']:6.1%}")
-    for name in variants:
-        r = results[name]
+    jsonl = root / "chat.jsonl"
+    jsonl.write_text("".join(json.dumps({"prompt": it.question, "completion": it.answer}) + "\n" for it in task.train))
+    prepare_chat([str(jsonl)], str(tok_dir), root / "chat", seq_len=63, val_fraction=0.02, quiet=True)
+    lora = {"rank": 8, "alpha": 16, "targets": ["attn", "experts"]}
+    variants: dict[str, tuple[dict, str]] = {
+        "full": ({"mode": "all"}, args.full_lrs),
+        "lora_experts": ({"mode": "lora", "lora": lora}, args.lora_lrs),
+        "router_only": ({"mode": "router"}, args.router_lrs),
+    }
+    for name, (ft, lrs) in variants.items():
+        tried = []
+        for lr in _lrs(lrs, name):
+            model, info = _fine_tune(root, f"{name}_{lr:g}", ft, lr, args, seed, base_ckpt, root / "chat")
+            info["val_em"], info["val_loss"] = exact_match(model, enc, task.val), answer_loss(model, enc, task.val)
+            tried.append({**info, "test_em": exact_match(model, enc, task.test)})
+            del model
+        # chosen on the validation items only: exact match, then answer loss on a tie
+        best = max(tried, key=lambda r: (r["val_em"]["all"], -r["val_loss"]))
+        keys = ("lr", "val_em", "val_loss", "test_em")
+        out[name] = {**best, "chosen_by": "val_em, then val_loss", "tried": [{k: r[k] for k in keys} for r in tried]}
+    return out
+
+
+def _spread(values: list[float]) -> dict:
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "min": min(values),
+        "max": max(values),
+    }
+
+
+def summarize(seeds: list[dict]) -> dict:
+    """Mean and spread over seeds of each variant's test exact match, per family; paired differences
+    with the base of the same seed, and on how many seeds the variant beat it."""
+    fams = list(seeds[0]["base"]["test_em"])
+    out: dict = {"base": {f: _spread([s["base"]["test_em"][f] for s in seeds]) for f in fams}}
+    out["base_plain"] = {f: _spread([s["base"]["plain_test_em"][f] for s in seeds]) for f in fams}
+    for v in VARIANTS:
+        out[v] = {f: _spread([s[v]["test_em"][f] for s in seeds]) for f in fams}
+        diffs = [s[v]["test_em"]["all"] - s["base"]["test_em"]["all"] for s in seeds]
+        out[v]["gain_over_base"] = _spread(diffs)
+        out[v]["seeds_above_base"] = sum(d > 0 for d in diffs)
+        out[v]["lrs_chosen"] = [s[v]["lr"] for s in seeds]
+    return out
+
+
+def _print(summary: dict, seeds: list[dict]) -> None:
+    fams = [f for f in summary["base"] if f != "all"]
+    head = f"{'variant':14s} " + " ".join(f"{f:>13s}" for f in [*fams, "all"]) + "  seeds>base"
+    print(f"test exact match, mean +- std over {len(seeds)} seed(s)")
+    print(head)
+    for v in ("base_plain", "base", *VARIANTS):
+        cells = " ".join(f"{summary[v][f]['mean']:6.1%} +-{summary[v][f]['std']:5.1%}" for f in [*fams, "all"])
+        above = f"  {summary[v]['seeds_above_base']}/{len(seeds)}" if v in VARIANTS else ""
+        print(f"{v:14s} {cells}{above}")
+    print("(base_plain: the base asked the same questions as prose, not in the chat template)")
+    s0 = seeds[0]
+    head = f"{'variant':14s} {'trainable':>10s} {'frac':>7s} {'opt MB':>8s} {'wall s':>7s} {'tok/s':>8s}"
+    print(f"{head} {'lr chosen per seed':>20s}  (sizes and times: seed {s0['seed']})")
+    for v in VARIANTS:
+        r, lrs = s0[v], ",".join(f"{lr:g}" for lr in summary[v]["lrs_chosen"])
         print(
-            f"{name:14s} {r['exact_match']:6.1%} {r['trainable_params']:10,d} {r['trainable_frac']:7.2%} "
-            f"{r['optimizer_bytes'] / 1e6:8.2f} {r['wall_s']:7.1f} {r['tokens_per_s']:8,.0f}"
+            f"{v:14s} {r['trainable_params']:10,d} {r['trainable_frac']:7.2%} {r['optimizer_bytes'] / 1e6:8.2f} "
+            f"{r['wall_s']:7.1f} {r['tokens_per_s']:8,.0f} {lrs:>20s}"
         )
+
+
+def run(args) -> int:
+    if args.memory:
+        from moelab.finetune.bench_memory import run_memory
+
+        return run_memory(args)
+    import torch
+
+    from moelab.errors import UserError
+
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise UserError(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    for v in VARIANTS:  # bad input fails before any training
+        _lrs(getattr(args, v.split("_")[0] + "_lrs"), v)
+    torch.set_num_threads(args.threads)
+    root = Path(tempfile.mkdtemp(prefix="moelab-bench-ft-"))
+    t0 = time.perf_counter()
+    per_seed = []
+    try:
+        for seed in seeds:
+            per_seed.append(run_seed(seed, args, root / f"seed{seed}"))
+            em = per_seed[-1]
+            print(f"seed {seed}: " + ", ".join(f"{v} {em[v]['test_em']['all']:.1%}" for v in ("base", *VARIANTS)))
+    finally:  # runs and checkpoints of every fine-tune: ~10 MB each
+        shutil.rmtree(root, ignore_errors=True)
+    summary = summarize(per_seed)
+    settings = {
+        k: getattr(args, k)
+        for k in (
+            "steps",
+            "base_steps",
+            "held_out",
+            "val",
+            "train_items",
+            "known_train",
+            "repeats",
+            "chat_in_base",
+            "full_lrs",
+            "lora_lrs",
+            "router_lrs",
+            "threads",
+        )
+    }
+    result = {
+        "settings": {**settings, "seeds": seeds, "model": _model_cfg()},
+        "summary": summary,
+        "seeds": per_seed,
+        "total_s": time.perf_counter() - t0,
+    }
+    out = Path(args.out or "benchmarks/finetune.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    _print(summary, per_seed)
     print(f"wrote {out}")
     return 0

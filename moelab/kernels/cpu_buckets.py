@@ -126,13 +126,16 @@ class _GroupedSwiGLU(torch.autograd.Function):
         x_pad = with_zero_row(x) if any(b.index is not None for b in buckets) else None
         y = x.new_empty(n + 1, down.shape[1])
         saved = []
+        need_x, need_gu = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         for b in buckets:
             xb = _rows(x, x_pad, b)  # [E_b, C, D]
             w_gu, w_dn = _weights(gate_up, b, dtype), _weights(down, b, dtype)
             h = _bmm(xb, w_gu.transpose(1, 2), binary)  # [E_b, C, 2F] gate|up pre-activations
             a = F.silu(h[..., :f]) * h[..., f:]  # [E_b, C, F]
             _bmm_rows(y, b, a, w_dn.transpose(1, 2), binary)
-            saved.append((xb, h, w_gu, w_dn))
+            # keep only what backward will read: xb for d gate_up, w_gu for dx (frozen experts, and
+            # layer 0 of router-only tuning where x needs no gradient, free them now)
+            saved.append((xb if need_gu else None, h, w_gu if need_x else None, w_dn))
         ctx.buckets, ctx.saved, ctx.dtype, ctx.binary = buckets, saved, dtype, binary
         ctx.shapes = (gate_up.shape, down.shape, gate_up.dtype, down.dtype)
         return y.resize_(n, y.shape[1])  # drop the dump row in place: a view would trip FSDP2's hooks
@@ -144,29 +147,46 @@ class _GroupedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dy):
+        # Only the gradients autograd asks for: with frozen experts (LoRA on other weights, router-only
+        # tuning) the two weight-gradient bmms per bucket were a third of the backward's FLOPs, and
+        # their [E, ...] buffers as large as the weights, all thrown away.
+        need_x, need_gu, need_dn = ctx.needs_input_grad[:3]
         gu_shape, dn_shape, gu_dtype, dn_dtype = ctx.shapes
         n, f = dy.shape[0], dn_shape[-1]
         buckets = ctx.buckets
         dy_pad = with_zero_row(dy) if any(b.index is not None for b in buckets) else None
-        dx = dy.new_empty(n + 1, gu_shape[-1])
-        d_gate_up, d_down = dy.new_empty(gu_shape), dy.new_empty(dn_shape)
+        dx = dy.new_empty(n + 1, gu_shape[-1]) if need_x else None
+        d_gate_up = dy.new_empty(gu_shape) if need_gu else None
+        d_down = dy.new_empty(dn_shape) if need_dn else None
         busy = {e for b in buckets for e in b.experts}
         for e in range(gu_shape[0]):
             if e not in busy:  # idle experts get zero gradients
-                d_gate_up[e].zero_()
-                d_down[e].zero_()
+                for d in (d_gate_up, d_down):
+                    if d is not None:
+                        d[e].zero_()
         binary = ctx.binary
         for b, (xb, h, w_gu, w_dn) in zip(buckets, ctx.saved, strict=True):
             dyb = _rows(dy, dy_pad, b)  # [E_b, C, D]
             silu_g = F.silu(h[..., :f])  # recomputed: cheaper than keeping [N, F]; reused for d u
-            a = silu_g * h[..., f:]
+            if d_down is not None:
+                a = silu_g * h[..., f:]
+                _put_weights(d_down, b, _bmm(dyb.transpose(1, 2), a, binary))  # [E_b, D, F]
+            if dx is None and d_gate_up is None:
+                continue
             da = _bmm(dyb, w_dn, binary)  # [E_b, C, F]
-            _put_weights(d_down, b, _bmm(dyb.transpose(1, 2), a, binary))  # [E_b, D, F]
             dh = _swiglu_grads(da, h, silu_g)
-            _bmm_rows(dx, b, dh, w_gu, binary)  # [E_b, C, D]
-            _put_weights(d_gate_up, b, _bmm(dh.transpose(1, 2), xb, binary))  # [E_b, 2F, D]
+            if dx is not None:
+                _bmm_rows(dx, b, dh, w_gu, binary)  # [E_b, C, D]
+            if d_gate_up is not None:
+                _put_weights(d_gate_up, b, _bmm(dh.transpose(1, 2), xb, binary))  # [E_b, 2F, D]
         ctx.saved = None
-        return dx[:n], d_gate_up.to(gu_dtype), d_down.to(dn_dtype), None, None
+        return (
+            None if dx is None else dx[:n],
+            None if d_gate_up is None else d_gate_up.to(gu_dtype),
+            None if d_down is None else d_down.to(dn_dtype),
+            None,
+            None,
+        )
 
 
 def grouped_swiglu(

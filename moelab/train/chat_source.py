@@ -28,7 +28,7 @@ class ChatSource:
                 f"data.seq_len: {cfg.data.seq_len}, but the chat dataset {path} has rows of "
                 f"seq_len {meta['seq_len']}; set data.seq_len={meta['seq_len']}"
             )
-        self.meta, self.tokenizer_dir = meta, path / "tokenizer"
+        self.path, self.meta, self.tokenizer_dir = path, meta, path / "tokenizer"
         self.batch_size = cfg.train.batch_size
         self.vocab_size = meta["tokenizer"]["vocab_size"]
         self.fingerprint = meta["tokenizer"]["fingerprint"]
@@ -37,9 +37,9 @@ class ChatSource:
 
     @staticmethod
     def _xy(ids: np.ndarray, mask: np.ndarray):
-        ids, mask = torch.from_numpy(np.asarray(ids, dtype=np.int64)), torch.from_numpy(np.array(mask)).bool()
-        y = ids[:, 1:].masked_fill(~mask[:, 1:], IGNORE_INDEX)
-        return ids[:, :-1].contiguous(), y.contiguous()
+        t, m = torch.from_numpy(np.asarray(ids, dtype=np.int64)), torch.from_numpy(np.array(mask)).bool()
+        y = t[:, 1:].masked_fill(~m[:, 1:], IGNORE_INDEX)
+        return t[:, :-1].contiguous(), y.contiguous()
 
     def train_batch(self, device: torch.device):
         rows = torch.randint(0, len(self.train_ids), (self.batch_size,), generator=self.gen).numpy()
@@ -60,6 +60,21 @@ class ChatSource:
 
     def copy_tokenizer(self, dst: Path) -> None:
         shutil.copytree(self.tokenizer_dir, dst, dirs_exist_ok=True)
+
+    def check_token_ids(self, model_vocab: int) -> None:
+        """Refuse token ids the model has no embedding for (rows that do not match meta.json), before
+        anything is written, in the plain dataset's words (`DatasetSource.check_token_ids`). Chat splits
+        are small (instruction data): one max over each memory-mapped split."""
+        limit = min(model_vocab, self.vocab_size)
+        for split, ids in (("train", self.train_ids), ("val", self.val_ids)):
+            top = int(ids.max()) if ids.size else 0
+            if top >= limit:
+                raise UserError(
+                    f"{self.path}: the {split} split holds token id {top}, outside the vocabulary "
+                    f"(the dataset's tokenizer has {self.vocab_size} ids, model.vocab_size is "
+                    f"{model_vocab}); the dataset is corrupt or was not made by its tokenizer: "
+                    "prepare it again"
+                )
 
     def check_tokenizer_dir(self, tokenizer_dir: Path, what: str) -> None:
         from moelab.tokenizer import Tokenizer

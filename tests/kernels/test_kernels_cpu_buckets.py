@@ -163,3 +163,41 @@ def test_bf16_bucketings_agree(monkeypatch):
         monkeypatch.setattr(experts_mod.MatmulCosts, "of", staticmethod(lambda dtype, device, c=call_flops: costs(c)))
         outs.append(grouped_swiglu(dispatch(x, plan), gate_up, down, plan.counts)[plan.pos.reshape(-1)])
     torch.testing.assert_close(outs[0], outs[1])  # same rows, same dtype: equal up to bf16 rounding
+
+
+@pytest.mark.parametrize(
+    "needs", [(True, True, True), (True, False, False), (False, True, False), (False, False, True), (True, False, True)]
+)
+@pytest.mark.parametrize("blocks", ["none", "grid"])
+def test_backward_computes_only_the_gradients_asked_for(needs, blocks, monkeypatch):
+    """Frozen experts (LoRA elsewhere, router-only tuning) get no gradient and cost no weight-gradient
+    matmuls; the gradients that are asked for still equal the reference's."""
+    monkeypatch.setattr(experts_mod.MatmulCosts, "of", staticmethod(lambda dtype, device: costs(0.0)))
+    t, e, k, d, f = 40, 6, 2, 16, 12
+    ids, _, g = random_routing(t, e, k, 11, False)
+    ids[:25] = torch.tensor([0, 1])  # skewed: idle experts and several buckets
+    plan = plan_dispatch(ids, None, e, BLOCKS[blocks])
+    w = torch.rand(t, k, generator=g, requires_grad=True)  # the router's weights always train here
+    tensors = [torch.randn(t, d, generator=g), torch.randn(e, 2 * f, d, generator=g), torch.randn(e, d, f, generator=g)]
+    x, gate_up, down = (v.requires_grad_(need) for v, need in zip(tensors, needs, strict=True))
+    calls = []
+    real_bmm = experts_mod._bmm
+    monkeypatch.setattr(experts_mod, "_bmm", lambda *a, **kw: calls.append(1) or real_bmm(*a, **kw))
+    fast = combine(grouped_swiglu(dispatch(x, plan), gate_up, down, plan.counts), w, plan)
+    forward_calls = len(calls)
+    grad_out = torch.randn(t, d, generator=g)
+    fast.backward(grad_out)
+    n_buckets = forward_calls // 2
+    # per bucket: d down 1 bmm; dx and d gate_up share da (1 bmm) and take one each
+    want_calls = needs[2] + (needs[0] or needs[1]) + needs[0] + needs[1]
+    assert len(calls) - forward_calls == n_buckets * want_calls
+
+    refs = [v.detach().clone().requires_grad_(need) for v, need in zip(tensors, needs, strict=True)]
+    w_ref = w.detach().clone().requires_grad_(True)
+    reference_moe(*refs[:3], ids, w_ref).backward(grad_out)
+    torch.testing.assert_close(w.grad, w_ref.grad, rtol=1e-5, atol=1e-5)
+    for got, want, need, name in zip((x, gate_up, down), refs, needs, ["x", "gate_up", "down"], strict=True):
+        if need:
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-5, msg=name)
+        else:
+            assert got.grad is None, name
