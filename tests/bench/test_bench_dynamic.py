@@ -29,14 +29,14 @@ def test_bench_dynamic_pairs_seeds_and_the_grown_run(tmp_path, capsys, monkeypat
     monkeypatch.chdir(tmp_path)  # the JSON's data path is written relative to the working directory
     threads = torch.get_num_threads()
     out = tmp_path / "dyn.json"
-    args = ["bench", "dynamic", "--steps", "12", "--grow-at", "6", "--seeds", "0", "1"]
+    args = ["bench", "dynamic", "--steps", "20", "--grow-at", "11", "--seeds", "0", "1"]  # logs every 10
     args += ["--variants", "top2", "grow", "--work-dir", "w", "--json", str(out)]
     try:
         assert main(args) == 0
     finally:
         torch.set_num_threads(threads)
     res = json.loads(out.read_text())
-    assert res["seeds"] == [0, 1] and res["grow_at"] == 6
+    assert res["seeds"] == [0, 1] and res["grow_at"] == 11
     assert res["config"]["data"]["path"] == os.path.join("w", "data")  # never an absolute (/tmp) path
     assert str(tmp_path) not in out.read_text()
     g = res["paired"]["grow"]
