@@ -90,6 +90,8 @@ class MoEConfig:
     group_balance_coef: float = 0.0  # hierarchical: switch-style balance over groups
     task_balance_coef: float = 0.0  # num_tasks > 0: load balance computed per task, then averaged
     diversity_coef: float = 0.0  # expert diversity: mean squared cosine between experts' weights
+    null_balance_coef: float = 0.01  # null experts: pulls the mean real experts per token towards null_k_target
+    null_k_target: float | None = None  # null experts: intended mean real experts per token; None = (1 + top_k) / 2
 
     @staticmethod
     def upgrade_legacy(data: dict) -> dict:
@@ -305,6 +307,7 @@ class ScheduleConfig:
     grow_at: list[int] = field(default_factory=list)  # optimizer steps at which every MoE layer doubles its experts
     grow_anneal_steps: int = 50  # after growing, k runs at 2k (loss-continuous) and anneals back to k over these
     grow_noise: float = 0.01  # noise on the copies, relative to each tensor's std (moelab/grow.py)
+    grow_router_noise: float | None = None  # opposite offsets on copied router rows; None = grow_noise
 
     def validate(self, prefix: str = "schedule") -> list[str]:
         p = []
@@ -317,6 +320,8 @@ class ScheduleConfig:
                 p.append(f"{prefix}.{name}: expected >= 0, got {getattr(self, name)}")
         if isinstance(self.grow_at, list) and not all(isinstance(s, int) and s > 0 for s in self.grow_at):
             p.append(f"{prefix}.grow_at: expected a list of positive optimizer steps, got {self.grow_at!r}")
+        if self.grow_router_noise is not None and self.grow_router_noise < 0:
+            p.append(f"{prefix}.grow_router_noise: expected >= 0 or null (= grow_noise), got {self.grow_router_noise}")
         if self.grow_anneal_steps < 0 or self.grow_noise < 0:
             p.append(
                 f"{prefix}.grow_anneal_steps / grow_noise: expected >= 0, got {self.grow_anneal_steps} / "

@@ -60,9 +60,13 @@ def _mapped(name: str) -> bool:
 
 
 @torch.no_grad()
-def grow_model(model, new_e: int, noise: float = 0.01, seed: int = 0) -> dict[str, torch.Tensor]:
+def grow_model(
+    model, new_e: int, noise: float = 0.01, seed: int = 0, router_noise: float | None = None
+) -> dict[str, torch.Tensor]:
     """Grow every MoE layer in place to `new_e` experts; returns {param name: src index} for the
-    parameters whose leading dim grew (optimizer state follows the same map)."""
+    parameters whose leading dim grew (optimizer state follows the same map). `router_noise` (None =
+    `noise`) sizes the opposite router-row offsets alone: a larger one sends the halves of a split
+    expert different tokens sooner, so their weights can diverge (BENCHMARKS.md measures it)."""
     e = check_growable(model, new_e)
     gen = torch.Generator().manual_seed(seed)
     src = torch.arange(new_e - e) % e
@@ -74,7 +78,8 @@ def grow_model(model, new_e: int, noise: float = 0.01, seed: int = 0) -> dict[st
             new = _rows(p.data, e, src.to(p.device)).clone()
             if p.is_floating_point() and noise > 0 and name != "router.bias":
                 std = float(p.data[:e].float().std()) or 1.0
-                z = torch.randn(new[e:new_e].shape, generator=gen).to(new) * noise * std
+                scale = router_noise if name == "router.weight" and router_noise is not None else noise
+                z = torch.randn(new[e:new_e].shape, generator=gen).to(new) * scale * std
                 if name == "router.weight":  # opposite offsets: the halves split the tokens
                     new[src.to(p.device)] -= z
                 new[e:new_e] += z
@@ -211,7 +216,8 @@ def grow_trainer(self, measure: bool = True) -> None:
     before = self._evaluate().get("val/loss") if measure else None
     e = self.cfg.model.moe.num_experts
     optim = state.optimizer_state(self.optimizer)
-    grown = grow_model(self.model, 2 * e, self.cfg.schedule.grow_noise, seed=self.cfg.train.seed + self.step)
+    sched = self.cfg.schedule
+    grown = grow_model(self.model, 2 * e, sched.grow_noise, self.cfg.train.seed + self.step, sched.grow_router_noise)
     self.optimizer = build_optimizer(self.model, self.cfg.train)
     self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
     state.load_optimizer_state(self.optimizer, grow_optimizer_state(optim, grown, e))

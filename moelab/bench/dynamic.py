@@ -9,6 +9,12 @@ training FLOPs (the measured mean k for adaptive routers), specialisation I(doma
 shuffled chance level (and I(domain; group) for the hierarchical router), dead experts, tokens/s, and
 the mean |cos| between experts' outputs on the same held-out tokens (what the diversity loss targets).
 Growing reports the val loss right before and after doubling 8 -> 16 experts.
+
+Paired seeds (`--seeds 0 1 2`): every variant runs with each training seed, and a seed fixes the data
+order (the window sampler has its own generator) and the initialisation of every parameter the
+architectures share, so the grown run is the 8-expert run step for step until `--grow-at` (checked:
+`paired_identical_until`). Claims are made on the paired differences variant - top2 at the same seed:
+their mean, spread and a paired t statistic (moelab/bench/dynamic_summary.py).
 """
 
 from __future__ import annotations
@@ -19,7 +25,17 @@ import time
 from pathlib import Path
 
 DOMAINS = ("arithmetic", "code", "prose", "cjk", "records")
-VARIANTS = ("top2", "top_p", "null", "grow", "grow_diversity", "hierarchical", "diversity", "multitask")
+VARIANTS = (
+    "top2",
+    "top_p",
+    "null",
+    "grow",
+    "grow_rnoise",
+    "grow_diversity",
+    "hierarchical",
+    "diversity",
+    "multitask",
+)
 
 
 def add_arguments(p):
@@ -28,7 +44,20 @@ def add_arguments(p):
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--work-dir", default="benchmarks/dynamic-work", help="corpus, dataset and runs")
     p.add_argument("--json", dest="json_out", default="benchmarks/dynamic.json")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0],
+        help="training seeds; every variant runs with each (paired: same data order and shared init)",
+    )
+    p.add_argument("--grow-at", type=int, default=None, help="step at which grow variants double (default steps/2)")
+    p.add_argument(
+        "--grow-router-noise",
+        type=float,
+        default=0.1,
+        help="router-row offsets of the grow_rnoise variant, relative to their std (default 0.1)",
+    )
 
 
 def _doc(domain: str, rng: random.Random) -> str:
@@ -101,22 +130,23 @@ def base_config(data_dir: Path, steps: int, seed: int) -> dict:
     }
 
 
-def variant_overrides(name: str, steps: int) -> dict:
-    return {
+def variant_overrides(name: str, steps: int, grow_at: int | None = None, router_noise: float = 0.1) -> dict:
+    grow: dict = {"grow_at": [grow_at or steps // 2], "grow_anneal_steps": max(1, steps // 10)}
+    table: dict[str, dict] = {
         "top2": {},
         "top_p": {"model": {"moe": {"router": "top_p", "top_k": 4, "top_p": 0.5}}},
+        # null target (1 + 3) / 2 = 2 real experts per token: the FLOPs of top-2, spent adaptively
         "null": {"model": {"moe": {"top_k": 3, "num_null_experts": 4}}},
-        "grow": {"schedule": {"grow_at": [steps // 2], "grow_anneal_steps": max(1, steps // 10)}},
-        "grow_diversity": {
-            "schedule": {"grow_at": [steps // 2], "grow_anneal_steps": max(1, steps // 10)},
-            "model": {"moe": {"diversity_coef": 1.0}},
-        },
+        "grow": {"schedule": grow},
+        "grow_rnoise": {"schedule": {**grow, "grow_router_noise": router_noise}},
+        "grow_diversity": {"schedule": grow, "model": {"moe": {"diversity_coef": 1.0}}},
         "hierarchical": {
             "model": {"moe": {"router": "hierarchical", "num_groups": 4, "top_groups": 2, "group_balance_coef": 0.01}}
         },
         "diversity": {"model": {"moe": {"diversity_coef": 1.0}}},
         "multitask": {"model": {"moe": {"num_tasks": len(DOMAINS), "task_balance_coef": 0.01}}},
-    }[name]
+    }
+    return table[name]
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -199,43 +229,83 @@ def run(args) -> int:
     import torch
 
     from moelab.bench import write_results
+    from moelab.bench.dynamic_summary import paired_summary
     from moelab.data.preparation import prepare
-    from moelab.train.loop import train
+    from moelab.errors import UserError
 
+    if args.grow_at is not None and not 0 < args.grow_at < args.steps:
+        raise UserError(f"--grow-at: expected a step in (0, --steps={args.steps}), got {args.grow_at}")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise UserError(f"--seeds: expected distinct seeds, got {args.seeds}")
     torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
     data_dir = work / "data"
-    if not (data_dir / "meta.json").is_file():
-        dirs = make_corpus(work / "corpus", args.seed)
+    if not (data_dir / "meta.json").is_file():  # one corpus (corpus seed 0) for every training seed
+        dirs = make_corpus(work / "corpus", 0)
         prepare([str(d) for d in dirs], "byte", data_dir, val_fraction=0.1, workers=0, overwrite=True)
-    base = base_config(data_dir, args.steps, args.seed)
-    results: dict = {"steps": args.steps, "config": base, "variants": {}}
-    for name in args.variants:
-        cfg = _merge(base, variant_overrides(name, args.steps))
-        run_dir = work / "runs" / name
-        t0 = time.perf_counter()
-        res = train(cfg, run_dir, progress=False, restart=True)
-        recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        last = recs[-1]
-        tps = [r["tokens_per_s"] for r in recs if r.get("tokens_per_s")]
-        row = {
-            "val_bpb": last.get("val/bpb"),
-            "val_loss": last.get("val/loss"),
-            "train_flops": last["flops"],
-            "tokens_per_s": sorted(tps)[len(tps) // 2] if tps else None,
-            "wall_s": time.perf_counter() - t0,
-            "train_k_mean": [last.get(f"moe/{i}/k_mean") for i in range(2)],
-            **measure(res.run_dir, data_dir),
-        }
-        grow = next((r for r in recs if "grow/experts" in r), None)
-        if grow:
-            row.update({k.split("/")[1]: v for k, v in grow.items() if k.startswith("grow/")})
-        results["variants"][name] = row
-        print(
-            f"{name:>12}: bpb {row['val_bpb']:.4f}  k {row['experts_per_token']:.2f}  "
-            f"MI-chance {row['mi_over_chance']:.3f}  dead {row['dead_experts']}  "
-            f"sim {row['expert_output_similarity']:.3f}  {row['tokens_per_s'] or 0:,.0f} tok/s",
-            flush=True,
-        )
+    base = base_config(data_dir, args.steps, args.seeds[0])
+    base["data"]["path"] = _portable(data_dir)
+    grow_at = args.grow_at or args.steps // 2
+    results: dict = {
+        "steps": args.steps,
+        "seeds": args.seeds,
+        "grow_at": grow_at,
+        "config": base,
+        "variants": {},
+        "runs": {},
+    }
+    for seed in args.seeds:
+        for name in args.variants:
+            cfg = _merge(base, variant_overrides(name, args.steps, grow_at, args.grow_router_noise))
+            cfg["train"]["seed"] = seed
+            cfg["data"]["path"] = str(data_dir)
+            row = _run_variant(cfg, work / "runs" / f"{name}-s{seed}", data_dir)
+            results["runs"].setdefault(name, {})[str(seed)] = row
+            print(
+                f"seed {seed} {name:>14}: bpb {row['val_bpb']:.4f}  k {row['experts_per_token']:.2f}  "
+                f"MI-chance {row['mi_over_chance']:.3f}  dead {row['dead_experts']}  "
+                f"sim {row['expert_output_similarity']:.3f}  {row['tokens_per_s'] or 0:,.0f} tok/s",
+                flush=True,
+            )
+    results["variants"] = {name: results["runs"][name][str(args.seeds[0])] for name in args.variants}
+    results["paired"] = paired_summary(results["runs"], args.seeds, work / "runs", grow_at)
+    for name, p in results["paired"].items():
+        if "delta_bpb_mean" in p:
+            print(
+                f"{name:>14} - top2: bpb {p['delta_bpb_mean']:+.4f} (per seed "
+                + ", ".join(f"{d:+.4f}" for d in p["delta_bpb"])
+                + f"; t {p['t']:+.2f}) {'beyond noise' if p['beyond_noise'] else 'within noise'}"
+            )
     write_results(args.json_out, results)
     return 0
+
+
+def _portable(path: Path) -> str:
+    """A path for the committed JSON: relative to the working directory when inside it, else its name."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return path.name
+
+
+def _run_variant(cfg: dict, run_dir: Path, data_dir: Path) -> dict:
+    from moelab.train.loop import train
+
+    t0 = time.perf_counter()
+    res = train(cfg, run_dir, progress=False, restart=True)
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = recs[-1]
+    tps = [r["tokens_per_s"] for r in recs if r.get("tokens_per_s")]
+    row = {
+        "val_bpb": last.get("val/bpb"),
+        "val_loss": last.get("val/loss"),
+        "train_flops": last["flops"],
+        "tokens_per_s": sorted(tps)[len(tps) // 2] if tps else None,
+        "wall_s": time.perf_counter() - t0,
+        "train_k_mean": [last.get(f"moe/{i}/k_mean") for i in range(cfg["model"]["n_layers"])],
+        **measure(res.run_dir, data_dir),
+    }
+    grow = next((r for r in recs if "grow/experts" in r), None)
+    if grow:
+        row.update({k.split("/")[1]: v for k, v in grow.items() if k.startswith("grow/")})
+    return row

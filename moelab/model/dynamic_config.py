@@ -11,6 +11,12 @@ def adaptive(cfg) -> bool:
     return cfg.router == "top_p" or cfg.num_null_experts > 0
 
 
+def null_k_target(cfg) -> float:
+    """The intended mean real experts per token with null experts: `null_k_target`, or the midpoint of
+    [1, top_k] (top_k 3 -> 2: the FLOPs of a top-2 model, with room to spend 1 to 3 per token)."""
+    return cfg.null_k_target if cfg.null_k_target is not None else (1 + cfg.top_k) / 2
+
+
 def validate_dynamic(cfg, prefix: str = "moe") -> list[str]:
     p: list[str] = []
     if not 0 < cfg.top_p <= 1:
@@ -36,7 +42,14 @@ def validate_dynamic(cfg, prefix: str = "moe") -> list[str]:
         p.append(f"{prefix}.num_groups: expert groups need router hierarchical, router is {cfg.router!r}")
     if cfg.num_tasks < 0:
         p.append(f"{prefix}.num_tasks: expected >= 0, got {cfg.num_tasks}")
-    for name in ("group_balance_coef", "task_balance_coef", "diversity_coef"):
+    if cfg.null_k_target is not None:
+        if not cfg.num_null_experts:
+            p.append(f"{prefix}.null_k_target: a target for real experts per token needs num_null_experts > 0")
+        elif not 0 < cfg.null_k_target <= cfg.top_k:
+            p.append(
+                f"{prefix}.null_k_target: expected 0 < null_k_target <= top_k={cfg.top_k}, got {cfg.null_k_target}"
+            )
+    for name in ("group_balance_coef", "task_balance_coef", "diversity_coef", "null_balance_coef"):
         if getattr(cfg, name) < 0:
             p.append(f"{prefix}.{name}: expected >= 0, got {getattr(cfg, name)}")
     if cfg.group_balance_coef and cfg.router != "hierarchical":

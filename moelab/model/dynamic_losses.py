@@ -1,8 +1,9 @@
 """Aux losses that need more than one layer's routing: group balance (hierarchical router), per-task
-balance (multi-task routing) and expert diversity. Same contract as `losses.AUX_LOSSES` -- unweighted,
-per layer, averaged over layers, coefficient `moe.<name>_coef` scaled by the aux schedule -- but a layer
-computes one only when its coefficient is > 0 (diversity reads every expert weight), so runs without
-them log exactly what they logged before.
+balance (multi-task routing), the share of null slots (null experts) and expert diversity. Same
+contract as `losses.AUX_LOSSES` -- unweighted, per layer, averaged over layers, coefficient
+`moe.<name>_coef` scaled by the aux schedule -- but a layer computes one only when its coefficient is
+> 0 (diversity reads every expert weight) and, for null_balance, the model has null experts, so runs
+without them log exactly what they logged before.
 
 Diversity form (why weights, not outputs): the mean squared cosine similarity between experts'
 flattened weights (gate_up and down together). It is 0 for mutually orthogonal experts and 1 for
@@ -56,6 +57,37 @@ def task_balance(
     return num / torch.stack([present for _, present in terms]).sum().clamp_min(1.0)
 
 
+def null_balance(
+    null_mass: torch.Tensor,
+    keep: torch.Tensor,
+    k_max: int,
+    target_share: float,
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Keeps the share of a token's k_max slots that use no real expert near `target_share`.
+
+    null_mass [T]: each token's router probability on the null experts; keep [T, K]: the kept real
+    slots (K = k_max). share = 1 - mean_t k_t / k_max is a count (no gradient), so the loss is
+    (share - target)^2 in value with a straight-through gradient through the mean null mass:
+    d loss / d mean(null_mass) = 2 (share - target). Too many null slots lower the null experts'
+    probabilities, too few raise them; 0 exactly at the target. In [0, 1]."""
+    w = torch.ones(keep.shape[0], device=keep.device) if mask is None else mask.reshape(-1).float()
+    n = w.sum().clamp_min(1.0)
+    share = 1.0 - (keep.float().sum(-1) * w).sum() / n / k_max
+    pn = (null_mass.float() * w).sum() / n
+    return (share.detach() + pn - pn.detach() - target_share).square()
+
+
+def _null(layer, r, mask):
+    from moelab.model.dynamic_config import null_k_target
+
+    mass = r.extra.get("null_mass")
+    if mass is None or r.keep is None:  # replayed routing: no router decision to steer
+        return torch.zeros((), device=r.logits.device)
+    cfg = layer.cfg  # the target is a share of moe.top_k, so it holds while a schedule changes the live k
+    return null_balance(mass, r.keep, r.topk_ids.shape[-1], 1.0 - null_k_target(cfg) / cfg.top_k, mask)
+
+
 def _diversity(layer, r, mask):
     ex = layer.experts
     if not hasattr(ex, "gate_up"):  # swapped experts (expert parallel, offload): nothing to compare here
@@ -79,11 +111,23 @@ EXTRA_AUX_LOSSES = {
     "diversity": (_diversity, "diversity_coef"),
     "group_balance": (_group, "group_balance_coef"),
     "task_balance": (_task, "task_balance_coef"),
+    "null_balance": (_null, "null_balance_coef"),
 }
+# a loss whose coefficient is on by default exists only where the model has what it steers
+_NEEDS = {"null_balance": lambda cfg: cfg.num_null_experts > 0}
+
+
+def enabled_extra(moe_cfg) -> list[str]:
+    """The extra aux losses `moe_cfg` turns on (coefficient > 0 and, where it matters, the feature)."""
+    return [
+        name
+        for name, (_, attr) in EXTRA_AUX_LOSSES.items()
+        if getattr(moe_cfg, attr) > 0 and _NEEDS.get(name, lambda c: True)(moe_cfg)
+    ]
 
 
 def extra_aux_losses(layer, r, mask) -> dict[str, torch.Tensor]:
-    return {name: fn(layer, r, mask) for name, (fn, attr) in EXTRA_AUX_LOSSES.items() if getattr(layer.cfg, attr) > 0}
+    return {name: EXTRA_AUX_LOSSES[name][0](layer, r, mask) for name in enabled_extra(layer.cfg)}
 
 
 def coef_attr(name: str) -> str:

@@ -11,7 +11,12 @@ statistics and analysis already count only kept assignments.
 - Null experts (`num_null_experts: N`, with softmax_topk or top_p): the gate has E + N rows; a slot
   that picks one of the N null experts outputs zero and costs nothing (AdaMoE, arXiv 2406.13233).
   Its weight share is *not* renormalised away, so a token sure of "nothing" gets a small update.
-  Balancing uses the real experts' probabilities only (`probs` [T, E]).
+  Balancing sees the real experts' probabilities renormalised over the real experts (`probs` [T, E]
+  sums to 1), so it balances load *among* real experts and is blind to how much mass goes to null
+  slots: with the raw (unnormalised) real probabilities, E * sum_i f_i P_i falls as mass moves to the
+  null experts, and the balance loss alone drove the mean real k to 0.1-0.2 (null-expert collapse,
+  BENCHMARKS.md). How many slots are null is steered by its own loss instead (`null_balance`,
+  dynamic_losses.py), from `extra["null_mass"]` [T]: each token's probability on the null experts.
 - `HierarchicalRouter` (`router: hierarchical`): a group gate picks `top_groups` of `num_groups`
   groups of consecutive experts; p(expert) = p(group) * p(expert | group), and the top-k of that joint
   inside the chosen groups are the experts. (DeepSeek-V3's group-limited routing is the variant whose
@@ -52,11 +57,19 @@ class TopPRouter(Router):
         real = ids < self.num_real
         keep = keep & real
         ids = torch.where(real, ids, torch.zeros_like(ids))  # a null slot: any valid id, keep False
-        return Routing(ids, w * keep, z, p[:, : self.num_real], keep)
+        extra = {"null_mass": p[:, self.num_real :].sum(-1)} if p.shape[-1] > self.num_real else {}
+        return Routing(ids, w * keep, z, self._real_probs(p), keep, extra)
 
-    def replay_weights(self, z, ids):
+    def _real_probs(self, p):
+        """[T, E]: the distribution over the real experts (module docstring: why renormalised)."""
+        if p.shape[-1] == self.num_real:
+            return p
+        real = p[:, : self.num_real]
+        return real / real.sum(-1, keepdim=True).clamp_min(1e-20)
+
+    def replay_weights(self, z, ids):  # (replayed routing has no null_mass: no null loss while replaying)
         p = z.softmax(dim=-1)
-        return self._finish(p.gather(-1, ids)), p[:, : self.num_real]
+        return self._finish(p.gather(-1, ids)), self._real_probs(p)
 
 
 class HierarchicalRouter(Router):

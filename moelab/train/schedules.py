@@ -49,10 +49,10 @@ def aux_coef_scale(step: int, cfg: Config) -> float:
 def aux_coefs(step: int, cfg: Config) -> dict[str, float]:
     """Scheduled coefficient of every aux loss (name -> coef), from the moe config's `*_coef` values."""
     scale = aux_coef_scale(step, cfg)
-    from moelab.model.dynamic_losses import EXTRA_AUX_LOSSES
+    from moelab.model.dynamic_losses import EXTRA_AUX_LOSSES, enabled_extra
 
     moe = cfg.model.moe  # the extra losses exist (and have a coefficient) only when turned on
-    both = {**AUX_LOSSES, **{n: v for n, v in EXTRA_AUX_LOSSES.items() if getattr(moe, v[1]) > 0}}
+    both = {**AUX_LOSSES, **{n: EXTRA_AUX_LOSSES[n] for n in enabled_extra(moe)}}
     return {name: scale * getattr(moe, attr) for name, (_, attr) in both.items()}
 
 

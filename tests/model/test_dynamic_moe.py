@@ -203,6 +203,10 @@ def test_experts_per_token_histogram_and_fields():
         (dict(group_balance_coef=0.1), "moe.group_balance_coef: group balancing needs router hierarchical"),
         (dict(task_balance_coef=0.1), "moe.task_balance_coef: per-task balancing needs num_tasks > 0"),
         (dict(diversity_coef=-1.0), "moe.diversity_coef: expected >= 0"),
+        (dict(null_balance_coef=-0.1), "moe.null_balance_coef: expected >= 0"),
+        (dict(null_k_target=1.5), "moe.null_k_target: a target for real experts per token needs num_null_experts"),
+        (dict(num_null_experts=2, top_k=3, null_k_target=3.5), "moe.null_k_target: expected 0 < null_k"),
+        (dict(num_null_experts=2, null_k_target=0.0), "moe.null_k_target: expected 0 < null_k_target"),
     ],
 )
 def test_config_errors_are_one_line(kw, message):

@@ -56,6 +56,21 @@ def test_noise_splits_the_load_between_copies():
     assert bool((counts[:4] > 0).all()) and bool((counts[4:] > 0).all())
 
 
+def test_router_noise_alone_sizes_the_router_offsets():
+    base = small()
+    parent = base.moe_layers[0].router.weight.detach().clone()
+    quiet, loud = small(), small()
+    grow_model(quiet, 8, noise=0.01, seed=1, router_noise=0.0)
+    grow_model(loud, 8, noise=0.01, seed=1, router_noise=0.2)
+    rq, rl = quiet.moe_layers[0].router.weight.detach(), loud.moe_layers[0].router.weight.detach()
+    assert torch.equal(rq[:4], parent) and torch.equal(rq[4:], parent)  # no router offset at all
+    off = rl[4:] - parent
+    torch.testing.assert_close(rl[:4] - parent, -off)  # opposite offsets, the halves split the tokens
+    assert abs(float(off.std()) / float(parent.std()) - 0.2) < 0.05
+    # the expert weights got the same (weight) noise either way
+    torch.testing.assert_close(quiet.moe_layers[0].experts.gate_up, loud.moe_layers[0].experts.gate_up)
+
+
 def test_optimizer_state_carried_and_new_rows_copy_parents():
     m = small()
     m.train()
@@ -149,6 +164,13 @@ def test_grow_cli_grow_and_shrink(toy_data, tmp_path, capsys):
     assert "quality cost" in capsys.readouterr().out
     assert main(["grow", str(tmp_path / "run"), str(tmp_path / "x"), "--experts", "99"]) == 2
     assert "--experts must be in" in capsys.readouterr().err
+    args = ["grow", str(tmp_path / "run"), str(tmp_path / "y"), "--experts", "8", "--router-noise", "-1"]
+    assert main(args) == 2
+    assert "--noise / --router-noise: expected >= 0" in capsys.readouterr().err
+    args[-1] = "0.1"
+    assert main([*args, "--batches", "2"]) == 0 and "grown to 8 experts" in capsys.readouterr().out
+    assert main(["grow", str(tmp_path / "run"), str(tmp_path / "x"), "--experts", "99"]) == 2
+    assert "--experts must be in" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
@@ -156,6 +178,7 @@ def test_grow_cli_grow_and_shrink(toy_data, tmp_path, capsys):
     [
         ("schedule.grow_at=[0]", "schedule.grow_at: expected a list of positive optimizer steps"),
         ("schedule.grow_noise=-1", "schedule.grow_anneal_steps / grow_noise: expected >= 0"),
+        ("schedule.grow_router_noise=-0.1", "schedule.grow_router_noise: expected >= 0 or null"),
         ("moe.router=hierarchical", "schedule.grow_at: growing experts does not support router 'hierarchical'"),
     ],
 )
