@@ -138,7 +138,8 @@ def run(args) -> int:
         for name in args.config
     }
     if args.twin:
-        cfgs.update({f"{Path(name).stem}-twin": dense_twin(cfg) for name, cfg in cfgs.items() if cfg.model.moe_layer_ids()})
+        moe_cfgs = {name: cfg for name, cfg in cfgs.items() if cfg.model.moe_layer_ids()}
+        cfgs.update({f"{Path(name).stem}-twin": dense_twin(cfg) for name, cfg in moe_cfgs.items()})
     # every config's variants in each round (not config after config): a MoE and its dense twin then see
     # the same machine load, which is what their ratio needs on a shared machine
     all_runs: dict[str, dict[str, list[dict]]] = {name: {} for name in cfgs}

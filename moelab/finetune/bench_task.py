@@ -6,15 +6,15 @@ Three families, every item generated from the seed (no downloads, no world knowl
     reverse  "Reverse the word: tamek"          -> "kemat"
     fact     "What is the capital of Borizan?"  -> "Sulavo"   (made-up countries and capitals)
 
-Each family's items are split into held-out test, validation (for choosing learning rates: never the
-test) and fine-tune train items, disjoint. The base is pre-trained on plain text in which the test,
-validation and train items appear as question-and-answer prose ("What is 17+25? 42.") and as
-statements ("17+25=42."); test and validation items are never in the chat template, while a few train
-items appear as chat conversations, so the base has seen the template's markers. Fine-tunes train on chat conversations about the train
-items only, then answer the held-out questions in the chat template. So the base has the knowledge and
-the fine-tune has to connect it to the format — the setting where tuning only the routers could help
-(the experts that know the answers exist; routing decides whether a chat prompt reaches them), and
-where, measured, it did not (BENCHMARKS.md).
+Each family's items are split into held-out test, validation (for choosing learning rates: never the test) and
+fine-tune train items, disjoint. The base is pre-trained on plain text in which the test, validation and train
+items appear as question-and-answer prose ("What is 17+25? 42.") and as statements ("17+25=42."); test and
+validation items are never in the chat template, while a few train items appear as chat conversations, so the
+base has seen the template's markers. Fine-tunes train on chat conversations about the train items only, then
+answer the held-out questions in the chat template. So the base has the knowledge and the fine-tune has to
+connect it to the format — the setting where tuning only the routers could help (the experts that know the
+answers exist; routing decides whether a chat prompt reaches them), and where, measured, it did not
+(BENCHMARKS.md).
 `plain_exact_match` scores the base on the same questions as prose, to show the knowledge is there.
 """
 
