@@ -4,6 +4,7 @@ end on micro shapes (the real runs are in BENCHMARKS.md and docs/quality.md)."""
 import json
 
 import pytest
+import yaml
 
 from moelab.bench.quality_setup import (
     active_ffn_width,
@@ -24,7 +25,6 @@ MICRO = [
     "model.n_kv_heads=2",
     "model.n_layers=2",
     "model.moe.expert_dim=16",
-    "model.moe.shared_expert_dim=32",
     "model.max_seq_len=32",
     "data.seq_len=32",
     "train.batch_size=2",
@@ -92,7 +92,21 @@ def test_study_equal_tokens_with_sweep_seeds_and_reference(tmp_path, capsys):
     out, plot = tmp_path / "quality.json", tmp_path / "quality.png"
     args = ["bench", "quality", "--data", str(text), "--tokens", "1600", "--seeds", "0", "1", "--evals", "2"]
     args += ["--lrs", "1e-3", "1e-2", "--sweep-tokens", "1280", "--concurrent", "--work-dir", str(tmp_path / "w")]
-    args += ["--json", str(out), "--plot", str(plot), "--set", "model.moe.shared_expert_gate=true"]
+    # a recipe with a shared expert: transformers' reference is then Qwen2-MoE (Mixtral has none)
+    recipe = load_recipe("recipe-cpu")
+    recipe["model"]["moe"].update(
+        num_experts=4,
+        top_k=2,
+        router="softmax_topk",
+        router_bias=False,
+        bias_update_rate=0.0,
+        load_balance_coef=0.01,
+        num_shared_experts=1,
+        shared_expert_dim=32,
+        shared_expert_gate=True,
+    )
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    args += ["--json", str(out), "--plot", str(plot), "--recipe", str(tmp_path / "recipe.yaml")]
     assert main(args + [a for s in MICRO for a in ("--set", s)]) == 0
     res = json.loads(out.read_text())
     assert {(s["model"], s["lr"]) for s in res["sweep"]} == {
