@@ -63,7 +63,10 @@ def pick_threads() -> int:
     """Torch threads for this machine now: the cores the load average leaves free (at least 1). On a busy
     2-core machine two threads that wait on each other at every matmul ran slower than one."""
     cores = os.cpu_count() or 1
-    free = cores - os.getloadavg()[0]
+    try:
+        free = cores - os.getloadavg()[0]
+    except (AttributeError, OSError):  # no load average on this platform: torch's choice
+        return torch.get_num_threads()
     return max(1, min(torch.get_num_threads(), cores, int(free + 0.5)))
 
 
@@ -88,13 +91,14 @@ def step_seconds(model, cfg, batch_size: int) -> float:
     return min(times[1:]) * cfg.train.grad_accum * 1.15
 
 
-def fit_budget(model, cfg, seconds: float) -> tuple[int, int, float]:
+def fit_budget(model, cfg, seconds: float, first: float | None = None) -> tuple[int, int, float]:
     """(steps, batch size, seconds per step) for a training budget of `seconds`: train.steps at
     train.batch_size if they fit; else, while fewer than MIN_STEPS fit, halve the batch (down to 4):
-    on a slow or busy machine many small steps learn more than a few large ones."""
+    on a slow or busy machine many small steps learn more than a few large ones. `first`: the step time
+    at train.batch_size if already measured."""
     batch = cfg.train.batch_size
     while True:
-        step_s = step_seconds(model, cfg, batch)
+        step_s = first if first is not None and batch == cfg.train.batch_size else step_seconds(model, cfg, batch)
         steps = min(cfg.train.steps, max(20, int(seconds / step_s)))
         if steps >= min(MIN_STEPS, cfg.train.steps) or batch <= 4:
             return steps, batch, step_s
@@ -112,9 +116,10 @@ def report_step(run_dir: Path) -> Path | None:
     return report
 
 
-# Seconds kept for what follows training (after-samples, the report's two traces and plots): a fixed part
-# plus this many of the measured training steps' time.
-RESERVE_S, RESERVE_STEPS = 20.0, 12
+# Seconds kept for what follows training (after-samples, the report's two traces, statistics and plots): a
+# fixed part plus this many training steps at the config's batch, as measured before training. Measured: 29 s
+# = 20 s + 12 steps at load 2-3; about 20 s + 22 steps with 12% of a core left to the demo.
+RESERVE_S, RESERVE_STEPS = 20.0, 24
 
 
 def run_demo(
@@ -141,7 +146,7 @@ def run_demo(
         raise UserError(f"{run_dir}: already holds a run; choose another --run-dir")
     threads = pick_threads()
     torch.set_num_threads(threads)
-    print(f"moelab demo -> {run} ({threads} torch thread{'s' if threads > 1 else ''}, load {os.getloadavg()[0]:.1f})")
+    print(f"moelab demo -> {run} ({threads} torch thread{'s' if threads > 1 else ''})")
 
     t0 = time.perf_counter()
     tok = train_tokenizer(list(inputs), run / "tokenizer", cfg.model.vocab_size, sample_mb=10.0)
@@ -165,7 +170,7 @@ def run_demo(
         step_s = step_seconds(before, cfg, cfg.train.batch_size)
         left = minutes * 60 - (time.perf_counter() - t_start) - RESERVE_S - RESERVE_STEPS * step_s
         budget = max(10.0, left)
-        steps, batch, step_s = fit_budget(before, cfg, budget)
+        steps, batch, step_s = fit_budget(before, cfg, budget, first=step_s)
         every = max(10, steps // 8)
         overrides += [
             f"train.steps={cfg.train.steps}",  # a cap: a fast machine finishes them early, schedule and all

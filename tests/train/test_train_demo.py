@@ -87,3 +87,24 @@ def test_demo_threads_follow_the_free_cores(monkeypatch):
     assert demo.pick_threads() == 2
     monkeypatch.setattr(demo.os, "getloadavg", lambda: (2.4, 0.0, 0.0))
     assert demo.pick_threads() == 1  # a busy machine: one thread, never zero
+
+
+def test_demo_threads_without_a_load_average(monkeypatch):
+    from moelab.train import demo
+
+    def missing():
+        raise OSError("no load average")
+
+    monkeypatch.setattr(demo.os, "getloadavg", missing)
+    assert demo.pick_threads() == demo.torch.get_num_threads()
+
+
+def test_demo_budget_reuses_the_first_measurement(monkeypatch):
+    from moelab.config import load_config
+    from moelab.train import demo
+
+    cfg = load_config(demo.DEMO_CONFIG)
+    calls = []
+    monkeypatch.setattr(demo, "step_seconds", lambda model, cfg, batch: calls.append(batch) or batch / 16)
+    assert demo.fit_budget(None, cfg, 1000, first=1.0) == (600, 16, 1.0) and calls == []
+    assert demo.fit_budget(None, cfg, 100, first=1.0) == (200, 8, 0.5) and calls == [8]  # only new batch sizes
