@@ -89,10 +89,16 @@ def model_configs(recipe: dict, data_dir: Path, vocab_size: int) -> dict[str, di
     moe.setdefault("checkpoint", {}).update(every=0, keep_last=1, keep_best=False)
     moe.setdefault("log", {})["progress"] = False
     moe.setdefault("train", {})["peak_flops"] = 1.0  # no peak measurement per run: MFU is not what is compared
-    dense = copy.deepcopy(moe)
-    dense["model"]["ffn_dim"] = active_ffn_width(moe["model"]["moe"])
+    return {"moe": moe, "dense": dense_twin(moe), "hf": copy.deepcopy(moe)}
+
+
+def dense_twin(config: dict) -> dict:
+    """A copy of the config dict `config` with every MoE feed-forward replaced by a SwiGLU of the MoE's active
+    width (top_k routed + shared experts): equal active parameters and FLOPs per token, up to the router."""
+    dense = copy.deepcopy(config)
+    dense["model"]["ffn_dim"] = active_ffn_width(dense["model"]["moe"])
     dense["model"]["moe"]["layers"] = "none"
-    return {"moe": moe, "dense": dense, "hf": copy.deepcopy(moe)}
+    return dense
 
 
 def curve_stats(curve: list[dict]) -> dict:

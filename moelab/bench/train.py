@@ -70,15 +70,13 @@ def config_path(name: str) -> Path:
 
 
 def dense_twin(cfg):
-    """`cfg` with every MoE feed-forward replaced by a SwiGLU of the MoE's active width (top_k routed + shared
-    experts): equal active parameters and FLOPs per token, up to the router."""
+    """The dense twin of the Config `cfg` (`quality_setup.dense_twin`: the same one `bench quality` trains)."""
     import dataclasses
 
-    from moelab.bench.quality_setup import active_ffn_width
+    from moelab.bench import quality_setup
     from moelab.config import load_config
 
-    moe = dataclasses.asdict(cfg.model.moe)
-    return load_config(cfg, [f"model.ffn_dim={active_ffn_width(moe)}", "model.moe.layers=none"])
+    return load_config(quality_setup.dense_twin(dataclasses.asdict(cfg)))
 
 
 def run_worker(spec: dict) -> dict:
