@@ -170,8 +170,13 @@ def run(args) -> int:
     from moelab.bench.quality_setup import load_recipe, model_configs, plot, prepare_corpus, summarise
     from moelab.config import Config, apply_overrides, from_dict
     from moelab.data import load_meta
+    from moelab.errors import UserError
     from moelab.model.counting import count_params
 
+    for flag in ("minutes", "tokens", "sweep_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise UserError(f"--{flag.replace('_', '-')}: expected > 0, got {value:g}")
     corpora = [f"file:{args.data}"] if args.data else args.corpora
     if args.tokens:
         budget = {"kind": "tokens", "value": args.tokens}

@@ -43,8 +43,11 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    from moelab.errors import UserError
     from moelab.train.demo import run_demo
 
+    if args.minutes < 0:
+        raise UserError(f"--minutes: expected >= 0 (0 = train.steps, no time budget), got {args.minutes:g}")
     run_demo(
         args.run_dir, args.input, args.overrides, args.config, samples=not args.no_samples, minutes=args.minutes or None
     )

@@ -148,3 +148,11 @@ def test_study_equal_wall_clock_budgets_seconds_of_training(tmp_path):
         if r["steps_done"] < 3 * r["steps_planned"]:  # stopped by the budget, not by the step cap
             assert r["curve"][-1]["elapsed_s"] >= 0.05 * 60
         assert r["curve"][-1]["elapsed_s"] <= 0.05 * 60 + 5  # the budget (+ the last step)
+
+
+@pytest.mark.parametrize("flag", ["--minutes", "--tokens", "--sweep-tokens"])
+def test_study_refuses_a_non_positive_budget_up_front(flag, tmp_path, capsys):
+    args = ["bench", "quality", flag, "0", "--work-dir", str(tmp_path / "w"), "--json", str(tmp_path / "q.json")]
+    assert main(args) == 2
+    assert capsys.readouterr().err.strip() == f"moelab bench: error: {flag}: expected > 0, got 0"
+    assert not (tmp_path / "w").exists()  # refused before any corpus is prepared

@@ -108,3 +108,11 @@ def test_demo_budget_reuses_the_first_measurement(monkeypatch):
     monkeypatch.setattr(demo, "step_seconds", lambda model, cfg, batch: calls.append(batch) or batch / 16)
     assert demo.fit_budget(None, cfg, 1000, first=1.0) == (600, 16, 1.0) and calls == []
     assert demo.fit_budget(None, cfg, 100, first=1.0) == (200, 8, 0.5) and calls == [8]  # only new batch sizes
+
+
+def test_demo_refuses_a_negative_budget(capsys):
+    from moelab.cli import main
+
+    assert main(["demo", "--minutes", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "moelab demo: error: --minutes: expected >= 0 (0 = train.steps, no time budget), got -1"
