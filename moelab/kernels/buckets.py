@@ -83,12 +83,19 @@ def plan_buckets(
         i = int(cut[j])
         groups.append((active[i:j], counts[active[i]]))
         j = i
-    buckets = []
-    for experts, rows in groups:
+    buckets: list[Bucket] = []
+    for experts, rows in sorted(groups, key=lambda g: min(g[0])):
         experts.sort()
         contiguous = all(counts[e] == rows for e in experts) and experts == list(range(experts[0], experts[-1] + 1))
         if contiguous:
-            buckets.append(Bucket(experts, rows, starts[experts[0]], None))
+            last = buckets[-1] if buckets else None
+            if last is not None and last.index is None and last.rows == rows and last.experts[-1] + 1 == experts[0]:
+                # neighbours of equal load that already sit side by side in x_sorted: one bmm, no gather
+                # (the cost model above charges every multi-expert run a gather, so it keeps them apart;
+                # row grids make equal loads common)
+                last.experts.extend(experts)
+            else:
+                buckets.append(Bucket(experts, rows, starts[experts[0]], None))
             continue
         r = np.arange(rows)
         first = np.array([starts[e] for e in experts])[:, None]

@@ -77,12 +77,13 @@ def _bmm_rows(out: torch.Tensor, b: Bucket, a: torch.Tensor, w: torch.Tensor, bi
         out.index_copy_(0, b.index, _bmm(a, w, binary).view(n * b.rows, -1))
 
 
-def _put_weights(buf: torch.Tensor, b: Bucket, value: torch.Tensor) -> None:
+def _bmm_weights(buf: torch.Tensor, b: Bucket, a: torch.Tensor, w: torch.Tensor, binary: bool) -> None:
+    """buf [E, ...] <- a @ w at the bucket's experts: written in place when they are a contiguous range."""
     e0, e1 = b.experts[0], b.experts[-1] + 1
     if e1 - e0 == len(b.experts):
-        buf[e0:e1] = value
+        _bmm(a, w, binary, buf[e0:e1])
     else:
-        buf.index_copy_(0, torch.tensor(b.experts, device=buf.device), value)
+        buf.index_copy_(0, torch.tensor(b.experts, device=buf.device), _bmm(a, w, binary))
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor, binary: bool, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -102,12 +103,12 @@ def _bmm(a: torch.Tensor, b: torch.Tensor, binary: bool, out: torch.Tensor | Non
 
 def _swiglu_grads(da: torch.Tensor, h: torch.Tensor, silu_g: torch.Tensor) -> torch.Tensor:
     """d h [..., 2F] from d a, for a = silu(g) * u with h = [g | u]: d g = silu'(g) * da * u (aten's
-    fused silu_backward), d u = da * silu(g) (`silu_g`, already computed for a)."""
+    fused silu_backward), d u = da * silu(g) (`silu_g`, kept from forward). Overwrites da."""
     f = h.shape[-1] // 2
     g, u = h[..., :f], h[..., f:]
     dh = torch.empty_like(h)
     torch.mul(da, silu_g, out=dh[..., f:])
-    dh[..., :f] = torch.ops.aten.silu_backward(da * u, g)
+    torch.ops.aten.silu_backward(da.mul_(u), g, grad_input=dh[..., :f])  # da is this bucket's own buffer
     return dh
 
 
@@ -126,16 +127,19 @@ class _GroupedSwiGLU(torch.autograd.Function):
         x_pad = with_zero_row(x) if any(b.index is not None for b in buckets) else None
         y = x.new_empty(n + 1, down.shape[1])
         saved = []
-        need_x, need_gu = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_x, need_gu, need_dn = ctx.needs_input_grad[:3]
         for b in buckets:
             xb = _rows(x, x_pad, b)  # [E_b, C, D]
             w_gu, w_dn = _weights(gate_up, b, dtype), _weights(down, b, dtype)
             h = _bmm(xb, w_gu.transpose(1, 2), binary)  # [E_b, C, 2F] gate|up pre-activations
-            a = F.silu(h[..., :f]) * h[..., f:]  # [E_b, C, F]
+            silu_g = F.silu(h[..., :f])
+            a = silu_g * h[..., f:]  # [E_b, C, F]
             _bmm_rows(y, b, a, w_dn.transpose(1, 2), binary)
-            # keep only what backward will read: xb for d gate_up, w_gu for dx (frozen experts, and
-            # layer 0 of router-only tuning where x needs no gradient, free them now)
-            saved.append((xb if need_gu else None, h, w_gu if need_x else None, w_dn))
+            # keep only what backward will read: xb for d gate_up, w_gu for dx, a for d down (frozen
+            # experts, and layer 0 of router-only tuning where x needs no gradient, free them now).
+            # silu(g) and a are kept, not recomputed: [N, 2F] more, as much as a dense SwiGLU of equal
+            # active width keeps for its backward, and recomputing them was ~5% of a bf16 MoE layer.
+            saved.append((xb if need_gu else None, h, silu_g if need_x or need_gu else None, a if need_dn else None, w_gu if need_x else None, w_dn))
         ctx.buckets, ctx.saved, ctx.dtype, ctx.binary = buckets, saved, dtype, binary
         ctx.shapes = (gate_up.shape, down.shape, gate_up.dtype, down.dtype)
         return y.resize_(n, y.shape[1])  # drop the dump row in place: a view would trip FSDP2's hooks
@@ -165,12 +169,10 @@ class _GroupedSwiGLU(torch.autograd.Function):
                     if d is not None:
                         d[e].zero_()
         binary = ctx.binary
-        for b, (xb, h, w_gu, w_dn) in zip(buckets, ctx.saved, strict=True):
+        for b, (xb, h, silu_g, a, w_gu, w_dn) in zip(buckets, ctx.saved, strict=True):
             dyb = _rows(dy, dy_pad, b)  # [E_b, C, D]
-            silu_g = F.silu(h[..., :f])  # recomputed: cheaper than keeping [N, F]; reused for d u
             if d_down is not None:
-                a = silu_g * h[..., f:]
-                _put_weights(d_down, b, _bmm(dyb.transpose(1, 2), a, binary))  # [E_b, D, F]
+                _bmm_weights(d_down, b, dyb.transpose(1, 2), a, binary)  # [E_b, D, F]
             if dx is None and d_gate_up is None:
                 continue
             da = _bmm(dyb, w_dn, binary)  # [E_b, C, F]
@@ -178,7 +180,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
             if dx is not None:
                 _bmm_rows(dx, b, dh, w_gu, binary)  # [E_b, C, D]
             if d_gate_up is not None:
-                _put_weights(d_gate_up, b, _bmm(dh.transpose(1, 2), xb, binary))  # [E_b, 2F, D]
+                _bmm_weights(d_gate_up, b, dh.transpose(1, 2), xb, binary)  # [E_b, 2F, D]
         ctx.saved = None
         return (
             None if dx is None else dx[:n],
@@ -213,7 +215,7 @@ class CpuBucketsBackend:
             return run(x, gate_up, down, topk_ids, weights, keep)
         dtype = compute_dtype(x)
         plan = plan_dispatch(topk_ids, keep, gate_up.shape[0], row_grid(dtype, x.device))
-        y = grouped_swiglu(dispatch(x.to(dtype), plan), gate_up, down, plan.counts)  # [N, D]
+        y = grouped_swiglu(dispatch(x, plan, dtype), gate_up, down, plan.counts)  # [N, D]
         return combine(y, weights, plan)
 
     def _moe_lora(self, x, gate_up, down, topk_ids, weights, keep, lora):
@@ -221,7 +223,7 @@ class CpuBucketsBackend:
         plan = plan_dispatch(topk_ids, keep, gate_up.shape[0], row_grid(dtype, x.device))
         row_adapter = lora.token_adapter[plan.src] if lora.multi else None
         with torch.autocast(x.device.type, enabled=False):  # every operand is cast to `dtype` explicitly
-            y = lora_grouped_swiglu(dispatch(x.to(dtype), plan), gate_up, down, plan.counts, lora, row_adapter)
+            y = lora_grouped_swiglu(dispatch(x, plan, dtype), gate_up, down, plan.counts, lora, row_adapter)
             return combine(y, weights, plan)
 
     def sorted_experts(self, x_sorted, gate_up, down, counts: torch.Tensor, lora=None) -> torch.Tensor:

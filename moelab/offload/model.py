@@ -37,7 +37,7 @@ class OffloadedExperts(nn.Module):
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("offloaded experts are for inference: run under torch.no_grad()")
         plan = plan_dispatch(topk_ids, keep, self.num_experts)
-        return combine(self._run(dispatch(x.to(compute_dtype(x)), plan), plan.counts), weights, plan)
+        return combine(self._run(dispatch(x, plan, compute_dtype(x)), plan.counts), weights, plan)
 
     def _run(self, x_sorted: torch.Tensor, counts: list[int]) -> torch.Tensor:
         y = x_sorted.new_empty(x_sorted.shape)

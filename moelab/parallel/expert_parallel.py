@@ -111,7 +111,7 @@ class ExpertParallelFFN(nn.Module):
                 dn_a=self._local(d.dn_a),
                 dn_b=self._local(d.dn_b),
             )
-        y_sorted = self._exchange_and_run(dispatch(x.to(compute_dtype(x)), plan), plan.counts, lora)
+        y_sorted = self._exchange_and_run(dispatch(x, plan, compute_dtype(x)), plan.counts, lora)
         return combine(y_sorted, weights, plan)
 
     def _exchange_and_run(self, x_sorted: torch.Tensor, counts: list[int], lora=None) -> torch.Tensor:
