@@ -139,7 +139,16 @@ class _GroupedSwiGLU(torch.autograd.Function):
             # experts, and layer 0 of router-only tuning where x needs no gradient, free them now).
             # silu(g) and a are kept, not recomputed: [N, 2F] more, as much as a dense SwiGLU of equal
             # active width keeps for its backward, and recomputing them was ~5% of a bf16 MoE layer.
-            saved.append((xb if need_gu else None, h, silu_g if need_x or need_gu else None, a if need_dn else None, w_gu if need_x else None, w_dn))
+            saved.append(
+                (
+                    xb if need_gu else None,
+                    h,
+                    silu_g if need_x or need_gu else None,
+                    a if need_dn else None,
+                    w_gu if need_x else None,
+                    w_dn,
+                )
+            )
         ctx.buckets, ctx.saved, ctx.dtype, ctx.binary = buckets, saved, dtype, binary
         ctx.shapes = (gate_up.shape, down.shape, gate_up.dtype, down.dtype)
         return y.resize_(n, y.shape[1])  # drop the dump row in place: a view would trip FSDP2's hooks
@@ -156,7 +165,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
         # their [E, ...] buffers as large as the weights, all thrown away.
         need_x, need_gu, need_dn = ctx.needs_input_grad[:3]
         gu_shape, dn_shape, gu_dtype, dn_dtype = ctx.shapes
-        n, f = dy.shape[0], dn_shape[-1]
+        n = dy.shape[0]
         buckets = ctx.buckets
         dy_pad = with_zero_row(dy) if any(b.index is not None for b in buckets) else None
         dx = dy.new_empty(n + 1, gu_shape[-1]) if need_x else None

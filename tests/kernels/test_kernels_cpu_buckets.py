@@ -78,6 +78,27 @@ def test_dispatch_combine_equal_autograd_gathers(blocks, drop):
     torch.testing.assert_close(dw, rdw)
 
 
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("drop", [False, True])
+def test_dispatch_casts_inside_and_returns_the_gradient_in_x_dtype(k, drop):
+    # bf16 experts on an fp32 residual stream: rows gathered in bf16, K row gradients summed into x's fp32
+    t, e, d = 11, 4, 8
+    ids, keep, g = random_routing(t, e, k, 3, drop)
+    plan = plan_dispatch(ids, keep, e)
+    x = torch.randn(t, d, generator=g, requires_grad=True)
+    xs = dispatch(x, plan, torch.bfloat16)
+    assert xs.dtype == torch.bfloat16
+    torch.testing.assert_close(xs, x.detach().to(torch.bfloat16)[plan.src], rtol=0, atol=0)
+    gs = torch.randn(plan.rows, d, generator=g).to(torch.bfloat16)
+    (dx,) = torch.autograd.grad(xs, x, gs)
+    assert dx.dtype == torch.float32
+    kept = keep if keep is not None else torch.ones_like(ids, dtype=torch.bool)
+    ref = torch.zeros(t, d)
+    for ti, j in kept.nonzero().tolist():
+        ref[ti] += gs[plan.pos[ti, j]].float()
+    torch.testing.assert_close(dx, ref, rtol=0, atol=0)  # bf16 rows summed exactly in fp32
+
+
 @settings(max_examples=80, deadline=None)
 @given(
     counts=st.lists(st.integers(0, 300), min_size=1, max_size=9),
