@@ -45,25 +45,15 @@ class Bucket:
     index: torch.Tensor | None  # [E_b * C] rows of x_sorted to gather (N = a zero row); None if contiguous
 
 
-def plan_buckets(
-    counts: list[int],
-    call_rows: float,
-    gather_rows: float = 0.0,
-    gather_frac: float = 0.0,
-    device=None,
-    binary: bool = False,
-) -> list[Bucket]:
-    """Group active experts into buckets, minimising the work in rows: padded rows, `call_rows` per
-    bmm call, and for a bucket of several experts (gathered) `gather_rows` per expert plus
-    `gather_frac` per row. Over the loads sorted in descending order, the best split into runs is a
-    small dynamic programme: best[j] = min_i best[i] + cost(run i..j-1), a run costing
-    calls(n) * call_rows + n * c_i - (S_j - S_i) [+ n * gather_rows + gather_frac * n * c_i if n > 1].
-    `binary`: a bucket of n experts runs as bmm calls over power-of-two batches (popcount(n) calls),
-    so that batch sizes come from a small set too (see `cpu_buckets.row_grid`)."""
-    starts, s = [], 0
-    for c in counts:
-        starts.append(s)
-        s += c
+def best_runs(
+    counts: list[int], call_rows: float, gather_rows: float, gather_frac: float, binary: bool
+) -> list[tuple[list[int], int]]:
+    """The active experts split into runs of similar load, as (experts, rows = the run's largest load).
+    Over the loads sorted in descending order, the best split is a small dynamic programme: best[j] =
+    min_i best[i] + cost(run i..j-1), a run costing calls(n) * call_rows + n * c_i - (S_j - S_i)
+    [+ n * gather_rows + gather_frac * n * c_i if n > 1]. `binary`: a bucket of n experts runs as bmm
+    calls over power-of-two batches (popcount(n) calls), so that batch sizes come from a small set too
+    (see `cpu_buckets.row_grid`)."""
     active = sorted((e for e, c in enumerate(counts) if c), key=lambda e: -counts[e])
     loads = np.array([counts[e] for e in active], dtype=np.float64)  # descending
     m = len(active)
@@ -81,8 +71,43 @@ def plan_buckets(
     j = m
     while j > 0:
         i = int(cut[j])
-        groups.append((active[i:j], counts[active[i]]))
+        groups.append((sorted(active[i:j]), counts[active[i]]))
         j = i
+    return groups
+
+
+def plan_layout(counts: list[int], call_rows: float, gather_rows: float = 0.0, binary: bool = False) -> list[Bucket]:
+    """Buckets for rows not yet sorted: dispatch lays x_sorted out bucket by bucket, each expert's block
+    padded to its bucket's rows (`sort_dispatch.plan_dispatch(layout=...)`), so every bucket is one
+    contiguous [E_b, C] run used in place. Rows are then never gathered (the sort writes every row
+    once anyway), which lets fine-grained experts share bmm calls that row gathers made too dear;
+    `gather_rows` per expert remains for the weights of experts that are not neighbours. Buckets come
+    in x_sorted order (by first expert)."""
+    groups = sorted(best_runs(counts, call_rows, gather_rows, 0.0, binary), key=lambda g: g[0][0])
+    buckets, start = [], 0
+    for experts, rows in groups:
+        buckets.append(Bucket(experts, rows, start, None))
+        start += len(experts) * rows
+    return buckets
+
+
+def plan_buckets(
+    counts: list[int],
+    call_rows: float,
+    gather_rows: float = 0.0,
+    gather_frac: float = 0.0,
+    device=None,
+    binary: bool = False,
+) -> list[Bucket]:
+    """Group active experts into buckets, minimising the work in rows: padded rows, `call_rows` per
+    bmm call, and for a bucket of several experts (gathered) `gather_rows` per expert plus
+    `gather_frac` per row (`best_runs`). Rows stay where x_sorted has them: a bucket whose experts
+    are not equal, adjacent blocks is gathered (`Bucket.index`)."""
+    starts, s = [], 0
+    for c in counts:
+        starts.append(s)
+        s += c
+    groups = best_runs(counts, call_rows, gather_rows, gather_frac, binary)
     buckets: list[Bucket] = []
     for experts, rows in sorted(groups, key=lambda g: min(g[0])):
         experts.sort()

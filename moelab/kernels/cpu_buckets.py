@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from moelab.kernels.buckets import Bucket, MatmulCosts, _rows, _weights, plan_buckets
+from moelab.kernels.buckets import Bucket, MatmulCosts, _rows, _weights, plan_buckets, plan_layout
 from moelab.kernels.common import compute_dtype, with_zero_row
 from moelab.kernels.few_tokens import few_tokens_moe
 from moelab.kernels.lora_buckets import lora_grouped_swiglu
@@ -114,16 +114,14 @@ def _swiglu_grads(da: torch.Tensor, h: torch.Tensor, silu_g: torch.Tensor) -> to
 
 class _GroupedSwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gate_up, down, counts: list[int], dtype: torch.dtype):
+    def forward(ctx, x, gate_up, down, buckets: list[Bucket], dtype: torch.dtype):
         with torch.autocast(x.device.type, enabled=False):
-            return _GroupedSwiGLU._forward(ctx, x, gate_up, down, counts, dtype)
+            return _GroupedSwiGLU._forward(ctx, x, gate_up, down, buckets, dtype)
 
     @staticmethod
-    def _forward(ctx, x, gate_up, down, counts, dtype):
+    def _forward(ctx, x, gate_up, down, buckets, dtype):
         n, f = x.shape[0], down.shape[-1]
-        costs = MatmulCosts.of(dtype, x.device).in_rows(down.shape[1], f, x.element_size())
         binary = row_grid(dtype, x.device) is not None  # shapes from a small set (oneDNN kernel cache)
-        buckets = plan_buckets(counts, *costs, device=x.device, binary=binary)
         x_pad = with_zero_row(x) if any(b.index is not None for b in buckets) else None
         y = x.new_empty(n + 1, down.shape[1])
         saved = []
@@ -200,11 +198,36 @@ class _GroupedSwiGLU(torch.autograd.Function):
         )
 
 
+def _costs(dtype: torch.dtype, x: torch.Tensor, down: torch.Tensor) -> tuple[float, float, float]:
+    return MatmulCosts.of(dtype, x.device).in_rows(down.shape[1], down.shape[-1], torch.finfo(dtype).bits // 8)
+
+
 def grouped_swiglu(
     x_sorted: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, counts: list[int]
 ) -> torch.Tensor:
-    """Run each expert on its contiguous block of rows; rows must be sorted by expert."""
-    return _GroupedSwiGLU.apply(x_sorted, gate_up, down, counts, x_sorted.dtype)
+    """Run each expert on its contiguous block of rows; rows must be sorted by expert (`counts` rows
+    each, in expert order): buckets of several experts gather their rows."""
+    dtype = x_sorted.dtype
+    binary = row_grid(dtype, x_sorted.device) is not None
+    buckets = plan_buckets(counts, *_costs(dtype, x_sorted, down), device=x_sorted.device, binary=binary)
+    return _GroupedSwiGLU.apply(x_sorted, gate_up, down, buckets, dtype)
+
+
+class _Layout:
+    """`plan_dispatch(layout=...)` for the bucketed experts: row-grid rounding (bf16), then buckets laid
+    out in place (`plan_layout`)."""
+
+    def __init__(self, dtype: torch.dtype, x: torch.Tensor, down: torch.Tensor):
+        self.grid = row_grid(dtype, x.device)
+        call, gather_expert, _ = _costs(dtype, x, down)
+        self.costs = (call, gather_expert)
+        self.buckets: list[Bucket] = []
+
+    def __call__(self, counts: list[int]) -> list[Bucket]:
+        if self.grid is not None:
+            counts = [self.grid(c) for c in counts]
+        self.buckets = plan_layout(counts, *self.costs, binary=self.grid is not None)
+        return self.buckets
 
 
 class CpuBucketsBackend:
@@ -223,8 +246,9 @@ class CpuBucketsBackend:
             run = torch.ops.moelab.few_tokens_moe if torch.compiler.is_compiling() else few_tokens_moe
             return run(x, gate_up, down, topk_ids, weights, keep)
         dtype = compute_dtype(x)
-        plan = plan_dispatch(topk_ids, keep, gate_up.shape[0], row_grid(dtype, x.device))
-        y = grouped_swiglu(dispatch(x, plan, dtype), gate_up, down, plan.counts)  # [N, D]
+        layout = _Layout(dtype, x, down)
+        plan = plan_dispatch(topk_ids, keep, gate_up.shape[0], layout=layout)
+        y = _GroupedSwiGLU.apply(dispatch(x, plan, dtype), gate_up, down, layout.buckets, dtype)  # [N, D]
         return combine(y, weights, plan)
 
     def _moe_lora(self, x, gate_up, down, topk_ids, weights, keep, lora):

@@ -30,11 +30,12 @@ from moelab.kernels.common import with_zero_row
 
 @dataclass
 class DispatchPlan:
-    counts: list[int]  # [E] rows per expert block of x_sorted (kept + padding), in expert order
+    counts: list[int]  # [E] rows of each expert's block of x_sorted (kept + padding), by expert id
     kept: int  # kept assignments (rows that are not padding)
     src: torch.Tensor  # [N] token each row of x_sorted is read from
     pos: torch.Tensor  # [T, K] row of each assignment in x_sorted; N (a zero row) when dropped
     inv: torch.Tensor  # [N] assignment t*K + k each row holds; A (a zero row) for padding rows
+    layout: list | None = None  # what `layout` returned: the blocks are in its order, not by expert id
 
     @property
     def rows(self) -> int:
@@ -42,34 +43,60 @@ class DispatchPlan:
 
 
 def plan_dispatch(
-    topk_ids: torch.Tensor, keep: torch.Tensor | None, num_experts: int, block_rows: Callable[[int], int] | None = None
+    topk_ids: torch.Tensor,
+    keep: torch.Tensor | None,
+    num_experts: int,
+    block_rows: Callable[[int], int] | None = None,
+    layout: Callable[[list[int]], list] | None = None,
 ) -> DispatchPlan:
     """topk_ids [T, K]; keep [T, K] bool or None (False = dropped: no row, zero output). Each expert's
-    block of c rows is padded to block_rows(c) rows (default: not padded)."""
+    block of c rows is padded to block_rows(c) rows (default: not padded), blocks in expert order.
+    `layout(kept counts by expert)` instead returns groups in the order x_sorted should hold them,
+    each with `experts` and `rows` (every active expert once; its block padded to the group's rows),
+    e.g. `buckets.plan_layout`'s buckets."""
     t, k = topk_ids.shape
     a = t * k
     flat_e = topk_ids.reshape(-1)
     if keep is not None:
         flat_e = torch.where(keep.reshape(-1), flat_e, num_experts)  # sentinel expert: dropped sort last
-    order = torch.argsort(flat_e, stable=True)  # [A] assignments, expert-major
-    kept_counts = torch.bincount(flat_e, minlength=num_experts + 1)[:num_experts].tolist()  # the host sync
-    kept = sum(kept_counts)
-    counts = [block_rows(c) for c in kept_counts] if block_rows else kept_counts
-    n = sum(counts)
     dev = topk_ids.device
+    groups = None
+    if layout is None:
+        key = flat_e
+        order = torch.argsort(key, stable=True)  # [A] assignments, expert-major
+        kept_counts = torch.bincount(flat_e, minlength=num_experts + 1)[:num_experts].tolist()  # the host sync
+        counts = [block_rows(c) for c in kept_counts] if block_rows else kept_counts
+        seq, kept_seq, rows_seq = list(range(num_experts)), kept_counts, counts
+    else:
+        kept_counts = torch.bincount(flat_e, minlength=num_experts + 1)[:num_experts].tolist()  # the host sync
+        groups = layout(kept_counts)
+        counts = [0] * num_experts
+        seq = []
+        for g in groups:
+            for e in g.experts:
+                counts[e] = g.rows
+                seq.append(e)
+        seq += [e for e in range(num_experts) if not kept_counts[e]]  # idle experts: empty blocks, last
+        rank = torch.empty(num_experts + 1, dtype=torch.long)
+        rank[torch.tensor(seq + [num_experts])] = torch.arange(num_experts + 1)
+        key = rank.to(dev)[flat_e]  # the position of each assignment's expert in the layout
+        order = torch.argsort(key, stable=True)
+        kept_seq, rows_seq = [kept_counts[e] for e in seq], [counts[e] for e in seq]
+    kept = sum(kept_counts)
+    n = sum(counts)
     if n == kept:  # no padding: sorted position i is row i
         row = torch.arange(a, device=dev)
     else:  # row = padded block start of its expert + rank within the expert
-        shifts = [ps - s for ps, s in zip(_starts(counts), _starts(kept_counts), strict=True)]
+        shifts = [ps - s for ps, s in zip(_starts(rows_seq), _starts(kept_seq), strict=True)]
         shift = torch.tensor(shifts + [0], device=dev)
-        row = torch.arange(a, device=dev) + shift[flat_e[order]]
+        row = torch.arange(a, device=dev) + shift[key[order]]
     row[kept:] = n  # dropped assignments read the zero row
     pos = torch.empty_like(row)
     pos[order] = row
     inv = torch.full((n,), a, dtype=torch.long, device=dev)
     inv[row[:kept]] = order[:kept]
     src = (inv // k).clamp_(max=max(t - 1, 0))  # padding rows repeat the last token
-    return DispatchPlan(counts, kept, src, pos.view(t, k), inv)
+    return DispatchPlan(counts, kept, src, pos.view(t, k), inv, groups)
 
 
 def _starts(counts: list[int]) -> list[int]:
