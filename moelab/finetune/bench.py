@@ -38,9 +38,16 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--chat-in-base", type=int, default=10, help="train items per family also in the base's stream as chats"
     )
-    p.add_argument("--router-lrs", default="1e-3,3e-3,1e-2,3e-2", help="router-only learning rates to choose from")
-    p.add_argument("--full-lrs", default="1e-4,3e-4,1e-3", help="full fine-tuning learning rates to choose from")
-    p.add_argument("--lora-lrs", default="3e-4,1e-3,3e-3", help="LoRA learning rates to choose from")
+    p.add_argument("--router-lrs", default="1e-4,3e-4,1e-3", help="router-only learning rates to choose from")
+    p.add_argument("--full-lrs", default="3e-5,1e-4,3e-4", help="full fine-tuning learning rates to choose from")
+    p.add_argument("--lora-lrs", default="1e-4,3e-4,1e-3", help="LoRA learning rates to choose from")
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=25,
+        help="score the validation items every N fine-tune steps and keep the best point (early stopping; "
+        "0 = only at the end)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument(
         "--out",
@@ -100,30 +107,58 @@ def _lrs(text: str, variant: str = "router_only") -> list[float]:
     return lrs
 
 
-def _fine_tune(root: Path, name: str, ft: dict, lr: float, args, seed: int, base_ckpt: Path, chat: Path):
+def _better(a: dict, b: dict | None) -> bool:
+    """The validation rule: higher exact match, then lower answer loss on a tie."""
+    return b is None or (a["val_em"]["all"], -a["val_loss"]) > (b["val_em"]["all"], -b["val_loss"])
+
+
+def _fine_tune(root: Path, name: str, ft: dict, lr: float, args, seed: int, base_ckpt: Path, chat: Path, enc, val):
+    """One fine-tune at one rate, with early stopping on the validation items: every `--eval-every`
+    steps (and at the end) score them, keep the trainable weights of the best point, and return the
+    model restored to it."""
     import torch
 
+    from moelab.finetune.bench_task import answer_loss, exact_match
     from moelab.train import Trainer
 
     cfg = _train_cfg(args.steps, lr, str(chat), seed, **ft)
     trainer = Trainer(cfg, root / name, init_from=base_ckpt, progress=False)
-    t0 = time.perf_counter()
-    trainer.run()
-    wall = time.perf_counter() - t0
+    model = trainer.model
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    every = args.eval_every or args.steps
+    curve: list[dict] = []
+    best, best_state = None, {}
+    model.train()
+    for step in range(1, args.steps + 1):
+        trainer.train_step()
+        if step % every and step != args.steps:
+            continue
+        point = {"step": step, "val_em": exact_match(model, enc, val), "val_loss": answer_loss(model, enc, val)}
+        curve.append({"step": step, "val_em": point["val_em"]["all"], "val_loss": point["val_loss"]})
+        if _better(point, best):
+            best, best_state = point, {n: p.detach().clone() for n, p in trainable}
+        model.train()
+    with torch.no_grad():
+        for n, p in trainable:
+            p.copy_(best_state[n])
+    model.eval()
     opt_bytes = sum(
         t.numel() * t.element_size() for s in trainer.optimizer.state.values() for t in s.values() if torch.is_tensor(t)
     )
     counts = trainer.finetune.counts
+    assert best is not None
     info = {
         "lr": lr,
+        **best,
+        "curve": curve,
         "trainable_params": counts["trainable"],
         "total_params": counts["total"],
         "trainable_frac": counts["trainable"] / counts["total"],
         "optimizer_bytes": opt_bytes,
-        "wall_s": wall,
+        "wall_s": trainer.progress.elapsed_s,  # the optimizer steps only, not the validation passes
         "tokens_per_s": trainer.progress.tokens / max(trainer.progress.elapsed_s, 1e-9),
     }
-    return trainer.model, info
+    return model, info
 
 
 def run_seed(seed: int, args, root: Path) -> dict:
@@ -133,7 +168,15 @@ def run_seed(seed: int, args, root: Path) -> dict:
     from moelab.checkpoint import load_model
     from moelab.data.chat import prepare_chat
     from moelab.data.chat_template import ChatEncoder, ChatTemplate
-    from moelab.finetune.bench_task import answer_loss, exact_match, make_task, plain_exact_match, pretrain_ids
+    from moelab.finetune.bench_task import (
+        answer_loss,
+        exact_match,
+        make_task,
+        plain_exact_match,
+        pretrain_ids,
+        routing_changed,
+        routing_ids,
+    )
     from moelab.tokenizer import EOD, ByteTokenizer
     from moelab.train import Trainer
     from moelab.train.data_source import InMemorySource
@@ -153,15 +196,26 @@ def run_seed(seed: int, args, root: Path) -> dict:
     Trainer(_train_cfg(args.base_steps, 3e-3, None, seed), root / "base", data=src, progress=False).run()
     base_ckpt = sorted((root / "base" / "checkpoints").glob("step_*"))[-1]
     base, _, _ = load_model(base_ckpt)
+    base_point = {
+        "lr": None,
+        "step": 0,
+        "val_em": exact_match(base, enc, task.val),
+        "val_loss": answer_loss(base, enc, task.val),
+        "test_em": exact_match(base, enc, task.test),
+        "routing_changed": 0.0,
+    }
     out: dict = {
         "seed": seed,
         "base": {
             "train_s": time.perf_counter() - t0,
-            "test_em": exact_match(base, enc, task.test),
-            "val_em": exact_match(base, enc, task.val),
+            "test_em": base_point["test_em"],
+            "val_em": base_point["val_em"],
+            "val_loss": base_point["val_loss"],
             "plain_test_em": plain_exact_match(base, tok, task.test),
         },
     }
+    base_routes = routing_ids(base, enc, task.test)
+    del base
     jsonl = root / "chat.jsonl"
     jsonl.write_text("".join(json.dumps({"prompt": it.question, "completion": it.answer}) + "\n" for it in task.train))
     prepare_chat([str(jsonl)], str(tok_dir), root / "chat", seq_len=63, val_fraction=0.02, quiet=True)
@@ -171,17 +225,29 @@ def run_seed(seed: int, args, root: Path) -> dict:
         "lora_experts": ({"mode": "lora", "lora": lora}, args.lora_lrs),
         "router_only": ({"mode": "router"}, args.router_lrs),
     }
+    keys = ("lr", "step", "val_em", "val_loss", "test_em", "routing_changed", "curve")
     for name, (ft, lrs) in variants.items():
         tried = []
         for lr in _lrs(lrs, name):
-            model, info = _fine_tune(root, f"{name}_{lr:g}", ft, lr, args, seed, base_ckpt, root / "chat")
-            info["val_em"], info["val_loss"] = exact_match(model, enc, task.val), answer_loss(model, enc, task.val)
+            model, info = _fine_tune(root, f"{name}_{lr:g}", ft, lr, args, seed, base_ckpt, root / "chat", enc, task.val)
+            info["routing_changed"] = routing_changed(base_routes, routing_ids(model, enc, task.test))
             tried.append({**info, "test_em": exact_match(model, enc, task.test)})
             del model
-        # chosen on the validation items only: exact match, then answer loss on a tie
-        best = max(tried, key=lambda r: (r["val_em"]["all"], -r["val_loss"]))
-        keys = ("lr", "val_em", "val_loss", "test_em")
-        out[name] = {**best, "chosen_by": "val_em, then val_loss", "tried": [{k: r[k] for k in keys} for r in tried]}
+        # chosen on the validation items only (exact match, then answer loss on a tie), over every rate's
+        # best point and the base itself (step 0): if no fine-tune beats the base on validation, the
+        # variant is reported as the base
+        best = None
+        for r in [base_point, *tried]:
+            best = r if _better(r, best) else best
+        sizes = {k: v for k, v in tried[0].items() if k not in (*keys, "wall_s", "tokens_per_s")}
+        walls = {k: tried[0][k] if best is base_point else best[k] for k in ("wall_s", "tokens_per_s")}
+        out[name] = {
+            **sizes,
+            **walls,
+            **{k: best.get(k) for k in keys if k != "curve"},
+            "chosen_by": "val_em, then val_loss, over every eval point of every rate and the base (step 0)",
+            "tried": [{k: r[k] for k in keys} for r in tried],
+        }
     return out
 
 
@@ -206,6 +272,8 @@ def summarize(seeds: list[dict]) -> dict:
         out[v]["gain_over_base"] = _spread(diffs)
         out[v]["seeds_above_base"] = sum(d > 0 for d in diffs)
         out[v]["lrs_chosen"] = [s[v]["lr"] for s in seeds]
+        out[v]["steps_chosen"] = [s[v]["step"] for s in seeds]
+        out[v]["routing_changed"] = _spread([s[v]["routing_changed"] for s in seeds])
     return out
 
 
@@ -221,13 +289,17 @@ def _print(summary: dict, seeds: list[dict]) -> None:
     print("(base_plain: the base asked the same questions as prose, not in the chat template)")
     s0 = seeds[0]
     head = f"{'variant':14s} {'trainable':>10s} {'frac':>7s} {'opt MB':>8s} {'wall s':>7s} {'tok/s':>8s}"
-    print(f"{head} {'lr chosen per seed':>20s}  (sizes and times: seed {s0['seed']})")
+    print(f"{head} {'routing chg':>11s}  lr@step chosen per seed  (sizes and times: seed {s0['seed']})")
     for v in VARIANTS:
-        r, lrs = s0[v], ",".join(f"{lr:g}" for lr in summary[v]["lrs_chosen"])
+        r, sv = s0[v], summary[v]
+        chosen = ", ".join(
+            "base" if lr is None else f"{lr:g}@{st}" for lr, st in zip(sv["lrs_chosen"], sv["steps_chosen"], strict=True)
+        )
         print(
             f"{v:14s} {r['trainable_params']:10,d} {r['trainable_frac']:7.2%} {r['optimizer_bytes'] / 1e6:8.2f} "
-            f"{r['wall_s']:7.1f} {r['tokens_per_s']:8,.0f} {lrs:>20s}"
+            f"{r['wall_s']:7.1f} {r['tokens_per_s']:8,.0f} {sv['routing_changed']['mean']:11.1%}  {chosen}"
         )
+    print("(routing chg: share of test-prompt routing decisions, token x layer, that differ from the base's)")
 
 
 def run(args) -> int:
@@ -245,6 +317,10 @@ def run(args) -> int:
         seeds = []
     if not seeds:
         raise UserError(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
+    if args.steps < 1:
+        raise UserError(f"--steps: expected >= 1, got {args.steps}")
+    if args.eval_every < 0:
+        raise UserError(f"--eval-every: expected >= 0 (0 = only at the end), got {args.eval_every}")
     for v in VARIANTS:  # bad input fails before any training
         _lrs(getattr(args, v.split("_")[0] + "_lrs"), v)
     torch.set_num_threads(args.threads)
@@ -273,6 +349,7 @@ def run(args) -> int:
             "full_lrs",
             "lora_lrs",
             "router_lrs",
+            "eval_every",
             "threads",
         )
     }

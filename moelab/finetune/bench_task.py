@@ -170,6 +170,31 @@ def answer_loss(model, enc, items: list[Item]) -> float:
     return total / max(1, count)
 
 
+def routing_ids(model, enc, items: list[Item]) -> list[dict]:
+    """Per item, per MoE layer: the sorted top-k expert ids [T, K] of every token of the chat prompt
+    followed by the answer (teacher-forced), to compare the routing of two models on the same tokens."""
+    import torch
+
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for it in items:
+            ids = enc.prompt([{"role": "user", "content": it.question}]) + enc.tok.encode(it.answer)
+            routing = model(torch.tensor([ids])).routing
+            out.append({i: st.topk_ids.sort(-1).values for i, st in routing.items()})
+    return out
+
+
+def routing_changed(a: list[dict], b: list[dict]) -> float:
+    """Share of routing decisions (one token in one layer: its set of top-k experts) that differ."""
+    changed = total = 0
+    for ra, rb in zip(a, b, strict=True):
+        for layer, ids in ra.items():
+            total += ids.shape[0]
+            changed += int((ids != rb[layer]).any(-1).sum())
+    return changed / max(1, total)
+
+
 def _by_family(items: list[Item], hits: list[bool]) -> dict[str, float]:
     out = {}
     for fam in FAMILIES:
