@@ -133,7 +133,7 @@ def _fine_tune(root: Path, name: str, ft: dict, lr: float, args, seed: int, base
         trainer.train_step()
         if step % every and step != args.steps:
             continue
-        point = {"step": step, "val_em": exact_match(model, enc, val), "val_loss": answer_loss(model, enc, val)}
+        point: dict = {"step": step, "val_em": exact_match(model, enc, val), "val_loss": answer_loss(model, enc, val)}
         curve.append({"step": step, "val_em": point["val_em"]["all"], "val_loss": point["val_loss"]})
         if _better(point, best):
             best, best_state = point, {n: p.detach().clone() for n, p in trainable}
@@ -229,15 +229,16 @@ def run_seed(seed: int, args, root: Path) -> dict:
     for name, (ft, lrs) in variants.items():
         tried = []
         for lr in _lrs(lrs, name):
-            model, info = _fine_tune(root, f"{name}_{lr:g}", ft, lr, args, seed, base_ckpt, root / "chat", enc, task.val)
+            run = (root, f"{name}_{lr:g}", ft, lr, args, seed, base_ckpt, root / "chat")
+            model, info = _fine_tune(*run, enc, task.val)
             info["routing_changed"] = routing_changed(base_routes, routing_ids(model, enc, task.test))
             tried.append({**info, "test_em": exact_match(model, enc, task.test)})
             del model
         # chosen on the validation items only (exact match, then answer loss on a tie), over every rate's
         # best point and the base itself (step 0): if no fine-tune beats the base on validation, the
         # variant is reported as the base
-        best = None
-        for r in [base_point, *tried]:
+        best: dict = base_point
+        for r in tried:
             best = r if _better(r, best) else best
         sizes = {k: v for k, v in tried[0].items() if k not in (*keys, "wall_s", "tokens_per_s")}
         walls = {k: tried[0][k] if best is base_point else best[k] for k in ("wall_s", "tokens_per_s")}
@@ -292,9 +293,8 @@ def _print(summary: dict, seeds: list[dict]) -> None:
     print(f"{head} {'routing chg':>11s}  lr@step chosen per seed  (sizes and times: seed {s0['seed']})")
     for v in VARIANTS:
         r, sv = s0[v], summary[v]
-        chosen = ", ".join(
-            "base" if lr is None else f"{lr:g}@{st}" for lr, st in zip(sv["lrs_chosen"], sv["steps_chosen"], strict=True)
-        )
+        points = zip(sv["lrs_chosen"], sv["steps_chosen"], strict=True)
+        chosen = ", ".join("base" if lr is None else f"{lr:g}@{st}" for lr, st in points)
         print(
             f"{v:14s} {r['trainable_params']:10,d} {r['trainable_frac']:7.2%} {r['optimizer_bytes'] / 1e6:8.2f} "
             f"{r['wall_s']:7.1f} {r['tokens_per_s']:8,.0f} {sv['routing_changed']['mean']:11.1%}  {chosen}"
