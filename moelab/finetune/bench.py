@@ -38,9 +38,9 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--chat-in-base", type=int, default=10, help="train items per family also in the base's stream as chats"
     )
-    p.add_argument("--router-lrs", default="1e-4,3e-4,1e-3", help="router-only learning rates to choose from")
-    p.add_argument("--full-lrs", default="3e-5,1e-4,3e-4", help="full fine-tuning learning rates to choose from")
-    p.add_argument("--lora-lrs", default="1e-4,3e-4,1e-3", help="LoRA learning rates to choose from")
+    p.add_argument("--router-lrs", default="3e-4,1e-3", help="router-only learning rates to choose from")
+    p.add_argument("--full-lrs", default="3e-5,1e-4", help="full fine-tuning learning rates to choose from")
+    p.add_argument("--lora-lrs", default="1e-4,3e-4", help="LoRA learning rates to choose from")
     p.add_argument(
         "--eval-every",
         type=int,
@@ -48,6 +48,10 @@ def add_arguments(p) -> None:
         help="score the validation items every N fine-tune steps and keep the best point (early stopping; "
         "0 = only at the end)",
     )
+    p.add_argument(
+        "--experts", type=int, default=32, help="routed experts of the base, of width 1024 / experts (default 32)"
+    )
+    p.add_argument("--top-k", type=int, default=8, help="experts per token of the base (default 8)")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     p.add_argument(
         "--out",
@@ -61,7 +65,12 @@ def add_arguments(p) -> None:
     p.add_argument("--mem-steps", type=int, default=3, help="--memory: timed steps after one warm-up step")
 
 
-def _model_cfg() -> dict:
+EXPERT_WIDTH = 1024  # summed width of the routed experts, whatever their number: E x expert_dim
+
+
+def _model_cfg(experts: int = 32, top_k: int = 8) -> dict:
+    """The base: d_model 128, 2 layers; `experts` routed experts of width 1024 / experts, `top_k` active
+    (the default 32 x 32 top-8 has the same expert parameters and active width as 8 x 128 top-2)."""
     return {
         "vocab_size": 264,
         "d_model": 128,
@@ -69,13 +78,13 @@ def _model_cfg() -> dict:
         "n_heads": 4,
         "ffn_dim": 256,
         "max_seq_len": 64,
-        "moe": {"num_experts": 8, "top_k": 2, "expert_dim": 128},
+        "moe": {"num_experts": experts, "top_k": top_k, "expert_dim": EXPERT_WIDTH // experts},
     }
 
 
-def _train_cfg(steps: int, lr: float, data: str | None, seed: int, **finetune) -> dict:
+def _train_cfg(steps: int, lr: float, data: str | None, seed: int, model: dict, **finetune) -> dict:
     return {
-        "model": _model_cfg(),
+        "model": model,
         "data": {"seq_len": 63, "path": data},
         "train": {
             "steps": steps,
@@ -121,7 +130,7 @@ def _fine_tune(root: Path, name: str, ft: dict, lr: float, args, seed: int, base
     from moelab.finetune.bench_task import answer_loss, exact_match
     from moelab.train import Trainer
 
-    cfg = _train_cfg(args.steps, lr, str(chat), seed, **ft)
+    cfg = _train_cfg(args.steps, lr, str(chat), seed, _model_cfg(args.experts, args.top_k), **ft)
     trainer = Trainer(cfg, root / name, init_from=base_ckpt, progress=False)
     model = trainer.model
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -193,7 +202,8 @@ def run_seed(seed: int, args, root: Path) -> dict:
     # the trainer wants a val split; its loss is not used here, so it is a copy of the stream's end
     src = InMemorySource(ids, ids[-2000:], 63, 16, tok.vocab_size, seed=seed)
     t0 = time.perf_counter()
-    Trainer(_train_cfg(args.base_steps, 3e-3, None, seed), root / "base", data=src, progress=False).run()
+    base_cfg = _train_cfg(args.base_steps, 3e-3, None, seed, _model_cfg(args.experts, args.top_k))
+    Trainer(base_cfg, root / "base", data=src, progress=False).run()
     base_ckpt = sorted((root / "base" / "checkpoints").glob("step_*"))[-1]
     base, _, _ = load_model(base_ckpt)
     base_point = {
@@ -319,6 +329,11 @@ def run(args) -> int:
         raise UserError(f"--seeds: expected comma-separated integers, got {args.seeds!r}")
     if args.steps < 1:
         raise UserError(f"--steps: expected >= 1, got {args.steps}")
+    if args.experts < 1 or EXPERT_WIDTH % args.experts or not 1 <= args.top_k <= args.experts:
+        raise UserError(
+            f"--experts/--top-k: expected a divisor of {EXPERT_WIDTH} and 1 <= top-k <= experts, "
+            f"got {args.experts} and {args.top_k}"
+        )
     if args.eval_every < 0:
         raise UserError(f"--eval-every: expected >= 0 (0 = only at the end), got {args.eval_every}")
     for v in VARIANTS:  # bad input fails before any training
@@ -350,11 +365,13 @@ def run(args) -> int:
             "lora_lrs",
             "router_lrs",
             "eval_every",
+            "experts",
+            "top_k",
             "threads",
         )
     }
     result = {
-        "settings": {**settings, "seeds": seeds, "model": _model_cfg()},
+        "settings": {**settings, "seeds": seeds, "model": _model_cfg(args.experts, args.top_k)},
         "summary": summary,
         "seeds": per_seed,
         "total_s": time.perf_counter() - t0,
