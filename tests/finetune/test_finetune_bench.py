@@ -116,9 +116,10 @@ def test_bench_finetune_runs_several_seeds_and_compares_each_with_its_base(tmp_p
     out = tmp_path / "ft.json"
     args = ["bench", "finetune", "--seeds", "0,1", "--base-steps", "4", "--steps", "5", "--eval-every", "2"]
     args += ["--held-out", "6", "--val", "3", "--train-items", "6", "--repeats", "1", "--out", str(out)]
-    args += ["--full-lrs", "1e-3", "--lora-lrs", "1e-3", "--router-lrs", "1e-2,1e-1"]
+    args += ["--full-lrs", "1e-3", "--lora-lrs", "1e-3", "--router-lrs", "1e-2,1e-1", "--experts", "16", "--top-k", "4"]
     assert main(args) == 0
     res = json.loads(out.read_text())
+    assert res["settings"]["model"]["moe"] == {"num_experts": 16, "top_k": 4, "expert_dim": 64}
     assert [s["seed"] for s in res["seeds"]] == [0, 1]
     for s in res["seeds"]:
         assert set(s["base"]["test_em"]) == {*FAMILIES, "all"}
@@ -147,6 +148,8 @@ def test_bench_finetune_runs_several_seeds_and_compares_each_with_its_base(tmp_p
     assert "--lora-lrs: expected comma-separated positive numbers, got 'fast'" in capsys.readouterr().err
     assert main([*args[:2], "--eval-every", "-1"]) == 2
     assert "--eval-every: expected >= 0" in capsys.readouterr().err
+    assert main([*args[:2], "--experts", "24"]) == 2
+    assert "--experts/--top-k: expected a divisor of 1024" in capsys.readouterr().err
 
 
 @pytest.mark.slow
