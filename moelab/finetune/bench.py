@@ -3,14 +3,18 @@ over several seeds; `--memory` measures memory and speed of the three on a prese
 (`bench_memory.py`).
 
 Per seed (the task, the base and every fine-tune are the seed's own; `bench_task.py` describes the task):
-pre-train a base on prose that states the test, validation and train items, then fine-tune it three
-ways on chat conversations about the train items, and score greedy exact match on the held-out test questions in
-the chat template — the base and all three fine-tunes on the same questions. Each fine-tune runs once
-per learning rate of its list (`--full-lrs`, `--lora-lrs`, `--router-lrs`: router-only needs a much
-larger one) and the one reported is chosen per seed on the validation items, never the test items
-(exact match, answer loss on a tie); every tried rate's numbers are in the JSON too. Reported: exact
-match per family and overall, mean and spread over seeds, how many seeds beat the base, trainable
-parameters, optimizer state bytes, wall time, tokens/s.
+pre-train a base (32 experts of width 32, top-8, by default: `--experts`, `--top-k`) on prose that
+states the test, validation and train items, then fine-tune it three ways on chat conversations about
+the train items, and score greedy exact match on the held-out test questions in the chat template — the
+base and all three fine-tunes on the same questions. Each fine-tune runs once per learning rate of its
+list (`--full-lrs`, `--lora-lrs`, `--router-lrs`) and scores the validation items every `--eval-every`
+steps (early stopping); the point reported is chosen per seed on the validation items only, never the
+test items (exact match, answer loss on a tie), out of every rate's best point and the base itself
+(step 0: a variant that never beats the base on validation is reported as the base). Every tried rate's
+validation curve and test score at its chosen point are in the JSON. Reported: exact match per family
+and overall, mean and spread over seeds, how many seeds beat the base, the share of routing decisions
+on the test prompts that the fine-tune changed, trainable parameters, optimizer state bytes, wall time,
+tokens/s.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ validation items are never in the chat template, while a few train items appear 
 base has seen the template's markers. Fine-tunes train on chat conversations about the train items only, then
 answer the held-out questions in the chat template. So the base has the knowledge and the fine-tune has to
 connect it to the format — the setting where tuning only the routers could help (the experts that know the
-answers exist; routing decides whether a chat prompt reaches them), and where, measured, it did not
-(BENCHMARKS.md).
+answers exist; routing decides whether a chat prompt reaches them). Measured (BENCHMARKS.md), it helps a
+little on a base with many fine experts and early stopping, and did not on one with 8 wide experts.
 `plain_exact_match` scores the base on the same questions as prose, to show the knowledge is there.
 """
 
