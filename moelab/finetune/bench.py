@@ -32,25 +32,39 @@ VARIANTS = ("full", "lora_experts", "router_only")
 
 def add_arguments(p) -> None:
     p.add_argument("--seeds", default="0,1,2,3", help="comma-separated seeds, one task + base + fine-tunes each")
-    p.add_argument("--steps", type=int, default=150, help="optimizer steps per fine-tune (default 150)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=150,
+        help="optimizer steps per fine-tune, at most (default 150; early stopping may keep an earlier point)",
+    )
     p.add_argument("--base-steps", type=int, default=1000, help="pre-training steps of the base (default 1000)")
     p.add_argument("--held-out", type=int, default=150, help="held-out test questions, a third per family")
-    p.add_argument("--val", type=int, default=60, help="validation questions (choose each variant's lr)")
+    p.add_argument(
+        "--val",
+        type=int,
+        default=60,
+        help="validation questions (choose each variant's lr and step; never the test questions)",
+    )
     p.add_argument("--train-items", type=int, default=90, help="fine-tune train questions")
     p.add_argument("--known-train", type=int, default=None, help="train items the base's prose states (default all)")
     p.add_argument("--repeats", type=int, default=8, help="times each seen item is stated in the prose")
     p.add_argument(
         "--chat-in-base", type=int, default=10, help="train items per family also in the base's stream as chats"
     )
-    p.add_argument("--router-lrs", default="3e-4,1e-3", help="router-only learning rates to choose from")
-    p.add_argument("--full-lrs", default="3e-5,1e-4", help="full fine-tuning learning rates to choose from")
-    p.add_argument("--lora-lrs", default="1e-4,3e-4", help="LoRA learning rates to choose from")
+    p.add_argument(
+        "--router-lrs", default="3e-4,1e-3", help="router-only learning rates to choose from (default 3e-4,1e-3)"
+    )
+    p.add_argument(
+        "--full-lrs", default="3e-5,1e-4", help="full fine-tuning learning rates to choose from (default 3e-5,1e-4)"
+    )
+    p.add_argument("--lora-lrs", default="1e-4,3e-4", help="LoRA learning rates to choose from (default 1e-4,3e-4)")
     p.add_argument(
         "--eval-every",
         type=int,
         default=25,
         help="score the validation items every N fine-tune steps and keep the best point (early stopping; "
-        "0 = only at the end)",
+        "0 = only at the end; default 25)",
     )
     p.add_argument(
         "--experts", type=int, default=32, help="routed experts of the base, of width 1024 / experts (default 32)"
