@@ -13,8 +13,8 @@ validation items are never in the chat template, while a few train items appear 
 base has seen the template's markers. Fine-tunes train on chat conversations about the train items only, then
 answer the held-out questions in the chat template. So the base has the knowledge and the fine-tune has to
 connect it to the format — the setting where tuning only the routers could help (the experts that know the
-answers exist; routing decides whether a chat prompt reaches them), and where, measured, it did not
-(BENCHMARKS.md).
+answers exist; routing decides whether a chat prompt reaches them). Measured (BENCHMARKS.md), it helps a
+little on a base with many fine experts and early stopping, and did not on one with 8 wide experts.
 `plain_exact_match` scores the base on the same questions as prose, to show the knowledge is there.
 """
 
@@ -168,6 +168,31 @@ def answer_loss(model, enc, items: list[Item]) -> float:
             total += float(F.cross_entropy(logits.float(), torch.tensor(target), reduction="sum"))
             count += len(target)
     return total / max(1, count)
+
+
+def routing_ids(model, enc, items: list[Item]) -> list[dict]:
+    """Per item, per MoE layer: the sorted top-k expert ids [T, K] of every token of the chat prompt
+    followed by the answer (teacher-forced), to compare the routing of two models on the same tokens."""
+    import torch
+
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for it in items:
+            ids = enc.prompt([{"role": "user", "content": it.question}]) + enc.tok.encode(it.answer)
+            routing = model(torch.tensor([ids])).routing
+            out.append({i: st.topk_ids.sort(-1).values for i, st in routing.items()})
+    return out
+
+
+def routing_changed(a: list[dict], b: list[dict]) -> float:
+    """Share of routing decisions (one token in one layer: its set of top-k experts) that differ."""
+    changed = total = 0
+    for ra, rb in zip(a, b, strict=True):
+        for layer, ids in ra.items():
+            total += ids.shape[0]
+            changed += int((ids != rb[layer]).any(-1).sum())
+    return changed / max(1, total)
 
 
 def _by_family(items: list[Item], hits: list[bool]) -> dict[str, float]:

@@ -12,7 +12,16 @@ import yaml
 
 from moelab.cli import main
 from moelab.data.chat_template import ChatEncoder, ChatTemplate
-from moelab.finetune.bench_task import FAMILIES, exact_match, make_task, plain_exact_match, pretrain_ids, statement
+from moelab.finetune.bench_task import (
+    FAMILIES,
+    exact_match,
+    make_task,
+    plain_exact_match,
+    pretrain_ids,
+    routing_changed,
+    routing_ids,
+    statement,
+)
 from moelab.tokenizer import EOD, ByteTokenizer
 
 ENC = ChatEncoder(ByteTokenizer([EOD, *ChatTemplate().specials]), ChatTemplate())
@@ -77,21 +86,58 @@ def test_exact_match_needs_the_answer_then_end_of_turn():
     assert plain_exact_match(model, tok, task.test)["all"] == 1.0
 
 
+def test_routing_changed_counts_tokens_whose_expert_set_moved():
+    from moelab.config import ModelConfig, MoEConfig
+    from moelab.model.transformer import Transformer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=264, d_model=32, n_layers=2, n_heads=4, ffn_dim=64, max_seq_len=64)
+    cfg.moe = MoEConfig(num_experts=4, top_k=2, expert_dim=32)
+    model = Transformer(cfg)
+    items = make_task(0, n_test=6, n_val=3, n_train=3).test
+    base = routing_ids(model, ENC, items)
+    n_tokens = [len(ENC.prompt([{"role": "user", "content": it.question}]) + ENC.tok.encode(it.answer)) for it in items]
+    assert [r[0].shape for r in base] == [(n, 2) for n in n_tokens] and len(base[0]) == 2
+    assert routing_changed(base, routing_ids(model, ENC, items)) == 0.0
+    # swapping the order of a layer's top-2 is no change; a new expert in the set is one
+    moved = [{i: ids.flip(-1).sort(-1).values for i, ids in r.items()} for r in base]
+    assert routing_changed(base, moved) == 0.0
+    moved = [{i: ids.clone() for i, ids in r.items()} for r in base]
+    row = moved[0][0][0]
+    row[0] = next(e for e in range(4) if e not in row.tolist())
+    assert routing_changed(base, moved) == pytest.approx(1 / (2 * sum(n_tokens)))
+    with torch.no_grad():  # the first layer's gate reversed: most decisions move
+        model.moe_layers[0].router.weight.neg_()
+    assert routing_changed(base, routing_ids(model, ENC, items)) > 0.3
+
+
 @pytest.mark.slow
 def test_bench_finetune_runs_several_seeds_and_compares_each_with_its_base(tmp_path, capsys):
     out = tmp_path / "ft.json"
-    args = ["bench", "finetune", "--seeds", "0,1", "--base-steps", "4", "--steps", "2", "--held-out", "6"]
-    args += ["--val", "3", "--train-items", "6", "--repeats", "1", "--out", str(out)]
-    args += ["--full-lrs", "1e-3", "--lora-lrs", "1e-3", "--router-lrs", "1e-2,1e-1"]
+    args = ["bench", "finetune", "--seeds", "0,1", "--base-steps", "4", "--steps", "5", "--eval-every", "2"]
+    args += ["--held-out", "6", "--val", "3", "--train-items", "6", "--repeats", "1", "--out", str(out)]
+    args += ["--full-lrs", "1e-3", "--lora-lrs", "1e-3", "--router-lrs", "1e-2,1e-1", "--experts", "16", "--top-k", "4"]
     assert main(args) == 0
     res = json.loads(out.read_text())
+    assert res["settings"]["model"]["moe"] == {"num_experts": 16, "top_k": 4, "expert_dim": 64}
     assert [s["seed"] for s in res["seeds"]] == [0, 1]
     for s in res["seeds"]:
         assert set(s["base"]["test_em"]) == {*FAMILIES, "all"}
         tried = s["router_only"]["tried"]
         assert [t["lr"] for t in tried] == [1e-2, 1e-1] and len(s["full"]["tried"]) == 1
-        best = max(tried, key=lambda t: (t["val_em"]["all"], -t["val_loss"]))  # never the test items
-        assert s["router_only"]["lr"] == best["lr"] and s["router_only"]["test_em"] == best["test_em"]
+        for v in ("full", "lora_experts", "router_only"):
+            # validation every 2 steps and at the end; each rate keeps its best point by the validation rule
+            for t in s[v]["tried"]:
+                assert [c["step"] for c in t["curve"]] == [2, 4, 5]
+                top = max(t["curve"], key=lambda c: (c["val_em"], -c["val_loss"]))
+                assert (t["step"], t["val_loss"]) == (top["step"], top["val_loss"])
+                assert 0.0 <= t["routing_changed"] <= 1.0
+            # the variant: the best of every rate's point and the base (step 0), never by the test items
+            base = {**s["base"], "lr": None, "step": 0}
+            best = max([base, *s[v]["tried"]], key=lambda t: (t["val_em"]["all"], -t["val_loss"]))
+            assert (s[v]["lr"], s[v]["step"], s[v]["test_em"]) == (best["lr"], best["step"], best["test_em"])
+            if s[v]["step"] == 0:
+                assert s[v]["test_em"] == s["base"]["test_em"] and s[v]["routing_changed"] == 0.0
         fracs = [s[v]["trainable_frac"] for v in ("full", "lora_experts", "router_only")]
         assert fracs[0] == 1.0 > fracs[1] > fracs[2]
     summ = res["summary"]
@@ -100,6 +146,10 @@ def test_bench_finetune_runs_several_seeds_and_compares_each_with_its_base(tmp_p
     assert "seeds>base" in capsys.readouterr().out
     assert main([*args[:2], "--lora-lrs", "fast"]) == 2
     assert "--lora-lrs: expected comma-separated positive numbers, got 'fast'" in capsys.readouterr().err
+    assert main([*args[:2], "--eval-every", "-1"]) == 2
+    assert "--eval-every: expected >= 0" in capsys.readouterr().err
+    assert main([*args[:2], "--experts", "24"]) == 2
+    assert "--experts/--top-k: expected a divisor of 1024" in capsys.readouterr().err
 
 
 @pytest.mark.slow
