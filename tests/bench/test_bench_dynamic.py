@@ -78,7 +78,7 @@ def test_bench_dynamic_pairs_seeds_and_the_grown_run(tmp_path, capsys, monkeypat
     threads = torch.get_num_threads()
     out = tmp_path / "dyn.json"
     args = ["bench", "dynamic", "--steps", "20", "--grow-at", "11", "--seeds", "0", "1"]  # logs every 10
-    args += ["--variants", "top2", "grow", "--work-dir", "w", "--json", str(out)]
+    args += ["--variants", "top2", "grow", "grow_split", "--work-dir", "w", "--json", str(out)]
     try:
         assert main(args) == 0
     finally:
@@ -94,6 +94,11 @@ def test_bench_dynamic_pairs_seeds_and_the_grown_run(tmp_path, capsys, monkeypat
     # the grown run is the 8-expert run, step for step, until it grows: the comparison is paired
     assert g["paired_identical_until"] == [0.0, 0.0]
     assert res["runs"]["grow"]["0"]["experts"] == 16 and abs(g["grow_rel_change"][0]) < 0.01
+    sp = res["paired"]["grow_split"]  # opposite expert-weight noise: still paired until the growth
+    assert sp["paired_identical_until"] == [0.0, 0.0] and res["runs"]["grow_split"]["0"]["experts"] == 16
+    assert sp["sibling_weight_cos2"] < g["sibling_weight_cos2"]  # the halves start apart
     assert "grow - top2: bpb" in capsys.readouterr().out
     assert main(["bench", "dynamic", "--steps", "12", "--grow-at", "12", "--work-dir", "w"]) == 2
     assert "--grow-at: expected a step in (0, --steps=12)" in capsys.readouterr().err
+    assert main(["bench", "dynamic", "--grow-split-noise", "-1", "--work-dir", "w"]) == 2
+    assert "--grow-router-noise / --grow-split-noise: expected >= 0" in capsys.readouterr().err
