@@ -92,7 +92,8 @@ def grow_model(
                 if name == "router.weight":  # opposite offsets: the halves split the tokens
                     new[src.to(p.device)] -= z
                 new[e:new_e] += z
-            if split_noise > 0 and name in ("experts.gate_up", "experts.down"):  # extra draws only when set: old runs unchanged
+            # drawn only when set, so runs without split noise keep their old random stream
+            if split_noise > 0 and name in ("experts.gate_up", "experts.down"):
                 std = float(p.data[:e].float().std()) or 1.0
                 z = torch.randn(new[e:new_e].shape, generator=gen).to(new) * split_noise * std
                 new[src.to(p.device)] -= z
@@ -232,7 +233,12 @@ def grow_trainer(self, measure: bool = True) -> None:
     optim = state.optimizer_state(self.optimizer)
     sched = self.cfg.schedule
     grown = grow_model(
-        self.model, 2 * e, sched.grow_noise, self.cfg.train.seed + self.step, sched.grow_router_noise, sched.grow_split_noise
+        self.model,
+        2 * e,
+        sched.grow_noise,
+        self.cfg.train.seed + self.step,
+        sched.grow_router_noise,
+        sched.grow_split_noise,
     )
     self.optimizer = build_optimizer(self.model, self.cfg.train)
     self.params = [p for g in self.optimizer.param_groups for p in g["params"]]

@@ -46,7 +46,15 @@ VARIANTS = (
 def add_arguments(p):
     p.add_argument("--steps", type=int, default=500, help="optimizer steps per variant (default 500)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared CPU's neighbours)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=VARIANTS,
+        metavar="VARIANT",
+        help=f"which to run (default all: {', '.join(VARIANTS)}); top1 and top4 are fixed-k references "
+        "whose per-domain loss gap says where more experts pay, the yardstick for adaptive k by domain",
+    )
     p.add_argument("--work-dir", default="benchmarks/dynamic-work", help="corpus, dataset and runs")
     p.add_argument("--json", dest="json_out", default="benchmarks/dynamic.json")
     p.add_argument(
@@ -280,7 +288,9 @@ def run(args) -> int:
     }
     for seed in args.seeds:
         for name in args.variants:
-            cfg = _merge(base, variant_overrides(name, args.steps, grow_at, args.grow_router_noise, args.grow_split_noise))
+            cfg = _merge(
+                base, variant_overrides(name, args.steps, grow_at, args.grow_router_noise, args.grow_split_noise)
+            )
             cfg["train"]["seed"] = seed
             cfg["data"]["path"] = str(data_dir)
             row = _run_variant(cfg, work / "runs" / f"{name}-s{seed}", data_dir)

@@ -77,6 +77,7 @@ def test_split_noise_is_opposite_on_the_two_halves_and_keeps_the_function_to_sec
     parent = ref.moe_layers[0].experts.gate_up.detach().clone()
     with torch.no_grad():
         before = ref(x).logits
+
     def change(**kw) -> float:  # max |logit change| of the grown model at 2k
         m = small()
         grow_model(m, 8, **{"noise": 0.0, "seed": 1, **kw})
@@ -192,9 +193,13 @@ def test_grow_cli_grow_and_shrink(toy_data, tmp_path, capsys):
     assert "--experts must be in" in capsys.readouterr().err
     args = ["grow", str(tmp_path / "run"), str(tmp_path / "y"), "--experts", "8", "--router-noise", "-1"]
     assert main(args) == 2
-    assert "--noise / --router-noise: expected >= 0" in capsys.readouterr().err
+    assert "--noise / --router-noise / --split-noise: expected >= 0" in capsys.readouterr().err
+    assert main([*args[:-2], "--split-noise", "-0.5"]) == 2
+    assert "--split-noise: expected >= 0, got 0.01 / None / -0.5" in capsys.readouterr().err
     args[-1] = "0.1"
-    assert main([*args, "--batches", "2"]) == 0 and "grown to 8 experts" in capsys.readouterr().out
+    assert (
+        main([*args, "--split-noise", "0.2", "--batches", "2"]) == 0 and "grown to 8 experts" in capsys.readouterr().out
+    )
     assert main(["grow", str(tmp_path / "run"), str(tmp_path / "x"), "--experts", "99"]) == 2
     assert "--experts must be in" in capsys.readouterr().err
 
