@@ -56,6 +56,9 @@ def test_adaptive_k_is_judged_against_where_more_experts_pay_not_raw_loss(tmp_pa
         "good": {s: _row(top2, follows_gain) for s in ("0", "1")},
         "mixed": {"0": _row(top2, big), "1": _row(top2, small_reversed)},
         "wrong": {s: _row(top2, {d: 4.01 - v for d, v in follows_gain.items()}) for s in ("0", "1")},
+        # one adjacent swap (rho 0.9) is still the one-sided 5% point for 5 domains; two are not (0.8)
+        "one_swap": {s: _row(top2, {**follows_gain, "a": 2.11, "b": 2.01}) for s in ("0", "1")},
+        "two_swaps": {s: _row(top2, {**follows_gain, "a": 2.11, "b": 2.01, "c": 2.31, "d": 2.21}) for s in ("0", "1")},
     }
     out = paired_summary(runs, [0, 1], tmp_path, 10)
     assert out["top2"]["gain_by_domain"] == pytest.approx(gain)
@@ -67,6 +70,8 @@ def test_adaptive_k_is_judged_against_where_more_experts_pay_not_raw_loss(tmp_pa
     assert mixed["spearman_k_vs_gain"] == pytest.approx(1.0) and mixed["spearman_k_vs_gain_per_seed"][1] < 0
     assert not mixed["direction_met"]
     assert out["wrong"]["spearman_k_vs_gain"] == pytest.approx(-1.0) and not out["wrong"]["direction_met"]
+    assert out["one_swap"]["spearman_crit"] == 0.9 and out["one_swap"]["spearman_k_vs_gain"] == pytest.approx(0.9)
+    assert out["one_swap"]["direction_met"] and not out["two_swaps"]["direction_met"]
     assert "direction_met" not in out["top1"]  # fixed k: nothing to judge
     del runs["top4"]  # without the references only the raw-loss reading is made
     assert "spearman_k_vs_gain" not in paired_summary(runs, [0, 1], tmp_path, 10)["good"]
