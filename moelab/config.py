@@ -308,6 +308,7 @@ class ScheduleConfig:
     grow_anneal_steps: int = 50  # after growing, k runs at 2k (loss-continuous) and anneals back to k over these
     grow_noise: float = 0.01  # noise on the copies, relative to each tensor's std (moelab/grow.py)
     grow_router_noise: float | None = None  # opposite offsets on copied router rows; None = grow_noise
+    grow_split_noise: float = 0.0  # opposite noise on the two halves' expert weights (the halves diverge)
 
     def validate(self, prefix: str = "schedule") -> list[str]:
         p = []
@@ -322,6 +323,8 @@ class ScheduleConfig:
             p.append(f"{prefix}.grow_at: expected a list of positive optimizer steps, got {self.grow_at!r}")
         if self.grow_router_noise is not None and self.grow_router_noise < 0:
             p.append(f"{prefix}.grow_router_noise: expected >= 0 or null (= grow_noise), got {self.grow_router_noise}")
+        if self.grow_split_noise < 0:
+            p.append(f"{prefix}.grow_split_noise: expected >= 0, got {self.grow_split_noise}")
         if self.grow_anneal_steps < 0 or self.grow_noise < 0:
             p.append(
                 f"{prefix}.grow_anneal_steps / grow_noise: expected >= 0, got {self.grow_anneal_steps} / "

@@ -61,12 +61,21 @@ def _mapped(name: str) -> bool:
 
 @torch.no_grad()
 def grow_model(
-    model, new_e: int, noise: float = 0.01, seed: int = 0, router_noise: float | None = None
+    model,
+    new_e: int,
+    noise: float = 0.01,
+    seed: int = 0,
+    router_noise: float | None = None,
+    split_noise: float = 0.0,
 ) -> dict[str, torch.Tensor]:
     """Grow every MoE layer in place to `new_e` experts; returns {param name: src index} for the
     parameters whose leading dim grew (optimizer state follows the same map). `router_noise` (None =
     `noise`) sizes the opposite router-row offsets alone: a larger one sends the halves of a split
-    expert different tokens sooner, so their weights can diverge (BENCHMARKS.md measures it)."""
+    expert different tokens sooner, so their weights can diverge (BENCHMARKS.md measures it).
+    `split_noise` adds *opposite* noise to the two halves' expert weights (parent - z, copy + z, z of
+    split_noise x each tensor's std): the pair's mean stays the parent, so at 2k the function changes
+    only to second order in z, while the halves now compute different things and get different
+    gradients -- copies that compute the same thing get the same gradient and never separate."""
     e = check_growable(model, new_e)
     gen = torch.Generator().manual_seed(seed)
     src = torch.arange(new_e - e) % e
@@ -82,6 +91,12 @@ def grow_model(
                 z = torch.randn(new[e:new_e].shape, generator=gen).to(new) * scale * std
                 if name == "router.weight":  # opposite offsets: the halves split the tokens
                     new[src.to(p.device)] -= z
+                new[e:new_e] += z
+            # drawn only when set, so runs without split noise keep their old random stream
+            if split_noise > 0 and name in ("experts.gate_up", "experts.down"):
+                std = float(p.data[:e].float().std()) or 1.0
+                z = torch.randn(new[e:new_e].shape, generator=gen).to(new) * split_noise * std
+                new[src.to(p.device)] -= z
                 new[e:new_e] += z
             mod, attr = _owner(layer, name)
             if isinstance(p, torch.nn.Parameter):
@@ -217,7 +232,14 @@ def grow_trainer(self, measure: bool = True) -> None:
     e = self.cfg.model.moe.num_experts
     optim = state.optimizer_state(self.optimizer)
     sched = self.cfg.schedule
-    grown = grow_model(self.model, 2 * e, sched.grow_noise, self.cfg.train.seed + self.step, sched.grow_router_noise)
+    grown = grow_model(
+        self.model,
+        2 * e,
+        sched.grow_noise,
+        self.cfg.train.seed + self.step,
+        sched.grow_router_noise,
+        sched.grow_split_noise,
+    )
     self.optimizer = build_optimizer(self.model, self.cfg.train)
     self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
     state.load_optimizer_state(self.optimizer, grow_optimizer_state(optim, grown, e))

@@ -8,7 +8,9 @@ structured JSON records. Per variant: val bits/byte, mean experts per token (ove
 training FLOPs (the measured mean k for adaptive routers), specialisation I(domain; expert) against its
 shuffled chance level (and I(domain; group) for the hierarchical router), dead experts, tokens/s, and
 the mean |cos| between experts' outputs on the same held-out tokens (what the diversity loss targets).
-Growing reports the val loss right before and after doubling 8 -> 16 experts.
+Growing reports the val loss right before and after doubling 8 -> 16 experts. Fixed top-1 and top-4
+runs are references: their per-domain loss difference says where more active experts pay, which is
+what "harder" means for adaptive k (dynamic_summary.py).
 
 Paired seeds (`--seeds 0 1 2`): every variant runs with each training seed, and a seed fixes the data
 order (the window sampler has its own generator) and the initialisation of every parameter the
@@ -27,10 +29,13 @@ from pathlib import Path
 DOMAINS = ("arithmetic", "code", "prose", "cjk", "records")
 VARIANTS = (
     "top2",
+    "top1",
+    "top4",
     "top_p",
     "null",
     "grow",
     "grow_rnoise",
+    "grow_split",
     "grow_diversity",
     "hierarchical",
     "diversity",
@@ -41,7 +46,15 @@ VARIANTS = (
 def add_arguments(p):
     p.add_argument("--steps", type=int, default=500, help="optimizer steps per variant (default 500)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: a shared CPU's neighbours)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=VARIANTS,
+        metavar="VARIANT",
+        help=f"which to run (default all: {', '.join(VARIANTS)}); top1 and top4 are fixed-k references "
+        "whose per-domain loss gap says where more experts pay, the yardstick for adaptive k by domain",
+    )
     p.add_argument("--work-dir", default="benchmarks/dynamic-work", help="corpus, dataset and runs")
     p.add_argument("--json", dest="json_out", default="benchmarks/dynamic.json")
     p.add_argument(
@@ -57,6 +70,13 @@ def add_arguments(p):
         type=float,
         default=0.1,
         help="router-row offsets of the grow_rnoise variant, relative to their std (default 0.1)",
+    )
+    p.add_argument(
+        "--grow-split-noise",
+        type=float,
+        default=0.3,
+        help="opposite noise on the split halves' expert weights of the grow_split variant, relative to "
+        "each tensor's std (default 0.3)",
     )
 
 
@@ -130,15 +150,22 @@ def base_config(data_dir: Path, steps: int, seed: int) -> dict:
     }
 
 
-def variant_overrides(name: str, steps: int, grow_at: int | None = None, router_noise: float = 0.1) -> dict:
+def variant_overrides(
+    name: str, steps: int, grow_at: int | None = None, router_noise: float = 0.1, split_noise: float = 0.3
+) -> dict:
     grow: dict = {"grow_at": [grow_at or steps // 2], "grow_anneal_steps": max(1, steps // 10)}
     table: dict[str, dict] = {
         "top2": {},
+        # fixed-k references: the per-domain loss gain of top-4 over top-1 is how much more active
+        # experts pay on each domain -- the difficulty adaptive k is judged against (dynamic_summary.py)
+        "top1": {"model": {"moe": {"top_k": 1}}},
+        "top4": {"model": {"moe": {"top_k": 4}}},
         "top_p": {"model": {"moe": {"router": "top_p", "top_k": 4, "top_p": 0.5}}},
         # null target (1 + 3) / 2 = 2 real experts per token: the FLOPs of top-2, spent adaptively
         "null": {"model": {"moe": {"top_k": 3, "num_null_experts": 4}}},
         "grow": {"schedule": grow},
         "grow_rnoise": {"schedule": {**grow, "grow_router_noise": router_noise}},
+        "grow_split": {"schedule": {**grow, "grow_split_noise": split_noise}},
         "grow_diversity": {"schedule": grow, "model": {"moe": {"diversity_coef": 1.0}}},
         "hierarchical": {
             "model": {"moe": {"router": "hierarchical", "num_groups": 4, "top_groups": 2, "group_balance_coef": 0.01}}
@@ -235,6 +262,11 @@ def run(args) -> int:
 
     if args.grow_at is not None and not 0 < args.grow_at < args.steps:
         raise UserError(f"--grow-at: expected a step in (0, --steps={args.steps}), got {args.grow_at}")
+    if args.grow_router_noise < 0 or args.grow_split_noise < 0:
+        raise UserError(
+            f"--grow-router-noise / --grow-split-noise: expected >= 0, got {args.grow_router_noise} / "
+            f"{args.grow_split_noise}"
+        )
     if len(set(args.seeds)) != len(args.seeds):
         raise UserError(f"--seeds: expected distinct seeds, got {args.seeds}")
     torch.set_num_threads(args.threads)
@@ -256,7 +288,9 @@ def run(args) -> int:
     }
     for seed in args.seeds:
         for name in args.variants:
-            cfg = _merge(base, variant_overrides(name, args.steps, grow_at, args.grow_router_noise))
+            cfg = _merge(
+                base, variant_overrides(name, args.steps, grow_at, args.grow_router_noise, args.grow_split_noise)
+            )
             cfg["train"]["seed"] = seed
             cfg["data"]["path"] = str(data_dir)
             row = _run_variant(cfg, work / "runs" / f"{name}-s{seed}", data_dir)
@@ -276,8 +310,18 @@ def run(args) -> int:
                 + ", ".join(f"{d:+.4f}" for d in p["delta_bpb"])
                 + f"; t {p['t']:+.2f}) {'beyond noise' if p['beyond_noise'] else 'within noise'}"
             )
+        if "spearman_k_vs_gain" in p:
+            print(
+                f"{name:>14} k by domain vs gain of top-4 over top-1: Spearman {_r(p['spearman_k_vs_gain'])} "
+                f"(per seed {', '.join(_r(r) for r in p['spearman_k_vs_gain_per_seed'])}): expected "
+                f"direction {'met' if p['direction_met'] else 'not met'}; vs raw loss {_r(p['spearman_k_vs_loss'])}"
+            )
     write_results(args.json_out, results)
     return 0
+
+
+def _r(rho: float | None) -> str:
+    return "n/a" if rho is None else f"{rho:+.2f}"
 
 
 def _portable(path: Path) -> str:

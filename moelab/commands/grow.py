@@ -27,6 +27,13 @@ def add_arguments(p):
         default=None,
         help="opposite offsets on the copied router rows, relative to their std (default: --noise)",
     )
+    p.add_argument(
+        "--split-noise",
+        type=float,
+        default=0.0,
+        help="opposite noise on the two halves' expert weights (parent - z, copy + z), relative to each "
+        "tensor's std: the halves compute different things, the pair's mean stays the parent (default 0)",
+    )
     p.add_argument("--shrink", default="prune", choices=["prune", "merge"], help="how to remove experts")
     p.add_argument("--batches", type=int, default=20, help="val batches for the loss and the usage (default 20)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -59,8 +66,11 @@ def run(args) -> int:
     from moelab.grow import check_growable, grow_model, shrink_model
     from moelab.train.data_source import open_source
 
-    if args.noise < 0 or (args.router_noise is not None and args.router_noise < 0):
-        raise UserError(f"--noise / --router-noise: expected >= 0, got {args.noise} / {args.router_noise}")
+    if args.noise < 0 or args.split_noise < 0 or (args.router_noise is not None and args.router_noise < 0):
+        raise UserError(
+            f"--noise / --router-noise / --split-noise: expected >= 0, got {args.noise} / {args.router_noise} / "
+            f"{args.split_noise}"
+        )
     out = Path(args.out_dir)
     check_output_dir(out, args.overwrite, COMPLETE, empty_ok=True)
     model, cfg, ckpt = load_model(args.run, "cpu")
@@ -74,7 +84,7 @@ def run(args) -> int:
     print(f"{ckpt}: {e} experts, top-{k}, val loss {before:.4f}")
     if args.experts > e:
         check_growable(model, args.experts)
-        grow_model(model, args.experts, args.noise, args.seed, args.router_noise)
+        grow_model(model, args.experts, args.noise, args.seed, args.router_noise, args.split_noise)
         after = val_loss(model, data, args.batch_size, args.batches)
         kk = math.ceil(k * args.experts / e)
         model.set_router_attr("top_k", kk)

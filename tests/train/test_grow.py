@@ -71,6 +71,33 @@ def test_router_noise_alone_sizes_the_router_offsets():
     torch.testing.assert_close(quiet.moe_layers[0].experts.gate_up, loud.moe_layers[0].experts.gate_up)
 
 
+def test_split_noise_is_opposite_on_the_two_halves_and_keeps_the_function_to_second_order():
+    x = torch.randint(0, 64, (2, 12))
+    ref = small()
+    parent = ref.moe_layers[0].experts.gate_up.detach().clone()
+    with torch.no_grad():
+        before = ref(x).logits
+
+    def change(**kw) -> float:  # max |logit change| of the grown model at 2k
+        m = small()
+        grow_model(m, 8, **{"noise": 0.0, "seed": 1, **kw})
+        gu = m.moe_layers[0].experts.gate_up.detach()
+        if kw.get("split_noise"):
+            torch.testing.assert_close((gu[:4] + gu[4:]) / 2, parent)  # the pair's mean is the parent
+            assert not torch.equal(gu[:4], gu[4:])  # the halves compute different things
+            dev = float((gu[4:] - parent).std() / parent.std())
+            assert abs(dev - kw["split_noise"]) < 0.2 * kw["split_noise"]  # sized relative to the tensor's std
+            assert torch.equal(m.moe_layers[0].router.weight[:4], m.moe_layers[0].router.weight[4:])
+        m.set_router_attr("top_k", 4)
+        with torch.no_grad():
+            return float((m(x).logits - before).abs().max())
+
+    # second order in the split noise (2x the noise, ~4x the change); copy-only noise is first order (~2x)
+    assert change(split_noise=0.2) / change(split_noise=0.1) > 3.0
+    assert change(noise=0.2, router_noise=0.0) / change(noise=0.1, router_noise=0.0) < 2.5
+    assert change(split_noise=0.1) < 0.5 * change(noise=0.1, router_noise=0.0)
+
+
 def test_optimizer_state_carried_and_new_rows_copy_parents():
     m = small()
     m.train()
@@ -166,9 +193,13 @@ def test_grow_cli_grow_and_shrink(toy_data, tmp_path, capsys):
     assert "--experts must be in" in capsys.readouterr().err
     args = ["grow", str(tmp_path / "run"), str(tmp_path / "y"), "--experts", "8", "--router-noise", "-1"]
     assert main(args) == 2
-    assert "--noise / --router-noise: expected >= 0" in capsys.readouterr().err
+    assert "--noise / --router-noise / --split-noise: expected >= 0" in capsys.readouterr().err
+    assert main([*args[:-2], "--split-noise", "-0.5"]) == 2
+    assert "--split-noise: expected >= 0, got 0.01 / None / -0.5" in capsys.readouterr().err
     args[-1] = "0.1"
-    assert main([*args, "--batches", "2"]) == 0 and "grown to 8 experts" in capsys.readouterr().out
+    assert (
+        main([*args, "--split-noise", "0.2", "--batches", "2"]) == 0 and "grown to 8 experts" in capsys.readouterr().out
+    )
     assert main(["grow", str(tmp_path / "run"), str(tmp_path / "x"), "--experts", "99"]) == 2
     assert "--experts must be in" in capsys.readouterr().err
 
@@ -179,6 +210,7 @@ def test_grow_cli_grow_and_shrink(toy_data, tmp_path, capsys):
         ("schedule.grow_at=[0]", "schedule.grow_at: expected a list of positive optimizer steps"),
         ("schedule.grow_noise=-1", "schedule.grow_anneal_steps / grow_noise: expected >= 0"),
         ("schedule.grow_router_noise=-0.1", "schedule.grow_router_noise: expected >= 0 or null"),
+        ("schedule.grow_split_noise=-0.1", "schedule.grow_split_noise: expected >= 0"),
         ("moe.router=hierarchical", "schedule.grow_at: growing experts does not support router 'hierarchical'"),
     ],
 )
