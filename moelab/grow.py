@@ -14,8 +14,9 @@ weights of duplicates, renormalised or not, sum to the parent's), so the loss is
 then anneals k' back to k over `schedule.grow_anneal_steps` (FLOPs follow the annealed k).
 
 Optimizer state: surviving parameters keep theirs; a new expert (and router row) starts from a copy of
-its parent's AdamW moments, because zero second moments with a bias correction already at ~1 would
-make its first updates lr * m / eps sized.
+its parent's AdamW moments, because fresh zero moments with a bias correction already at ~1 would make
+its first update (1 - beta1) / sqrt(1 - beta2) ~ 3 lr per element (0.1 g / sqrt(0.001 g^2) at the default
+betas), where a settled update is about lr at most.
 """
 
 from __future__ import annotations
