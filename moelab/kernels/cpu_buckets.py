@@ -7,8 +7,12 @@ the experts (sorted by expert; see `sort_dispatch.py`), C rows per expert inside
 Why buckets: a CPU matmul call has a fixed cost (~50 us for a bf16 call on this project's 2-core
 machine, before its first FLOP), so one call per expert and matmul was most of a fine-grained layer's
 time (E = 64, 128 rows each: a loop of mm 7.2 ms, one bmm 1.7 ms); padding costs FLOPs instead, and
-the bucketing (`plan_buckets`, from the costs in `MatmulCosts`) trades the two. A bucket that already
-sits in x_sorted as equal contiguous blocks is used in place; others are gathered. Weight gradients
+the bucketing (`best_runs`, from the costs in `MatmulCosts`) trades the two. The backend plans the
+buckets before the sort (`plan_layout`): dispatch then writes x_sorted bucket by bucket, each expert's
+block padded to its bucket's rows, so every bucket is one contiguous [E_b, C, D] run used in place and
+no row is gathered twice (with gathers priced in, fine-grained experts had each run alone: 32 buckets
+of 6 bmm per layer at 32 x 64 top-8, 13-16 now). Rows sorted by someone else (expert parallelism,
+offload: `grouped_swiglu`) keep expert order, and buckets of unequal neighbours gather. Weight gradients
 are written into one [E, ...] buffer (indexing `w[e]` under autograd would allocate a full-size zero
 gradient per slice, so cost would grow with E), in the compute dtype, then cast once. Under autocast
 only active experts' weights are cast, once per forward, and backward reuses the casts.

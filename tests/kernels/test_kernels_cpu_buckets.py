@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moelab.kernels.cpu_buckets as experts_mod
+from moelab.kernels.buckets import plan_layout
 from moelab.kernels.cpu_buckets import grid_rows, grouped_swiglu, plan_buckets
 from moelab.kernels.reference import reference_moe
 from moelab.kernels.sort_dispatch import combine, dispatch, plan_dispatch
@@ -49,6 +50,54 @@ def test_plan_invariants(t, e, k, blocks, drop, seed):
     padding = torch.ones(plan.rows, dtype=torch.bool)
     padding[pos_kept] = False
     assert torch.all(plan.inv[padding] == t * k)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    t=st.integers(1, 30),
+    e=st.integers(1, 8),
+    k=st.integers(1, 3),
+    drop=st.booleans(),
+    seed=st.integers(0, 10_000),
+    call_rows=st.sampled_from([0.0, 3.0, 1e9]),
+    grid=st.booleans(),
+)
+def test_layout_plan_puts_every_bucket_in_one_contiguous_run(t, e, k, drop, seed, call_rows, grid):
+    # plan_dispatch(layout=...) orders x_sorted bucket by bucket, each expert's block padded to its bucket's
+    # rows: every assignment lands inside its expert's block, at the place the bucket says
+    k = min(k, e)
+    ids, keep, _ = random_routing(t, e, k, seed, drop)
+    seen = {}
+
+    def layout(counts):
+        seen["counts"] = counts
+        counts = [grid_rows(c) if grid else c for c in counts]
+        return plan_layout(counts, call_rows, 0.0, binary=grid)
+
+    plan = plan_dispatch(ids, keep, e, layout=layout)
+    kept_mask = keep if keep is not None else torch.ones_like(ids, dtype=torch.bool)
+    assert seen["counts"] == torch.bincount(ids[kept_mask], minlength=e).tolist()
+    buckets = plan.layout
+    assert sorted(x for b in buckets for x in b.experts) == [x for x, c in enumerate(seen["counts"]) if c]
+    block = {}  # expert -> (first row, rows)
+    row = 0
+    for b in buckets:
+        assert b.index is None and b.first_row == row
+        for x in b.experts:
+            assert seen["counts"][x] <= b.rows and plan.counts[x] == b.rows
+            block[x] = (row, b.rows)
+            row += b.rows
+    assert plan.rows == row == sum(plan.counts) and plan.kept == int(kept_mask.sum())
+    assert torch.all(plan.pos[~kept_mask] == plan.rows)
+    for ti, j in kept_mask.nonzero().tolist():
+        r, (first, rows) = int(plan.pos[ti, j]), block[int(ids[ti, j])]
+        assert first <= r < first + rows
+        assert int(plan.src[r]) == ti and int(plan.inv[r]) == ti * k + j
+    padding = torch.ones(plan.rows, dtype=torch.bool)
+    padding[plan.pos[kept_mask]] = False
+    assert torch.all(plan.inv[padding] == t * k)
+    if call_rows >= 1e9 and buckets and not grid:  # calls dearer than any padding: one bucket
+        assert len(buckets) == 1
 
 
 @pytest.mark.parametrize("blocks", list(BLOCKS))
