@@ -93,7 +93,11 @@ def uses_bias_update(cfg: Config) -> bool:
 @torch.no_grad()
 def update_router_bias(model, tokens_per_expert: dict[int, torch.Tensor], rate: float) -> None:
     """Aux-loss-free balancing: after an optimizer step, nudge each layer's selection bias towards the
-    mean load, using the expert counts of that step (all micro-batches)."""
+    mean load, using the expert counts of that step (all micro-batches). The bias is part of the router:
+    where fine-tuning freezes the router (`finetune.mode` experts, non-router LoRA), it stays put too,
+    or routing would drift under a "frozen" router."""
     for i, layer in model.moe_layers.items():
+        if not any(p.requires_grad for p in layer.router.parameters()):
+            continue
         if i in tokens_per_expert and hasattr(layer.router, "update_bias"):
             layer.router.update_bias(tokens_per_expert[i], rate)

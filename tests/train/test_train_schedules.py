@@ -90,6 +90,17 @@ def test_bias_update_moves_towards_balance():
     assert not schedules.uses_bias_update(_cfg({"router": "sigmoid", "bias_update_rate": 0.01}))
 
 
+def test_bias_stays_put_where_fine_tuning_freezes_the_router():
+    # experts-only or non-router LoRA tuning freezes the router: its selection bias must not drift either
+    cfg = _cfg({"router": "sigmoid", "router_bias": True, "bias_update_rate": 0.01})
+    model = Transformer(cfg.model)
+    model.moe_layers[0].router.requires_grad_(False)
+    counts = {0: torch.tensor([10.0, 0, 0, 0, 0, 0, 0, 6]), 1: torch.tensor([10.0, 0, 0, 0, 0, 0, 0, 6])}
+    schedules.update_router_bias(model, counts, 0.01)
+    assert torch.equal(model.moe_layers[0].router.bias, torch.zeros(8))
+    assert model.moe_layers[1].router.bias[0] == pytest.approx(-0.01)  # a trained router's bias still moves
+
+
 def test_schedule_config_errors():
     with pytest.raises(ConfigError, match="schedule.gumbel_tau_end: temperature annealing needs"):
         _cfg(schedule={"gumbel_tau_end": 0.5})
