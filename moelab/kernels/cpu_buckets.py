@@ -217,21 +217,18 @@ def grouped_swiglu(
     return _GroupedSwiGLU.apply(x_sorted, gate_up, down, buckets, dtype)
 
 
-class _Layout:
+def _layout(dtype: torch.dtype, x: torch.Tensor, down: torch.Tensor) -> Callable[[list[int]], list[Bucket]]:
     """`plan_dispatch(layout=...)` for the bucketed experts: row-grid rounding (bf16), then buckets laid
-    out in place (`plan_layout`)."""
+    out in place (`plan_layout`); the plan keeps them as `DispatchPlan.layout`."""
+    grid = row_grid(dtype, x.device)
+    call, gather_expert, _ = _costs(dtype, x, down)
 
-    def __init__(self, dtype: torch.dtype, x: torch.Tensor, down: torch.Tensor):
-        self.grid = row_grid(dtype, x.device)
-        call, gather_expert, _ = _costs(dtype, x, down)
-        self.costs = (call, gather_expert)
-        self.buckets: list[Bucket] = []
+    def layout(counts: list[int]) -> list[Bucket]:
+        if grid is not None:
+            counts = [grid(c) for c in counts]
+        return plan_layout(counts, call, gather_expert, binary=grid is not None)
 
-    def __call__(self, counts: list[int]) -> list[Bucket]:
-        if self.grid is not None:
-            counts = [self.grid(c) for c in counts]
-        self.buckets = plan_layout(counts, *self.costs, binary=self.grid is not None)
-        return self.buckets
+    return layout
 
 
 class CpuBucketsBackend:
@@ -250,9 +247,8 @@ class CpuBucketsBackend:
             run = torch.ops.moelab.few_tokens_moe if torch.compiler.is_compiling() else few_tokens_moe
             return run(x, gate_up, down, topk_ids, weights, keep)
         dtype = compute_dtype(x)
-        layout = _Layout(dtype, x, down)
-        plan = plan_dispatch(topk_ids, keep, gate_up.shape[0], layout=layout)
-        y = _GroupedSwiGLU.apply(dispatch(x, plan, dtype), gate_up, down, layout.buckets, dtype)  # [N, D]
+        plan = plan_dispatch(topk_ids, keep, gate_up.shape[0], layout=_layout(dtype, x, down))
+        y = _GroupedSwiGLU.apply(dispatch(x, plan, dtype), gate_up, down, plan.layout, dtype)  # [N, D]
         return combine(y, weights, plan)
 
     def _moe_lora(self, x, gate_up, down, topk_ids, weights, keep, lora):

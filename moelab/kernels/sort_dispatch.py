@@ -60,15 +60,14 @@ def plan_dispatch(
     if keep is not None:
         flat_e = torch.where(keep.reshape(-1), flat_e, num_experts)  # sentinel expert: dropped sort last
     dev = topk_ids.device
+    kept_counts = torch.bincount(flat_e, minlength=num_experts + 1)[:num_experts].tolist()  # the host sync
     groups = None
     if layout is None:
         key = flat_e
         order = torch.argsort(key, stable=True)  # [A] assignments, expert-major
-        kept_counts = torch.bincount(flat_e, minlength=num_experts + 1)[:num_experts].tolist()  # the host sync
         counts = [block_rows(c) for c in kept_counts] if block_rows else kept_counts
-        seq, kept_seq, rows_seq = list(range(num_experts)), kept_counts, counts
+        kept_seq, rows_seq = kept_counts, counts
     else:
-        kept_counts = torch.bincount(flat_e, minlength=num_experts + 1)[:num_experts].tolist()  # the host sync
         groups = layout(kept_counts)
         counts = [0] * num_experts
         seq = []
