@@ -260,7 +260,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     activation_checkpointing: bool = False  # recompute each block's activations in backward (less memory)
     compile: bool = False  # torch.compile attention and dense FFNs (MoE layers stay eager); slow first steps
-    peak_flops: float | None = None  # device matmul FLOP/s for MFU; None = measured once at start
+    peak_flops: float | None = None  # device matmul FLOP/s for MFU; None = measured once at start; 0 = no MFU
     max_bad_steps: int = 5  # abort after this many non-finite steps in a row (each one is skipped)
     max_seconds: float | None = None  # stop (and checkpoint) once training has run this long; None = no limit
     # A time-budgeted run: stop after this many seconds of training or train.steps, whichever comes first,
@@ -284,7 +284,9 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0 <= getattr(self, name) < 1:
                 p.append(f"{prefix}.{name}: expected 0 <= {name} < 1, got {getattr(self, name)}")
-        for name in ("peak_flops", "max_seconds", "budget_seconds"):
+        if self.peak_flops is not None and self.peak_flops < 0:
+            p.append(f"{prefix}.peak_flops: expected >= 0 (0 = no MFU) or null, got {self.peak_flops}")
+        for name in ("max_seconds", "budget_seconds"):
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 p.append(f"{prefix}.{name}: expected > 0 or null, got {getattr(self, name)}")
         if self.warmup_steps < 0:

@@ -52,6 +52,7 @@ def test_wrong_type(tmp_path):
         ("model:\n  moe:\n    layers: [0, 9]\n", "model.moe.layers: layer indices must be in [0, 4)"),
         ("model:\n  moe:\n    router: expert_choice\n", "expert_choice routing needs a capacity factor"),
         ("train:\n  dtype: float64\n", "train.dtype: expected one of float32, bfloat16, float16, got 'float64'"),
+        ("train:\n  peak_flops: -1\n", "train.peak_flops: expected >= 0 (0 = no MFU) or null, got -1"),
     ],
 )
 def test_inconsistent_values(tmp_path, text, needle):

@@ -88,7 +88,7 @@ def model_configs(recipe: dict, data_dir: Path, vocab_size: int) -> dict[str, di
     moe.setdefault("data", {})["path"] = str(data_dir.resolve())
     moe.setdefault("checkpoint", {}).update(every=0, keep_last=1, keep_best=False)
     moe.setdefault("log", {})["progress"] = False
-    moe.setdefault("train", {})["peak_flops"] = 1.0  # no peak measurement per run: MFU is not what is compared
+    moe.setdefault("train", {})["peak_flops"] = 0  # no MFU per run (no peak measurement): not what is compared
     return {"moe": moe, "dense": dense_twin(moe), "hf": copy.deepcopy(moe)}
 
 

@@ -271,7 +271,8 @@ class Trainer:
             self._resume()
         else:
             self._start_new()
-        self.peak = cfg.train.peak_flops or measure_matmul_peak(cfg.train.dtype, str(self.device))
+        stated = cfg.train.peak_flops
+        self.peak = stated if stated is not None else measure_matmul_peak(cfg.train.dtype, str(self.device))
         self._peak_rechecked = cfg.train.peak_flops is not None  # a stated peak is not re-measured
         metrics = MetricsLog(self.run_dir / "metrics.jsonl")
         if self.is_main:
@@ -461,9 +462,10 @@ class Trainer:
     def _mfu(self, flops: float, seconds: float) -> dict:
         """MFU of the window: flops count the global batch, so against every rank's peak. A run faster than
         the peak measured at start (a CPU measured while loaded, clocks that rose) re-measures it once and
-        keeps the higher; beyond that the MFU is capped at 1 and flagged (see `mfu_fields`)."""
+        keeps the higher; beyond that the MFU is capped at 1 and flagged (see `mfu_fields`). A stated peak of 0
+        means no MFU: only the achieved FLOP/s is logged."""
         world = self.par.world_size
-        if seconds > 0 and flops / seconds > self.peak * world and not self._peak_rechecked:
+        if seconds > 0 and self.peak and flops / seconds > self.peak * world and not self._peak_rechecked:
             self._peak_rechecked = True
             fresh = measure_matmul_peak.__wrapped__(self.cfg.train.dtype, str(self.device))
             self.peak = max(self.peak, fresh)

@@ -79,10 +79,13 @@ def _sync(device: torch.device) -> None:
 
 def mfu_fields(flops: float, seconds: float, peak: float) -> dict:
     """A record's throughput fields: achieved FLOP/s, the peak it is compared to, and MFU, capped at 1 and
-    flagged (`mfu_capped`) when the achieved rate beat the peak (a CPU measured while loaded)."""
-    if seconds <= 0 or peak <= 0:
+    flagged (`mfu_capped`) when the achieved rate beat the peak (a CPU measured while loaded). A peak of 0
+    (`train.peak_flops: 0`) means no MFU: the achieved rate alone."""
+    if seconds <= 0:
         return {"mfu": None}
     achieved = flops / seconds
+    if peak <= 0:
+        return {"flops_per_s": achieved, "mfu": None}
     out = {"flops_per_s": achieved, "peak_flops": peak, "mfu": min(1.0, achieved / peak)}
     if achieved > peak:
         out["mfu_capped"] = True
