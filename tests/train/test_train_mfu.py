@@ -56,7 +56,9 @@ def test_a_zero_peak_means_no_mfu_and_no_measurement(toy_data, tmp_path, monkeyp
 
     never.__wrapped__ = never
     monkeypatch.setattr(sys.modules["moelab.train.loop"], "measure_matmul_peak", never)
-    cfg = tiny_cfg(toy_data, train={"steps": 2, "peak_flops": 0, "device": "cpu"}, eval={"every": 0}, checkpoint={"every": 0})
+    cfg = tiny_cfg(
+        toy_data, train={"steps": 2, "peak_flops": 0, "device": "cpu"}, eval={"every": 0}, checkpoint={"every": 0}
+    )
     Trainer(cfg, tmp_path / "run").run()
     recs = [r for r in read_metrics(tmp_path / "run") if "flops_per_s" in r or "mfu" in r]
     assert recs and all(r["mfu"] is None and r["flops_per_s"] > 0 and "peak_flops" not in r for r in recs)
