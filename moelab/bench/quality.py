@@ -54,6 +54,12 @@ def add_arguments(p):
         "keeps the LR with the lowest final val bits/byte (default: no sweep, the recipe's train.lr)",
     )
     p.add_argument("--sweep-tokens", type=float, default=5e5, help="tokens per sweep run (default 500000)")
+    p.add_argument(
+        "--sweep-from",
+        metavar="JSON",
+        help="take each model's LR from the sweep recorded in an earlier study's JSON (same recipe, first corpus, "
+        "dtype and overrides) instead of sweeping again",
+    )
     p.add_argument("--evals", type=int, default=15, help="validation points per curve (default 15)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument(
@@ -161,6 +167,39 @@ class Study:
         return {"curve": curve, "impl": impl, "health": routing_health(recs), "run_dir": str(run_dir)}
 
 
+def earlier_sweep(args, corpus: str) -> list[dict]:
+    """The sweep rows of an earlier study's JSON (`--sweep-from`), checked to be a sweep of this study: same
+    recipe, corpus, dtype and overrides, and a finished run for every model compared."""
+    from moelab.errors import UserError
+
+    path = Path(args.sweep_from)
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--sweep-from {path}: cannot read a study JSON ({e})") from None
+    if not isinstance(old, dict) or not old.get("sweep"):
+        raise UserError(f"--sweep-from {path}: no LR sweep recorded (field 'sweep' is empty or missing)")
+    recorded = {  # a JSON from before these fields were written swept its first corpus without overrides
+        "recipe": old.get("recipe"),
+        "dtype": old.get("dtype"),
+        "overrides": old.get("overrides", []),
+        "sweep_corpus": old.get("sweep_corpus", (old.get("corpora") or [None])[0]),
+    }
+    for field, want in (
+        ("recipe", args.recipe),
+        ("dtype", args.dtype),
+        ("overrides", args.overrides),
+        ("sweep_corpus", corpus),
+    ):
+        got = recorded[field]
+        if got != want:
+            raise UserError(f"--sweep-from {path}: field '{field}' is {got!r}, this study has {want!r}")
+    for w in args.models:
+        if not any(s["model"] == w and s["final_bpb"] is not None for s in old["sweep"]):
+            raise UserError(f"--sweep-from {path}: no finished sweep run for model '{w}'")
+    return [s for s in old["sweep"] if s["model"] in args.models]
+
+
 def _steps_for_tokens(cfg: dict, tokens: float) -> int:
     per_step = cfg["train"]["batch_size"] * cfg["data"]["seq_len"] * cfg["train"].get("grad_accum", 1)
     return max(20, round(tokens / per_step))
@@ -177,6 +216,8 @@ def run(args) -> int:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise UserError(f"--{flag.replace('_', '-')}: expected > 0, got {value:g}")
+    if args.sweep_from and args.lrs:
+        raise UserError("--sweep-from and --lrs: give one (an earlier sweep's LRs, or a new sweep)")
     corpora = [f"file:{args.data}"] if args.data else args.corpora
     if args.tokens:
         budget = {"kind": "tokens", "value": args.tokens}
@@ -193,6 +234,8 @@ def run(args) -> int:
         "concurrent": args.concurrent,
         "threads": study.threads,
         "seeds": args.seeds,
+        "overrides": args.overrides,
+        "sweep_corpus": corpora[0],
         "lr": {},
         "sweep": [],
         "runs": [],
@@ -208,7 +251,9 @@ def run(args) -> int:
 
     # The LR sweep: same token budget for every model and LR, first corpus, seed 0.
     lrs = {w: configs[corpora[0]][w]["train"].get("lr") for w in args.models}
-    if args.lrs:
+    if args.sweep_from:
+        results["sweep"], results["sweep_from"] = earlier_sweep(args, corpora[0]), args.sweep_from
+    elif args.lrs:
         sweep_cfgs = configs[corpora[0]]
         for lr in args.lrs:
             cfgs = {w: _with(c, lr=lr, seed=0) for w, c in sweep_cfgs.items()}
@@ -217,6 +262,7 @@ def run(args) -> int:
                 final = r["curve"][-1]["val/bpb"] if r["curve"] else None
                 results["sweep"].append({"model": w, "lr": lr, "final_bpb": final, "steps": steps[w]})
                 print(f"[sweep {corpora[0]}] {w:5s} lr {lr:g}: final val bpb {final}", flush=True)
+    if results["sweep"]:
         for w in args.models:
             done = [s for s in results["sweep"] if s["model"] == w and s["final_bpb"] is not None]
             lrs[w] = min(done, key=lambda s: s["final_bpb"])["lr"]

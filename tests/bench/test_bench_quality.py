@@ -131,6 +131,24 @@ def test_study_equal_tokens_with_sweep_seeds_and_reference(tmp_path, capsys):
     assert plot.stat().st_size > 1000
     assert "MoE - dense" in capsys.readouterr().out
 
+    # a later study takes the same sweep's LRs without sweeping again
+    again = tmp_path / "again.json"
+    args2 = [a if a != str(out) else str(again) for a in args if a not in ("--lrs", "1e-3", "1e-2")]
+    args2 = [*args2, "--sweep-from", str(out), "--models", "moe", "dense"]
+    args2[args2.index("--seeds") + 1 : args2.index("--seeds") + 3] = ["0"]
+    assert main(args2 + [a for s in MICRO for a in ("--set", s)]) == 0
+    res2 = json.loads(again.read_text())
+    assert res2["sweep_from"] == str(out) and res2["lr"] == {m: res["lr"][m] for m in ("moe", "dense")}
+    assert [s for s in res2["sweep"]] == [s for s in res["sweep"] if s["model"] != "hf"]
+    assert "[sweep" not in capsys.readouterr().out  # nothing was swept
+    assert {(r["model"], r["seed"], r["lr"]) for r in res2["runs"]} == {(m, 0, res["lr"][m]) for m in ("moe", "dense")}
+    # an earlier sweep of another study is refused in one line, naming the field
+    assert main([*args2, "--dtype", "bfloat16"] + [a for s in MICRO for a in ("--set", s)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"moelab bench: error: --sweep-from {out}: field 'dtype' is 'float32', this study has 'bfloat16'"
+    assert main([*args2, "--lrs", "1e-3"]) == 2
+    assert "give one" in capsys.readouterr().err
+
 
 @pytest.mark.slow
 def test_study_equal_wall_clock_budgets_seconds_of_training(tmp_path):
@@ -156,3 +174,15 @@ def test_study_refuses_a_non_positive_budget_up_front(flag, tmp_path, capsys):
     assert main(args) == 2
     assert capsys.readouterr().err.strip() == f"moelab bench: error: {flag}: expected > 0, got 0"
     assert not (tmp_path / "w").exists()  # refused before any corpus is prepared
+
+
+def test_sweep_from_needs_a_recorded_sweep(tmp_path, capsys):
+    base = ["bench", "quality", "--work-dir", str(tmp_path / "w"), "--json", str(tmp_path / "q.json")]
+    text = tmp_path / "text.txt"
+    text.write_text("".join(f"line {i} of the play.\n\n" for i in range(200)))
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"recipe": "recipe-cpu", "dtype": "float32", "sweep": []}))
+    assert main([*base, "--data", str(text), "--sweep-from", str(earlier)]) == 2
+    assert capsys.readouterr().err.strip().endswith("no LR sweep recorded (field 'sweep' is empty or missing)")
+    assert main([*base, "--data", str(text), "--sweep-from", str(tmp_path / "missing.json")]) == 2
+    assert "cannot read a study JSON" in capsys.readouterr().err
