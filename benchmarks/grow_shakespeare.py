@@ -9,8 +9,8 @@ whole validation split. 1 thread per run; run two at once on two cores.
 
     PYTHONPATH=. python benchmarks/grow_shakespeare.py DATA_DIR WORK_DIR OUT.jsonl VARIANT SEED [--steps N]
 
-VARIANT: e8, e16 or grow. Appends one JSON line per run (the val curve, the loss right before / after
-growing, final bits/byte). Summarise with `--summary OUT.jsonl`.
+VARIANT: e8, e16 or grow (`--grow-at N`: at step N, default steps / 2). Appends one JSON line per run (the
+val curve, the loss right before / after growing, final bits/byte). Summarise with `--summary OUT.jsonl`.
 """
 
 import argparse
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 
-def config(data_dir: str, variant: str, seed: int, steps: int) -> dict:
+def config(data_dir: str, variant: str, seed: int, steps: int, grow_at: int | None = None, anneal: int = 100) -> dict:
     experts = 16 if variant == "e16" else 8
     cfg = {
         "model": {
@@ -55,7 +55,8 @@ def config(data_dir: str, variant: str, seed: int, steps: int) -> dict:
         "log": {"every": steps // 10, "progress": False, "tensorboard": False},
     }
     if variant == "grow":
-        cfg["schedule"] = {"grow_at": [steps // 2], "grow_anneal_steps": 100, "grow_split_noise": 0.3}
+        at = grow_at or steps // 2
+        cfg["schedule"] = {"grow_at": [at], "grow_anneal_steps": anneal, "grow_split_noise": 0.3}
     return cfg
 
 
@@ -65,14 +66,17 @@ def run(args) -> None:
     from moelab.train.loop import train
 
     torch.set_num_threads(1)
-    run_dir = Path(args.work_dir) / f"{args.variant}-s{args.seed}"
+    name = args.variant if args.variant != "grow" or not args.grow_at else f"grow{args.grow_at}"
+    run_dir = Path(args.work_dir) / f"{name}-s{args.seed}"
     t0 = time.perf_counter()
-    train(config(args.data_dir, args.variant, args.seed, args.steps), run_dir, progress=False, restart=True)
+    cfg = config(args.data_dir, args.variant, args.seed, args.steps, args.grow_at, args.anneal)
+    train(cfg, run_dir, progress=False, restart=True)
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     curve = [(r["step"], r["val/bpb"]) for r in recs if r.get("val/bpb") is not None]
     grow = next((r for r in recs if "grow/experts" in r), {})
     row = {
-        "variant": args.variant,
+        "variant": name,
+        "anneal_steps": args.anneal if args.variant == "grow" else None,
         "seed": args.seed,
         "steps": args.steps,
         "final_bpb": curve[-1][1],
@@ -88,14 +92,16 @@ def run(args) -> None:
 def summary(path: str) -> None:
     rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
     by = {(r["variant"], r["seed"]): r for r in rows}
-    for v in ("e16", "grow"):
+    for v in ["e16"] + sorted({w for w, _ in by if w.startswith("grow")}):
         deltas = [by[v, s]["final_bpb"] - by["e8", s]["final_bpb"] for (w, s) in by if w == v and ("e8", s) in by]
         if deltas:
             sd = statistics.stdev(deltas) if len(deltas) > 1 else float("nan")
-            print(f"{v} - e8 final bpb: {', '.join(f'{d:+.4f}' for d in deltas)} (mean {statistics.mean(deltas):+.4f}, sd {sd:.4f})")
+            each = ", ".join(f"{d:+.4f}" for d in deltas)
+            print(f"{v} - e8 final bpb: {each} (mean {statistics.mean(deltas):+.4f}, sd {sd:.4f})")
     for (v, s), r in sorted(by.items()):
-        if v == "grow":
-            print(f"grow seed {s}: val loss before {r['val_loss_before']:.4f} after {r['val_loss_after']:.4f} ({100 * r['rel_change']:+.3f}%)")
+        if v.startswith("grow"):
+            b, a = r["val_loss_before"], r["val_loss_after"]
+            print(f"{v} seed {s}: val loss before {b:.4f} after {a:.4f} ({100 * r['rel_change']:+.3f}%)")
 
 
 if __name__ == "__main__":
@@ -106,6 +112,8 @@ if __name__ == "__main__":
     p.add_argument("variant", nargs="?", choices=["e8", "e16", "grow"])
     p.add_argument("seed", nargs="?", type=int)
     p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--grow-at", type=int, help="step of the growth (default steps / 2); names the variant growN")
+    p.add_argument("--anneal", type=int, default=100, help="schedule.grow_anneal_steps (default 100)")
     p.add_argument("--summary")
     a = p.parse_args()
     summary(a.summary) if a.summary else run(a)
