@@ -179,6 +179,11 @@ def earlier_sweep(args, corpus: str) -> list[dict]:
         raise UserError(f"--sweep-from {path}: cannot read a study JSON ({e})") from None
     if not isinstance(old, dict) or not old.get("sweep"):
         raise UserError(f"--sweep-from {path}: no LR sweep recorded (field 'sweep' is empty or missing)")
+    rows = old["sweep"]
+    if not isinstance(rows, list) or not all(
+        isinstance(s, dict) and {"model", "lr", "final_bpb"} <= s.keys() for s in rows
+    ):
+        raise UserError(f"--sweep-from {path}: field 'sweep': expected a list of {{model, lr, final_bpb}} records")
     recorded = {  # a JSON from before these fields were written swept its first corpus without overrides
         "recipe": old.get("recipe"),
         "dtype": old.get("dtype"),
@@ -195,9 +200,9 @@ def earlier_sweep(args, corpus: str) -> list[dict]:
         if got != want:
             raise UserError(f"--sweep-from {path}: field '{field}' is {got!r}, this study has {want!r}")
     for w in args.models:
-        if not any(s["model"] == w and s["final_bpb"] is not None for s in old["sweep"]):
+        if not any(s["model"] == w and s["final_bpb"] is not None for s in rows):
             raise UserError(f"--sweep-from {path}: no finished sweep run for model '{w}'")
-    return [s for s in old["sweep"] if s["model"] in args.models]
+    return [s for s in rows if s["model"] in args.models]
 
 
 def _steps_for_tokens(cfg: dict, tokens: float) -> int:

@@ -184,5 +184,8 @@ def test_sweep_from_needs_a_recorded_sweep(tmp_path, capsys):
     earlier.write_text(json.dumps({"recipe": "recipe-cpu", "dtype": "float32", "sweep": []}))
     assert main([*base, "--data", str(text), "--sweep-from", str(earlier)]) == 2
     assert capsys.readouterr().err.strip().endswith("no LR sweep recorded (field 'sweep' is empty or missing)")
+    earlier.write_text(json.dumps({"recipe": "recipe-cpu", "dtype": "float32", "sweep": [{"lr": 1e-3}]}))
+    assert main([*base, "--data", str(text), "--sweep-from", str(earlier)]) == 2
+    assert "field 'sweep': expected a list of {model, lr, final_bpb} records" in capsys.readouterr().err
     assert main([*base, "--data", str(text), "--sweep-from", str(tmp_path / "missing.json")]) == 2
     assert "cannot read a study JSON" in capsys.readouterr().err
