@@ -184,19 +184,13 @@ def earlier_sweep(args, corpus: str) -> list[dict]:
         isinstance(s, dict) and {"model", "lr", "final_bpb"} <= s.keys() for s in rows
     ):
         raise UserError(f"--sweep-from {path}: field 'sweep': expected a list of {{model, lr, final_bpb}} records")
-    recorded = {  # a JSON from before these fields were written swept its first corpus without overrides
-        "recipe": old.get("recipe"),
-        "dtype": old.get("dtype"),
-        "overrides": old.get("overrides", []),
-        "sweep_corpus": old.get("sweep_corpus", (old.get("corpora") or [None])[0]),
-    }
-    for field, want in (
-        ("recipe", args.recipe),
-        ("dtype", args.dtype),
-        ("overrides", args.overrides),
-        ("sweep_corpus", corpus),
+    # a JSON from before "overrides" and "sweep_corpus" were written swept its first corpus without overrides
+    for field, got, want in (
+        ("recipe", old.get("recipe"), args.recipe),
+        ("dtype", old.get("dtype"), args.dtype),
+        ("overrides", old.get("overrides", []), args.overrides),
+        ("sweep_corpus", old.get("sweep_corpus", (old.get("corpora") or [None])[0]), corpus),
     ):
-        got = recorded[field]
         if got != want:
             raise UserError(f"--sweep-from {path}: field '{field}' is {got!r}, this study has {want!r}")
     for w in args.models:
