@@ -98,7 +98,11 @@ def hf_optimizer(model, cfg: Config) -> torch.optim.AdamW:
             groups["decay"].append(p)
     t = cfg.train
     return torch.optim.AdamW(
-        [{"params": ps, "weight_decay": t.weight_decay if g == "decay" else 0.0} for g, ps in groups.items() if ps],
+        [
+            {"name": g, "params": ps, "weight_decay": t.weight_decay if g == "decay" else 0.0}
+            for g, ps in groups.items()
+            if ps
+        ],
         lr=t.lr,
         betas=(t.beta1, t.beta2),
         eps=t.eps,
@@ -126,7 +130,7 @@ class HFStep:
 
     def __call__(self) -> float:
         t = self.cfg.train
-        set_lr(self.opt, lr_at(self.step, t, self.elapsed_s))
+        set_lr(self.opt, lr_at(self.step, t, self.elapsed_s), t.router_lr_scale)
         total = 0.0
         for _ in range(t.grad_accum):
             x, y = self.data.train_batch(self.device)

@@ -79,6 +79,7 @@ class Transformer(nn.Module):
           (GPT-2);
         - the noisy router's noise gate and the shared-expert gate: zeros (noise scale softplus(0),
           gate 0.5 at start); linear biases and the sigmoid router's selection bias: zeros;
+        - router gates (and a hierarchical router's group gate) N(0, moe.router_init_std) when it is set;
         - RMSNorm weights: ones; LM head: N(0, init_std) unless tied to the embedding."""
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
@@ -91,9 +92,14 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, 0.0, out_std)
             else:
                 nn.init.normal_(p, 0.0, std)
+        router_std = self.cfg.moe.router_init_std
         for layer in self.moe_layers.values():
             if isinstance(layer.router, SigmoidRouter):
                 layer.router.bias.zero_()
+            if router_std is not None:
+                for gate in (layer.router.weight, getattr(layer.router, "group_weight", None)):
+                    if gate is not None:
+                        nn.init.normal_(gate, 0.0, router_std)
 
     def init_buffers(self, device: torch.device | str | None = None) -> None:
         """(Re)make the buffers no checkpoint holds: the RoPE tables, and the routers' selection biases

@@ -256,7 +256,7 @@ class Trainer(TrainerCheckpoints):
             sched.top_k = anneal_top_k(self.progress.step, sched.top_k, 2.0, s.grow_at, s.grow_anneal_steps)
             model.set_router_attr("top_k", sched.top_k)
         lr = lr_at(self.progress.step, cfg.train, self.progress.elapsed_s)
-        set_lr(opt, lr)
+        set_lr(opt, lr, cfg.train.router_lr_scale)
         accum = cfg.train.grad_accum
         acc: dict[str, torch.Tensor] = {}
         counts: dict[int, torch.Tensor] = {}  # layer -> kept assignments per expert, all micro-batches

@@ -92,6 +92,8 @@ def lr_at(step: int, cfg: TrainConfig, elapsed_s: float = 0.0) -> float:
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, router_lr_scale: float = 1.0) -> None:
+    """Every group at `lr`, the router group at lr x `router_lr_scale` (`train.router_lr_scale`). The scale
+    is passed in, not stored in the group: a resumed run's config decides it, not the checkpoint's."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        group["lr"] = lr * router_lr_scale if group.get("name") == "router" else lr

@@ -147,3 +147,30 @@ def test_init_rules():
     assert layer.attn.q_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert layer.ffn.experts.down.std().item() == pytest.approx(0.02 / 4, rel=0.05)
     assert layer.ffn.experts.gate_up.std().item() == pytest.approx(0.02, rel=0.05)
+
+
+@pytest.mark.parametrize("router", ["softmax_topk", "hierarchical"])
+def test_router_init_std_sets_only_the_router_gates(router):
+    moe = dict(num_experts=8, top_k=2, expert_dim=32, router=router, num_groups=2 if router == "hierarchical" else 1)
+    base = dict(vocab_size=64, d_model=256, n_layers=2, n_heads=4, ffn_dim=64, max_seq_len=8)
+    torch.manual_seed(0)
+    default = Transformer(ModelConfig(**base, moe=MoEConfig(**moe)))
+    torch.manual_seed(0)
+    small = Transformer(ModelConfig(**base, moe=MoEConfig(**moe, router_init_std=1e-3)))
+    gates = {n for n, _ in small.named_parameters() if n.endswith(("router.weight", "router.group_weight"))}
+    assert len(gates) == (4 if router == "hierarchical" else 2)
+    other = dict(default.named_parameters())
+    for name, p in small.named_parameters():
+        if name in gates:
+            assert p.std().item() == pytest.approx(1e-3, rel=0.1)
+            assert other[name].std().item() == pytest.approx(0.02, rel=0.1)  # None = model.init_std
+        else:
+            assert torch.equal(p, other[name]), name  # nothing else moves, nor does the RNG stream before it
+
+
+def test_router_init_std_must_not_be_negative():
+    from moelab.config import from_dict
+    from moelab.errors import UserError
+
+    with pytest.raises(UserError, match=r"model.moe.router_init_std: expected >= 0 or null"):
+        from_dict(Config, {"model": {"moe": {"router_init_std": -0.1}}})

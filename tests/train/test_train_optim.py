@@ -133,3 +133,36 @@ def test_budget_seconds_must_be_positive(bad):
 
     with pytest.raises(UserError, match=r"train.budget_seconds: expected > 0 or null, got"):
         from_dict(Config, {"train": {"budget_seconds": bad}})
+
+
+def test_router_lr_scale_scales_only_the_router_group():
+    from moelab.train.optim import set_lr
+
+    model, cfg = _model()
+    opt = build_optimizer(model, cfg.train)
+    set_lr(opt, 1e-3, 0.1)
+    lrs = {g["name"]: g["lr"] for g in opt.param_groups}
+    assert lrs == {"decay": 1e-3, "no_decay": 1e-3, "router": pytest.approx(1e-4)}
+    set_lr(opt, 2e-3)  # default scale 1
+    assert {g["lr"] for g in opt.param_groups} == {2e-3}
+
+
+def test_router_lr_scale_is_what_the_trainer_steps_with(toy_data, tmp_path):
+    from train_helpers import tiny_cfg
+
+    from moelab.train.loop import Trainer
+
+    cfg = tiny_cfg(toy_data, train={"steps": 3, "router_lr_scale": 0.25}, eval={"every": 0}, checkpoint={"every": 0})
+    t = Trainer(cfg, tmp_path / "run")
+    t.run()
+    lrs = {g["name"]: g["lr"] for g in t.optimizer.param_groups}
+    expected = lr_at(2, t.cfg.train)  # the last step's LR
+    assert lrs["decay"] == pytest.approx(expected) and lrs["router"] == pytest.approx(0.25 * expected)
+
+
+@pytest.mark.parametrize("bad", [0, -1.0])
+def test_router_lr_scale_must_be_positive(bad):
+    from moelab.errors import UserError
+
+    with pytest.raises(UserError, match=r"train.router_lr_scale: expected > 0, got"):
+        from_dict(Config, {"train": {"router_lr_scale": bad}})
