@@ -18,41 +18,47 @@ import yaml
 
 from moelab.bench.quality_setup import load_recipe
 
-BASE = load_recipe("recipe-cpu")
+RECIPE = load_recipe("recipe-cpu")  # the shipped recipe: 32 x 64, top-8, aux-loss-free (sigmoid + bias)
+# The first round of levers (2026-12-06) varied the recipe as it was then: softmax top-k with the Switch loss
+# at 0.01. Pinned here, so that those names keep meaning what BENCHMARKS.md measured under them.
+SWITCH = copy.deepcopy(RECIPE)
+SWITCH["model"]["moe"].update(router="softmax_topk", router_bias=False, bias_update_rate=0.0, load_balance_coef=0.01)
 ACTIVE = 512  # every variant keeps top_k * expert_dim + shared = 512 (= the dense twin's ffn_dim)
 
 
-def variant(**moe) -> dict:
-    cfg = copy.deepcopy(BASE)
+def variant(base: dict = SWITCH, train: dict | None = None, schedule: dict | None = None, **moe) -> dict:
+    cfg = copy.deepcopy(base)
     m = cfg["model"]["moe"]
     m.update(num_shared_experts=0, shared_expert_dim=None)
     m.update(moe)
+    cfg.setdefault("train", {}).update(train or {})
+    if schedule:
+        cfg.setdefault("schedule", {}).update(schedule)
     return cfg
 
 
+AUXFREE = dict(router="sigmoid", router_bias=True, bias_update_rate=1e-3, load_balance_coef=0.0)
 VARIANTS = {
+    # round 1 (2026-12-06): granularity, shared expert, balancing; on SWITCH
     "e8k2-shared": variant(num_experts=8, top_k=2, expert_dim=128, num_shared_experts=1, shared_expert_dim=256),
     "e8k2": variant(num_experts=8, top_k=2, expert_dim=256),
     "e16k4": variant(num_experts=16, top_k=4, expert_dim=128),
     "e32k8": variant(num_experts=32, top_k=8, expert_dim=64),
     "e16k2-shared": variant(num_experts=16, top_k=2, expert_dim=128, num_shared_experts=1, shared_expert_dim=256),
-    "e16k4-auxfree": variant(
-        num_experts=16,
-        top_k=4,
-        expert_dim=128,
-        router="sigmoid",
-        router_bias=True,
-        bias_update_rate=1e-3,
-        load_balance_coef=0.0,
-    ),
-    "e32k8-auxfree": variant(
-        num_experts=32, top_k=8, expert_dim=64, router="sigmoid", router_bias=True, bias_update_rate=1e-3,
-        load_balance_coef=0.0,
-    ),
+    "e16k4-auxfree": variant(num_experts=16, top_k=4, expert_dim=128, **AUXFREE),
+    "e32k8-auxfree": variant(num_experts=32, top_k=8, expert_dim=64, **AUXFREE),
     "e32k8-lb03": variant(num_experts=32, top_k=8, expert_dim=64, load_balance_coef=0.03),
-    "e16k4-noz": variant(num_experts=16, top_k=4, expert_dim=128, z_loss_coef=0.0),
-    "e16k4-capacity": variant(num_experts=16, top_k=4, expert_dim=128, capacity_factor=1.25),
-    "e16k4-alternate": variant(num_experts=16, top_k=4, expert_dim=128, layers=[1, 3]),
+    # round 2 (2026-12-07): the levers round 1 left, each on the shipped recipe (= e32k8-auxfree)
+    "recipe": variant(RECIPE),
+    "recipe-noz": variant(RECIPE, z_loss_coef=0.0),
+    "recipe-capacity": variant(RECIPE, capacity_factor=1.25),
+    "recipe-every2": variant(RECIPE, layers="every:2"),  # MoE in layers 1 and 3, dense SwiGLU 512 in 0 and 2
+    "recipe-d2s": variant(RECIPE, schedule={"top_k_start": 16}),  # dense-to-sparse: k 16 -> 8 over half the run
+    "recipe-router-lr0.1": variant(RECIPE, train={"router_lr_scale": 0.1}),
+    "recipe-router-lr3": variant(RECIPE, train={"router_lr_scale": 3.0}),
+    "recipe-router-init": variant(RECIPE, router_init_std=0.002),
+    # Gumbel routing has no selection bias: compared with e32k8 (softmax + Switch loss), tau 1 -> 0.1
+    "e32k8-gumbel": variant(num_experts=32, top_k=8, expert_dim=64, router="gumbel", schedule={"gumbel_tau_end": 0.1}),
 }
 
 
@@ -68,7 +74,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for name in args.only or [*VARIANTS, "dense"]:
         recipe = args.out / f"{name}.yaml"
-        recipe.write_text(yaml.safe_dump(VARIANTS.get(name, VARIANTS["e16k4"])))
+        recipe.write_text(yaml.safe_dump(VARIANTS.get(name, VARIANTS["recipe"])))
         models = ["dense"] if name == "dense" else ["moe"]
         cmd = [sys.executable, "-m", "moelab", "bench", "quality", "--recipe", str(recipe), "--models", *models]
         cmd += ["--corpora", args.corpus, "--tokens", str(args.tokens), "--seeds", *args.seeds, "--threads", "1"]
