@@ -3,6 +3,10 @@ with `moelab bench quality --models moe` (same data, batch, schedule, seed), the
 JSON per variant under --out and prints final val bits/byte. Usage:
 
     python benchmarks/quality/levers.py --out benchmarks/quality/levers --tokens 6e5 --seeds 0 [--only NAME ...]
+
+Round 1 (benchmarks/quality/levers/, seed 0) ran the first eight variants; round 2 (benchmarks/quality/levers2/,
+seeds 0 and 1) ran `--only recipe recipe-noz recipe-capacity recipe-every2 recipe-d2s dense` and `--only e32k8
+e32k8-gumbel recipe-router-lr0.1 recipe-router-lr3 recipe-router-init` side by side. BENCHMARKS.md has both.
 """
 
 from __future__ import annotations
