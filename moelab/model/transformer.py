@@ -96,7 +96,7 @@ class Transformer(nn.Module):
         for layer in self.moe_layers.values():
             if isinstance(layer.router, SigmoidRouter):
                 layer.router.bias.zero_()
-            if router_std is not None:
+            if router_std is not None:  # re-drawn after the loop above, so every other tensor's draw is unchanged
                 for gate in (layer.router.weight, getattr(layer.router, "group_weight", None)):
                     if gate is not None:
                         nn.init.normal_(gate, 0.0, router_std)
