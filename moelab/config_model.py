@@ -60,6 +60,12 @@ class MoEConfig:
     null_balance_coef: float = 0.01  # null experts: pulls the mean real experts per token towards null_k_target
     null_k_target: float | None = None  # null experts: intended mean real experts per token; None = (1 + top_k) / 2
 
+    @property
+    def active_ffn_dim(self) -> int:
+        """Width of the dense SwiGLU with this MoE's active expert parameters per token (top_k routed plus
+        the shared experts): the dense twin's `ffn_dim` in comparisons of equal active compute."""
+        return self.top_k * self.expert_dim + self.num_shared_experts * (self.shared_expert_dim or self.expert_dim)
+
     @staticmethod
     def upgrade_legacy(data: dict) -> dict:
         """Configs written before the expert backends said `expert_impl: grouped | reference`."""

@@ -74,9 +74,7 @@ def active_ffn_width(moe: dict) -> int:
     """Width of the dense SwiGLU with the MoE's active expert parameters: top_k routed + shared experts."""
     from moelab.config import MoEConfig
 
-    m = MoEConfig(**moe)
-    shared = m.num_shared_experts * (m.shared_expert_dim or m.expert_dim)
-    return m.top_k * m.expert_dim + shared
+    return MoEConfig(**moe).active_ffn_dim
 
 
 def model_configs(recipe: dict, data_dir: Path, vocab_size: int) -> dict[str, dict]:

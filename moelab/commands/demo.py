@@ -40,6 +40,12 @@ def add_arguments(p):
         "(default 4; 0 = train.steps, no time budget)",
     )
     p.add_argument("--no-samples", action="store_true", help="skip the before/after samples")
+    p.add_argument(
+        "--dense-twin",
+        action="store_true",
+        help="also train the dense model of equal active parameters beside the MoE (same seconds, one thread "
+        "each, in RUN/dense-twin) and print both val bits/byte",
+    )
 
 
 def run(args) -> int:
@@ -49,6 +55,12 @@ def run(args) -> int:
     if args.minutes < 0:
         raise UserError(f"--minutes: expected >= 0 (0 = train.steps, no time budget), got {args.minutes:g}")
     run_demo(
-        args.run_dir, args.input, args.overrides, args.config, samples=not args.no_samples, minutes=args.minutes or None
+        args.run_dir,
+        args.input,
+        args.overrides,
+        args.config,
+        samples=not args.no_samples,
+        minutes=args.minutes or None,
+        dense_twin=args.dense_twin,
     )
     return 0

@@ -5,6 +5,9 @@
 3. sample from the untrained model, train configs/demo.yaml, sample again from the trained one (each set scored
    for how Python-like it looks, `pylike`);
 4. write the report (`report_step`) and say where everything is.
+With `dense_twin`, the dense model of equal active parameters (`MoEConfig.active_ffn_dim`) trains beside the
+MoE in its own process, one thread each, for the same seconds and steps, and the demo ends with both val
+bits/byte: the comparison `moelab bench quality` makes, in miniature (one seed, one short budget).
 The budget covers the whole demo: training gets what the first steps and a reserve for the rest leave, as
 `train.budget_seconds` (its LR schedule ends when the time does, however busy the machine is).
 The run directory is kept; an existing one is never overwritten (runs/demo-2, runs/demo-3, ... instead).
@@ -12,7 +15,10 @@ The run directory is kept; an existing one is never overwritten (runs/demo-2, ru
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -122,6 +128,49 @@ def report_step(run_dir: Path) -> Path | None:
 RESERVE_S, RESERVE_STEPS = 20.0, 24
 
 
+TWIN_DIR = "dense-twin"  # inside the demo's run directory
+
+
+def check_twin(cfg, config: Path) -> None:
+    """The twin swaps every MoE layer for a SwiGLU of `model.ffn_dim` = the active width, which only means
+    "the same model, dense" when every layer is MoE (or the dense layers already have that width)."""
+    moe_layers = cfg.model.moe_layer_ids()
+    if not moe_layers:
+        raise UserError(f"--dense-twin: {config} is a dense model already (model.moe.layers: none)")
+    width = cfg.model.moe.active_ffn_dim
+    if len(moe_layers) < cfg.model.n_layers and cfg.model.ffn_dim != width:
+        raise UserError(
+            f"--dense-twin: {config} has dense layers of model.ffn_dim {cfg.model.ffn_dim}; the twin needs "
+            f"{width} (the MoE's active width) in every layer, which would change them too"
+        )
+
+
+def start_dense_twin(config: Path, overrides: list[str], cfg, run: Path) -> subprocess.Popen:
+    """`moelab train` of the dense twin (every MoE layer a SwiGLU of the MoE's active width, all else equal:
+    data, seed, batch, budget) in a process of its own with one torch thread, logging to RUN/dense-twin.log."""
+    twin = [*overrides, "model.moe.layers=none", f"model.ffn_dim={cfg.model.moe.active_ffn_dim}"]
+    cmd = [sys.executable, "-m", "moelab", "train", str(config), "--run-dir", str(run / TWIN_DIR), "--no-progress"]
+    cmd += [a for o in twin for a in ("--set", o)]
+    with open(run / f"{TWIN_DIR}.log", "w") as log:  # the child keeps its own handle
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def dense_twin_result(proc: subprocess.Popen, run: Path) -> dict | None:
+    """Wait for the twin; its last evaluated record, or None (said why) when it failed."""
+    code = proc.wait()
+    log = run / f"{TWIN_DIR}.log"
+    if code != 0:
+        print(f"  dense twin: training failed (exit {code}); its output is in {log}")
+        return None
+    metrics = run / TWIN_DIR / "metrics.jsonl"
+    recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    evaluated = [r for r in recs if "val/bpb" in r]
+    if not evaluated:
+        print(f"  dense twin: {metrics} has no validation record; see {log}")
+        return None
+    return evaluated[-1]
+
+
 def run_demo(
     run_dir: str | Path | None = None,
     inputs=("stdlib",),
@@ -129,8 +178,10 @@ def run_demo(
     config: str | Path | None = None,
     samples: bool = True,
     minutes: float | None = 4.0,
+    dense_twin: bool = False,
 ) -> Path:
-    """Run the demo; `minutes` is the budget for all of it (None = train.steps, no time budget)."""
+    """Run the demo; `minutes` is the budget for all of it (None = train.steps, no time budget); `dense_twin`:
+    train the dense model of equal active parameters beside the MoE and report both (module docstring)."""
     from moelab.data import prepare
     from moelab.data.tokenizer_training import train_tokenizer
     from moelab.model import Transformer
@@ -144,9 +195,12 @@ def run_demo(
     run = free_run_dir(Path(run_dir) if run_dir is not None else Path("runs") / "demo")
     if run_dir is not None and run != Path(run_dir):
         raise UserError(f"{run_dir}: already holds a run; choose another --run-dir")
-    threads = pick_threads()
+    if dense_twin:
+        check_twin(cfg, config)
+    threads = 1 if dense_twin else pick_threads()  # with a twin: one core each
     torch.set_num_threads(threads)
-    print(f"moelab demo -> {run} ({threads} torch thread{'s' if threads > 1 else ''})")
+    beside = ", the dense twin beside it on another" if dense_twin else ""
+    print(f"moelab demo -> {run} ({threads} torch thread{'s' if threads > 1 else ''}{beside})")
 
     t0 = time.perf_counter()
     tok = train_tokenizer(list(inputs), run / "tokenizer", cfg.model.vocab_size, sample_mb=10.0)
@@ -185,19 +239,34 @@ def run_demo(
             f"now: ~{steps} steps)"
         )
     print(f"\n[3/4] training {config.name} for {plan} (progress below; metrics in {run / 'metrics.jsonl'})")
-    result = train(config, run_dir=run, overrides=overrides)
+    twin = start_dense_twin(config, overrides, cfg, run) if dense_twin else None
+    try:
+        result = train(config, run_dir=run, overrides=overrides)
+    except BaseException:
+        if twin is not None:  # never leave the twin training on its own
+            twin.kill()
+            twin.wait()
+        raise
     rec = result.last_record
     from moelab.checkpoint import load_model
 
     model, _, _ = load_model(result.checkpoint)
     if samples:
         show("samples after training", PROMPTS, sample(model, tok))
+    twin_rec = dense_twin_result(twin, run) if twin is not None else None
     report = report_step(run)
     stopped = " (the time budget ended training)" if rec.get("stopped") == "budget_seconds" else ""
     print(
         f"\n[4/4] done in {time.perf_counter() - t_start:.0f} s: step {result.step}{stopped}, "
         f"val loss {rec['val/loss']:.3f} ({rec['val/bpb']:.3f} bits per byte)"
     )
+    if twin_rec is not None:
+        width = cfg.model.moe.active_ffn_dim
+        print(
+            f"  dense twin:    val {twin_rec['val/bpb']:.3f} bits per byte at step {twin_rec['step']} (SwiGLU of width "
+            f"{width}, the MoE's active parameters; same seconds, one thread each, side by side): MoE - dense "
+            f"{rec['val/bpb'] - twin_rec['val/bpb']:+.3f} (one seed, one short run: `moelab bench quality` for more)"
+        )
     print(f"  run directory: {run}")
     print(f"  metrics:       {run / 'metrics.jsonl'}")
     print(f"  checkpoint:    {result.checkpoint}")

@@ -116,3 +116,55 @@ def test_demo_refuses_a_negative_budget(capsys):
     assert main(["demo", "--minutes", "-1"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "moelab demo: error: --minutes: expected >= 0 (0 = train.steps, no time budget), got -1"
+
+
+def test_demo_dense_twin_trains_beside_the_moe_and_reports_both(tmp_path, monkeypatch, capsys):
+    import json
+
+    import yaml
+
+    corpus = toy_corpus(tmp_path / "corpus", docs=30)
+    monkeypatch.chdir(tmp_path)
+    args = ["demo", "--input", str(corpus), "--minutes", "0", "--no-samples", "--dense-twin"]
+    assert main([*args, *[a for s in SMALL for a in ("--set", s)]]) == 0
+    out = capsys.readouterr().out
+    run = tmp_path / "runs" / "demo"
+    twin = run / "dense-twin"
+    cfg = yaml.safe_load((twin / "config.yaml").read_text())
+    assert cfg["model"]["moe"]["layers"] == "none" and cfg["model"]["ffn_dim"] == 2 * 32  # top_k x expert_dim
+    assert cfg["data"]["path"] == str(run / "data") and cfg["train"]["steps"] == 6  # same data and steps
+    recs = [json.loads(line) for line in (twin / "metrics.jsonl").read_text().splitlines()]
+    twin_bpb = [r for r in recs if "val/bpb" in r][-1]["val/bpb"]
+    moe_bpb = [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "val/bpb" in r][-1]
+    line = next(x for x in out.splitlines() if x.startswith("  dense twin:"))
+    assert f"val {twin_bpb:.3f} bits per byte at step 6" in line
+    assert f"MoE - dense {moe_bpb['val/bpb'] - twin_bpb:+.3f}" in line
+    assert "the dense twin beside it" in out
+
+
+def test_demo_dense_twin_refuses_models_it_cannot_twin(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    base = ["demo", "--dense-twin", "--minutes", "0", "--input", str(tmp_path)]
+    assert main([*base, "--set", "model.moe.layers=none"]) == 2
+    assert "is a dense model already (model.moe.layers: none)" in capsys.readouterr().err
+    assert main([*base, "--set", "model.moe.layers=every:2", "--set", "model.ffn_dim=100"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(
+        "has dense layers of model.ffn_dim 100; the twin needs 512 (the MoE's active width) in every layer, which would change them too"
+    )
+    assert not (tmp_path / "runs").exists()  # refused before any work
+
+
+def test_demo_dense_twin_failure_is_one_line_not_a_crash(tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from moelab.train import demo
+
+    (tmp_path / "dense-twin.log").write_text("boom\n")
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(3)"])
+    assert demo.dense_twin_result(proc, tmp_path) is None
+    assert (
+        capsys.readouterr().out.strip()
+        == f"dense twin: training failed (exit 3); its output is in {tmp_path / 'dense-twin.log'}"
+    )
