@@ -24,6 +24,11 @@ Rounding each expert's rows up to a grid (multiples of 32 up to 1024, then coars
 the kernels in oneDNN's cache; bmm batch sizes are kept to powers of two for the same reason. fp32
 runs on MKL, which has no such cost, so fp32 does not pad.
 
+Why the routing weights go in between the two matmuls (a = silu(g) * u * w, as `grouped_mm` does): the
+combine is then a plain sum of each token's K rows (`sort_dispatch.sum_rows`), and d w is a dot over F
+per row instead of over D on [T, K, D] fp32 products; combine forward + backward was ~9 ms of a ~50 ms
+layer at 32 x 64 top-8 (2048 tokens, fp32, 1 thread).
+
 Decoding (no autograd, at most `FEW_TOKENS` tokens) skips all of this: `few_tokens.py`.
 """
 
@@ -40,7 +45,7 @@ from moelab.kernels.buckets import Bucket, MatmulCosts, _rows, _weights, plan_bu
 from moelab.kernels.common import compute_dtype, with_zero_row
 from moelab.kernels.few_tokens import few_tokens_moe
 from moelab.kernels.lora_buckets import lora_grouped_swiglu
-from moelab.kernels.sort_dispatch import combine, dispatch, plan_dispatch
+from moelab.kernels.sort_dispatch import combine, dispatch, plan_dispatch, row_weights, sum_rows
 
 # Up to this many tokens without autograd (decoding), experts run straight from their stacked weights:
 # the sort dispatch's fixed cost is most of a decode step's MoE time there.
@@ -81,6 +86,15 @@ def _bmm_rows(out: torch.Tensor, b: Bucket, a: torch.Tensor, w: torch.Tensor, bi
         out.index_copy_(0, b.index, _bmm(a, w, binary).view(n * b.rows, -1))
 
 
+def _put_rows(out: torch.Tensor, b: Bucket, v: torch.Tensor) -> None:
+    """out [N + 1, ...] <- v ([E_b, C, ...]) at this bucket's rows (row N a dump for padding)."""
+    if b.index is None:
+        assert b.first_row is not None
+        out[b.first_row : b.first_row + v.shape[0] * b.rows] = v.reshape(-1, *out.shape[1:])
+    else:
+        out.index_copy_(0, b.index, v.reshape(-1, *out.shape[1:]))
+
+
 def _bmm_weights(buf: torch.Tensor, b: Bucket, a: torch.Tensor, w: torch.Tensor, binary: bool) -> None:
     """buf [E, ...] <- a @ w at the bucket's experts: written in place when they are a contiguous range."""
     e0, e1 = b.experts[0], b.experts[-1] + 1
@@ -118,27 +132,32 @@ def _swiglu_grads(da: torch.Tensor, h: torch.Tensor, silu_g: torch.Tensor) -> to
 
 class _GroupedSwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, gate_up, down, buckets: list[Bucket], dtype: torch.dtype):
+    def forward(ctx, x, gate_up, down, buckets: list[Bucket], dtype: torch.dtype, row_w=None):
         with torch.autocast(x.device.type, enabled=False):
-            return _GroupedSwiGLU._forward(ctx, x, gate_up, down, buckets, dtype)
+            return _GroupedSwiGLU._forward(ctx, x, gate_up, down, buckets, dtype, row_w)
 
     @staticmethod
-    def _forward(ctx, x, gate_up, down, buckets, dtype):
+    def _forward(ctx, x, gate_up, down, buckets, dtype, row_w):
         n, f = x.shape[0], down.shape[-1]
         binary = row_grid(dtype, x.device) is not None  # shapes from a small set (oneDNN kernel cache)
-        x_pad = with_zero_row(x) if any(b.index is not None for b in buckets) else None
+        gathered = any(b.index is not None for b in buckets)
+        x_pad = with_zero_row(x) if gathered else None
+        w_col = None if row_w is None else row_w.to(dtype)[:, None]  # [N, 1]
+        w_pad = with_zero_row(w_col) if w_col is not None and gathered else None
         y = x.new_empty(n + 1, down.shape[1])
         saved = []
-        need_x, need_gu, need_dn = ctx.needs_input_grad[:3]
+        need_x, need_gu, need_dn, _, _, need_w = ctx.needs_input_grad
         for b in buckets:
             xb = _rows(x, x_pad, b)  # [E_b, C, D]
             w_gu, w_dn = _weights(gate_up, b, dtype), _weights(down, b, dtype)
             h = _bmm(xb, w_gu.transpose(1, 2), binary)  # [E_b, C, 2F] gate|up pre-activations
             silu_g = F.silu(h[..., :f])
             a = silu_g * h[..., f:]  # [E_b, C, F]
-            _bmm_rows(y, b, a, w_dn.transpose(1, 2), binary)
-            # keep only what backward will read: xb for d gate_up, w_gu for dx, a for d down (frozen
-            # experts, and layer 0 of router-only tuning where x needs no gradient, free them now).
+            wb = None if w_col is None else _rows(w_col, w_pad, b)  # [E_b, C, 1] routing weights
+            a_w = a if wb is None else a * wb
+            _bmm_rows(y, b, a_w, w_dn.transpose(1, 2), binary)
+            # keep only what backward will read: xb for d gate_up, w_gu for dx, a * w for d down, a for d w
+            # (frozen experts, and layer 0 of router-only tuning where x needs no gradient, free them now).
             # silu(g) and a are kept, not recomputed: [N, 2F] more, as much as a dense SwiGLU of equal
             # active width keeps for its backward, and recomputing them was ~5% of a bf16 MoE layer.
             saved.append(
@@ -146,12 +165,15 @@ class _GroupedSwiGLU(torch.autograd.Function):
                     xb if need_gu else None,
                     h,
                     silu_g if need_x or need_gu else None,
-                    a if need_dn else None,
+                    a_w if need_dn else None,
                     w_gu if need_x else None,
                     w_dn,
+                    a if need_w else None,
+                    wb,
                 )
             )
         ctx.buckets, ctx.saved, ctx.dtype, ctx.binary = buckets, saved, dtype, binary
+        ctx.w_dtype = None if row_w is None else row_w.dtype
         ctx.shapes = (gate_up.shape, down.shape, gate_up.dtype, down.dtype)
         return y.resize_(n, y.shape[1])  # drop the dump row in place: a view would trip FSDP2's hooks
 
@@ -166,6 +188,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
         # tuning) the two weight-gradient bmms per bucket were a third of the backward's FLOPs, and
         # their [E, ...] buffers as large as the weights, all thrown away.
         need_x, need_gu, need_dn = ctx.needs_input_grad[:3]
+        need_w = ctx.needs_input_grad[5]
         gu_shape, dn_shape, gu_dtype, dn_dtype = ctx.shapes
         n = dy.shape[0]
         buckets = ctx.buckets
@@ -173,6 +196,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
         dx = dy.new_empty(n + 1, gu_shape[-1]) if need_x else None
         d_gate_up = dy.new_empty(gu_shape) if need_gu else None
         d_down = dy.new_empty(dn_shape) if need_dn else None
+        d_w = dy.new_empty(n + 1, 1) if need_w else None  # row N: the dump for padding
         busy = {e for b in buckets for e in b.experts}
         for e in range(gu_shape[0]):
             if e not in busy:  # idle experts get zero gradients
@@ -180,13 +204,19 @@ class _GroupedSwiGLU(torch.autograd.Function):
                     if d is not None:
                         d[e].zero_()
         binary = ctx.binary
-        for b, (xb, h, silu_g, a, w_gu, w_dn) in zip(buckets, ctx.saved, strict=True):
+        for b, (xb, h, silu_g, a_w, w_gu, w_dn, a, wb) in zip(buckets, ctx.saved, strict=True):
             dyb = _rows(dy, dy_pad, b)  # [E_b, C, D]
             if d_down is not None:
-                _bmm_weights(d_down, b, dyb.transpose(1, 2), a, binary)  # [E_b, D, F]
+                _bmm_weights(d_down, b, dyb.transpose(1, 2), a_w, binary)  # [E_b, D, F]
+            if dx is None and d_gate_up is None and d_w is None:
+                continue
+            da = _bmm(dyb, w_dn, binary)  # [E_b, C, F]: d (a * w)
+            if d_w is not None:
+                _put_rows(d_w, b, (da * a).sum(-1, keepdim=True))  # d w = <d (a w), a> over F
             if dx is None and d_gate_up is None:
                 continue
-            da = _bmm(dyb, w_dn, binary)  # [E_b, C, F]
+            if wb is not None:
+                da.mul_(wb)
             dh = _swiglu_grads(da, h, silu_g)
             if dx is not None:
                 _bmm_rows(dx, b, dh, w_gu, binary)  # [E_b, C, D]
@@ -199,6 +229,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
             None if d_down is None else d_down.to(dn_dtype),
             None,
             None,
+            None if d_w is None else d_w[:n, 0].to(ctx.w_dtype),
         )
 
 
@@ -214,7 +245,7 @@ def grouped_swiglu(
     dtype = x_sorted.dtype
     binary = row_grid(dtype, x_sorted.device) is not None
     buckets = plan_buckets(counts, *_costs(dtype, x_sorted, down), device=x_sorted.device, binary=binary)
-    return _GroupedSwiGLU.apply(x_sorted, gate_up, down, buckets, dtype)
+    return _GroupedSwiGLU.apply(x_sorted, gate_up, down, buckets, dtype, None)
 
 
 def _layout(dtype: torch.dtype, x: torch.Tensor, down: torch.Tensor) -> Callable[[list[int]], list[Bucket]]:
@@ -248,8 +279,9 @@ class CpuBucketsBackend:
             return run(x, gate_up, down, topk_ids, weights, keep)
         dtype = compute_dtype(x)
         plan = plan_dispatch(topk_ids, keep, gate_up.shape[0], layout=_layout(dtype, x, down))
-        y = _GroupedSwiGLU.apply(dispatch(x, plan, dtype), gate_up, down, plan.layout, dtype)  # [N, D]
-        return combine(y, weights, plan)
+        x_sorted = dispatch(x, plan, dtype)
+        y = _GroupedSwiGLU.apply(x_sorted, gate_up, down, plan.layout, dtype, row_weights(weights, plan))  # [N, D]
+        return sum_rows(y, plan)
 
     def _moe_lora(self, x, gate_up, down, topk_ids, weights, keep, lora):
         dtype = compute_dtype(x)

@@ -4,9 +4,12 @@ Legend: T tokens, K experts per token, E experts, D width, A = T*K assignments, 
 block (kept assignments plus alignment padding).
 
 `plan_dispatch` does the integer bookkeeping once per forward (a stable sort by expert, one host
-read of the counts). The two differentiable steps are gathers in both directions:
+read of the counts). The differentiable steps are gathers in both directions:
     dispatch  x_sorted[i] = x[src[i]]                  backward  dx[t] = sum_k g[pos[t, k]]
     combine   y[t] = sum_k w[t, k] y_sorted[pos[t, k]]  backward  dy_sorted[i] = w[a] g[a // K], a = inv[i]
+    sum_rows  y[t] = sum_k y_sorted[pos[t, k]]          backward  dy_sorted[i] = g[a // K]
+`sum_rows` is the combine of a kernel that applied the routing weights itself, between its two matmuls
+(`row_weights` gives them in row order): the [T, K, D] weighted products and their backward go away.
 Autograd's own backward for `x[src]` is a scatter-add with repeated indices, whose CPU kernel is
 serial: it cost more than the expert matmuls' backward on small models here.
 
@@ -165,6 +168,40 @@ def _per_token(y_sorted: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
     if plan.kept < plan.pos.numel():
         y_sorted = with_zero_row(y_sorted)
     return y_sorted.index_select(0, plan.pos.reshape(-1)).view(t, k, -1).float()
+
+
+class _SumRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_sorted, plan: DispatchPlan):
+        ctx.plan, ctx.y_dtype = plan, y_sorted.dtype
+        if plan.kept < plan.pos.numel():  # dropped assignments point at row N
+            y_sorted = with_zero_row(y_sorted)
+        # K row gathers summed into fp32 (as dispatch's backward does): a [T, K, D] gather and a sum over
+        # its middle dim cost several times more on CPU
+        pos = plan.pos
+        out = y_sorted.index_select(0, pos[:, 0]).float()
+        for k in range(1, pos.shape[1]):
+            out.add_(y_sorted.index_select(0, pos[:, k]))
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        plan = ctx.plan
+        t, k = plan.pos.shape
+        token = torch.where(plan.inv < t * k, plan.inv // k, t)  # padding rows read the zero row T
+        return with_zero_row(g.to(ctx.y_dtype)).index_select(0, token), None
+
+
+def row_weights(weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """weights [T, K] -> [N]: each row's routing weight, 0 on padding rows (differentiable)."""
+    flat = weights.reshape(-1)
+    return torch.cat([flat, flat.new_zeros(1)]).index_select(0, plan.inv)
+
+
+def sum_rows(y_sorted: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """y_sorted [N, D] already scaled by the routing weights -> [T, D] fp32: each token's K rows summed
+    (0 for dropped assignments; padding rows are never read)."""
+    return _SumRows.apply(y_sorted, plan)
 
 
 def dispatch(x: torch.Tensor, plan: DispatchPlan, dtype: torch.dtype | None = None) -> torch.Tensor:

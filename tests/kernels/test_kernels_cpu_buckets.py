@@ -9,7 +9,7 @@ import moelab.kernels.cpu_buckets as experts_mod
 from moelab.kernels.buckets import plan_layout
 from moelab.kernels.cpu_buckets import grid_rows, grouped_swiglu, plan_buckets
 from moelab.kernels.reference import reference_moe
-from moelab.kernels.sort_dispatch import combine, dispatch, plan_dispatch
+from moelab.kernels.sort_dispatch import combine, dispatch, plan_dispatch, row_weights, sum_rows
 
 BLOCKS = {"none": None, "x4": lambda c: -(-c // 4) * 4, "grid": grid_rows}
 
@@ -125,6 +125,70 @@ def test_dispatch_combine_equal_autograd_gathers(blocks, drop):
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(dx, rdx)
     torch.testing.assert_close(dw, rdw)
+
+
+@pytest.mark.parametrize("blocks", list(BLOCKS))
+@pytest.mark.parametrize("drop", [False, True])
+def test_sum_rows_of_weighted_rows_equals_combine(blocks, drop):
+    """Weights applied per row before the sum (what the CPU kernel does between its matmuls) give combine's
+    output and gradients, padding rows and dropped assignments included."""
+    t, e, k, d = 13, 5, 3, 6
+    ids, keep, g = random_routing(t, e, k, 11, drop)
+    plan = plan_dispatch(ids, keep, e, BLOCKS[blocks])
+    x = torch.randn(t, d, generator=g, requires_grad=True)
+    w = torch.rand(t, k, generator=g)
+    w = (w if keep is None else w * keep).requires_grad_(True)
+    f = torch.randn(plan.rows, d, generator=g)
+    rw = row_weights(w, plan)
+    assert torch.all(rw[plan.inv == t * k] == 0)  # padding rows weigh nothing
+    out = sum_rows(dispatch(x, plan) * f * rw[:, None], plan)
+    x2, w2 = x.detach().clone().requires_grad_(True), w.detach().clone().requires_grad_(True)
+    ref = combine(dispatch(x2, plan) * f, w2, plan)
+    grad_out = torch.randn(t, d, generator=g)
+    torch.testing.assert_close(out, ref)
+    for a, b in zip(
+        torch.autograd.grad(out, (x, w), grad_out), torch.autograd.grad(ref, (x2, w2), grad_out), strict=True
+    ):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("call_flops", [0.0, 1.0], ids=["bucket-per-load", "one-bucket"])
+@pytest.mark.parametrize("blocks", list(BLOCKS))
+def test_grouped_swiglu_row_weights_equal_combine(call_flops, blocks, monkeypatch):
+    """The routing weights scaled inside the kernel, on in-place and on gathered buckets (one bucket of
+    unequal loads gathers its rows), equal the experts followed by combine."""
+    monkeypatch.setattr(experts_mod.MatmulCosts, "of", staticmethod(lambda dtype, device: costs(call_flops)))
+    t, e, k, d, f = 40, 6, 2, 16, 12
+    ids, _, g = random_routing(t, e, k, 4, False)
+    ids[:25] = torch.tensor([0, 1])  # skewed loads
+    plan = plan_dispatch(ids, None, e, BLOCKS[blocks])
+    leaves = [
+        torch.randn(t, d, generator=g),
+        torch.rand(t, k, generator=g),
+        torch.randn(e, 2 * f, d, generator=g),
+        torch.randn(e, d, f, generator=g),
+    ]
+    a = [v.clone().requires_grad_(True) for v in leaves]
+    b = [v.clone().requires_grad_(True) for v in leaves]
+    buckets = plan_buckets(plan.counts, *experts_mod._costs(torch.float32, a[0], a[3]))
+    if call_flops and blocks != "grid":  # (the grid rounds these loads to equal blocks: no gather needed)
+        assert any(bk.index is not None for bk in buckets)  # the gathered path is tested
+    fused = sum_rows(
+        experts_mod._GroupedSwiGLU.apply(
+            dispatch(a[0], plan), a[2], a[3], buckets, torch.float32, row_weights(a[1], plan)
+        ),
+        plan,
+    )
+    plain = combine(grouped_swiglu(dispatch(b[0], plan), b[2], b[3], plan.counts), b[1], plan)
+    grad_out = torch.randn(t, d, generator=g)
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-5)
+    for name, ga, gb in zip(
+        ("x", "weights", "gate_up", "down"),
+        torch.autograd.grad(fused, a, grad_out),
+        torch.autograd.grad(plain, b, grad_out),
+        strict=True,
+    ):
+        torch.testing.assert_close(ga, gb, rtol=1e-5, atol=1e-5, msg=name)
 
 
 @pytest.mark.parametrize("k", [1, 3])
