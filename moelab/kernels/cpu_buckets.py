@@ -196,7 +196,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
         dx = dy.new_empty(n + 1, gu_shape[-1]) if need_x else None
         d_gate_up = dy.new_empty(gu_shape) if need_gu else None
         d_down = dy.new_empty(dn_shape) if need_dn else None
-        d_w = dy.new_empty(n + 1, 1) if need_w else None  # row N: the dump for padding
+        d_w = dy.new_empty(n + 1, 1, dtype=torch.float32) if need_w else None  # row N: the dump for padding
         busy = {e for b in buckets for e in b.experts}
         for e in range(gu_shape[0]):
             if e not in busy:  # idle experts get zero gradients
@@ -212,7 +212,8 @@ class _GroupedSwiGLU(torch.autograd.Function):
                 continue
             da = _bmm(dyb, w_dn, binary)  # [E_b, C, F]: d (a * w)
             if d_w is not None:
-                _put_rows(d_w, b, (da * a).sum(-1, keepdim=True))  # d w = <d (a w), a> over F
+                # d w = <d (a w), a> over F, summed in fp32 (the router's gradient; bf16 products are fine)
+                _put_rows(d_w, b, (da * a).sum(-1, keepdim=True, dtype=torch.float32))
             if dx is None and d_gate_up is None:
                 continue
             if wb is not None:

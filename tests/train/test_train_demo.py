@@ -150,7 +150,8 @@ def test_demo_dense_twin_refuses_models_it_cannot_twin(tmp_path, monkeypatch, ca
     assert main([*base, "--set", "model.moe.layers=every:2", "--set", "model.ffn_dim=100"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith(
-        "has dense layers of model.ffn_dim 100; the twin needs 512 (the MoE's active width) in every layer, which would change them too"
+        "has dense layers of model.ffn_dim 100; the twin needs 512 (the MoE's active width) in every layer, "
+        "which would change them too"
     )
     assert not (tmp_path / "runs").exists()  # refused before any work
 
