@@ -9,7 +9,8 @@ saved tensors of `Transformer`'s graph, see docs/scale-out.md), in elements per 
 - attention: RMSNorm (x, 1/rms, x_hat, output) 3D+1; q, k, v after RoPE and the output fed to o_proj
   2HDh + 2GDh; the attention log-sum-exp H;
 - MoE: RMSNorm 3D+1; router probs and logits 2E (+ small K terms); per routed copy (x K): the
-  gathered row, the expert output and its weighted copy 3D, the gate|up pre-activation 2F;
+  gathered row D, the gate|up pre-activation 2F, silu(gate) and the activation 2F, its routing weight 1
+  (the CPU kernel's saved tensors; the weighted sum back per token keeps nothing);
   shared experts 4 F_shared; a dense FFN 4 ffn_dim;
 - head: final RMSNorm 3D+1, the fp32 log-softmax V, and the logits V (alive until the step ends).
 Backward is walked layer by layer: activations of layers not yet reached stay, gradients of layers
@@ -89,7 +90,7 @@ def activation_elements(cfg: ModelConfig) -> tuple[list[float], float]:
     if cfg.qk_norm != "none":  # the pre-norm projections and their normalised copies
         attn += 2 * (h + g) * dh
     k = m.top_k
-    moe = 3 * d + 1 + k * (3 * d + 2 * m.expert_dim) + 11 * k + 2 * m.num_experts + 3
+    moe = 3 * d + 1 + k * (d + 4 * m.expert_dim + 1) + 11 * k + 2 * m.num_experts + 3
     if m.num_shared_experts:
         moe += 4 * (m.shared_expert_dim or m.expert_dim) * m.num_shared_experts
         if m.shared_expert_gate:

@@ -156,8 +156,9 @@ class _GroupedSwiGLU(torch.autograd.Function):
             wb = None if w_col is None else _rows(w_col, w_pad, b)  # [E_b, C, 1] routing weights
             a_w = a if wb is None else a * wb
             _bmm_rows(y, b, a_w, w_dn.transpose(1, 2), binary)
-            # keep only what backward will read: xb for d gate_up, w_gu for dx, a * w for d down, a for d w
-            # (frozen experts, and layer 0 of router-only tuning where x needs no gradient, free them now).
+            # keep only what backward will read: xb for d gate_up, w_gu for dx, a for d down and d w (a * w is
+            # formed again in backward: keeping it too was [N, F] more, above the [T, K, D] the old combine kept
+            # when F > D); frozen experts, and layer 0 of router-only tuning where x needs no gradient, free them.
             # silu(g) and a are kept, not recomputed: [N, 2F] more, as much as a dense SwiGLU of equal
             # active width keeps for its backward, and recomputing them was ~5% of a bf16 MoE layer.
             saved.append(
@@ -165,10 +166,9 @@ class _GroupedSwiGLU(torch.autograd.Function):
                     xb if need_gu else None,
                     h,
                     silu_g if need_x or need_gu else None,
-                    a_w if need_dn else None,
+                    a if need_dn or need_w else None,
                     w_gu if need_x else None,
                     w_dn,
-                    a if need_w else None,
                     wb,
                 )
             )
@@ -204,10 +204,12 @@ class _GroupedSwiGLU(torch.autograd.Function):
                     if d is not None:
                         d[e].zero_()
         binary = ctx.binary
-        for b, (xb, h, silu_g, a_w, w_gu, w_dn, a, wb) in zip(buckets, ctx.saved, strict=True):
+        for b, (xb, h, silu_g, a, w_gu, w_dn, wb) in zip(buckets, ctx.saved, strict=True):
             dyb = _rows(dy, dy_pad, b)  # [E_b, C, D]
             if d_down is not None:
+                a_w = a if wb is None else a * wb
                 _bmm_weights(d_down, b, dyb.transpose(1, 2), a_w, binary)  # [E_b, D, F]
+                del a_w
             if dx is None and d_gate_up is None and d_w is None:
                 continue
             da = _bmm(dyb, w_dn, binary)  # [E_b, C, F]: d (a * w)
