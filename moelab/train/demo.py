@@ -242,18 +242,18 @@ def run_demo(
     twin = start_dense_twin(config, overrides, cfg, run) if dense_twin else None
     try:
         result = train(config, run_dir=run, overrides=overrides)
+        from moelab.checkpoint import load_model
+
+        model, _, _ = load_model(result.checkpoint)
+        if samples:
+            show("samples after training", PROMPTS, sample(model, tok))
+        twin_rec = dense_twin_result(twin, run) if twin is not None else None
     except BaseException:
-        if twin is not None:  # never leave the twin training on its own
+        if twin is not None and twin.poll() is None:  # never leave the twin training on its own
             twin.kill()
             twin.wait()
         raise
     rec = result.last_record
-    from moelab.checkpoint import load_model
-
-    model, _, _ = load_model(result.checkpoint)
-    if samples:
-        show("samples after training", PROMPTS, sample(model, tok))
-    twin_rec = dense_twin_result(twin, run) if twin is not None else None
     report = report_step(run)
     stopped = " (the time budget ended training)" if rec.get("stopped") == "budget_seconds" else ""
     print(
