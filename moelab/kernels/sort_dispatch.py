@@ -118,15 +118,20 @@ class _Dispatch(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         plan = ctx.plan
-        if plan.kept < plan.pos.numel():  # dropped assignments point at row N
-            g = with_zero_row(g)
-        # K row gathers summed in x's dtype (fp32 under autocast): one [T, K, D] gather and a sum over
-        # its middle dim cost 7x more on CPU, and the cast back to x's dtype comes free
-        pos = plan.pos
-        dx = g.index_select(0, pos[:, 0]).to(ctx.x_dtype)
-        for k in range(1, pos.shape[1]):
-            dx.add_(g.index_select(0, pos[:, k]))
-        return dx, None, None
+        return _sum_token_rows(g, plan, ctx.x_dtype), None, None
+
+
+def _sum_token_rows(rows: torch.Tensor, plan: DispatchPlan, dtype: torch.dtype) -> torch.Tensor:
+    """rows [N, D] -> [T, D] in `dtype`: each token's K rows summed (0 for dropped assignments). K row
+    gathers added in place: one [T, K, D] gather and a sum over its middle dim cost 7x more on CPU, and
+    the cast to `dtype` comes free with the first."""
+    if plan.kept < plan.pos.numel():  # dropped assignments point at row N
+        rows = with_zero_row(rows)
+    pos = plan.pos
+    out = rows.index_select(0, pos[:, 0]).to(dtype)
+    for k in range(1, pos.shape[1]):
+        out.add_(rows.index_select(0, pos[:, k]))
+    return out
 
 
 class _Combine(torch.autograd.Function):
@@ -174,15 +179,7 @@ class _SumRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_sorted, plan: DispatchPlan):
         ctx.plan, ctx.y_dtype = plan, y_sorted.dtype
-        if plan.kept < plan.pos.numel():  # dropped assignments point at row N
-            y_sorted = with_zero_row(y_sorted)
-        # K row gathers summed into fp32 (as dispatch's backward does): a [T, K, D] gather and a sum over
-        # its middle dim cost several times more on CPU
-        pos = plan.pos
-        out = y_sorted.index_select(0, pos[:, 0]).float()
-        for k in range(1, pos.shape[1]):
-            out.add_(y_sorted.index_select(0, pos[:, k]))
-        return out
+        return _sum_token_rows(y_sorted, plan, torch.float32)
 
     @staticmethod
     def backward(ctx, g):

@@ -15,7 +15,6 @@ The run directory is kept; an existing one is never overwritten (runs/demo-2, ru
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -162,11 +161,15 @@ def dense_twin_result(proc: subprocess.Popen, run: Path) -> dict | None:
     if code != 0:
         print(f"  dense twin: training failed (exit {code}); its output is in {log}")
         return None
-    metrics = run / TWIN_DIR / "metrics.jsonl"
-    recs = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    evaluated = [r for r in recs if "val/bpb" in r]
+    from moelab.analysis.runlog import read_metrics
+
+    try:
+        evaluated = [r for r in read_metrics(run / TWIN_DIR) if "val/bpb" in r]
+    except UserError as e:
+        print(f"  dense twin: {e}; see {log}")
+        return None
     if not evaluated:
-        print(f"  dense twin: {metrics} has no validation record; see {log}")
+        print(f"  dense twin: {run / TWIN_DIR / 'metrics.jsonl'} has no validation record; see {log}")
         return None
     return evaluated[-1]
 
