@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from moelab.kernels.common import with_zero_row
 
@@ -122,12 +123,17 @@ class _Dispatch(torch.autograd.Function):
 
 
 def _sum_token_rows(rows: torch.Tensor, plan: DispatchPlan, dtype: torch.dtype) -> torch.Tensor:
-    """rows [N, D] -> [T, D] in `dtype`: each token's K rows summed (0 for dropped assignments). K row
-    gathers added in place: one [T, K, D] gather and a sum over its middle dim cost 7x more on CPU, and
-    the cast to `dtype` comes free with the first."""
+    """rows [N, D] -> [T, D] in `dtype`: each token's K rows summed (0 for dropped assignments).
+    Rows already in `dtype`: one `embedding_bag` (a gather-sum per token, each [T, K] row of `pos` one bag),
+    12x faster than K row gathers added in place at K = 8 in fp32 on CPU (0.21 vs 2.5 ms for 2048 tokens,
+    D 128). Narrower rows (bf16 into an fp32 sum): K row gathers added in place, the cast to `dtype` free with
+    the first, so the sum is never rounded to the rows' dtype (one [T, K, D] gather and a sum over its
+    middle dim cost 7x more)."""
     if plan.kept < plan.pos.numel():  # dropped assignments point at row N
         rows = with_zero_row(rows)
     pos = plan.pos
+    if rows.dtype == dtype:
+        return F.embedding_bag(pos, rows, mode="sum")
     out = rows.index_select(0, pos[:, 0]).to(dtype)
     for k in range(1, pos.shape[1]):
         out.add_(rows.index_select(0, pos[:, k]))
