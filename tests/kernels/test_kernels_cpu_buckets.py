@@ -6,9 +6,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import moelab.kernels.cpu_buckets as experts_mod
+from moelab.kernels import sort_dispatch
 from moelab.kernels.buckets import plan_layout
 from moelab.kernels.cpu_buckets import grid_rows, grouped_swiglu, plan_buckets
-from moelab.kernels import sort_dispatch
 from moelab.kernels.reference import reference_moe
 from moelab.kernels.sort_dispatch import combine, dispatch, plan_dispatch, row_weights, sum_rows
 
