@@ -132,9 +132,8 @@ def test_dispatch_combine_equal_autograd_gathers(blocks, drop):
 @pytest.mark.parametrize("drop", [False, True])
 @pytest.mark.parametrize("k", [1, 3, 8])
 def test_token_row_sums_equal_a_loop(rows_dtype, drop, k):
-    """Both ways of summing each token's K rows (one embedding_bag when the rows are already in the sum's
-    dtype, K gathers into an fp32 sum for bf16 rows) give a plain loop's sum, 0 for dropped assignments; the
-    bf16 rows' sum is not rounded to bf16."""
+    """Each token's K rows summed (sum_rows forward, dispatch backward) equal a plain loop's fp64 sum, 0 for
+    dropped assignments, for fp32 rows and for bf16 rows summed into fp32 (never rounded to bf16)."""
     t, e, d = 17, 9, 5
     ids, keep, g = random_routing(t, e, k, 11, drop)
     plan = plan_dispatch(ids, keep, e, BLOCKS["x4"])
