@@ -125,9 +125,9 @@ class _Dispatch(torch.autograd.Function):
 def _sum_token_rows(rows: torch.Tensor, plan: DispatchPlan, dtype: torch.dtype) -> torch.Tensor:
     """rows [N, D] -> [T, D] in `dtype`: each token's K rows summed (0 for dropped assignments), exactly in
     the wider of the two dtypes (bf16 rows into an fp32 sum: cast first), as one `embedding_bag` (each
-    token's [K] row of `pos` one bag). K row gathers added in place took 12x as long at K = 8 in fp32 (2.5 vs
-    0.21 ms for 2048 tokens, D 128) and 1.1-1.7x in bf16 (K 2-8) with the cast; a [T, K, D] gather summed over its middle
-    dim 7x as long."""
+    token's [K] row of `pos` one bag). K row gathers added in place took 12x as long at K = 8 in fp32 (2.5
+    vs 0.21 ms for 2048 tokens, D 128) and 1.1-1.7x in bf16 (K 2-8) with the cast; a [T, K, D] gather
+    summed over its middle dim 7x as long."""
     if plan.kept < plan.pos.numel():  # dropped assignments point at row N
         rows = with_zero_row(rows)
     wide = torch.promote_types(rows.dtype, dtype)
