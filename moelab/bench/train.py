@@ -220,10 +220,11 @@ def _dense_twins(configs: dict, all_runs: dict) -> dict:
                     "cpu_rounds": [m / d for m, d in zip(cpu_m, cpu_d, strict=False)],
                 }
                 out[f"{name}/{key.split('/')[1]}"] = r
+                cpu = r["cpu_rounds"]
                 print(
                     f"{name} vs {twin} ({key.split('/')[1]}): MoE / dense step time {r['step_time_ratio']:.3f} wall "
                     f"(median of per-round ratios {r['median_round_ratio']:.3f}), {r['cpu_time_ratio']:.3f} process "
-                    "CPU time"
+                    f"CPU time (per round {min(cpu):.3f}-{max(cpu):.3f})"
                 )
     return out
 

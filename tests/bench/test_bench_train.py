@@ -78,4 +78,5 @@ def test_bench_train_twin_measures_moe_over_dense_in_wall_and_cpu_time(tmp_path,
     assert set(res["configs"]) == {str(cfg), "micro-twin"}
     r = res["moe_over_dense"][f"{cfg}/float32"]
     assert len(r["rounds"]) == len(r["cpu_rounds"]) == 2 and r["cpu_time_ratio"] > 0 and r["step_time_ratio"] > 0
-    assert "process CPU time" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "process CPU time" in printed and "per round" in printed
