@@ -49,11 +49,9 @@ class TextStream:
             prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset])
             self.text += self.tokenizer.decode(self.ids[self.prefix_offset :])[len(prefix) :]
             self.prefix_offset = self.read_offset = len(self.ids)
-        out = self.text[self.released :]
-        self.released = len(self.text)
-        return out
+        return self._release(final=True)  # that tail may still hold a stop string (one with U+FFFD in it)
 
-    def _release(self) -> str:
+    def _release(self, final: bool = False) -> str:
         if self.stop:
             hits = [i for i in (self.text.find(s, self.released) for s in self.stop) if i >= 0]
             if hits:
@@ -62,7 +60,7 @@ class TextStream:
                 out = self.text[self.released :]
                 self.released = len(self.text)
                 return out
-        end = len(self.text) - self._held()
+        end = len(self.text) - (0 if final else self._held())
         out = self.text[self.released : end]
         self.released = max(self.released, end)
         return out
