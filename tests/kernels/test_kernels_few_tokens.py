@@ -24,8 +24,10 @@ def test_few_tokens_moe_equals_reference(t, e, k, seed, drop):
     keep = torch.rand(t, k, generator=g) > 0.4 if drop else None
     if keep is not None:
         w = w * keep
+    # unit-variance weights make outputs of a few units summed over ~400 products: fp32 summation order alone
+    # moved one element by 3e-5 (hypothesis seed 115); a wrong expert or weight is off by O(1)
     torch.testing.assert_close(
-        few_tokens_moe(x, gate_up, down, ids, w, keep), reference_moe(x, gate_up, down, ids, w), atol=1e-5, rtol=1e-5
+        few_tokens_moe(x, gate_up, down, ids, w, keep), reference_moe(x, gate_up, down, ids, w), atol=1e-4, rtol=1e-4
     )
 
 
