@@ -138,16 +138,14 @@ class _Combine(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_sorted, weights, plan: DispatchPlan):
         ctx.plan, ctx.y_dtype = plan, y_sorted.dtype
+        ctx.save_for_backward(y_sorted, weights)  # in its own dtype: half a [T, K, D] fp32 copy's bytes in bf16
         with torch.autocast(y_sorted.device.type, enabled=False):  # the sum stays fp32
-            per_token = _per_token(y_sorted, plan)  # [T, K, D] fp32
-            # kept for d weights rather than gathered and cast again in backward (it is [T, K, D]
-            # fp32, as large as y_sorted in fp32, twice it in bf16)
-            ctx.save_for_backward(per_token, weights)
-            # into a tensor of its own, not a squeezed view: FSDP2 hooks a wrapped module's output, and an
-            # in-place op on a view would drop that hook (it warns, as it did before this was a kernel)
-            out = per_token.new_empty(per_token.shape[0], per_token.shape[2])
-            torch.bmm(weights.unsqueeze(1), per_token, out=out.unsqueeze(1))
-            return out
+            rows = y_sorted.float()
+            if plan.kept < plan.pos.numel():  # dropped assignments point at row N (their weight is 0 too)
+                rows = with_zero_row(rows)
+            # each token's K rows times their weights, summed: one embedding_bag (a [T, K, D] gather and a
+            # [1, K] x [K, D] bmm per token took 3-10x as long); a tensor of its own, as FSDP2's hooks need
+            return F.embedding_bag(plan.pos, rows, per_sample_weights=weights.float(), mode="sum")
 
     @staticmethod
     def backward(ctx, g):
@@ -156,23 +154,18 @@ class _Combine(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, g):
-        per_token, w = ctx.saved_tensors
+        y_sorted, w = ctx.saved_tensors
         plan = ctx.plan
         t, k = w.shape
-        g = g.float()
-        dw = (per_token * g.unsqueeze(1)).sum(-1)  # [T, K]; a bmm of T [K, D] x [D, 1] products was 5x slower
-        contrib = (w.unsqueeze(-1) * g.unsqueeze(1)).view(t * k, -1).to(ctx.y_dtype)  # [A, D]
-        if plan.rows > plan.kept:  # padding rows read the zero row A
-            contrib = with_zero_row(contrib)
-        return contrib.index_select(0, plan.inv), dw, None
-
-
-def _per_token(y_sorted: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-    """[T, K, D] fp32: each assignment's expert output, zeros where dropped."""
-    t, k = plan.pos.shape
-    if plan.kept < plan.pos.numel():
-        y_sorted = with_zero_row(y_sorted)
-    return y_sorted.index_select(0, plan.pos.reshape(-1)).view(t, k, -1).float()
+        token = torch.where(plan.inv < t * k, plan.inv // k, t)  # padding rows read the zero row T
+        g_rows = with_zero_row(g.float()).index_select(0, token)  # [N, D]: each row's token gradient
+        d_y = d_w = None
+        if ctx.needs_input_grad[0]:
+            d_y = (g_rows * row_weights(w.float(), plan)[:, None]).to(ctx.y_dtype)
+        if ctx.needs_input_grad[1]:
+            per_row = (y_sorted.float() * g_rows).sum(-1)  # [N]: <y_sorted[i], g[token(i)]>
+            d_w = with_zero_row(per_row[:, None])[:, 0].index_select(0, plan.pos.reshape(-1)).view(t, k)
+        return d_y, d_w, None
 
 
 class _SumRows(torch.autograd.Function):

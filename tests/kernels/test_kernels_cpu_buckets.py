@@ -147,6 +147,28 @@ def test_token_row_sums_equal_a_loop(rows_dtype, drop, k):
     torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_computes_only_the_gradients_asked_for(dtype):
+    """combine's backward with only the rows or only the weights trainable (frozen router, frozen experts)
+    gives what the full backward gives for that input, in the rows' dtype."""
+    t, e, k, d = 13, 5, 3, 6
+    ids, keep, g = random_routing(t, e, k, 5, True)
+    plan = plan_dispatch(ids, keep, e, BLOCKS["x4"])
+    y = torch.randn(plan.rows, d, generator=g).to(dtype)
+    w = torch.rand(t, k, generator=g) * keep
+    grad_out = torch.randn(t, d, generator=g)
+    ya, wa = y.clone().requires_grad_(True), w.clone().requires_grad_(True)
+    full = torch.autograd.grad(combine(ya, wa, plan), (ya, wa), grad_out)
+    yb = y.clone().requires_grad_(True)
+    (only_y,) = torch.autograd.grad(combine(yb, w, plan), (yb,), grad_out)
+    wc = w.clone().requires_grad_(True)
+    (only_w,) = torch.autograd.grad(combine(y, wc, plan), (wc,), grad_out)
+    assert only_y.dtype == dtype
+    torch.testing.assert_close(only_y, full[0])
+    torch.testing.assert_close(only_w, full[1])
+    assert (only_w[~keep] == 0).all()  # dropped assignments get no weight gradient
+
+
 @pytest.mark.parametrize("blocks", list(BLOCKS))
 @pytest.mark.parametrize("drop", [False, True])
 def test_sum_rows_of_weighted_rows_equals_combine(blocks, drop):
