@@ -122,16 +122,27 @@ class _Dispatch(torch.autograd.Function):
         return _sum_token_rows(g, plan, ctx.x_dtype), None, None
 
 
-def _sum_token_rows(rows: torch.Tensor, plan: DispatchPlan, dtype: torch.dtype) -> torch.Tensor:
-    """rows [N, D] -> [T, D] in `dtype`: each token's K rows summed (0 for dropped assignments), exactly in
-    the wider of the two dtypes (bf16 rows into an fp32 sum: cast first), as one `embedding_bag` (each
-    token's [K] row of `pos` one bag). K row gathers added in place took 12x as long at K = 8 in fp32 (2.5
-    vs 0.21 ms for 2048 tokens, D 128) and 1.1-1.7x in bf16 (K 2-8) with the cast; a [T, K, D] gather
-    summed over its middle dim 7x as long."""
+def _sum_token_rows(
+    rows: torch.Tensor, plan: DispatchPlan, dtype: torch.dtype, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """rows [N, D] -> [T, D] in `dtype`: each token's K rows summed, each times its weight when `weights`
+    [T, K] are given (0 for dropped assignments), exactly in the wider of the two dtypes (bf16 rows into an
+    fp32 sum: cast first), as one `embedding_bag` (each token's [K] row of `pos` one bag). The result is a
+    tensor of its own, as FSDP2's output hooks need. K row gathers added in place took 12x as long at K = 8
+    in fp32 (2.5 vs 0.21 ms for 2048 tokens, D 128) and 1.1-1.7x in bf16 (K 2-8) with the cast; a [T, K, D]
+    gather summed over its middle dim 7x as long, and with weights a [1, K] x [K, D] bmm per token 3-10x."""
     if plan.kept < plan.pos.numel():  # dropped assignments point at row N
         rows = with_zero_row(rows)
     wide = torch.promote_types(rows.dtype, dtype)
-    return F.embedding_bag(plan.pos, rows.to(wide), mode="sum").to(dtype)
+    per_sample = None if weights is None else weights.to(wide)
+    return F.embedding_bag(plan.pos, rows.to(wide), per_sample_weights=per_sample, mode="sum").to(dtype)
+
+
+def _token_grad_rows(g: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    """g [T, D] -> [N, D]: each sorted row's token gradient (zeros on padding rows, which read row T)."""
+    t, k = plan.pos.shape
+    token = torch.where(plan.inv < t * k, plan.inv // k, t)
+    return with_zero_row(g).index_select(0, token)
 
 
 class _Combine(torch.autograd.Function):
@@ -140,12 +151,7 @@ class _Combine(torch.autograd.Function):
         ctx.plan, ctx.y_dtype = plan, y_sorted.dtype
         ctx.save_for_backward(y_sorted, weights)  # in its own dtype: half a [T, K, D] fp32 copy's bytes in bf16
         with torch.autocast(y_sorted.device.type, enabled=False):  # the sum stays fp32
-            rows = y_sorted.float()
-            if plan.kept < plan.pos.numel():  # dropped assignments point at row N (their weight is 0 too)
-                rows = with_zero_row(rows)
-            # each token's K rows times their weights, summed: one embedding_bag (a [T, K, D] gather and a
-            # [1, K] x [K, D] bmm per token took 3-10x as long); a tensor of its own, as FSDP2's hooks need
-            return F.embedding_bag(plan.pos, rows, per_sample_weights=weights.float(), mode="sum")
+            return _sum_token_rows(y_sorted, plan, torch.float32, weights)
 
     @staticmethod
     def backward(ctx, g):
@@ -157,8 +163,7 @@ class _Combine(torch.autograd.Function):
         y_sorted, w = ctx.saved_tensors
         plan = ctx.plan
         t, k = w.shape
-        token = torch.where(plan.inv < t * k, plan.inv // k, t)  # padding rows read the zero row T
-        g_rows = with_zero_row(g.float()).index_select(0, token)  # [N, D]: each row's token gradient
+        g_rows = _token_grad_rows(g.float(), plan)  # [N, D]
         d_y = d_w = None
         if ctx.needs_input_grad[0]:
             d_y = (g_rows * row_weights(w.float(), plan)[:, None]).to(ctx.y_dtype)
@@ -176,10 +181,7 @@ class _SumRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g):
-        plan = ctx.plan
-        t, k = plan.pos.shape
-        token = torch.where(plan.inv < t * k, plan.inv // k, t)  # padding rows read the zero row T
-        return with_zero_row(g.to(ctx.y_dtype)).index_select(0, token), None
+        return _token_grad_rows(g.to(ctx.y_dtype), ctx.plan), None
 
 
 def row_weights(weights: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
