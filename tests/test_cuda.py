@@ -179,6 +179,30 @@ def test_generate_and_serving_engine_on_cuda(tmp_path, dtype):
         engine.close()
 
 
+def test_compiled_decode_replays_cuda_graphs(tmp_path):
+    """`generate --compile` in bf16: the decode step is captured as CUDA graphs (inductor skipped none),
+    and every generated token's logits equal an eager full forward over the same tokens (teacher-forced
+    on the compiled run's own tokens, so a bf16 near-tie cannot make the comparison flaky)."""
+    from torch._dynamo.utils import counters
+
+    from moelab.infer.generate import generate, load
+    from moelab.infer.scheduler import decode_graphs
+
+    model, tok = load(tiny_checkpoint(tmp_path), "cuda", "bfloat16")
+    assert decode_graphs(model)
+    skips = counters["inductor"]["cudagraph_skips"]
+    outs = generate(
+        model, tok, ["ROMEO:", "To be, or not"], max_new_tokens=24, temperature=0, compile=True, return_logits=True
+    )
+    assert counters["inductor"]["cudagraph_skips"] == skips
+    for c in outs:
+        ids = torch.tensor([c.prompt_ids + c.token_ids[:-1]], device=CUDA)
+        with torch.no_grad():
+            ref = model(ids).logits[0, len(c.prompt_ids) - 1 :].float().cpu()
+        assert c.logits.shape == ref.shape
+        assert (c.logits - ref).abs().max() <= 0.05 * ref.abs().max() + 0.02
+
+
 def test_analyze_on_cuda(data, tmp_path):
     from moelab.analysis.run import analyze_run
     from moelab.train.loop import Trainer

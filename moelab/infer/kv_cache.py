@@ -42,6 +42,11 @@ class KVCache:
         # Decode steps always in the general form (one slot per row, a mask), even when every row is at
         # the same length: a compiled step then needs one graph instead of one per special case.
         self.row_slots = False
+        # A decode step replayed as a CUDA graph is recorded once per input shape, and the visible cache
+        # length grows by one every step: without rounding, every step would record a new graph (slower
+        # than not using graphs). Row-slot steps round it up to a multiple of `kv_bucket` (capped at
+        # max_len; the mask hides the extra slots), so one graph serves `kv_bucket` steps.
+        self.kv_bucket = 1
         self.start = [0] * max_batch  # first real slot of each row (= its left padding)
         self.length = [0] * max_batch  # slots written in each row
         self._rows = slice(0, 0)  # rows the current forward touches
@@ -86,6 +91,8 @@ class KVCache:
             self._slots = torch.tensor(lengths, device=dev)
             self._row_idx = torch.arange(len(lengths), device=dev)
             self._kv_len = max(lengths) + 1
+            if self.kv_bucket > 1 and self._kv_len <= self.max_len:
+                self._kv_len = min(self.max_len, -(-self._kv_len // self.kv_bucket) * self.kv_bucket)
         else:
             raise ValueError("appending several tokens needs rows of equal length")
         if self._kv_len > self.max_len:

@@ -84,13 +84,33 @@ def compiled_decoder(model):
     a step runs far fewer, larger ops. Compiling takes 10-30 s on first use, once per process and model
     shape. On CUDA the steps also replay as CUDA graphs (`reduce-overhead`): a decode step is hundreds
     of small kernels whose launch cost exceeds their run time; the `grouped_mm` expert backend has no
-    host sync, so the whole step can be captured. MOELAB_CUDA_GRAPHS=0 turns the graphs off."""
+    host sync, so the whole step can be captured. A graph is recorded per input shape: the engine keeps
+    the shapes few (`GRAPH_KV_BUCKET`). MOELAB_CUDA_GRAPHS=0 turns the graphs off."""
     # Every model compiled in one process counts against dynamo's per-function limit (default 8),
     # past which it silently falls back to eager; allow a few models' worth of variants.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    cuda = next(model.parameters()).device.type == "cuda"
-    graphs = cuda and os.environ.get("MOELAB_CUDA_GRAPHS", "1") != "0"
-    return torch.compile(model, dynamic=True, mode="reduce-overhead" if graphs else None)
+    return torch.compile(model, dynamic=True, mode="reduce-overhead" if decode_graphs(model) else None)
+
+
+def decode_graphs(model, device: torch.device | None = None, dtype: torch.dtype | None = None) -> bool:
+    """Whether compiled decode steps of `model` (on its parameters' device and dtype unless given) replay
+    as CUDA graphs: on CUDA, unless MOELAB_CUDA_GRAPHS=0, and only when every MoE layer's experts run
+    without a host sync there (`grouped_mm`, bf16). Elsewhere -- fp32, widths the grouped kernel does not
+    take, offloaded experts -- the experts are an opaque operator that reads the chosen ids on the host,
+    which a graph capture cannot hold: the step is compiled without graphs."""
+    from moelab.model.experts import sync_free_experts
+
+    p = next(model.parameters())
+    device, dtype = device or p.device, dtype or p.dtype
+    if device.type != "cuda" or os.environ.get("MOELAB_CUDA_GRAPHS", "1") == "0":
+        return False
+    return all(sync_free_experts(layer.experts, device, dtype) for layer in model.moe_layers.values())
+
+
+# Cache slots a graph-replayed decode step attends over are rounded up to a multiple of this
+# (`KVCache.kv_bucket`): a graph then serves 256 steps, at the cost of attending over up to 255
+# masked slots -- on a GPU a few microseconds, against a recording per step without it.
+GRAPH_KV_BUCKET = 256
 
 
 class Engine:
@@ -106,8 +126,11 @@ class Engine:
         record_routing: bool = False,
         record_logits: bool = False,
         batch_invariant: bool = False,
+        kv_bucket: int | None = None,
     ):
         """`compile`: run decode steps through torch.compile (see `compiled_decoder`); prefill stays eager.
+        `kv_bucket`: round the cache length a compiled decode step attends over up to a multiple of this
+        (default `GRAPH_KV_BUCKET` when the steps replay as CUDA graphs, else 1: no rounding).
         `record_routing` / `record_logits`: keep each request's routing / logits (`Request`).
         `batch_invariant`: every forward holds one sequence (prefill alone, unpadded; decode row by row),
         so a request's logits cannot depend on the other requests or its row -- the deterministic
@@ -130,6 +153,10 @@ class Engine:
             compile = False  # the record is a Python side effect a compiled graph would not keep
         self.cache = KVCache.for_model(model, max_batch, self.max_len)
         self.cache.row_slots = compile
+        if kv_bucket is not None and (isinstance(kv_bucket, bool) or not isinstance(kv_bucket, int) or kv_bucket < 1):
+            raise UserError(f"kv_bucket: expected an integer >= 1, got {kv_bucket!r}")
+        if compile:
+            self.cache.kv_bucket = kv_bucket or (GRAPH_KV_BUCKET if decode_graphs(model) else 1)
         self._decoder = compiled_decoder(model) if compile else model
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # row i of the cache holds _running[i]

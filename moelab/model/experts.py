@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moelab.kernels import build_expert_backend
+from moelab.kernels import backend_name, build_expert_backend
 
 
 class ExpertFFN(nn.Module):
@@ -36,3 +36,11 @@ class ExpertFFN(nn.Module):
         if self.lora is not None:
             return self.backend.moe(x, self.gate_up, self.down, topk_ids, weights, keep, lora=self.lora.deltas(x))
         return self.backend.moe(x, self.gate_up, self.down, topk_ids, weights, keep)
+
+
+def sync_free_experts(experts: nn.Module, device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether a layer's experts module runs with static shapes and no host sync on `device` in `dtype`:
+    an `ExpertFFN` whose backend resolves to `grouped_mm` there. Only then can a compiled graph take the
+    layer whole, or a CUDA graph capture it (a host read during capture is an error). Swapped-in modules
+    (offload, expert parallelism) plan on the host."""
+    return isinstance(experts, ExpertFFN) and backend_name(experts.backend, device, dtype) == "grouped_mm"

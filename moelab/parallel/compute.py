@@ -25,19 +25,13 @@ def compile_blocks(model: nn.Module, device: torch.device, dtype: torch.dtype) -
     included; elsewhere only attention and dense feed-forwards are, since a host-planned dispatch has
     data-dependent shapes (tokens per expert change every step) that would recompile or break the
     graph at every layer. Returns the number of blocks compiled whole."""
-    from moelab.kernels import backend_name
-    from moelab.model.experts import ExpertFFN
+    from moelab.model.experts import sync_free_experts
     from moelab.model.moe import MoELayer
 
     whole = 0
     for block in model.layers:
         ffn = block.ffn
-        sync_free = (
-            isinstance(ffn, MoELayer)
-            and isinstance(ffn.experts, ExpertFFN)
-            and backend_name(ffn.experts.backend, device, dtype) == "grouped_mm"
-        )
-        if not isinstance(ffn, MoELayer) or sync_free:
+        if not isinstance(ffn, MoELayer) or sync_free_experts(ffn.experts, device, dtype):
             block.compile(dynamic=False)
             whole += 1
         else:

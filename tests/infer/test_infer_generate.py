@@ -188,6 +188,34 @@ def test_compiled_decoding_equals_eager_and_warmup_builds_every_graph(model, tok
     assert "compiled decoding failed" not in caplog.text
 
 
+def test_compiled_decoding_with_a_kv_bucket_has_few_shapes(model, tokenizer):
+    """The CUDA-graph form of a compiled decode step (graphs themselves need a GPU): the attended cache
+    length is rounded up to the bucket, so a 60-token generation presents three mask shapes instead of
+    sixty -- a graph is recorded per shape -- and the tokens are the eager ones."""
+    prompts = PROMPTS[:2]
+    eager = generate(model, tokenizer, prompts, max_new_tokens=60, temperature=0)
+    engine = Engine(model, tokenizer, max_batch=2, max_len=96, compile=True, kv_bucket=32)
+    shapes = []
+    compiled = engine._decoder
+
+    def decoder(idx, **kw):
+        shapes.append((tuple(idx.shape), tuple(kw["attn_mask"].shape)))
+        return compiled(idx, **kw)
+
+    engine._decoder = decoder
+    greedy = SamplingParams(max_new_tokens=60, temperature=0)
+    try:
+        reqs = [engine.submit(tokenizer.encode(p), greedy) for p in prompts]
+        while engine.step():
+            pass
+    finally:
+        engine.close()
+    assert [r.text for r in reqs] == eager
+    assert len(shapes) >= 40
+    assert {s[1][-1] for s in shapes} <= {32, 64, 96}
+    assert len(set(shapes)) <= 6  # (batch 2, 1 as rows finish) x buckets, never one per step
+
+
 def test_compiled_decoding_falls_back_to_eager(model, tokenizer, monkeypatch, caplog):
     import moelab.infer.scheduler as scheduler
 
@@ -198,3 +226,20 @@ def test_compiled_decoding_falls_back_to_eager(model, tokenizer, monkeypatch, ca
     eager = generate(model, tokenizer, PROMPTS, max_new_tokens=8, temperature=0)
     assert generate(model, tokenizer, PROMPTS, max_new_tokens=8, temperature=0, compile=True) == eager
     assert "compiled decoding failed (RuntimeError: no C++ compiler); decoding eagerly" in caplog.text
+
+
+def test_decode_graphs_only_where_the_step_has_no_host_sync(model, monkeypatch):
+    """CUDA graphs for compiled decode steps only when every MoE layer's experts are sync-free there
+    (grouped_mm: CUDA, bf16); a host read of expert ids inside a graph capture would be an error."""
+    from moelab.infer.scheduler import decode_graphs
+
+    cuda = torch.device("cuda")
+    assert decode_graphs(model, cuda, torch.bfloat16)  # auto -> grouped_mm (widths are multiples of 8)
+    assert not decode_graphs(model, cuda, torch.float32)  # auto -> cpu_buckets: the few-token operator
+    assert not decode_graphs(model)  # on the CPU: no graphs
+    monkeypatch.setenv("MOELAB_CUDA_GRAPHS", "0")
+    assert not decode_graphs(model, cuda, torch.bfloat16)
+    monkeypatch.delenv("MOELAB_CUDA_GRAPHS")
+    layer = next(iter(model.moe_layers.values()))
+    monkeypatch.setattr(layer, "experts", torch.nn.Identity())  # a swapped-in module (offload): plans on the host
+    assert not decode_graphs(model, cuda, torch.bfloat16)

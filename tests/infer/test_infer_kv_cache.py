@@ -83,3 +83,39 @@ def test_overflow_is_an_error(model):
     cache.prefill(slice(0, 1), [0], 4)
     with pytest.raises(ValueError, match="overflow"):
         cache.extend(slice(0, 1))
+
+
+def test_row_slot_steps_with_a_kv_bucket_equal_full_forward(model):
+    """A graph-replayed decode step attends over the cache rounded up to `kv_bucket` slots (the mask
+    hides the rest, including slots a previous sequence left behind): logits are unchanged, and the
+    attended length takes one value per bucket instead of one per step."""
+    torch.manual_seed(3)
+    seqs = [torch.randint(0, 256, (24,)).tolist() for _ in range(2)]
+    ref = [full_logits(model, s) for s in seqs]
+    cache = KVCache.for_model(model, max_batch=2, max_len=22)
+    cache.row_slots, cache.kv_bucket = True, 8
+    cache.k.normal_()  # stale values in every slot, as after earlier requests
+    cache.v.normal_()
+    lens = [3, 6]
+    seen = set()
+    with torch.no_grad(), decoding(model):
+        for r, n in enumerate(lens):
+            pos, am = cache.prefill(slice(r, r + 1), [0], n)
+            model(torch.tensor([seqs[r][:n]]), positions=pos, cache=cache, attn_mask=am)
+        for step in range(15):
+            tok = torch.tensor([[s[n + step]] for s, n in zip(seqs, lens, strict=True)])
+            pos, am = cache.extend(slice(0, 2))
+            seen.add(am.shape[-1])
+            out = model(tok, positions=pos, cache=cache, attn_mask=am).logits
+            for i, n in enumerate(lens):
+                torch.testing.assert_close(out[i, 0], ref[i][n + step], atol=ATOL, rtol=0)
+    assert seen == {8, 16, 22}  # rows reach slot 21: buckets of 8, the last capped at max_len
+
+
+def test_kv_bucket_is_validated(model, tokenizer):
+    from moelab.errors import UserError
+    from moelab.infer.scheduler import Engine
+
+    for bad in (0, -4, 2.5, True):
+        with pytest.raises(UserError, match="kv_bucket: expected an integer >= 1"):
+            Engine(model, tokenizer, kv_bucket=bad)
