@@ -180,27 +180,41 @@ def test_generate_and_serving_engine_on_cuda(tmp_path, dtype):
 
 
 def test_compiled_decode_replays_cuda_graphs(tmp_path):
-    """`generate --compile` in bf16: the decode step is captured as CUDA graphs (inductor skipped none),
-    and every generated token's logits equal an eager full forward over the same tokens (teacher-forced
-    on the compiled run's own tokens, so a bf16 near-tie cannot make the comparison flaky)."""
+    """`generate --compile` and the serving engine in bf16: the decode step is captured as CUDA graphs
+    (inductor skipped none), and every generated token's logits equal an eager full forward over the same
+    tokens (teacher-forced on the compiled run's own tokens, so a bf16 near-tie cannot make the
+    comparison flaky), also while rows leave and steps run padded with idle rows."""
     from torch._dynamo.utils import counters
 
     from moelab.infer.generate import generate, load
-    from moelab.infer.scheduler import decode_graphs
+    from moelab.infer.sampling import SamplingParams
+    from moelab.infer.scheduler import GRAPH_KV_BUCKET, Engine, decode_graphs
 
+    PROMPTS = [("ROMEO:", 5), ("To be", 19), ("a", 11)]
     model, tok = load(tiny_checkpoint(tmp_path), "cuda", "bfloat16")
     assert decode_graphs(model)
     skips = counters["inductor"]["cudagraph_skips"]
     outs = generate(
         model, tok, ["ROMEO:", "To be, or not"], max_new_tokens=24, temperature=0, compile=True, return_logits=True
     )
+    # the serving engine: rows leave at different steps, so steps run padded with idle rows
+    engine = Engine(model, tok, max_batch=4, compile=True, record_logits=True)
+    assert engine.pad_batch and engine.cache.kv_bucket == GRAPH_KV_BUCKET
+    try:
+        reqs = [engine.submit(tok.encode(p), SamplingParams(max_new_tokens=n, temperature=0)) for p, n in PROMPTS]
+        while engine.step():
+            pass
+    finally:
+        engine.close()
     assert counters["inductor"]["cudagraph_skips"] == skips
-    for c in outs:
-        ids = torch.tensor([c.prompt_ids + c.token_ids[:-1]], device=CUDA)
+    runs = [(c.prompt_ids, c.token_ids, c.logits) for c in outs]
+    runs += [(r.prompt_ids, r.output_ids, torch.stack(r.logits)) for r in reqs]
+    for prompt_ids, token_ids, logits in runs:
+        ids = torch.tensor([prompt_ids + token_ids[:-1]], device=CUDA)
         with torch.no_grad():
-            ref = model(ids).logits[0, len(c.prompt_ids) - 1 :].float().cpu()
-        assert c.logits.shape == ref.shape
-        assert (c.logits - ref).abs().max() <= 0.05 * ref.abs().max() + 0.02
+            ref = model(ids).logits[0, len(prompt_ids) - 1 :].float().cpu()
+        assert logits.shape == ref.shape
+        assert (logits - ref).abs().max() <= 0.05 * ref.abs().max() + 0.02
 
 
 def test_analyze_on_cuda(data, tmp_path):

@@ -76,13 +76,20 @@ class KVCache:
             self.start[r], self.length[r] = pad[i], 0
         return self._prepare(rows, n_new)
 
-    def extend(self, rows: slice, n_new: int = 1) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Append `n_new` tokens to every sequence in `rows` (a decode step when n_new = 1)."""
-        return self._prepare(rows, n_new)
+    def extend(self, rows: slice, n_new: int = 1, idle: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Append `n_new` tokens to every sequence in `rows` (a decode step when n_new = 1). `idle` more
+        rows after `rows`, holding no sequence, ride along in a row-slot decode step (a graph-replayed
+        step pads the batch to a recorded size): each writes slot 0 of its row and attends to it alone,
+        and no length changes. A later prefill of such a row overwrites the slot."""
+        if idle and not (self.row_slots and n_new == 1):
+            raise ValueError("idle rows ride along only in row-slot decode steps (row_slots, n_new=1)")
+        if rows.stop + idle > self.max_batch:
+            raise ValueError(f"{rows.stop + idle} rows needed, the cache has {self.max_batch}")
+        return self._prepare(rows, n_new, idle)
 
-    def _prepare(self, rows: slice, n_new: int):
-        lengths = self.length[rows]
-        starts = self.start[rows]
+    def _prepare(self, rows: slice, n_new: int, idle: int = 0):
+        lengths = self.length[rows] + [0] * idle
+        starts = self.start[rows] + [0] * idle
         dev = self.device
         if min(lengths) == max(lengths) and not (self.row_slots and n_new == 1):
             s0 = lengths[0]

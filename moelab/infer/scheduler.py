@@ -127,10 +127,14 @@ class Engine:
         record_logits: bool = False,
         batch_invariant: bool = False,
         kv_bucket: int | None = None,
+        pad_batch: bool | None = None,
     ):
         """`compile`: run decode steps through torch.compile (see `compiled_decoder`); prefill stays eager.
         `kv_bucket`: round the cache length a compiled decode step attends over up to a multiple of this
-        (default `GRAPH_KV_BUCKET` when the steps replay as CUDA graphs, else 1: no rounding).
+        (default `GRAPH_KV_BUCKET` when the steps replay as CUDA graphs, else 1: no rounding). `pad_batch`:
+        pad a compiled decode step's batch to the next power of two (at most `max_batch`) with idle rows
+        (default: when the steps replay as CUDA graphs), so rows joining and leaving record a handful of
+        graphs rather than one per batch size.
         `record_routing` / `record_logits`: keep each request's routing / logits (`Request`).
         `batch_invariant`: every forward holds one sequence (prefill alone, unpadded; decode row by row),
         so a request's logits cannot depend on the other requests or its row -- the deterministic
@@ -155,8 +159,10 @@ class Engine:
         self.cache.row_slots = compile
         if kv_bucket is not None and (isinstance(kv_bucket, bool) or not isinstance(kv_bucket, int) or kv_bucket < 1):
             raise UserError(f"kv_bucket: expected an integer >= 1, got {kv_bucket!r}")
+        graphs = compile and decode_graphs(model)
         if compile:
-            self.cache.kv_bucket = kv_bucket or (GRAPH_KV_BUCKET if decode_graphs(model) else 1)
+            self.cache.kv_bucket = kv_bucket or (GRAPH_KV_BUCKET if graphs else 1)
+        self.pad_batch = compile and (graphs if pad_batch is None else pad_batch)
         self._decoder = compiled_decoder(model) if compile else model
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # row i of the cache holds _running[i]
@@ -332,9 +338,10 @@ class Engine:
                 self._record(self._running[i : i + 1], [0])
             self._accept(0, torch.cat(rows))
             return
-        idx = torch.tensor(self._next, device=self.device)[:, None]
-        positions, attn_mask = self.cache.extend(slice(0, b))
-        self._select_adapters(self._running)
+        idle = min(self.max_batch, 1 << (b - 1).bit_length()) - b if self.pad_batch else 0
+        idx = torch.tensor(self._next + [0] * idle, device=self.device)[:, None]
+        positions, attn_mask = self.cache.extend(slice(0, b), idle=idle)
+        self._select_adapters(self._running, idle)
         try:
             logits = self._decoder(idx, positions=positions, cache=self.cache, attn_mask=attn_mask).logits
         except Exception as e:
@@ -350,7 +357,7 @@ class Engine:
             self._decoder = self.model
             logits = self.model(idx, positions=positions, cache=self.cache, attn_mask=attn_mask).logits
         self._record(self._running, [0] * b)
-        self._accept(0, logits[:, -1])
+        self._accept(0, logits[:b, -1])
 
     def _record(self, reqs: list[Request], pad: list[int]) -> None:
         """Append the routing of the forward just run to each request (row i of it is reqs[i], whose
@@ -409,10 +416,11 @@ class Engine:
         for row in reversed(finished):
             self._retire(row)
 
-    def _select_adapters(self, rows: list[Request]) -> None:
-        """Tell the model's LoRA modules which adapter slot each row of the next forward uses."""
+    def _select_adapters(self, rows: list[Request], idle: int = 0) -> None:
+        """Tell the model's LoRA modules which adapter slot each row of the next forward uses (idle rows:
+        the base model's)."""
         if self.adapter_select is not None:
-            self.adapter_select.batch = torch.tensor([r.adapter for r in rows], device=self.device)
+            self.adapter_select.batch = torch.tensor([r.adapter for r in rows] + [0] * idle, device=self.device)
 
     def _retire(self, row: int) -> None:
         last = len(self._running) - 1

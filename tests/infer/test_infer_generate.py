@@ -216,6 +216,38 @@ def test_compiled_decoding_with_a_kv_bucket_has_few_shapes(model, tokenizer):
     assert len(set(shapes)) <= 6  # (batch 2, 1 as rows finish) x buckets, never one per step
 
 
+def test_compiled_decoding_pads_the_batch_to_few_sizes(model, tokenizer):
+    """With `pad_batch` (on by default where decode steps replay as CUDA graphs) a compiled step runs
+    1, 2 or 4 rows while requests join and leave; idle rows change no request's tokens."""
+    lengths = [5, 17, 30, 9]
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[0] + " jumps", PROMPTS[1] + "b"]
+    eager = [
+        generate(model, tokenizer, p, max_new_tokens=n, temperature=0) for p, n in zip(prompts, lengths, strict=True)
+    ]
+    engine = Engine(model, tokenizer, max_batch=4, max_len=64, compile=True, pad_batch=True)
+    batches = []
+    compiled = engine._decoder
+
+    def decoder(idx, **kw):
+        batches.append(idx.shape[0])
+        return compiled(idx, **kw)
+
+    engine._decoder = decoder
+    greedy = lambda n: SamplingParams(max_new_tokens=n, temperature=0)  # noqa: E731
+    try:
+        reqs = [engine.submit(tokenizer.encode(p), greedy(n)) for p, n in zip(prompts[:3], lengths[:3], strict=True)]
+        for _ in range(3):
+            engine.step()
+        reqs.append(engine.submit(tokenizer.encode(prompts[3]), greedy(lengths[3])))  # joins mid-flight
+        while engine.step():
+            pass
+    finally:
+        engine.close()
+    assert [r.text for r in reqs] == eager
+    assert set(batches) <= {1, 2, 4} and 3 not in batches and len(batches) >= 29
+    assert engine.cache.max_batch == 4
+
+
 def test_compiled_decoding_falls_back_to_eager(model, tokenizer, monkeypatch, caplog):
     import moelab.infer.scheduler as scheduler
 

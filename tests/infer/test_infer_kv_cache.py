@@ -119,3 +119,33 @@ def test_kv_bucket_is_validated(model, tokenizer):
     for bad in (0, -4, 2.5, True):
         with pytest.raises(UserError, match="kv_bucket: expected an integer >= 1"):
             Engine(model, tokenizer, kv_bucket=bad)
+
+
+def test_idle_rows_ride_along_without_touching_real_rows(model):
+    """A graph-replayed step pads the batch with idle rows: real rows' logits are unchanged, idle rows
+    keep their lengths (even a row a finished request left full, which must not overflow)."""
+    torch.manual_seed(4)
+    seqs = [torch.randint(0, 256, (20,)).tolist() for _ in range(2)]
+    ref = [full_logits(model, s) for s in seqs]
+    cache = KVCache.for_model(model, max_batch=4, max_len=16)
+    cache.row_slots = True
+    lens = [2, 5]
+    with torch.no_grad(), decoding(model):
+        for r, n in enumerate(lens):
+            pos, am = cache.prefill(slice(r, r + 1), [0], n)
+            model(torch.tensor([seqs[r][:n]]), positions=pos, cache=cache, attn_mask=am)
+        cache.start[2], cache.length[2] = 0, 16  # left full by a finished request
+        for step in range(8):
+            tok = torch.tensor([[s[n + step]] for s, n in zip(seqs, lens, strict=True)] + [[0], [0]])
+            pos, am = cache.extend(slice(0, 2), idle=2)
+            assert pos.shape == (4, 1) and am.shape[0] == 4
+            out = model(tok, positions=pos, cache=cache, attn_mask=am).logits
+            assert torch.isfinite(out).all()
+            for i, n in enumerate(lens):
+                torch.testing.assert_close(out[i, 0], ref[i][n + step], atol=ATOL, rtol=0)
+    assert cache.length == [10, 13, 16, 0]
+    with pytest.raises(ValueError, match="5 rows needed, the cache has 4"):
+        cache.extend(slice(0, 2), idle=3)
+    cache.row_slots = False
+    with pytest.raises(ValueError, match="idle rows ride along only in row-slot decode steps"):
+        cache.extend(slice(0, 2), idle=1)
