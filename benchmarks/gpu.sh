@@ -34,7 +34,7 @@ step() {  # step NAME SECONDS CMD...: run CMD under a limit, if the budget still
 if [ "${SMALL:-0}" = 1 ]; then
     LAYER=(--tokens 256 --d-model 64 --shapes 8:2:64 16:4:32 --repeats 2 --warmup 1 --hf grouped_mm)
     TRAIN=(--config tiny --set model.n_layers=1 --set data.seq_len=32 --set train.batch_size=2 --steps 2 --warmup 1
-           --repeats 1 --compare hf --dtypes bfloat16)
+           --repeats 1 --compare hf --dtypes bfloat16 --profile)
     GEN=(--configs configs/tiny.yaml --prompt-len 16 --new-tokens 4 --batch-sizes 1 2 --repeats 1 --compare hf
          --dtype bfloat16)
     TRAIN_COMPILE=(--config tiny --set model.n_layers=1 --set data.seq_len=32 --set train.batch_size=2 --steps 2
@@ -42,7 +42,7 @@ if [ "${SMALL:-0}" = 1 ]; then
     TESTS=()
 else
     LAYER=(--preset h200 --warmup 3 --backends auto cpu_buckets)
-    TRAIN=(--preset h200)
+    TRAIN=(--preset h200 --profile)  # --profile: kernels and device-busy time of one step per variant
     GEN=(--configs configs/large.yaml --batch-sizes 1 32 --compare hf --dtype bfloat16 --prompt-len 128
          --new-tokens 32 --repeats 2)
     TRAIN_COMPILE=(--config gpu-fine --dtypes bfloat16 --steps 6 --warmup 3 --repeats 1
@@ -77,4 +77,5 @@ for s in $STEPS; do
 done
 echo "total $((SECONDS - start))s" | tee -a "$LOG"
 # The tables, last, where a caller reading only the end of the output sees them.
-grep -E "^=== |passed|failed|error|^ +(dense|moelab|hf)|tok/s|MFU|x \(target|/ hf|skipped|Error" "$LOG" | tail -80
+grep -E "^=== |passed|failed|error|^ +(dense|moelab|hf)|tok/s|MFU|x \(target|/ hf|skipped|Error|profiled step" "$LOG" \
+    | tail -80

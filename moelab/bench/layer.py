@@ -277,19 +277,11 @@ def run(args) -> int:
 
 def _profile(module, x, grad, dtype, device, rows: int = 18) -> str:
     """torch.profiler's table of one forward+backward, sorted by device (or CPU) time."""
-    from torch.profiler import ProfilerActivity, profile
+    from moelab.bench.profiling import profile_call
 
     step = _fwd_bwd(module, x, grad, dtype, device)
     step()
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=acts) as prof:
-        step()
-        if device.type == "cuda":
-            import torch
-
-            torch.cuda.synchronize(device)
-    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    table = prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
+    table = profile_call(step, device, rows)["table"]
     print(table, flush=True)
     return table
 

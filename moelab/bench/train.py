@@ -60,6 +60,13 @@ def add_arguments(p):
         metavar="KEY=VALUE",
         help="config override for every variant, e.g. --set train.batch_size=4",
     )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing, profile one more step of each variant in the first round (torch.profiler): the top "
+        "operators or kernels, and on a GPU the kernel count and device-busy time against the step's wall time "
+        "(host-bound when far below); printed and kept in the JSON under each variant's `profile`",
+    )
     p.add_argument("--json", dest="json_out", default="benchmarks/train.json", help="where to write results")
 
 
@@ -153,9 +160,12 @@ def run(args) -> int:
                         "warmup": args.warmup,
                         "threads": args.threads,
                         "config": variant,
+                        "profile": args.profile and rep == 0,
                     }
                     r = run_worker(spec)
                     all_runs[name].setdefault(f"{impl}/{dtype}", []).append(r)
+                    if "profile" in r:
+                        _print_profile(f"{name} {impl}/{dtype}", r["profile"])
                     print(
                         f"[{name} round {rep + 1}/{args.repeats}] {impl:6s} {dtype:8s} "
                         f"{r['tokens_per_s']:8.0f} tok/s  memory {r['peak_rss_bytes'] / 2**20:6.0f} MiB",
@@ -176,6 +186,8 @@ def run(args) -> int:
                 "rounds_tokens_per_s": [r["tokens_per_s"] for r in rs],
                 "threads": rs[0]["threads"],
             }
+            if "profile" in rs[0]:
+                summary[key]["profile"] = rs[0]["profile"]
         ratios = {}
         if "hf" in impls:
             for dtype in args.dtypes:
@@ -227,6 +239,16 @@ def _dense_twins(configs: dict, all_runs: dict) -> dict:
                     f"CPU time (per round {min(cpu):.3f}-{max(cpu):.3f})"
                 )
     return out
+
+
+def _print_profile(label: str, prof: dict) -> None:
+    print(f"\n[{label}] one profiled step: {prof['wall_s'] * 1e3:.1f} ms wall", end="")
+    if "device_busy_s" in prof:
+        busy = prof["device_busy_s"] / prof["wall_s"]
+        print(
+            f", device busy {prof['device_busy_s'] * 1e3:.1f} ms ({100 * busy:.0f}%), {prof['kernels']} kernels", end=""
+        )
+    print(f"\n{prof['table']}", flush=True)
 
 
 def _print_table(name: str, summary: dict, ratios: dict, target: float | None) -> None:

@@ -80,3 +80,15 @@ def test_bench_train_twin_measures_moe_over_dense_in_wall_and_cpu_time(tmp_path,
     assert len(r["rounds"]) == len(r["cpu_rounds"]) == 2 and r["cpu_time_ratio"] > 0 and r["step_time_ratio"] > 0
     printed = capsys.readouterr().out
     assert "process CPU time" in printed and "per round" in printed
+
+
+def test_bench_train_profile_records_where_a_step_goes(tmp_path, capsys):
+    cfg = tmp_path / "micro.yaml"
+    cfg.write_text(yaml.safe_dump(TINY))
+    out = tmp_path / "train.json"
+    args = ["bench", "train", "--config", str(cfg), "--dtypes", "float32", "--steps", "1", "--warmup", "1"]
+    assert main([*args, "--repeats", "2", "--threads", "1", "--profile", "--json", str(out)]) == 0
+    v = json.loads(out.read_text())["configs"][str(cfg)]["variants"]["moelab/float32"]
+    prof = v["profile"]  # profiled in the first round only
+    assert prof["wall_s"] > 0 and "aten::" in prof["table"] and "Self CPU" in prof["table"]
+    assert "one profiled step" in capsys.readouterr().out
