@@ -92,3 +92,10 @@ def test_bench_train_profile_records_where_a_step_goes(tmp_path, capsys):
     prof = v["profile"]  # profiled in the first round only
     assert prof["wall_s"] > 0 and "aten::" in prof["table"] and "Self CPU" in prof["table"]
     assert "one profiled step" in capsys.readouterr().out
+
+
+def test_profile_summary_line_on_a_gpu(capsys):
+    from moelab.bench.train import _print_profile
+
+    _print_profile("gpu-fine moelab/bfloat16", {"wall_s": 0.2, "device_busy_s": 0.05, "kernels": 1234, "table": "T"})
+    assert "200.0 ms wall, device busy 50.0 ms (25%), 1234 kernels\nT" in capsys.readouterr().out
