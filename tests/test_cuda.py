@@ -217,6 +217,23 @@ def test_compiled_decode_replays_cuda_graphs(tmp_path):
         assert (logits - ref).abs().max() <= 0.05 * ref.abs().max() + 0.02
 
 
+def test_offloaded_experts_on_cuda(tmp_path):
+    """Experts served from the memory-mapped checkpoint through an LRU of device slots: the rest of the
+    model on the GPU, the slots on the GPU, and the same greedy tokens as the resident model."""
+    from moelab.infer.generate import generate, load
+    from moelab.offload import load_offloaded
+
+    ckpt = tiny_checkpoint(tmp_path)
+    resident, tok = load(ckpt, "cuda")
+    off, _, policy = load_offloaded(ckpt, "lru:2", device="cuda")
+    assert_on_device(off, CUDA)
+    assert policy.device.type == "cuda"
+    prompts = ["ROMEO:", "To be"]
+    want = generate(resident, tok, prompts, max_new_tokens=10, temperature=0)
+    assert generate(off, tok, prompts, max_new_tokens=10, temperature=0) == want
+    assert policy.metrics.misses > 0
+
+
 def test_analyze_on_cuda(data, tmp_path):
     from moelab.analysis.run import analyze_run
     from moelab.train.loop import Trainer
