@@ -35,7 +35,8 @@ def touch_experts(model) -> int:
 def warmup(model, tokenizer, max_batch: int = 1, new_tokens: int = 4, compile: bool = False) -> dict[str, float]:
     """Touch every expert, then generate `new_tokens` greedily for batches of 1 and `max_batch`
     prompts. With `compile`, through compiled decode steps, so both graphs a compiled engine uses
-    (batch 1, batch > 1) are built before the first request.
+    (batch 1, batch > 1) are built before the first request. (On CUDA each padded batch size and cache
+    bucket is also recorded as a CUDA graph at its first use: a few steps' time, not a compile.)
     Returns {"experts": count, "seconds": wall time}."""
     from moelab.infer.sampling import SamplingParams
     from moelab.infer.scheduler import Engine
