@@ -375,7 +375,10 @@ class Engine:
     def _accept(self, b0: int, logits: torch.Tensor) -> None:
         """Sample the next token of rows b0.. from logits [n, V]; emit events; retire finished rows."""
         reqs = self._running[b0 : b0 + logits.shape[0]]
-        if not bool(torch.isfinite(logits).all()):  # sampling NaN gives garbage tokens with exit 0
+        # Sampling NaN gives garbage tokens with exit 0. One reduction: a sum is finite exactly when every
+        # term is (short of overflowing past 3e38, itself a broken model); isfinite(logits).all() took 2 ms
+        # of a CPU step at batch 32 x vocab 32000, the sum 0.06 ms.
+        if not bool(torch.isfinite(logits.sum())):
             raise UserError(
                 "the model's logits are not finite (NaN or inf): its weights are broken (a diverged "
                 "or corrupted checkpoint?); refusing to generate from it"

@@ -248,6 +248,27 @@ def test_compiled_decoding_pads_the_batch_to_few_sizes(model, tokenizer):
     assert engine.cache.max_batch == 4
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_one_non_finite_logit_anywhere_is_refused(model, tokenizer, bad):
+    engine = Engine(model, tokenizer, max_batch=2)
+    real = engine._decoder
+
+    def broken(idx, **kw):
+        out = real(idx, **kw)
+        out.logits[-1, -1, 7] = bad  # one value, in the last row
+        return out
+
+    engine._decoder = broken
+    try:
+        for p in PROMPTS[:2]:
+            engine.submit(tokenizer.encode(p), SamplingParams(max_new_tokens=4, temperature=0))
+        with pytest.raises(UserError, match="logits are not finite"):
+            while engine.step():
+                pass
+    finally:
+        engine.close()
+
+
 def test_compiled_decoding_falls_back_to_eager(model, tokenizer, monkeypatch, caplog):
     import moelab.infer.scheduler as scheduler
 
