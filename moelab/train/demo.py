@@ -247,6 +247,8 @@ def run_demo(
         result = train(config, run_dir=run, overrides=overrides)
         from moelab.checkpoint import load_model
 
+        if result.checkpoint is None:
+            raise UserError(f"{config}: training wrote no checkpoint to sample from")
         model, _, _ = load_model(result.checkpoint)
         if samples:
             show("samples after training", PROMPTS, sample(model, tok))
