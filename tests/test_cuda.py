@@ -3,6 +3,7 @@ a checkpoint written on the GPU read on the CPU and back, generation and the ser
 Skipped without CUDA; run with `pytest -m cuda tests/test_cuda.py`. Data is built in tmp dirs (no downloads)."""
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -189,6 +190,7 @@ def test_compiled_decode_replays_cuda_graphs(tmp_path):
     from moelab.infer.generate import generate, load
     from moelab.infer.sampling import SamplingParams
     from moelab.infer.scheduler import GRAPH_KV_BUCKET, Engine, decode_graphs
+    from moelab.infer.warmup import warmup
 
     PROMPTS = [("ROMEO:", 5), ("To be", 19), ("a", 11)]
     model, tok = load(tiny_checkpoint(tmp_path), "cuda", "bfloat16")
@@ -197,15 +199,20 @@ def test_compiled_decode_replays_cuda_graphs(tmp_path):
     outs = generate(
         model, tok, ["ROMEO:", "To be, or not"], max_new_tokens=24, temperature=0, compile=True, return_logits=True
     )
-    # the serving engine: rows leave at different steps, so steps run padded with idle rows
+    # the serving engine as `moelab serve --compile` runs it: in its own thread, warmed there first; rows
+    # leave at different steps, so steps run padded with idle rows
     engine = Engine(model, tok, max_batch=4, compile=True, record_logits=True)
     assert engine.pad_batch and engine.cache.kv_bucket == GRAPH_KV_BUCKET
+    engine.start()
     try:
+        warmup(model, tok, max_batch=4, compile=True, engine=engine)
         reqs = [engine.submit(tok.encode(p), SamplingParams(max_new_tokens=n, temperature=0)) for p, n in PROMPTS]
-        while engine.step():
-            pass
+        deadline = time.monotonic() + 120
+        while not all(r.done for r in reqs) and time.monotonic() < deadline:
+            time.sleep(0.01)
     finally:
         engine.close()
+    assert all(r.finish_reason in ("length", "stop") for r in reqs)
     assert counters["inductor"]["cudagraph_skips"] == skips
     runs = [(c.prompt_ids, c.token_ids, c.logits) for c in outs]
     runs += [(r.prompt_ids, r.output_ids, torch.stack(r.logits)) for r in reqs]

@@ -106,14 +106,23 @@ def run(args) -> int:
     if args.warmup or args.compile:  # compiling on a request's time would stall every client for seconds
         from moelab.infer.warmup import warmup
 
-        info = warmup(model, tok, max_batch=args.max_batch, compile=args.compile)
+        engine.start()  # warmed in its own thread: CUDA graphs belong to the thread that records them
+        try:
+            info = warmup(model, tok, max_batch=args.max_batch, compile=args.compile, engine=engine)
+        except BaseException:
+            engine.close()
+            raise
         print(
             f"warm-up: {info['experts']} experts{' and the compiled decode step' if args.compile else ''} in "
             f"{info['seconds']:.2f}s",
             file=sys.stderr,
         )
     name = args.model_name or Path(args.run).resolve().name
-    sock = bind_socket(args.host, args.port)
+    try:
+        sock = bind_socket(args.host, args.port)
+    except BaseException:
+        engine.close()  # (started by the warm-up)
+        raise
     host, port = sock.getsockname()[:2]
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"moelab serve: warning: listening on {args.host} without an API key", file=sys.stderr)

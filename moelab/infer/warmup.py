@@ -9,6 +9,7 @@ random latency spikes in the first requests. Warm-up runs each expert of every M
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -32,11 +33,18 @@ def touch_experts(model) -> int:
     return n
 
 
-def warmup(model, tokenizer, max_batch: int = 1, new_tokens: int = 4, compile: bool = False) -> dict[str, float]:
+def warmup(
+    model, tokenizer, max_batch: int = 1, new_tokens: int = 4, compile: bool = False, engine=None
+) -> dict[str, float]:
     """Touch every expert, then generate `new_tokens` greedily for batches of 1 and `max_batch`
     prompts. With `compile`, through compiled decode steps, so both graphs a compiled engine uses
-    (batch 1, batch > 1) are built before the first request. (On CUDA each padded batch size and cache
-    bucket is also recorded as a CUDA graph at its first use: a few steps' time, not a compile.)
+    (batch 1, batch > 1) are built before the first request.
+
+    `engine`: a started serving engine to warm instead of throwaway ones; the requests then run in its
+    own thread, on its own cache. What a compiled engine records on CUDA needs that: a CUDA graph is
+    bound to the thread that recorded it (PyTorch keeps one graph manager per thread) and to the cache
+    addresses it was recorded with, so graphs recorded by engines in the caller's thread would be
+    recorded again -- from another thread's manager -- at the first request.
     Returns {"experts": count, "seconds": wall time}."""
     from moelab.infer.sampling import SamplingParams
     from moelab.infer.scheduler import Engine
@@ -45,14 +53,33 @@ def warmup(model, tokenizer, max_batch: int = 1, new_tokens: int = 4, compile: b
     experts = touch_experts(model)
     token = getattr(tokenizer, "eod_id", None) or 0
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0)
-    for b in sorted({1, max_batch}):  # in a cache of max_batch rows, as the serving engine's (a compiled
-        # graph is specialised on a cache of one row)
-        engine = Engine(model, tokenizer, max_batch=max_batch, max_len=8 + new_tokens, compile=compile)
+    for b in sorted({1, max_batch}):
+        if engine is not None:
+            _run_in_engine(engine, [[token] * 8] * b, params)
+            continue
+        # in a cache of max_batch rows, as the serving engine's (a compiled graph is specialised on a
+        # cache of one row)
+        local = Engine(model, tokenizer, max_batch=max_batch, max_len=8 + new_tokens, compile=compile)
         try:
             for _ in range(b):
-                engine.submit([token] * 8, params)
-            while engine.step():
+                local.submit([token] * 8, params)
+            while local.step():
                 pass
         finally:
-            engine.close()
+            local.close()
     return {"experts": experts, "seconds": time.perf_counter() - t0}
+
+
+def _run_in_engine(engine, prompts: list[list[int]], params) -> None:
+    """Submit `prompts` to a started engine together and wait until all have finished."""
+    from moelab.errors import UserError
+
+    if not engine.alive:
+        raise RuntimeError("warmup(engine=...) needs a started engine (Engine.start)")
+    done = threading.Semaphore(0)
+    reqs = [engine.submit(p, params, lambda ev: done.release() if ev.finish_reason else None) for p in prompts]
+    for _ in reqs:
+        done.acquire()
+    failed = [r for r in reqs if r.finish_reason == "error"]
+    if failed:
+        raise UserError(f"warm-up: a generation failed: {failed[0].error}")

@@ -269,6 +269,34 @@ def test_one_non_finite_logit_anywhere_is_refused(model, tokenizer, bad):
         engine.close()
 
 
+def test_warmup_of_a_started_engine_runs_in_its_thread(model, tokenizer):
+    """`moelab serve` warms its own engine: the warm-up's decode steps run in the engine's thread, on its
+    cache (on CUDA, graphs are bound to the recording thread and to the cache's addresses)."""
+    import threading
+
+    from moelab.infer.warmup import warmup
+
+    engine = Engine(model, tokenizer, max_batch=2, compile=True)
+    with pytest.raises(RuntimeError, match="needs a started engine"):
+        warmup(model, tokenizer, max_batch=2, engine=engine)
+    seen = []
+    real = engine._decoder
+
+    def decoder(idx, **kw):
+        seen.append((threading.get_ident(), idx.shape[0]))
+        return real(idx, **kw)
+
+    engine._decoder = decoder
+    engine.start()
+    try:
+        info = warmup(model, tokenizer, max_batch=2, compile=True, engine=engine)
+    finally:
+        engine.close()
+    assert info["experts"] == sum(layer.cfg.num_experts for layer in model.moe_layers.values())
+    assert {t for t, _ in seen} == {engine._thread.ident} != {threading.get_ident()}
+    assert {b for _, b in seen} == {1, 2}  # both batch forms ran
+
+
 def test_compiled_decoding_falls_back_to_eager(model, tokenizer, monkeypatch, caplog):
     import moelab.infer.scheduler as scheduler
 
