@@ -27,3 +27,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def gpu_capability(monkeypatch):
+    """Pretend `cuda` devices have the given compute capability (default (9, 0), an H100/H200) for tests of
+    the per-device choices (expert backend, CUDA graphs) made without a GPU. Call it to change it."""
+    cap = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap[0])
+
+    def set_capability(value: tuple[int, int]) -> None:
+        cap[0] = value
+
+    return set_capability

@@ -15,8 +15,10 @@ other ranks already grouped by expert). Backends:
 - `reference`: the mask-and-loop oracle (`reference.py`);
 - `cpu_buckets`: host-planned sort dispatch plus load-bucketed `bmm` calls (`cpu_buckets.py`);
 - `grouped_mm`: `torch._grouped_mm` planned on the device, no host sync (`grouped_mm.py`);
-- `auto` (default): `grouped_mm` on an accelerator in bf16 when the widths suit it (its fast kernel
-  and its torch.compile support are bf16-only), else `cpu_buckets`.
+- `auto` (default): `grouped_mm` on a GPU where torch's fused grouped kernel runs (Hopper, datacenter
+  Blackwell: `fused_grouped_mm`), in bf16, when the widths suit it (the fast kernel and its
+  torch.compile support are bf16-only); else `cpu_buckets` (on other GPUs torch's grouped matmul is a
+  host-synced loop of matmuls, no better than the buckets).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 
 from moelab.kernels.common import compute_dtype
 from moelab.kernels.cpu_buckets import CpuBucketsBackend
-from moelab.kernels.grouped_mm import GroupedMMBackend, aligned_for_grouped_mm
+from moelab.kernels.grouped_mm import GroupedMMBackend, aligned_for_grouped_mm, fused_grouped_mm
 from moelab.kernels.reference import ReferenceBackend
 
 EXPERT_BACKENDS = ("auto", "reference", "cpu_buckets", "grouped_mm")
@@ -39,8 +41,8 @@ def _grouped_mm_align() -> int:
 
 
 class AutoBackend:
-    """Picks `grouped_mm` or `cpu_buckets` by where and in what dtype the experts run (device type and
-    compute dtype, not the data: the choice is made once per pair and kept)."""
+    """Picks `grouped_mm` or `cpu_buckets` by where and in what dtype the experts run (the device and
+    the compute dtype, not the data: the choice is made once per pair and kept)."""
 
     name = "auto"
 
@@ -49,9 +51,9 @@ class AutoBackend:
         self._chosen: dict[tuple[str, torch.dtype], object] = {}
 
     def resolve(self, device: torch.device | str, dtype: torch.dtype = torch.bfloat16):
-        key = (torch.device(device).type, dtype)
+        key = (str(torch.device(device)), dtype)
         if key not in self._chosen:
-            use_mm = key[0] != "cpu" and dtype == torch.bfloat16 and self.aligned
+            use_mm = dtype == torch.bfloat16 and self.aligned and fused_grouped_mm(device)
             self._chosen[key] = GroupedMMBackend(_grouped_mm_align()) if use_mm else CpuBucketsBackend()
         return self._chosen[key]
 
@@ -95,4 +97,5 @@ __all__ = [
     "ReferenceBackend",
     "backend_name",
     "build_expert_backend",
+    "fused_grouped_mm",
 ]

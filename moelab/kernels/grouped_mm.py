@@ -239,6 +239,24 @@ def _adapter_rows_swiglu(x, gate_up, down, offs, row_weights, lora: ExpertLoRA, 
     return y + delta_rows(a, lora.dn_a, lora.dn_b, lora, expert, row_adapter)
 
 
+def fused_grouped_mm(device: torch.device | str) -> bool:
+    """Whether `torch._grouped_mm` runs torch's fused grouped kernel on `device`: a CUDA GPU of compute
+    capability 9.x (Hopper), or 10.x (datacenter Blackwell) from torch 2.9. On other GPUs (A100, consumer
+    cards) torch >= 2.9 runs a loop of matmuls that reads the group offsets on the host -- correct, but
+    slow and impossible to capture in a CUDA graph -- and torch 2.8 refuses."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return False
+    return fused_on(torch.cuda.get_device_capability(device), torch.__version__)
+
+
+def fused_on(capability: tuple[int, int], torch_version) -> bool:
+    """`fused_grouped_mm` for a compute capability and a torch version (e.g. torch.__version__)."""
+    major = capability[0]
+    release = tuple(int(part) for part in str(torch_version).split("+")[0].split(".")[:2])
+    return major == 9 or (major == 10 and release >= (2, 9))
+
+
 def aligned_for_grouped_mm(d_model: int, expert_dim: int) -> bool:
     """`torch._grouped_mm` wants 16-byte row strides: D and F multiples of 8 (bf16; fp32 needs 4)."""
     return d_model % 8 == 0 and expert_dim % 8 == 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moelab.kernels import backend_name, build_expert_backend
+from moelab.kernels import backend_name, build_expert_backend, fused_grouped_mm
 
 
 class ExpertFFN(nn.Module):
@@ -40,7 +40,10 @@ class ExpertFFN(nn.Module):
 
 def sync_free_experts(experts: nn.Module, device: torch.device | str, dtype: torch.dtype) -> bool:
     """Whether a layer's experts module runs with static shapes and no host sync on `device` in `dtype`:
-    an `ExpertFFN` whose backend resolves to `grouped_mm` there. Only then can a compiled graph take the
-    layer whole, or a CUDA graph capture it (a host read during capture is an error). Swapped-in modules
-    (offload, expert parallelism) plan on the host."""
-    return isinstance(experts, ExpertFFN) and backend_name(experts.backend, device, dtype) == "grouped_mm"
+    an `ExpertFFN` whose backend resolves to `grouped_mm` there, on a GPU where torch's grouped matmul
+    is its fused kernel (elsewhere torch loops over the groups after reading their sizes on the host).
+    Only then can a compiled graph take the layer whole, or a CUDA graph capture it (a host read during
+    capture is an error). Swapped-in modules (offload, expert parallelism) plan on the host."""
+    if not isinstance(experts, ExpertFFN) or backend_name(experts.backend, device, dtype) != "grouped_mm":
+        return False
+    return torch.device(device).type != "cuda" or fused_grouped_mm(device)

@@ -309,7 +309,7 @@ def test_compiled_decoding_falls_back_to_eager(model, tokenizer, monkeypatch, ca
     assert "compiled decoding failed (RuntimeError: no C++ compiler); decoding eagerly" in caplog.text
 
 
-def test_decode_graphs_only_where_the_step_has_no_host_sync(model, monkeypatch):
+def test_decode_graphs_only_where_the_step_has_no_host_sync(model, monkeypatch, gpu_capability):
     """CUDA graphs for compiled decode steps only when every MoE layer's experts are sync-free there
     (grouped_mm: CUDA, bf16); a host read of expert ids inside a graph capture would be an error."""
     from moelab.infer.scheduler import decode_graphs
@@ -318,6 +318,9 @@ def test_decode_graphs_only_where_the_step_has_no_host_sync(model, monkeypatch):
     assert decode_graphs(model, cuda, torch.bfloat16)  # auto -> grouped_mm (widths are multiples of 8)
     assert not decode_graphs(model, cuda, torch.float32)  # auto -> cpu_buckets: the few-token operator
     assert not decode_graphs(model)  # on the CPU: no graphs
+    gpu_capability((8, 0))  # an A100: torch's grouped matmul reads group sizes on the host
+    assert not decode_graphs(model, cuda, torch.bfloat16)
+    gpu_capability((9, 0))
     monkeypatch.setenv("MOELAB_CUDA_GRAPHS", "0")
     assert not decode_graphs(model, cuda, torch.bfloat16)
     monkeypatch.delenv("MOELAB_CUDA_GRAPHS")

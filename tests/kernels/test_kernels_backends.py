@@ -171,14 +171,39 @@ def test_compiled_layer_has_no_graph_break_and_matches_eager():
     assert layer.experts.gate_up.grad is not None and int(stats.tokens_per_expert.sum()) == 2 * 8 * 2
 
 
-def test_auto_picks_by_device_and_dtype_and_explicit_choices_validate():
+def test_auto_picks_by_device_and_dtype_and_explicit_choices_validate(gpu_capability):
     auto = build_expert_backend("auto", 16, 8)
     assert isinstance(auto, AutoBackend)
     assert backend_name(auto, "cpu", torch.bfloat16) == "cpu_buckets"
-    assert backend_name(auto, "cuda", torch.bfloat16) == "grouped_mm"
+    assert backend_name(auto, "cuda", torch.bfloat16) == "grouped_mm"  # an sm90 GPU (the fixture)
     assert backend_name(auto, "cuda", torch.float32) == "cpu_buckets"  # grouped_mm's fast kernel is bf16
     assert backend_name(build_expert_backend("auto", 16, 12), "cuda", torch.bfloat16) == "cpu_buckets"  # widths
+    gpu_capability((8, 0))  # an A100: torch's grouped matmul is a host-synced loop there
+    assert backend_name(build_expert_backend("auto", 16, 8), "cuda", torch.bfloat16) == "cpu_buckets"
     with pytest.raises(ValueError, match="multiples of 8"):
         build_expert_backend("grouped_mm", 16, 12)
     with pytest.raises(ValueError, match="expected one of"):
         build_expert_backend("cutlass", 16, 8)
+
+
+@pytest.mark.parametrize(
+    "capability, version, fused",
+    [
+        ((9, 0), "2.8.0", True),  # H100 / H200
+        ((10, 0), "2.11.0+cu130", True),  # B200 from torch 2.9
+        ((10, 0), "2.8.0", False),  # torch 2.8's kernel is Hopper-only
+        ((8, 0), "2.11.0", False),  # A100: a loop of matmuls after a host read
+        ((8, 9), "2.11.0", False),  # consumer Ada
+        ((12, 0), "2.11.0", False),  # consumer Blackwell
+    ],
+)
+def test_fused_grouped_mm_by_capability_and_torch_version(capability, version, fused):
+    from moelab.kernels.grouped_mm import fused_on
+
+    assert fused_on(capability, version) is fused
+
+
+def test_no_fused_grouped_mm_off_cuda():
+    from moelab.kernels import fused_grouped_mm
+
+    assert not fused_grouped_mm("cpu") and not fused_grouped_mm(torch.device("meta"))

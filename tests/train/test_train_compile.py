@@ -27,10 +27,13 @@ def _compiled(model, monkeypatch, device, dtype) -> tuple[int, list[str]]:
     return compile_blocks(model, torch.device(device), dtype), calls
 
 
-def test_sync_free_moe_blocks_compile_whole(monkeypatch):
+def test_sync_free_moe_blocks_compile_whole(monkeypatch, gpu_capability):
     model = _model("auto")
-    whole, calls = _compiled(model, monkeypatch, "cuda", torch.bfloat16)  # auto -> grouped_mm there
+    whole, calls = _compiled(model, monkeypatch, "cuda", torch.bfloat16)  # auto -> grouped_mm on an sm90 GPU
     assert whole == 3 and calls == ["layers.0", "layers.1", "layers.2"]
+    gpu_capability((8, 0))  # an A100: torch's grouped matmul reads group sizes on the host there
+    whole, calls = _compiled(_model("grouped_mm"), monkeypatch, "cuda", torch.bfloat16)
+    assert whole == 1 and calls == ["layers.0.attn", "layers.1", "layers.2.attn"]
 
 
 def test_host_planned_moe_blocks_compile_attention_only(monkeypatch):
