@@ -40,8 +40,8 @@ def warmup(
     prompts. With `compile`, through compiled decode steps, so both graphs a compiled engine uses
     (batch 1, batch > 1) are built before the first request.
 
-    `engine`: a started serving engine to warm instead of throwaway ones; the requests then run in its
-    own thread, on its own cache. What a compiled engine records on CUDA needs that: a CUDA graph is
+    `engine`: a started serving engine to warm instead of throwaway ones (its own `compile` setting then
+    applies); the requests run in its thread, on its cache. What a compiled engine records on CUDA needs that: a CUDA graph is
     bound to the thread that recorded it (PyTorch keeps one graph manager per thread) and to the cache
     addresses it was recorded with, so graphs recorded by engines in the caller's thread would be
     recorded again -- from another thread's manager -- at the first request.
