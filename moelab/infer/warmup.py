@@ -41,10 +41,10 @@ def warmup(
     (batch 1, batch > 1) are built before the first request.
 
     `engine`: a started serving engine to warm instead of throwaway ones (its own `compile` setting then
-    applies); the requests run in its thread, on its cache. What a compiled engine records on CUDA needs that: a CUDA graph is
-    bound to the thread that recorded it (PyTorch keeps one graph manager per thread) and to the cache
-    addresses it was recorded with, so graphs recorded by engines in the caller's thread would be
-    recorded again -- from another thread's manager -- at the first request.
+    applies); the requests run in its thread, on its cache. What a compiled engine records on CUDA needs
+    that: a CUDA graph is bound to the thread that recorded it (PyTorch keeps one graph manager per
+    thread) and to the cache addresses it was recorded with, so graphs recorded by engines in the
+    caller's thread would be recorded again -- from another thread's manager -- at the first request.
     Returns {"experts": count, "seconds": wall time}."""
     from moelab.infer.sampling import SamplingParams
     from moelab.infer.scheduler import Engine
