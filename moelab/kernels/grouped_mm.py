@@ -239,6 +239,7 @@ def _adapter_rows_swiglu(x, gate_up, down, offs, row_weights, lora: ExpertLoRA, 
     return y + delta_rows(a, lora.dn_a, lora.dn_b, lora, expert, row_adapter)
 
 
+@torch.compiler.assume_constant_result  # asked at trace time inside a compiled model: a constant, no graph break
 def fused_grouped_mm(device: torch.device | str) -> bool:
     """Whether `torch._grouped_mm` runs torch's fused grouped kernel on `device`: a CUDA GPU of compute
     capability 9.x (Hopper), or 10.x (datacenter Blackwell) from torch 2.9. On other GPUs (A100, consumer
