@@ -180,7 +180,7 @@ def test_generate_and_serving_engine_on_cuda(tmp_path, dtype):
         engine.close()
 
 
-def test_compiled_decode_replays_cuda_graphs(tmp_path):
+def test_compiled_decode_replays_cuda_graphs(tmp_path, caplog):
     """`generate --compile` and the serving engine in bf16: the decode step is captured as CUDA graphs
     (inductor skipped none), and every generated token's logits equal an eager full forward over the same
     tokens (teacher-forced on the compiled run's own tokens, so a bf16 near-tie cannot make the
@@ -214,6 +214,8 @@ def test_compiled_decode_replays_cuda_graphs(tmp_path):
         engine.close()
     assert all(r.finish_reason in ("length", "stop") for r in reqs)
     assert counters["inductor"]["cudagraph_skips"] == skips
+    # compiled all along: no fallback to eager decoding (which would pass the checks below without graphs)
+    assert engine._decoder is not engine.model and "compiled decoding failed" not in caplog.text
     runs = [(c.prompt_ids, c.token_ids, c.logits) for c in outs]
     runs += [(r.prompt_ids, r.output_ids, torch.stack(r.logits)) for r in reqs]
     for prompt_ids, token_ids, logits in runs:
