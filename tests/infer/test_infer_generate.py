@@ -245,7 +245,6 @@ def test_compiled_decoding_pads_the_batch_to_few_sizes(model, tokenizer):
         engine.close()
     assert [r.text for r in reqs] == eager
     assert set(batches) <= {1, 2, 4} and 3 not in batches and len(batches) >= 29
-    assert engine.cache.max_batch == 4
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
