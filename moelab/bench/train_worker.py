@@ -209,12 +209,7 @@ def throughput(spec: dict) -> dict:
         if device.type == "cuda"
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     )
-    profiled = None
-    if spec.get("profile"):  # one more step, after the peak is read (the profiler's own buffers stay out of it)
-        from moelab.bench.profiling import profile_call
-
-        profiled = profile_call(step, device)
-    return {
+    result = {
         "impl": impl,
         "step_s": med,
         "step_times": times,
@@ -224,7 +219,12 @@ def throughput(spec: dict) -> dict:
         "tokens_per_s": tokens_per_step / med,
         "peak_rss_bytes": memory,
         "threads": torch.get_num_threads(),
-    } | ({"profile": profiled} if profiled is not None else {})
+    }
+    if spec.get("profile"):  # one more step, after the peak is read (the profiler's own buffers stay out of it)
+        from moelab.bench.profiling import profile_call
+
+        result["profile"] = profile_call(step, device)
+    return result
 
 
 def quality_hf(spec: dict) -> dict:

@@ -76,7 +76,7 @@ class Event:
     finish_reason: str | None = None
 
 
-def compiled_decoder(model):
+def compiled_decoder(model, graphs: bool | None = None):
     """`model` under torch.compile with dynamic shapes, for decode steps: one graph serves every batch
     size above 1 and every cache length (the engine feeds it one form of step, `KVCache.row_slots`),
     a second one batch size 1. The experts and the cache writes enter the graph as opaque operators
@@ -85,11 +85,13 @@ def compiled_decoder(model):
     shape. On CUDA the steps also replay as CUDA graphs (`reduce-overhead`): a decode step is hundreds
     of small kernels whose launch cost exceeds their run time; the `grouped_mm` expert backend has no
     host sync, so the whole step can be captured. A graph is recorded per input shape: the engine keeps
-    the shapes few (`GRAPH_KV_BUCKET`). MOELAB_CUDA_GRAPHS=0 turns the graphs off."""
+    the shapes few (`GRAPH_KV_BUCKET`). MOELAB_CUDA_GRAPHS=0 turns the graphs off. `graphs`: the caller's
+    `decode_graphs(model)`, when it has it already."""
     # Every model compiled in one process counts against dynamo's per-function limit (default 8),
     # past which it silently falls back to eager; allow a few models' worth of variants.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(model, dynamic=True, mode="reduce-overhead" if decode_graphs(model) else None)
+    graphs = decode_graphs(model) if graphs is None else graphs
+    return torch.compile(model, dynamic=True, mode="reduce-overhead" if graphs else None)
 
 
 def decode_graphs(model, device: torch.device | None = None, dtype: torch.dtype | None = None) -> bool:
@@ -163,7 +165,7 @@ class Engine:
         if compile:
             self.cache.kv_bucket = kv_bucket or (GRAPH_KV_BUCKET if graphs else 1)
         self.pad_batch = compile and (graphs if pad_batch is None else pad_batch)
-        self._decoder = compiled_decoder(model) if compile else model
+        self._decoder = compiled_decoder(model, graphs) if compile else model
         self._waiting: deque[Request] = deque()
         self._running: list[Request] = []  # row i of the cache holds _running[i]
         self._next: list[int] = []  # the token each running row feeds next

@@ -302,7 +302,7 @@ def test_compiled_decoding_falls_back_to_eager(model, tokenizer, monkeypatch, ca
     def broken(*args, **kwargs):
         raise RuntimeError("no C++ compiler\nmore detail")
 
-    monkeypatch.setattr(scheduler, "compiled_decoder", lambda m: broken)
+    monkeypatch.setattr(scheduler, "compiled_decoder", lambda m, graphs=None: broken)
     eager = generate(model, tokenizer, PROMPTS, max_new_tokens=8, temperature=0)
     assert generate(model, tokenizer, PROMPTS, max_new_tokens=8, temperature=0, compile=True) == eager
     assert "compiled decoding failed (RuntimeError: no C++ compiler); decoding eagerly" in caplog.text
